@@ -1,0 +1,140 @@
+"""The one interface every backend adapter implements, the jobs it receives and what it returns.
+
+An adapter translates an OpenAI-shaped job into its engine's native request, calls the engine,
+maps the engine's failures onto `gateway.errors`, and streams the answer back. It declares what
+its engine can do in `Capabilities`; the core does the rest itself (transcode, time-stretch,
+render transcripts). Errors raised before an adapter returns (or before its stream yields its
+first chunk) are ordinary OpenAI errors; see `gateway.streaming` for what happens after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import aiohttp
+
+from gateway.audio.formats import AudioFormat
+from gateway.config import Backend, NativeVoice
+from gateway.errors import UpstreamError, UpstreamTimeoutError
+from gateway.spool import Upload
+from gateway.transcript import Transcript
+
+SPEECH = "speech"
+TRANSCRIPTION = "transcription"
+TRANSLATION = "translation"
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an engine does itself. The core consults this instead of isinstance checks."""
+
+    tasks: frozenset[str]
+    speech_formats: frozenset[str] = frozenset()
+    """OpenAI response_formats the engine produces itself (bytes pass through untouched)."""
+    native_speed: tuple[float, float] | None = None
+    """The speed range the engine honours itself; outside it the gateway time-stretches."""
+    streams_audio: bool = False
+    """Audio arrives as the engine produces it (vs. all at the end)."""
+    speech_sse: bool = False
+    """The engine speaks OpenAI's `stream_format: sse` itself."""
+    transcript_formats: frozenset[str] = frozenset()
+    """OpenAI transcript response_formats the engine answers in itself (bytes relayed as they are)."""
+    word_timestamps: bool = False
+    segment_timestamps: bool = False
+    max_input_chars: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechJob:
+    request_id: str
+    public_model: str
+    model: str
+    voice: NativeVoice
+    input: str
+    response_format: str = "mp3"
+    speed: float = 1.0
+    stream_format: str = "audio"
+    instructions: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fields the client sent that the gateway does not know; forwarded by OpenAI-compatible adapters."""
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptionJob:
+    request_id: str
+    task: str  # "transcribe" or "translate"
+    public_model: str
+    model: str
+    upload: Upload
+    response_format: str = "json"
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float | None = None
+    timestamp_granularities: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    stream: bool = False
+    extra: tuple[tuple[str, str], ...] = ()
+    """Form fields the gateway does not know, as (name, value); forwarded by OpenAI-compatible adapters."""
+
+
+@dataclass(slots=True)
+class AudioStream:
+    """Audio as the engine produces it. The core closes `chunks` (aclose) on every path."""
+
+    format: AudioFormat
+    chunks: AsyncIterator[bytes]
+    speed_applied: bool = False
+    """True when the engine already honoured job.speed."""
+    sse: bool = False
+    """True when `chunks` is already an OpenAI speech SSE event stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """An upstream answer already in the client's requested format, relayed as it is."""
+
+    content_type: str
+    body: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+
+
+class Adapter(Protocol):
+    """One per engine API. Constructed once per configured backend, closed at shutdown."""
+
+    kind: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None: ...
+
+    async def synthesize(self, job: SpeechJob) -> AudioStream: ...
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript | Passthrough: ...
+
+    async def ready(self) -> bool:
+        """A cheap probe that never bills: can this backend serve right now?"""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@contextmanager
+def upstream_errors(backend: Backend) -> Iterator[None]:
+    """Map transport failures talking to `backend` onto gateway errors, naming the backend only."""
+    try:
+        yield
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeoutError(
+            f"Backend '{backend.name}' did not answer in time.", reason="timeout"
+        ) from None
+    except aiohttp.ClientConnectorError:
+        raise UpstreamError(f"Backend '{backend.name}' is unreachable.", reason="connect") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        raise UpstreamError(
+            f"Backend '{backend.name}' closed the connection unexpectedly.", reason="disconnect"
+        ) from None
+    except aiohttp.ClientError:
+        raise UpstreamError(f"Backend '{backend.name}' failed.", reason="protocol") from None

@@ -1,0 +1,1 @@
+"""Audio work the engines don't do: formats, transcoding, speed, decoding uploads, rendering transcripts."""

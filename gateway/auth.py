@@ -1,0 +1,66 @@
+"""Client authentication: a gateway key (Bearer or X-API-Key) resolved to a tenant, in constant time.
+
+The key itself never leaves this module: it is hashed on arrival and only the configured key's
+name and tenant travel on with the request. Backends get their own credentials from config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.config import Config, Key
+from gateway.errors import AuthenticationError, PermissionDeniedError
+
+MISSING_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header "
+    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the X-API-Key header."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    key_name: str
+    tenant: str
+    models: frozenset[str] | None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def require(self, model: str) -> None:
+        if not self.may_use(model):
+            raise PermissionDeniedError(
+                f"Key '{self.key_name}' does not have access to model `{model}`.",
+                param="model",
+                code="model_not_found",
+            )
+
+
+def presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    key = request.headers.get("X-API-Key", "").strip()
+    return key or None
+
+
+def _mask(key: str) -> str:
+    return f"{key[:3]}***{key[-2:]}" if len(key) > 8 else "***"
+
+
+def authenticate(config: Config, key: str | None) -> Identity:
+    """The identity a presented key maps to; every configured digest is compared, in constant time."""
+    if key is None:
+        raise AuthenticationError(MISSING_KEY)
+    digest = hashlib.sha256(key.encode()).digest()
+    match: Key | None = None
+    for candidate in config.keys:
+        if hmac.compare_digest(digest, candidate.sha256):
+            match = candidate
+    if match is None:
+        raise AuthenticationError(f"Incorrect API key provided: {_mask(key)}.", code="invalid_api_key")
+    return Identity(match.name, match.tenant, match.models)

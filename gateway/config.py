@@ -1,0 +1,338 @@
+"""The mapping table: YAML with ${ENV} interpolation, parsed once into frozen dataclasses.
+
+`load_config(path)` is the only place that reads YAML or the environment. Every problem is
+collected under its YAML path (`models.tts-1.routes[0].backend: unknown backend 'spaches'`)
+and raised together as one ConfigError, so an operator fixes them all in one go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+TASKS = ("speech", "transcription")
+DEFAULT_MAX_UPLOAD = 26_214_400
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each prefixed by its YAML path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 120.0
+    """Longest silence between two reads from the backend (not a cap on the whole call)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    kind: str
+    url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    timeouts: Timeouts = Timeouts()
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """Kind-specific settings; each adapter reads and checks its own."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    backend: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    task: str
+    routes: tuple[Route, ...]
+    owned_by: str = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class NativeVoice:
+    """A backend's own voice: an id, and for engines with multi-speaker voices, a speaker."""
+
+    id: str
+    speaker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    name: str
+    tenant: str
+    sha256: bytes = field(repr=False)
+    models: frozenset[str] | None = None
+    """Public models this key may use; None means all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cors_origins: tuple[str, ...] = ()
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD
+    spool_memory_bytes: int = 1_048_576
+    spool_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: Server
+    keys: tuple[Key, ...]
+    backends: Mapping[str, Backend]
+    models: Mapping[str, Model]
+    voices: Mapping[str, Mapping[str, NativeVoice]]
+    """public voice -> backend name -> native voice."""
+    source: str = "<memory>"
+    digest: str = ""
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Parser:
+    """Walks the YAML tree, threading the path, collecting problems instead of stopping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}" if path else message)
+
+    def interpolate(self, value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            def sub(m: re.Match[str]) -> str:
+                name, default = m.group(1), m.group(2)
+                if name in self.environ:
+                    return self.environ[name]
+                if default is not None:
+                    return default
+                self.fail(path, f"environment variable {name} is not set")
+                return ""
+            return _ENV.sub(sub, value)
+        if isinstance(value, dict):
+            return {k: self.interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    def mapping(self, value: Any, path: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {type(value).__name__}")
+            return {}
+        return {str(k): v for k, v in value.items()}
+
+    def str_(self, node: dict[str, Any], key: str, path: str, default: str | None = None,
+             required: bool = False) -> str | None:
+        value = node.get(key, default)
+        if value is None:
+            if required:
+                self.fail(f"{path}.{key}", "is required")
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.fail(f"{path}.{key}", f"expected a string, got {type(value).__name__}")
+            return None
+        return str(value)
+
+    def number(self, node: dict[str, Any], key: str, path: str, default: float,
+               minimum: float = 0.0) -> float:
+        value = node.get(key, default)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {value!r}")
+            return default
+        return value
+
+    def str_list(self, value: Any, path: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            self.fail(path, "expected a list of strings")
+            return ()
+        return tuple(str(v) for v in value)
+
+
+def _server(p: _Parser, node: dict[str, Any]) -> Server:
+    path = "server"
+    d = Server()
+    return Server(
+        host=p.str_(node, "host", path, d.host) or d.host,
+        port=int(p.number(node, "port", path, d.port)),
+        cors_origins=p.str_list(node.get("cors_origins"), f"{path}.cors_origins"),
+        max_upload_bytes=int(p.number(node, "max_upload_bytes", path, d.max_upload_bytes, 1)),
+        spool_memory_bytes=int(p.number(node, "spool_memory_bytes", path, d.spool_memory_bytes)),
+        spool_dir=p.str_(node, "spool_dir", path),
+    )
+
+
+def _keys(p: _Parser, value: Any) -> tuple[Key, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        p.fail("keys", "expected a list")
+        return ()
+    keys: list[Key] = []
+    names: set[str] = set()
+    for i, raw in enumerate(value):
+        path = f"keys[{i}]"
+        node = p.mapping(raw, path)
+        name = p.str_(node, "name", path, required=True) or f"key{i}"
+        tenant = p.str_(node, "tenant", path, name) or name
+        if name in names:
+            p.fail(f"{path}.name", f"duplicate key name '{name}'")
+        names.add(name)
+        secret, digest = p.str_(node, "key", path), p.str_(node, "sha256", path)
+        if bool(secret) == bool(digest):
+            p.fail(path, "give exactly one of 'key' (the key or ${ENV}) and 'sha256' (its hex digest)")
+            continue
+        if secret:
+            raw_digest = hashlib.sha256(secret.encode()).digest()
+        else:
+            try:
+                raw_digest = bytes.fromhex(digest or "")
+            except ValueError:
+                raw_digest = b""
+            if len(raw_digest) != 32:
+                p.fail(f"{path}.sha256", "expected 64 hex digits")
+                continue
+        models = node.get("models")
+        allowed = frozenset(p.str_list(models, f"{path}.models")) if models is not None else None
+        keys.append(Key(name, tenant, raw_digest, allowed))
+    return tuple(keys)
+
+
+_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s"}
+
+
+def _backends(p: _Parser, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    for name, raw in p.mapping(value, "backends").items():
+        path = f"backends.{name}"
+        node = p.mapping(raw, path)
+        kind = p.str_(node, "kind", path, required=True) or ""
+        if kind and kinds is not None and kind not in kinds:
+            p.fail(f"{path}.kind", f"unknown kind '{kind}' (known: {', '.join(sorted(kinds))})")
+        url = p.str_(node, "url", path)
+        if url is not None and not re.match(r"^(https?|tcp|unix)://", url):
+            p.fail(f"{path}.url", f"expected an http(s)://, tcp:// or unix:// URL, got {url!r}")
+        default = Timeouts()
+        timeouts = Timeouts(
+            connect=p.number(node, "connect_timeout_s", path, default.connect, 0.001),
+            read=p.number(node, "timeout_s", path, default.read, 0.001),
+        )
+        options = MappingProxyType({k: v for k, v in node.items() if k not in _BACKEND_FIELDS})
+        backends[name] = Backend(name, kind, url.rstrip("/") if url else None,
+                                 p.str_(node, "api_key", path) or None, timeouts, options)
+    return backends
+
+
+def _models(p: _Parser, value: Any, backends: Mapping[str, Backend]) -> dict[str, Model]:
+    models: dict[str, Model] = {}
+    for name, raw in p.mapping(value, "models").items():
+        path = f"models.{name}"
+        node = p.mapping(raw, path)
+        task = p.str_(node, "task", path, required=True) or ""
+        if task and task not in TASKS:
+            p.fail(f"{path}.task", f"expected one of {', '.join(TASKS)}, got '{task}'")
+        raw_routes = node.get("routes")
+        if not isinstance(raw_routes, list) or not raw_routes:
+            p.fail(f"{path}.routes", "expected a non-empty list of {backend, model}")
+            raw_routes = []
+        routes: list[Route] = []
+        for i, r in enumerate(raw_routes):
+            rpath = f"{path}.routes[{i}]"
+            rnode = p.mapping(r, rpath)
+            backend = p.str_(rnode, "backend", rpath, required=True)
+            if backend is not None and backend not in backends:
+                p.fail(f"{rpath}.backend", f"unknown backend '{backend}'")
+            model = p.str_(rnode, "model", rpath, name) or name
+            if backend:
+                routes.append(Route(backend, model))
+        owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
+        models[name] = Model(name, task, tuple(routes), owned_by)
+    return models
+
+
+def _voices(p: _Parser, value: Any, backends: Mapping[str, Backend]) -> dict[str, Mapping[str, NativeVoice]]:
+    voices: dict[str, Mapping[str, NativeVoice]] = {}
+    for name, raw in p.mapping(value, "voices").items():
+        path = f"voices.{name}"
+        per_backend: dict[str, NativeVoice] = {}
+        for backend, native in p.mapping(raw, path).items():
+            vpath = f"{path}.{backend}"
+            if backend not in backends:
+                p.fail(vpath, f"unknown backend '{backend}'")
+            if isinstance(native, (str, int)) and not isinstance(native, bool):
+                per_backend[backend] = NativeVoice(str(native))
+            elif isinstance(native, dict):
+                vnode = p.mapping(native, vpath)
+                vid = p.str_(vnode, "name", vpath, required=True) or ""
+                per_backend[backend] = NativeVoice(vid, p.str_(vnode, "speaker", vpath))
+            else:
+                p.fail(vpath, "expected a native voice id or {name, speaker}")
+        voices[name] = MappingProxyType(per_backend)
+    return voices
+
+
+def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] | None = None,
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Parse YAML text into a Config, or raise ConfigError listing every problem by path."""
+    p = _Parser(os.environ if environ is None else environ)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    root = p.mapping(p.interpolate(raw, ""), "")
+    for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices"}):
+        p.fail(unknown, "unknown section")
+    server = _server(p, p.mapping(root.get("server"), "server"))
+    keys = _keys(p, root.get("keys"))
+    backends = _backends(p, root.get("backends"), kinds)
+    models = _models(p, root.get("models"), backends)
+    voices = _voices(p, root.get("voices"), backends)
+    for i, key in enumerate(keys):
+        for model in sorted((key.models or frozenset()) - set(models)):
+            p.fail(f"keys[{i}].models", f"unknown model '{model}'")
+    if p.problems:
+        raise ConfigError(p.problems)
+    return Config(
+        server=server,
+        keys=keys,
+        backends=MappingProxyType(backends),
+        models=MappingProxyType(models),
+        voices=MappingProxyType(voices),
+        source=source,
+        digest=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
+
+
+def load_config(path: str | Path, *, kinds: Collection[str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_config(text, source=str(path), kinds=kinds)

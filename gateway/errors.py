@@ -1,0 +1,148 @@
+"""The gateway's error tree, its OpenAI-shaped body, and the one middleware that renders it.
+
+    GatewayError                    500 server_error
+    ├── InvalidRequestError         400 invalid_request_error   (a field, a body, an audio file)
+    │   └── UnsupportedError        400 invalid_request_error   (this route cannot do what was asked)
+    ├── AuthenticationError         401 invalid_request_error   (missing key; code invalid_api_key when wrong)
+    ├── PermissionDeniedError       403 invalid_request_error   (key may not use this model)
+    ├── NotFoundError               404 invalid_request_error   (unknown model or URL)
+    ├── MethodNotAllowedError       405 invalid_request_error
+    ├── PayloadTooLargeError        413 invalid_request_error
+    ├── RateLimitError              429 rate_limit_exceeded     (Retry-After)
+    ├── UpstreamError               502 upstream_error          (backend refused, failed or spoke garbage)
+    │   └── UpstreamTimeoutError    504 upstream_error
+    └── ServiceUnavailableError     503 server_error            (draining; Retry-After)
+
+Each class fixes status, type and code; an instance carries message and param. Our code raises
+these and never aiohttp's HTTPExceptions; `gateway.middleware.error_middleware` renders them,
+reshapes aiohttp's own (router 404/405, oversized bodies) with `from_http_exception`, and turns
+anything else into a 500 that names the request id only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        self.retry_after = retry_after
+        self.reason = reason or self.code or type(self).__name__
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=json.dumps(self.body()).encode(),
+            content_type="application/json",
+            headers=self.headers(),
+        )
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedError(InvalidRequestError):
+    """The route's backend cannot do what was asked (e.g. translation on an engine that cannot)."""
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+
+
+class PermissionDeniedError(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimitError(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int | None = 1, **kw: Any) -> None:
+        super().__init__(message, retry_after=max(1, retry_after or 1), **kw)
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ServiceUnavailableError(GatewayError):
+    status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = 1, **kw: Any) -> None:
+        super().__init__(message, retry_after=max(1, retry_after or 1), **kw)
+
+
+def model_not_found(model: str) -> NotFoundError:
+    return NotFoundError(
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def from_http_exception(exc: web.HTTPException, request: web.Request) -> GatewayError:
+    """aiohttp's own errors (router, body limits) in our tree."""
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFoundError(f"Invalid URL ({request.method} {request.path})")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowedError(f"Method {request.method} is not allowed for {request.path}")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLargeError(exc.text or "Request entity too large")
+    if exc.status >= 500:
+        return GatewayError("The server had an error processing your request.")
+    return InvalidRequestError(exc.reason)

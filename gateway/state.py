@@ -1,0 +1,13 @@
+"""Typed per-request state shared by middlewares and handlers (aiohttp RequestKeys)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import Identity
+from gateway.errors import GatewayError
+
+REQUEST_ID = web.RequestKey("request_id", str)
+IDENTITY = web.RequestKey("identity", Identity)
+FAILURE = web.RequestKey("failure", GatewayError)
+"""The error a request ended with, for the access log and metering."""
