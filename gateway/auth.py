@@ -48,10 +48,6 @@ def presented_key(request: web.Request) -> str | None:
     return key or None
 
 
-def _mask(key: str) -> str:
-    return f"{key[:3]}***{key[-2:]}" if len(key) > 8 else "***"
-
-
 def authenticate(config: Config, key: str | None) -> Identity:
     """The identity a presented key maps to; every configured digest is compared, in constant time."""
     if key is None:
@@ -62,5 +58,5 @@ def authenticate(config: Config, key: str | None) -> Identity:
         if hmac.compare_digest(digest, candidate.sha256):
             match = candidate
     if match is None:
-        raise AuthenticationError(f"Incorrect API key provided: {_mask(key)}.", code="invalid_api_key")
+        raise AuthenticationError("Incorrect API key provided. The gateway does not echo keys back; check the key you configured.", code="invalid_api_key")
     return Identity(match.name, match.tenant, match.models)

@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from aiohttp import BodyPartReader, web
+
+from gateway.errors import GatewayError, InvalidRequestError, PayloadTooLargeError
+
 
 @dataclass(slots=True)
 class Upload:
@@ -33,3 +37,77 @@ class Upload:
 
 def spooled_file(memory_bytes: int, directory: str | None = None) -> BinaryIO:
     return tempfile.SpooledTemporaryFile(max_size=memory_bytes, dir=directory, prefix="gateway-upload-")  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class Form:
+    """A multipart body: its text fields in order (names as sent) and at most one spooled file."""
+
+    fields: list[tuple[str, str]] = field(default_factory=list)
+    upload: Upload | None = None
+
+    def close(self) -> None:
+        if self.upload is not None:
+            self.upload.close()
+
+
+MAX_FIELD_BYTES = 65_536
+
+
+async def read_form(request: web.Request, *, max_bytes: int, memory_bytes: int,
+                    spool_dir: str | None = None) -> Form:
+    """Read a multipart/form-data body part by part, spooling the `file` part.
+
+    The size limit is checked from Content-Length before reading, and again while reading (for
+    chunked bodies). On any failure, including cancellation, the spooled file is closed (and so
+    removed) before the error propagates.
+    """
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes, request.content_length)
+    if request.content_type != "multipart/form-data":
+        raise InvalidRequestError(
+            f"Invalid Content-Type header ({request.content_type or 'none'}), expected multipart/form-data.",
+            code="invalid_content_type")
+    form = Form()
+    total = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidRequestError("Nested multipart bodies are not supported.")
+            name = part.name or ""
+            if part.filename is not None or name == "file":
+                if form.upload is not None:
+                    raise InvalidRequestError("Only one file may be uploaded.", param="file")
+                form.upload = Upload(part.filename or "upload",
+                                     part.headers.get("Content-Type", "application/octet-stream"),
+                                     spooled_file(memory_bytes, spool_dir))
+                while chunk := await part.read_chunk(65_536):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise _too_large(max_bytes, total)
+                    form.upload.file.write(chunk)
+                    form.upload.size += len(chunk)
+            else:
+                value = await part.read(decode=False)
+                total += len(value)
+                if total > max_bytes:
+                    raise _too_large(max_bytes, total)
+                if len(value) > MAX_FIELD_BYTES:
+                    raise InvalidRequestError(f"Field '{name}' is too long.", param=name)
+                form.fields.append((name, value.decode("utf-8", errors="replace")))
+    except GatewayError:
+        form.close()
+        raise
+    except (ValueError, AssertionError, UnicodeDecodeError, RuntimeError):
+        form.close()
+        raise InvalidRequestError("The multipart/form-data body could not be parsed.",
+                                  code="invalid_multipart") from None
+    except BaseException:
+        form.close()
+        raise
+    return form
+
+
+def _too_large(limit: int, seen: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"Maximum content size limit ({limit}) exceeded ({seen} bytes read).")

@@ -6,8 +6,13 @@ from aiohttp import web
 
 from gateway.auth import Identity
 from gateway.errors import GatewayError
+from gateway.mapping import Table
+from gateway.outcome import Outcome
 
 REQUEST_ID = web.RequestKey("request_id", str)
 IDENTITY = web.RequestKey("identity", Identity)
 FAILURE = web.RequestKey("failure", GatewayError)
 """The error a request ended with, for the access log and metering."""
+OUTCOME = web.RequestKey("outcome", Outcome)
+TABLE = web.RequestKey("table", Table)
+"""The mapping-table snapshot this request started with (a reload does not change it)."""

@@ -9,7 +9,6 @@ first chunk) are ordinary OpenAI errors; see `gateway.streaming` for what happen
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ def upstream_errors(backend: Backend) -> Iterator[None]:
     """Map transport failures talking to `backend` onto gateway errors, naming the backend only."""
     try:
         yield
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+    except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeoutError(
             f"Backend '{backend.name}' did not answer in time.", reason="timeout"
         ) from None

@@ -1,0 +1,75 @@
+"""The command line: `gateway serve --config PATH` and `gateway check-config PATH`. Parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import aiohttp
+from aiohttp import web
+
+from gateway import __version__
+from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
+from gateway.app import build_app
+from gateway.config import Config, ConfigError, load_config
+
+
+def _load(path: str) -> Config:
+    return load_config(path, kinds=ADAPTERS.keys())
+
+
+async def _check_adapters(config: Config) -> None:
+    async with aiohttp.ClientSession() as http:
+        for adapter in build_adapters(config, http).values():
+            await adapter.aclose()
+
+
+def check_config(path: str) -> int:
+    try:
+        config = _load(path)
+        for where, why in unavailable_kinds(config).items():
+            print(f"warning: {where}: {why}", file=sys.stderr)
+        asyncio.run(_check_adapters(config))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({len(config.models)} models, {len(config.backends)} backends, {len(config.keys)} keys)")
+    return 0
+
+
+def serve(path: str, host: str | None, port: int | None) -> int:
+    try:
+        config = _load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            logging.error("%s", problem)
+        return 1
+    app = build_app(config)
+    web.run_app(app, host=host or config.server.host, port=port or config.server.port,
+                handler_cancellation=True, access_log=None, print=None, shutdown_timeout=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible audio gateway")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="serve the OpenAI audio API")
+    run.add_argument("--config", required=True, help="path to the YAML mapping table")
+    run.add_argument("--host", help="listen address (default: server.host in the config)")
+    run.add_argument("--port", type=int, help="listen port (default: server.port in the config)")
+    check = sub.add_parser("check-config", help="validate a config file; exit 1 listing every error")
+    check.add_argument("path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command == "check-config":
+        return check_config(args.path)
+    logging.info("gateway %s starting with %s", __version__, args.config)
+    return serve(args.config, args.host, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

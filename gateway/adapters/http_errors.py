@@ -1,0 +1,86 @@
+"""An HTTP engine's error status mapped onto gateway errors, the same way for every HTTP adapter.
+
+    engine 401/403  -> 502, "the gateway's credential for backend X was refused" (never the credential)
+    engine 429      -> 429 with the engine's Retry-After (at least 1 s)
+    engine 400/422  -> 400 with the engine's message and field, when it gave them
+    engine 404      -> 502: the configured native model or path does not exist there
+    engine 408/5xx  -> 502 (504 for 408/504: the engine itself timed out)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from gateway.config import Backend
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+
+_MAX_ERROR_BODY = 65_536
+
+
+def _message(body: bytes) -> tuple[str | None, str | None]:
+    """The engine's own message and field from an error body, if it is JSON and has them."""
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return None, None
+    if isinstance(parsed, dict):
+        inner = parsed.get("error", parsed)
+        if isinstance(inner, dict):
+            message = inner.get("message") or inner.get("detail")
+            param = inner.get("param")
+            return (str(message)[:500] if message else None), (param if isinstance(param, str) else None)
+        if isinstance(inner, str):
+            return inner[:500], None
+        detail = parsed.get("detail")
+        if isinstance(detail, str):
+            return detail[:500], None
+    return None, None
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> int:
+    try:
+        return max(1, int(float(response.headers.get("Retry-After", "1"))))
+    except ValueError:
+        return 1
+
+
+def error_for(backend: Backend, status: int, body: bytes, response: aiohttp.ClientResponse) -> GatewayError:
+    name = backend.name
+    message, param = _message(body)
+    if status in (401, 403):
+        return UpstreamError(f"The gateway's credential for backend '{name}' was refused.",
+                             reason="backend_auth")
+    if status == 429:
+        return RateLimitError(f"Backend '{name}' is rate limiting the gateway; retry later.",
+                              retry_after=_retry_after(response), reason="backend_rate_limit")
+    if status in (400, 413, 415, 422):
+        return InvalidRequestError(f"Backend '{name}' rejected the request: {message or 'invalid request'}",
+                                   param=param, reason="backend_rejected")
+    if status in (408, 504):
+        return UpstreamTimeoutError(f"Backend '{name}' timed out.", reason="backend_timeout")
+    if status == 404:
+        return UpstreamError(f"Backend '{name}' does not serve the configured model or path.",
+                             reason="backend_not_found")
+    return UpstreamError(f"Backend '{name}' failed with status {status}.", reason=f"backend_{status // 100}xx")
+
+
+async def raise_for_status(backend: Backend, response: aiohttp.ClientResponse) -> None:
+    """Raise the mapped error (after reading a bounded error body) unless the status is 2xx."""
+    if response.status < 300:
+        return
+    try:
+        body = await response.content.read(_MAX_ERROR_BODY)
+    except (aiohttp.ClientError, TimeoutError):
+        body = b""
+    finally:
+        response.release()
+    raise error_for(backend, response.status, body, response)

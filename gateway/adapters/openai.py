@@ -1,0 +1,152 @@
+"""OpenAI-compatible upstreams (speaches, Kokoro-FastAPI, LocalAI, vLLM, OpenAI itself).
+
+Rewrites `model`, `voice` and the credential, forwards every other field, and streams both ways:
+the upload is sent from the spool in chunks, speech audio is relayed as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import aiohttp
+
+from gateway.adapters.base import (
+    SPEECH,
+    TRANSCRIPTION,
+    TRANSLATION,
+    AudioStream,
+    Capabilities,
+    Passthrough,
+    SpeechJob,
+    TranscriptionJob,
+    upstream_errors,
+)
+from gateway.adapters.http_errors import raise_for_status
+from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
+from gateway.config import Backend
+from gateway.errors import UpstreamError
+from gateway.transcript import Transcript
+
+MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
+_JSON_FORMATS = ("json", "verbose_json", "diarized_json")
+
+
+class OpenAIAdapter:
+    kind: ClassVar[str] = "openai"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        tasks=frozenset({SPEECH, TRANSCRIPTION, TRANSLATION}),
+        speech_formats=frozenset(SPEECH_FORMATS),
+        native_speed=(0.25, 4.0),
+        streams_audio=True,
+        speech_sse=True,
+        transcript_formats=frozenset({"json", "text", "srt", "verbose_json", "vtt", "diarized_json"}),
+        word_timestamps=True,
+        segment_timestamps=True,
+    )
+
+    def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
+        if not backend.url:
+            raise ValueError(f"backends.{backend.name}.url: required for kind 'openai'")
+        self.backend = backend
+        self.http = http
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
+                                             sock_read=backend.timeouts.read)
+
+    def _headers(self, request_id: str, accept: str) -> dict[str, str]:
+        headers = {"X-Request-ID": request_id, "Accept": accept}
+        if self.backend.api_key:
+            headers["Authorization"] = f"Bearer {self.backend.api_key}"
+        return headers
+
+    async def synthesize(self, job: SpeechJob) -> AudioStream:
+        body: dict[str, Any] = {**job.extra, "model": job.model, "voice": job.voice.id, "input": job.input,
+                                "response_format": job.response_format, "speed": job.speed}
+        if job.instructions is not None:
+            body["instructions"] = job.instructions
+        if job.stream_format != "audio":
+            body["stream_format"] = job.stream_format
+        sse = job.stream_format == "sse"
+        with upstream_errors(self.backend):
+            response = await self.http.post(
+                f"{self.backend.url}/audio/speech", json=body, timeout=self.timeout,
+                headers=self._headers(job.request_id, "text/event-stream" if sse else "application/octet-stream"))
+        await raise_for_status(self.backend, response)
+        ctype = response.content_type
+        if ctype.startswith(("text/html", "application/json")) or (sse and ctype != "text/event-stream"):
+            response.release()
+            raise UpstreamError(f"Backend '{self.backend.name}' answered with {ctype} instead of audio.",
+                                reason="bad_response")
+        rate = OPENAI_PCM_RATE if job.response_format == "pcm" else None
+        return AudioStream(AudioFormat(job.response_format, rate), self._body(response),
+                           speed_applied=True, sse=sse)
+
+    async def _body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            with upstream_errors(self.backend):
+                async for chunk in response.content.iter_any():
+                    yield chunk
+        finally:
+            response.release()
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript | Passthrough:
+        form = aiohttp.FormData(quote_fields=False)
+        form.add_field("model", job.model)
+        for name, value in self._fields(job):
+            form.add_field(name, value)
+        form.add_field("file", job.upload.rewind(), filename=job.upload.filename,
+                       content_type=job.upload.content_type)
+        path = "translations" if job.task == "translate" else "transcriptions"
+        with upstream_errors(self.backend):
+            response = await self.http.post(f"{self.backend.url}/audio/{path}", data=form, timeout=self.timeout,
+                                            headers=self._headers(job.request_id, "application/json"))
+        await raise_for_status(self.backend, response)
+        if job.stream and response.content_type == "text/event-stream":
+            return Passthrough("text/event-stream", chunks=self._body(response))
+        try:
+            with upstream_errors(self.backend):
+                body = await response.content.read(MAX_TRANSCRIPT_BYTES + 1)
+        finally:
+            response.release()
+        if len(body) > MAX_TRANSCRIPT_BYTES:
+            raise UpstreamError(f"Backend '{self.backend.name}' sent an oversized transcript.", reason="bad_response")
+        return Passthrough(self._check_transcript(job.response_format, body, response.content_type), body=body)
+
+    def _fields(self, job: TranscriptionJob) -> list[tuple[str, str]]:
+        fields: list[tuple[str, str]] = [("response_format", job.response_format)]
+        optional = {"language": job.language, "prompt": job.prompt,
+                    "temperature": None if job.temperature is None else str(job.temperature)}
+        fields += [(k, v) for k, v in optional.items() if v is not None]
+        fields += [("timestamp_granularities[]", g) for g in job.timestamp_granularities]
+        fields += [("include[]", i) for i in job.include]
+        if job.stream:
+            fields.append(("stream", "true"))
+        return fields + list(job.extra)
+
+    def _check_transcript(self, fmt: str, body: bytes, content_type: str) -> str:
+        """The content type to relay, once the body is known to be what `fmt` promises."""
+        if fmt in _JSON_FORMATS:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
+                raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
+                                    reason="bad_response")
+            return "application/json"
+        if content_type.startswith("text/html") or content_type == "application/json":
+            raise UpstreamError(f"Backend '{self.backend.name}' answered with {content_type} instead of {fmt}.",
+                                reason="bad_response")
+        return "text/plain; charset=utf-8"
+
+    async def ready(self) -> bool:
+        try:
+            async with self.http.get(f"{self.backend.url}/models", headers=self._headers("readyz", "*/*"),
+                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
+                return r.status < 500
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        return None

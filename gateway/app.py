@@ -1,0 +1,74 @@
+"""build_app(config): the whole request pipeline on one screen.
+
+A request passes, in order:
+  1. request_id_middleware  (middleware.py)  adopt or mint x-request-id; take the table snapshot
+  2. access_log_middleware  (middleware.py)  one JSON line when it finishes, also on disconnect
+  3. error_middleware       (middleware.py)  anything raised inside becomes an OpenAI error body
+  4. auth_middleware        (middleware.py)  /v1 only: gateway key -> tenant identity
+  5. the handler            (handlers/)      validate -> resolve model -> adapter -> relay or render
+     adapters/              native engine calls, errors mapped at that boundary
+     streaming.py           relays chunks; the "after the first byte" rule
+     audio/                 transcoding, speed, transcript rendering
+The x-request-id header is added to every response on prepare (on_response_prepare), so streamed
+responses carry it too.
+"""
+
+from __future__ import annotations
+
+import aiohttp_cors
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.handlers import catalog, speech, transcribe
+from gateway.lifecycle import TABLES, backends_ctx, init_state
+from gateway.middleware import (
+    access_log_middleware,
+    add_request_id_header,
+    auth_middleware,
+    error_middleware,
+    request_id_middleware,
+)
+from gateway.state import TABLE
+
+JSON_BODY_LIMIT = 1_048_576
+"""Speech bodies are JSON with at most 2 x 4096 characters of text; uploads are streamed, not limited here."""
+
+
+@web.middleware
+async def table_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Pin the current mapping-table snapshot for the whole request."""
+    request[TABLE] = request.app[TABLES].current
+    return await handler(request)
+
+
+def build_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[
+            request_id_middleware,  # first, so even a 500 from a later stage carries x-request-id
+            table_middleware,       # the snapshot every later stage reads
+            access_log_middleware,  # sees the final status and byte counts
+            error_middleware,       # everything inside becomes OpenAI JSON
+            auth_middleware,        # last before the handler; /v1 only
+        ],
+        client_max_size=JSON_BODY_LIMIT,
+    )
+    init_state(app, config)
+    app.cleanup_ctx.append(backends_ctx)
+    app.on_response_prepare.append(add_request_id_header)
+    routes = app.add_routes([
+        web.post("/v1/audio/speech", speech.speech),
+        web.post("/v1/audio/transcriptions", transcribe.transcriptions),
+        web.post("/v1/audio/translations", transcribe.translations),
+        web.get("/v1/models", catalog.models),
+        web.get("/v1/audio/voices", catalog.voices),
+        web.get("/healthz", catalog.healthz),
+        web.get("/readyz", catalog.readyz),
+    ])
+    if config.server.cors_origins:
+        options = aiohttp_cors.ResourceOptions(allow_headers="*", expose_headers=("x-request-id",),
+                                               allow_methods=["GET", "POST"])
+        cors = aiohttp_cors.setup(app, defaults={origin: options for origin in config.server.cors_origins})
+        for route in routes:
+            if route.resource is not None and route.resource.canonical.startswith("/v1/"):
+                cors.add(route)
+    return app

@@ -1,0 +1,43 @@
+"""GET /v1/models, /v1/audio/voices, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from gateway.lifecycle import DRAINING, STARTED_AT
+from gateway.state import IDENTITY, TABLE
+
+
+async def models(request: web.Request) -> web.Response:
+    """The public models this key may use, in OpenAI's list shape."""
+    identity = request[IDENTITY]
+    created = int(request.app[STARTED_AT])
+    data = [{"id": m.name, "object": "model", "created": created, "owned_by": m.owned_by}
+            for m in request[TABLE].config.models.values() if identity.may_use(m.name)]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def voices(request: web.Request) -> web.Response:
+    """The configured voice catalogue: public name, backend, native voice id (and speaker)."""
+    return web.json_response({"object": "list", "data": request[TABLE].public_voices()})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready while not draining and every model has at least one route whose backend answers."""
+    table = request[TABLE]
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
+    names = list(table.adapters)
+    states = await asyncio.gather(*(table.adapters[n].ready() for n in names))
+    backends = dict(zip(names, states, strict=True))
+    unroutable = [m.name for m in table.config.models.values() if not any(backends[r.backend] for r in m.routes)]
+    ready = not unroutable
+    body = {"status": "ready" if ready else "unready", "config": table.config.digest,
+            "backends": {n: "up" if up else "down" for n, up in backends.items()}, "unroutable_models": unroutable}
+    return web.json_response(body, status=200 if ready else 503)

@@ -1,0 +1,87 @@
+"""POST /v1/audio/transcriptions and /v1/audio/translations: one code path, the task differs.
+
+Stages: spool the multipart body, validate its fields, resolve the model, transcribe on the first
+route that answers, then answer in the client's format (relayed as is, or rendered from structure).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
+from gateway.audio.transcripts import render
+from gateway.errors import UnsupportedError
+from gateway.handlers.routing import first_success
+from gateway.mapping import Candidate
+from gateway.spool import Form, read_form
+from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
+from gateway.streaming import first_chunk, relay, transcript_sse
+from gateway.transcript import Transcript
+from gateway.validation import TRANSCRIPT_FORMATS, TranscriptionRequest, validate_transcription
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _transcribe(request, "transcribe")
+
+
+async def translations(request: web.Request) -> web.StreamResponse:
+    return await _transcribe(request, "translate")
+
+
+async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
+    server = request[TABLE].config.server
+    form = await read_form(request, max_bytes=server.max_upload_bytes, memory_bytes=server.spool_memory_bytes,
+                           spool_dir=server.spool_dir)
+    try:
+        request[OUTCOME].bytes_in = form.upload.size if form.upload else 0
+        req = validate_transcription(form.fields, task, form.upload is not None)
+        result = await transcribe(request, req, form)
+        return await respond(request, req, result)
+    finally:
+        form.close()
+
+
+async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form) -> Transcript | Passthrough:
+    table = request[TABLE]
+    capability = TRANSLATION if req.task == "translate" else TRANSCRIPTION
+    model = table.model(req.model, request[IDENTITY], capability)
+    candidates = [c for c in table.candidates(model, capability) if _can_answer(c, req)]
+    if not candidates:
+        raise UnsupportedError(f"The model `{req.model}` cannot answer in response_format "
+                               f"'{req.response_format}'.", param="response_format", code="unsupported_format")
+
+    async def attempt(candidate: Candidate) -> Transcript | Passthrough:
+        request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model)
+        assert form.upload is not None
+        job = TranscriptionJob(
+            request_id=request[REQUEST_ID], task=req.task, public_model=req.model, model=candidate.route.model,
+            upload=form.upload, response_format=req.response_format, language=req.language, prompt=req.prompt,
+            temperature=req.temperature, timestamp_granularities=req.timestamp_granularities,
+            include=req.include, stream=req.stream, extra=req.extra)
+        return await candidate.adapter.transcribe(job)
+
+    return await first_success(request, candidates, attempt)
+
+
+def _can_answer(candidate: Candidate, req: TranscriptionRequest) -> bool:
+    """Rendered formats work for every engine; others only where the engine speaks them itself."""
+    return (req.response_format in TRANSCRIPT_FORMATS
+            or req.response_format in candidate.adapter.capabilities.transcript_formats)
+
+
+async def respond(request: web.Request, req: TranscriptionRequest,
+                  result: Transcript | Passthrough) -> web.StreamResponse:
+    if isinstance(result, Passthrough):
+        if result.chunks is not None:
+            return await relay(request, await first_chunk(result.chunks), result.chunks, result.content_type,
+                               sse=True)
+        request[OUTCOME].completed = True
+        return web.Response(body=result.body, content_type=result.content_type.split(";")[0],
+                            charset="utf-8" if "charset" in result.content_type else None)
+    if req.stream:
+        events = transcript_sse(result)
+        return await relay(request, await first_chunk(events), events, "text/event-stream", sse=True)
+    rendered = render(result, req.response_format, task=req.task, granularities=req.timestamp_granularities)
+    request[OUTCOME].completed = True
+    ctype, _, params = rendered.content_type.partition(";")
+    return web.Response(body=rendered.body, content_type=ctype, charset="utf-8" if "charset" in params else None)

@@ -1,0 +1,111 @@
+"""The request pipeline's stages: request id, access log, OpenAI errors, authentication.
+
+Their order is set in `gateway.app.build_app`; each stage here is small and does one thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from gateway.auth import authenticate, presented_key
+from gateway.errors import GatewayError, from_http_exception
+from gateway.outcome import Outcome
+from gateway.state import FAILURE, IDENTITY, OUTCOME, REQUEST_ID, TABLE
+
+access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway")
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Adopt the client's x-request-id when it is sane, else mint one; the header is added on prepare."""
+    given = request.headers.get("X-Request-ID", "")
+    request[REQUEST_ID] = given if _CLIENT_REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
+    return await handler(request)
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook: every response, streamed or not, success or error, carries the id."""
+    if REQUEST_ID in request:
+        response.headers["x-request-id"] = request[REQUEST_ID]
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """One JSON line per finished request, also when the client went away (status 499)."""
+    outcome = request[OUTCOME] = Outcome(endpoint=request.path)
+    status = 499
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        if response is not None and outcome.bytes_out == 0:
+            outcome.bytes_out = response.body_length
+        identity = request.get(IDENTITY)
+        failure = request.get(FAILURE)
+        record = {
+            "request_id": request.get(REQUEST_ID),
+            "tenant": identity.tenant if identity else None,
+            "key": identity.key_name if identity else None,
+            "method": request.method,
+            "endpoint": request.path,
+            "model": outcome.public_model,
+            "backend": outcome.backend,
+            "native_model": outcome.native_model,
+            "status": status,
+            "bytes_in": outcome.bytes_in or request.content_length or 0,
+            "bytes_out": outcome.bytes_out,
+            "latency_ms": round((time.monotonic() - outcome.started) * 1000, 1),
+        }
+        if failure is not None:
+            record["error"] = failure.reason
+        if outcome.failed_after_first_byte:
+            record["cut_after_first_byte"] = outcome.failed_after_first_byte
+        access_log.info(json.dumps(record))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Everything raised inside becomes an OpenAI error body with the right status."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        request[FAILURE] = exc
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = from_http_exception(exc, request)
+        request[FAILURE] = err
+        return err.response()
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        rid = request.get(REQUEST_ID, "-")
+        log.exception("unhandled error in request %s", rid)
+        err = GatewayError(
+            "The server had an error processing your request. You can retry your request; "
+            f"please include the request ID {rid} if you report it."
+        )
+        request[FAILURE] = err
+        return err.response()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Resolve the client's gateway key to an identity for /v1 routes (CORS preflights excepted)."""
+    if request.path.startswith("/v1/") and request.method != "OPTIONS":
+        request[IDENTITY] = authenticate(request[TABLE].config, presented_key(request))
+    return await handler(request)

@@ -1,0 +1,31 @@
+"""What one request did (route taken, bytes, audio produced), filled by handlers, read by the access log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Outcome:
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    public_model: str | None = None
+    backend: str | None = None
+    native_model: str | None = None
+    voice: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    first_byte_at: float | None = None
+    completed: bool = False
+    """The answer reached the client whole (for streams: the last chunk was written)."""
+    failed_after_first_byte: str | None = None
+    """Why a stream was cut after its status had been sent, if it was."""
+
+    def route(self, public_model: str, backend: str, native_model: str, voice: str | None = None) -> None:
+        self.public_model, self.backend, self.native_model, self.voice = (
+            public_model, backend, native_model, voice)
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()

@@ -1,0 +1,172 @@
+"""Fixtures: the gateway and engine doubles on real loopback ports, driven by the official SDK.
+
+The gateway and the doubles run in one background thread with its own event loop (`servers`), so
+tests can use both the sync and the async `openai` clients exactly as applications do, and can
+still look inside that loop (tasks, connections) through `servers.run(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import textwrap
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import pytest
+from aiohttp import web
+
+from gateway.adapters import ADAPTERS
+from gateway.app import build_app
+from gateway.config import parse_config
+from tests.fakes.openai_engine import FakeOpenAIEngine
+
+T = TypeVar("T")
+DEMO_KEY = "sk-test-demo-0123456789"
+BETA_KEY = "sk-test-beta-9876543210"
+ENGINE_KEY = "engine-secret-abc"
+
+
+class ServerThread:
+    """An event loop in a thread, for servers under test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="servers", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+        return self.run(wrapper())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[ServerThread]:
+    st = ServerThread()
+    yield st
+    st.close()
+
+
+@dataclass
+class Gateway:
+    runner: web.AppRunner
+    app: web.Application
+    port: int
+    spool_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+
+async def start_gateway(config_text: str, spool_dir: Path) -> Gateway:
+    config = parse_config(config_text, kinds=ADAPTERS.keys())
+    app = build_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Gateway(runner, app, port, spool_dir)
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def engine_config(engine_url: str, spool_dir: Path, extra: str = "") -> str:
+    """The default test table: one OpenAI-compatible backend, two tenants."""
+    return textwrap.dedent(f"""
+        server:
+          max_upload_bytes: 2000000
+          spool_memory_bytes: 65536
+          spool_dir: {spool_dir}
+          cors_origins: ["https://app.example"]
+        keys:
+          - {{name: demo, tenant: acme, sha256: "{sha(DEMO_KEY)}"}}
+          - {{name: beta, tenant: beta, key: "{BETA_KEY}", models: [tts-1]}}
+        backends:
+          speaches:
+            kind: openai
+            url: "{engine_url}"
+            api_key: "{ENGINE_KEY}"
+            timeout_s: 2
+            connect_timeout_s: 1
+        models:
+          tts-1: {{task: speech, routes: [{{backend: speaches, model: kokoro}}]}}
+          tts-1-hd: {{task: speech, routes: [{{backend: speaches, model: kokoro-hd}}]}}
+          whisper-1: {{task: transcription, routes: [{{backend: speaches, model: Systran/faster-whisper-small}}]}}
+        voices:
+          nova: {{speaches: af_nova}}
+          alloy: {{speaches: af_alloy}}
+    """) + extra
+
+
+@pytest.fixture
+def engine(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
+    eng = FakeOpenAIEngine()
+    servers.run(eng.start())
+    yield eng
+    servers.run(eng.stop())
+
+
+@pytest.fixture
+def make_gateway(servers: ServerThread, tmp_path: Path) -> Iterator[Callable[[str], Gateway]]:
+    started: list[Gateway] = []
+
+    def make(config_text: str) -> Gateway:
+        gw = servers.run(start_gateway(config_text, tmp_path / "spool"))
+        started.append(gw)
+        return gw
+
+    (tmp_path / "spool").mkdir()
+    yield make
+    for gw in started:
+        servers.run(gw.runner.cleanup())
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> Gateway:
+    return make_gateway(engine_config(engine.url, tmp_path / "spool"))
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as c:
+        yield c
+
+
+@pytest.fixture
+async def aclient(gateway: Gateway) -> Any:
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as c:
+        yield c
+
+
+def open_fds_matching(fragment: str) -> list[str]:
+    """This process's open file descriptors whose target contains `fragment` (temp spool files)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if fragment in target:
+            found.append(target)
+    return found
