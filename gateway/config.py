@@ -188,7 +188,7 @@ def _server(p: _Parser, node: dict[str, Any]) -> Server:
     )
 
 
-def _keys(p: _Parser, value: Any) -> tuple[Key, ...]:
+def _keys(p: _Parser, value: Any, model_names: Collection[str]) -> tuple[Key, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -220,6 +220,8 @@ def _keys(p: _Parser, value: Any) -> tuple[Key, ...]:
                 continue
         models = node.get("models")
         allowed = frozenset(p.str_list(models, f"{path}.models")) if models is not None else None
+        for model in sorted((allowed or frozenset()) - set(model_names)):
+            p.fail(f"{path}.models", f"unknown model '{model}'")
         keys.append(Key(name, tenant, raw_digest, allowed))
     return tuple(keys)
 
@@ -309,13 +311,10 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices"}):
         p.fail(unknown, "unknown section")
     server = _server(p, p.mapping(root.get("server"), "server"))
-    keys = _keys(p, root.get("keys"))
     backends = _backends(p, root.get("backends"), kinds)
     models = _models(p, root.get("models"), backends)
     voices = _voices(p, root.get("voices"), backends)
-    for i, key in enumerate(keys):
-        for model in sorted((key.models or frozenset()) - set(models)):
-            p.fail(f"keys[{i}].models", f"unknown model '{model}'")
+    keys = _keys(p, root.get("keys"), models)
     if p.problems:
         raise ConfigError(p.problems)
     return Config(

@@ -1,9 +1,9 @@
 """Transcoding an engine's audio stream into OpenAI's response formats, with speed change, as it arrives.
 
-One worker thread per stream does the PyAV work: it reads the input bytes from a queue (a blocking
-file-like for the demuxer, or raw PCM), runs resample -> atempo -> format through an FFmpeg filter
-graph, and muxes into a sink whose bytes are handed to the event loop as they appear. Both sides are
-bounded, so a slow client slows the engine's stream instead of filling memory.
+One worker thread per stream does the PyAV work: it reads the engine's bytes from a queue (as raw
+PCM, or as a non-seekable file for FFmpeg's demuxer), runs them through a filter graph (24 kHz mono,
+atempo for speed, the encoder's sample format) and muxes into a sink whose bytes go back to the event
+loop after each input chunk. Both directions are bounded, so a slow client slows the engine's stream.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -23,39 +22,26 @@ from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.errors import UpstreamError
 
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
-_PCM_SAMPLE_FORMATS = {1: "u8", 2: "s16", 4: "s32"}  # sample_width -> FFmpeg packed sample format
+_RATE = OPENAI_PCM_RATE
+_PCM_SAMPLE_FORMATS = {1: "u8", 2: "s16", 4: "s32"}  # sample_width -> packed sample format; 8 bit unsigned
 _WAV_SAMPLE_FORMATS = {(1, 8): "u8", (1, 16): "s16", (1, 32): "s32", (3, 32): "flt", (3, 64): "dbl"}
 _DEMUXERS = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
+# response_format -> (muxer, encoder, muxer options, bit rate)
+_OUTPUTS: dict[str, tuple[str, str, dict[str, str], int | None]] = {
+    "mp3": ("mp3", "libmp3lame", {"id3v2_version": "0"}, 64_000),
+    "opus": ("ogg", "libopus", {"page_duration": "200000"}, 32_000),  # 200 ms pages, not 1 s
+    "aac": ("adts", "aac", {}, 64_000),
+    "flac": ("flac", "flac", {"metadata_header_padding": "0", "fflags": "+bitexact"}, None),
+    "wav": ("wav", "pcm_s16le", {"fflags": "+bitexact"}, None),  # 44-byte header, sizes 0xFFFFFFFF
+    "pcm": ("s16le", "pcm_s16le", {}, None),
+}
 _PENDING = 16  # chunks in flight on each side of the worker
 _FRAME_SAMPLES = 4800  # raw PCM is cut into frames of at most this many samples
-_SINK_FLUSH = 65_536
-
-
-@dataclass(frozen=True, slots=True)
-class _Output:
-    muxer: str
-    codec: str
-    options: dict[str, str] = field(default_factory=dict)
-    bit_rate: int | None = None
-
-
-_OUTPUTS = {
-    "mp3": _Output("mp3", "libmp3lame", {"id3v2_version": "0"}, 64_000),
-    "opus": _Output("ogg", "libopus", {"page_duration": "200000"}, 32_000),
-    "aac": _Output("adts", "aac", {}, 64_000),
-    "flac": _Output("flac", "flac", {"metadata_header_padding": "0", "fflags": "+bitexact"}),
-    "wav": _Output("wav", "pcm_s16le", {"fflags": "+bitexact"}),  # 44-byte header, sizes 0xFFFFFFFF
-    "pcm": _Output("s16le", "pcm_s16le"),
-}
+_SINK_FLUSH = 65_536  # flush early when one input chunk produces this much
 
 
 def bad_audio() -> UpstreamError:
     return UpstreamError("Backend produced audio the gateway could not decode.", reason="bad_audio")
-
-
-def duration_of_pcm(nbytes: int, fmt: AudioFormat) -> float:
-    """Seconds of audio in `nbytes` of raw PCM described by `fmt`."""
-    return nbytes / (fmt.sample_width * fmt.channels * (fmt.sample_rate or OPENAI_PCM_RATE))
 
 
 def encode(
@@ -64,8 +50,9 @@ def encode(
     """The engine's `chunks` (described by `source`) as OpenAI's `response_format`, `speed` times faster.
 
     Bytes already in the requested form pass through untouched. Errors raised by `chunks` reach the
-    consumer unchanged; audio that cannot be decoded raises UpstreamError (reason bad_audio). Closing
-    the returned generator stops the worker and closes `chunks`.
+    consumer unchanged; audio that cannot be decoded raises UpstreamError (reason bad_audio). No byte
+    is produced before the first decoded frame. Closing the returned generator (or cancelling its
+    consumer) stops the worker thread and closes `chunks`. Bad arguments raise ValueError at once.
     """
     if response_format not in SPEECH_FORMATS:
         raise ValueError(f"unknown response_format {response_format!r}")
@@ -82,8 +69,7 @@ def encode(
 
 
 async def _aclose(chunks: AsyncIterator[bytes]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
+    if (aclose := getattr(chunks, "aclose", None)) is not None:
         await aclose()
 
 
@@ -106,43 +92,39 @@ async def _transcode(
     try:
         while True:
             item = await job.out.get()
-            if isinstance(item, _Done):
-                done = True
-                if job.input_error is not None:
-                    raise job.input_error
-                if item.error is not None:
-                    raise item.error
-                return
-            job.out_credits.release()
-            yield item
+            if isinstance(item, bytes):
+                job.out_credits.release()
+                yield item
+                continue
+            done = True
+            if job.input_error is not None:
+                raise job.input_error
+            if item is not None:
+                raise item
+            return
     finally:
         job.stop.set()
-        job.inbox.put(None)
+        job.reader.put(None)
         pump.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pump
-        while not done:  # the worker always ends with _Done; wait for it so no thread outlives us
+        while not done:  # the worker always posts its outcome last; wait for it so no thread outlives us
             job.out_credits.release()
-            done = isinstance(await job.out.get(), _Done)
+            done = not isinstance(await job.out.get(), bytes)
         thread.join(timeout=1.0)
         await _aclose(chunks)
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    error: BaseException | None = None
-
-
 class _Stopped(Exception):
-    """The consumer went away; the worker unwinds."""
+    """The consumer went away or the input failed; the worker unwinds."""
 
 
-class _Inbox:
-    """Thread side of the input: chunks from the event loop, readable as a non-seekable file."""
+class _Reader:
+    """Worker side of the input: the engine's chunks from a queue, also readable as a non-seekable file."""
 
-    def __init__(self, taken: Callable[[], None], idle: Callable[[], None]) -> None:
+    def __init__(self, taken: Callable[[], None], before_wait: Callable[[], None]) -> None:
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._taken, self._idle = taken, idle
+        self._taken, self._before_wait = taken, before_wait
         self._buffer = b""
         self._eof = False
 
@@ -150,14 +132,13 @@ class _Inbox:
         self._queue.put(chunk)
 
     def chunk(self) -> bytes | None:
-        """The next chunk (buffered bytes first), blocking; None at end of input."""
+        """The next bytes (pushed-back ones first), blocking; None at the end of the input."""
         if self._buffer:
             data, self._buffer = self._buffer, b""
             return data
         if self._eof:
             return None
-        if self._queue.empty():
-            self._idle()  # about to wait for the engine: hand out what we have
+        self._before_wait()  # what the last chunk produced goes out before we wait for the next
         data = self._queue.get()
         if data is None:
             self._eof = True
@@ -169,27 +150,103 @@ class _Inbox:
         self._buffer = data + self._buffer
 
     def read(self, size: int = -1) -> bytes:
-        data = self.chunk()
-        if data is None:
-            return b""
+        data = self.chunk() or b""
         if 0 <= size < len(data):
             data, self._buffer = data[:size], data[size:]
         return data
 
     def read_exact(self, size: int) -> bytes:
-        parts, got = [], 0
-        while got < size and (data := self.read(size - got)):
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
+        data = b""
+        while len(data) < size and (more := self.read(size - len(data))):
+            data += more
+        return data
+
+
+def _frames(reader: _Reader, source: AudioFormat) -> Iterator[av.AudioFrame]:
+    if source.container == "pcm":
+        assert source.sample_rate is not None
+        sample_fmt = _PCM_SAMPLE_FORMATS[source.sample_width]
+        return _pcm_frames(reader, sample_fmt, source.channels, source.sample_rate)
+    if source.container == "wav":
+        return _wav_frames(reader)
+    return _demuxed_frames(reader, _DEMUXERS[source.container])
+
+
+def _pcm_frames(
+    reader: _Reader, sample_fmt: str, channels: int, rate: int, limit: int | None = None
+) -> Iterator[av.AudioFrame]:
+    block = av.AudioFormat(sample_fmt).bytes * channels
+    rest = b""
+    while limit != 0 and (chunk := reader.chunk()) is not None:
+        if limit is not None:
+            chunk, limit = chunk[:limit], limit - min(limit, len(chunk))
+        data = rest + chunk
+        usable = len(data) - len(data) % block
+        for start in range(0, usable, _FRAME_SAMPLES * block):
+            piece = data[start : min(usable, start + _FRAME_SAMPLES * block)]
+            samples = len(piece) // block
+            frame = av.AudioFrame(format=sample_fmt, layout=f"{channels}c", samples=samples, align=1)
+            frame.planes[0].update(piece)
+            frame.sample_rate = rate
+            yield frame
+        rest = data[usable:]
+
+
+def _wav_frames(reader: _Reader) -> Iterator[av.AudioFrame]:
+    """Plain PCM WAV is read here (FFmpeg's demuxer wants 64 KiB before a frame); other WAV by FFmpeg."""
+    consumed = head = reader.read_exact(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise bad_audio()
+    spec: tuple[str, int, int] | None = None
+    while len(consumed) < 1_048_576:
+        chunk_head = reader.read_exact(8)
+        consumed += chunk_head
+        if len(chunk_head) < 8:
+            raise bad_audio()
+        size = int.from_bytes(chunk_head[4:], "little")
+        if chunk_head[:4] == b"data":
+            if spec is None:
+                break
+            return _pcm_frames(reader, *spec, limit=None if size in (0, 0xFFFFFFFF) else size)
+        body = reader.read_exact(size + (size & 1))
+        consumed += body
+        if chunk_head[:4] == b"fmt " and len(body) >= 16:
+            extensible = body[:2] == b"\xfe\xff" and len(body) >= 26
+            tag = int.from_bytes(body[24:26] if extensible else body[:2], "little")
+            channels, rate = int.from_bytes(body[2:4], "little"), int.from_bytes(body[4:8], "little")
+            sample_fmt = _WAV_SAMPLE_FORMATS.get((tag, int.from_bytes(body[14:16], "little")))
+            if not (sample_fmt and channels and rate):
+                break
+            spec = (sample_fmt, channels, rate)
+    reader.unread(consumed)
+    return _demuxed_frames(reader, "wav")
+
+
+def _demuxed_frames(reader: _Reader, demuxer: str) -> Iterator[av.AudioFrame]:
+    options = {"probesize": "32"}  # the demuxer's header is enough; don't wait for seconds of audio
+    with av.open(reader, "r", format=demuxer, options=options, metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise bad_audio()
+        decoder = container.streams.audio[0].codec_context
+        for packet in container.demux(container.streams.audio[0]):
+            try:
+                frames = decoder.decode(packet)
+            except av.InvalidDataError:
+                continue  # one damaged packet; no audio at all is caught by the caller
+            yield from frames
 
 
 class _Sink:
-    """Where the muxer writes; bytes go to the event loop when flushed, bounded by credits."""
+    """Where the muxer writes; bytes go to the event loop when flushed, bounded by credits.
+
+    Nothing goes out before the first frame is encoded (`armed`), so an engine that fails before
+    producing audio fails before the response has a single byte.
+    """
 
     def __init__(self, job: _Job) -> None:
         self._job = job
         self._buffer = bytearray()
+        self.armed = False
 
     def write(self, data: bytes) -> int:
         if self._job.stop.is_set():
@@ -200,7 +257,7 @@ class _Sink:
         return len(data)
 
     def flush(self) -> None:
-        if not self._buffer or self._job.stop.is_set():
+        if not self._buffer or not self.armed or self._job.stop.is_set():
             return
         while not self._job.out_credits.acquire(timeout=0.05):
             if self._job.stop.is_set():
@@ -209,175 +266,35 @@ class _Sink:
         self._job.post(data)
 
 
-class _Job:
-    def __init__(self, loop: asyncio.AbstractEventLoop, source: AudioFormat, fmt: str, speed: float) -> None:
-        self.loop, self.source, self.fmt, self.speed = loop, source, fmt, speed
-        self.stop = threading.Event()
-        self.out: asyncio.Queue[bytes | _Done] = asyncio.Queue()
-        self.out_credits = threading.Semaphore(_PENDING)
-        self.in_credits = asyncio.Semaphore(_PENDING)
-        self.input_error: BaseException | None = None
-        self.sink = _Sink(self)
-        self.inbox = _Inbox(self._taken, self._idle)
-
-    # -- event loop side
-
-    async def pump(self, chunks: AsyncIterator[bytes]) -> None:
-        try:
-            async for chunk in chunks:
-                if chunk:
-                    await self.in_credits.acquire()
-                    self.inbox.put(bytes(chunk))
-        except Exception as exc:  # the engine's error, for the consumer as is
-            self.input_error = exc
-            self.stop.set()
-        finally:
-            self.inbox.put(None)
-
-    def post(self, item: bytes | _Done) -> None:
-        with contextlib.suppress(RuntimeError):  # loop already closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-
-    # -- worker thread side
-
-    def _taken(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.in_credits.release)
-
-    def _idle(self) -> None:
-        self.sink.flush()
-
-    def run(self) -> None:
-        error: BaseException | None = None
-        try:
-            self._transcode()
-        except _Stopped:
-            pass
-        except av.FFmpegError as exc:
-            error = bad_audio()
-            error.__cause__ = exc
-        except BaseException as exc:  # a bug: let the consumer see it
-            error = exc
-        finally:
-            self.post(_Done(None if self.stop.is_set() else error))
-
-    def _transcode(self) -> None:
-        encoder = _Encoder(self.fmt, self.speed, self.sink)
-        try:
-            for frame in self._frames():
-                if self.stop.is_set():
-                    raise _Stopped
-                encoder.push(frame)
-            if encoder.input_samples == 0 and self.source.container != "pcm":
-                raise bad_audio()
-            encoder.finish()
-        except BaseException:
-            encoder.abandon()
-            raise
-        self.sink.flush()
-
-    def _frames(self) -> Iterator[av.AudioFrame]:
-        src = self.source
-        if src.container == "pcm":
-            assert src.sample_rate is not None
-            return self._pcm_frames(_PCM_SAMPLE_FORMATS[src.sample_width], src.channels, src.sample_rate)
-        if src.container == "wav":
-            return self._wav_frames()
-        return self._container_frames(_DEMUXERS[src.container])
-
-    def _pcm_frames(self, sample_fmt: str, channels: int, rate: int, limit: int | None = None) -> Iterator[av.AudioFrame]:
-        block = av.AudioFormat(sample_fmt).bytes * channels
-        layout = f"{channels}c"
-        rest = b""
-        while (chunk := self.inbox.chunk()) is not None:
-            if limit is not None:
-                chunk, limit = chunk[:limit], limit - min(limit, len(chunk))
-            data = rest + chunk
-            usable = len(data) - len(data) % block
-            for start in range(0, usable, _FRAME_SAMPLES * block):
-                piece = data[start : min(usable, start + _FRAME_SAMPLES * block)]
-                frame = av.AudioFrame(format=sample_fmt, layout=layout, samples=len(piece) // block, align=1)
-                frame.planes[0].update(piece)
-                frame.sample_rate = rate
-                yield frame
-            rest = data[usable:]
-            if limit == 0:
-                return
-
-    def _wav_frames(self) -> Iterator[av.AudioFrame]:
-        """Plain PCM WAV is read here (FFmpeg's demuxer wants 64 KiB before its first frame); the rest by FFmpeg."""
-        consumed = head = self.inbox.read_exact(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            raise bad_audio()
-        spec: tuple[str, int, int] | None = None
-        while len(consumed) < 1_048_576:
-            chunk_head = self.inbox.read_exact(8)
-            consumed += chunk_head
-            if len(chunk_head) < 8:
-                raise bad_audio()
-            size = int.from_bytes(chunk_head[4:], "little")
-            if chunk_head[:4] == b"data":
-                if spec is None:
-                    break
-                limit = None if size in (0, 0xFFFFFFFF) else size
-                return self._pcm_frames(*spec, limit=limit)
-            body = self.inbox.read_exact(size + (size & 1))
-            consumed += body
-            if chunk_head[:4] == b"fmt " and len(body) >= 16:
-                tag = int.from_bytes(body[20:22] if body[:2] == b"\xfe\xff" and len(body) >= 26 else body[:2], "little")
-                channels, rate = int.from_bytes(body[2:4], "little"), int.from_bytes(body[4:8], "little")
-                sample_fmt = _WAV_SAMPLE_FORMATS.get((tag, int.from_bytes(body[14:16], "little")))
-                spec = (sample_fmt, channels, rate) if sample_fmt and channels and rate else None
-                if spec is None:
-                    break
-        self.inbox.unread(consumed)
-        return self._container_frames("wav")
-
-    def _container_frames(self, demuxer: str) -> Iterator[av.AudioFrame]:
-        with av.open(self.inbox, "r", format=demuxer, options={"probesize": "32"}, metadata_errors="ignore") as container:
-            if not container.streams.audio:
-                raise bad_audio()
-            stream = container.streams.audio[0]
-            for packet in container.demux(stream):
-                try:
-                    frames = stream.codec_context.decode(packet)
-                except av.InvalidDataError:
-                    continue  # one damaged packet; no audio at all is caught by the caller
-                yield from frames
-
-
 class _Encoder:
-    """Filter graph (resample, atempo, mono) and encoder/muxer for one response format."""
+    """Filter graph (24 kHz mono, atempo, sample format) into the encoder and muxer of one response format."""
 
     def __init__(self, response_format: str, speed: float, sink: _Sink) -> None:
-        spec = _OUTPUTS[response_format]
-        self.container: Any = av.open(sink, "w", format=spec.muxer, options=dict(spec.options), buffer_size=4096)
-        self.stream: Any = self.container.add_stream(spec.codec, rate=OPENAI_PCM_RATE)
+        muxer, codec, options, bit_rate = _OUTPUTS[response_format]
+        self.container: Any = av.open(sink, "w", format=muxer, options=dict(options), buffer_size=4096)
+        self.stream: Any = self.container.add_stream(codec, rate=_RATE)
         self.stream.codec_context.layout = "mono"
-        if spec.bit_rate:
-            self.stream.codec_context.bit_rate = spec.bit_rate
+        if bit_rate:
+            self.stream.codec_context.bit_rate = bit_rate
         self.container.start_encoding()
         self.speed = speed
         self.graph: av.filter.Graph | None = None
         self.graph_key: tuple[str, int, str] | None = None
-        self.graph_samples = 0
-        self.input_samples = 0
-        self.output_samples = 0
+        self.graph_samples = self.input_samples = self.output_samples = 0
 
     def push(self, frame: av.AudioFrame) -> None:
         key = (frame.format.name, frame.sample_rate, frame.layout.name)
-        if key != self.graph_key:
-            self._drain_graph(final=True)
+        if self.graph is None or key != self.graph_key:  # first frame, or the input's format changed
+            self._drain(final=True)
             self.graph, self.graph_key, self.graph_samples = self._graph(frame), key, 0
-        assert self.graph is not None
         frame.pts, frame.time_base = self.graph_samples, Fraction(1, frame.sample_rate)
         self.graph_samples += frame.samples
         self.input_samples += frame.samples
         self.graph.push(frame)
-        self._drain_graph()
+        self._drain()
 
     def finish(self) -> None:
-        self._drain_graph(final=True)
+        self._drain(final=True)
         self.container.mux(self.stream.encode(None))
         self.container.close()
 
@@ -387,23 +304,24 @@ class _Encoder:
 
     def _graph(self, frame: av.AudioFrame) -> av.filter.Graph:
         graph = av.filter.Graph()
+        rate, layout, channels = frame.sample_rate, frame.layout.name, frame.layout.nb_channels
         nodes = [
             graph.add_abuffer(
                 format=frame.format.name,
-                sample_rate=frame.sample_rate,
-                layout=frame.layout.name,
-                channels=frame.layout.nb_channels,
-                time_base=Fraction(1, frame.sample_rate),
+                sample_rate=rate,
+                layout=layout,
+                channels=channels,
+                time_base=Fraction(1, rate),
             ),
-            graph.add("aformat", f"sample_rates={OPENAI_PCM_RATE}:channel_layouts=mono"),
+            graph.add("aformat", f"sample_rates={_RATE}:channel_layouts=mono"),
+            *(graph.add("atempo", f"{step:.6f}") for step in _tempo_steps(self.speed)),
+            graph.add("aformat", f"sample_fmts={self.stream.codec_context.format.name}"),
+            graph.add("abuffersink"),
         ]
-        nodes += [graph.add("atempo", f"{step:.6f}") for step in _tempo_steps(self.speed)]
-        nodes.append(graph.add("aformat", f"sample_fmts={self.stream.codec_context.format.name}"))
-        nodes.append(graph.add("abuffersink"))
         graph.link_nodes(*nodes).configure()
         return graph
 
-    def _drain_graph(self, final: bool = False) -> None:
+    def _drain(self, final: bool = False) -> None:
         if self.graph is None:
             return
         if final:
@@ -413,11 +331,11 @@ class _Encoder:
                 out = self.graph.pull()
             except (BlockingIOError, EOFError):
                 break
-            out.pts, out.time_base = self.output_samples, Fraction(1, OPENAI_PCM_RATE)
+            out.pts, out.time_base = self.output_samples, Fraction(1, _RATE)
             self.output_samples += out.samples
             self.container.mux(self.stream.encode(out))
         if final:
-            self.graph = self.graph_key = None
+            self.graph = None
 
 
 def _tempo_steps(speed: float) -> list[float]:
@@ -429,6 +347,72 @@ def _tempo_steps(speed: float) -> list[float]:
     while speed < 0.5:
         steps.append(0.5)
         speed /= 0.5
-    if abs(speed - 1.0) > 1e-9:
-        steps.append(speed)
-    return steps
+    return [*steps, speed] if abs(speed - 1.0) > 1e-9 else steps
+
+
+class _Job:
+    """One stream's shared state: the event loop side (pump, out) and the worker thread (run)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, source: AudioFormat, fmt: str, speed: float) -> None:
+        self.loop, self.source, self.fmt, self.speed = loop, source, fmt, speed
+        self.stop = threading.Event()
+        self.out: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()  # then the outcome
+        self.out_credits = threading.Semaphore(_PENDING)
+        self.in_credits = asyncio.Semaphore(_PENDING)
+        self.input_error: BaseException | None = None
+        self.sink = _Sink(self)
+        self.reader = _Reader(self._taken, self.sink.flush)
+
+    async def pump(self, chunks: AsyncIterator[bytes]) -> None:
+        try:
+            async for chunk in chunks:
+                if chunk:
+                    await self.in_credits.acquire()
+                    self.reader.put(bytes(chunk))
+        except BaseException as exc:
+            if not self.stop.is_set():  # not our own cancellation: the engine's error, for the consumer as is
+                self.input_error = exc
+                self.stop.set()
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.reader.put(None)
+
+    def post(self, item: bytes | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def _taken(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.in_credits.release)
+
+    def run(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._transcode()
+        except _Stopped:
+            pass
+        except av.FFmpegError as exc:
+            error = bad_audio()
+            error.__cause__ = exc
+        except BaseException as exc:  # bad_audio, or a bug: the consumer sees it
+            error = exc
+        finally:
+            self.post(None if self.stop.is_set() else error)
+
+    def _transcode(self) -> None:
+        encoder = _Encoder(self.fmt, self.speed, self.sink)
+        try:
+            for frame in _frames(self.reader, self.source):
+                if self.stop.is_set():
+                    raise _Stopped
+                encoder.push(frame)
+                self.sink.armed = True
+            if encoder.input_samples == 0 and self.source.container != "pcm":
+                raise bad_audio()
+            encoder.finish()
+        except BaseException:
+            encoder.abandon()
+            raise
+        self.sink.armed = True
+        self.sink.flush()

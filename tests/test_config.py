@@ -1,0 +1,122 @@
+"""The mapping table: parsing into frozen objects, ${ENV} interpolation, errors by YAML path, the CLI check."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.adapters import ADAPTERS
+from gateway.config import ConfigError, NativeVoice, parse_config
+
+KINDS = ADAPTERS.keys()
+VALID = """
+keys:     [{name: demo, tenant: acme, sha256: "%s", models: [tts-1, whisper-1]}]
+backends: {speaches: {kind: openai, url: "http://127.0.0.1:8000/v1", api_key: "${SPEACHES_KEY:-}", timeout_s: 120}}
+models:   {tts-1: {task: speech, routes: [{backend: speaches, model: kokoro}]},
+           whisper-1: {task: transcription, routes: [{backend: speaches, model: Systran/faster-whisper-small}]}}
+voices:   {nova: {speaches: af_nova}, echo: {speaches: {name: en_US-lessac, speaker: "3"}}}
+""" % hashlib.sha256(b"k").hexdigest()
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, kinds=KINDS, environ=environ or {})
+    return info.value.problems
+
+
+def test_issue_example_parses_into_frozen_objects() -> None:
+    config = parse_config(VALID, kinds=KINDS, environ={})
+    backend = config.backends["speaches"]
+    assert backend.kind == "openai" and backend.api_key is None and backend.timeouts.read == 120
+    assert config.models["tts-1"].routes[0].model == "kokoro"
+    assert config.voices["nova"]["speaches"] == NativeVoice("af_nova")
+    assert config.voices["echo"]["speaches"] == NativeVoice("en_US-lessac", "3")
+    assert config.keys[0].models == frozenset({"tts-1", "whisper-1"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.models["tts-1"].task = "transcription"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.models["x"] = config.models["tts-1"]  # type: ignore[index]
+
+
+def test_env_interpolation_with_and_without_default() -> None:
+    config = parse_config(VALID, kinds=KINDS, environ={"SPEACHES_KEY": "s3cret"})
+    assert config.backends["speaches"].api_key == "s3cret"
+    assert "s3cret" not in repr(config)
+    text = VALID.replace("${SPEACHES_KEY:-}", "${MISSING_KEY}")
+    assert problems(text) == ["backends.speaches.api_key: environment variable MISSING_KEY is not set"]
+
+
+def test_key_forms_literal_and_env_match_the_same_digest() -> None:
+    text = VALID.replace('sha256: "%s"' % hashlib.sha256(b"k").hexdigest(), 'key: "${DEMO_KEY}"')
+    config = parse_config(text, kinds=KINDS, environ={"DEMO_KEY": "k"})
+    assert config.keys[0].sha256 == hashlib.sha256(b"k").digest()
+
+
+def test_unknown_backend_is_named_by_path() -> None:
+    assert problems(VALID.replace("{backend: speaches, model: kokoro}", "{backend: spaches, model: kokoro}")) == [
+        "models.tts-1.routes[0].backend: unknown backend 'spaches'"]
+
+
+def test_every_error_is_collected() -> None:
+    text = """
+keys: [{name: a, tenant: t}, {name: a, key: x, models: [nope]}, {name: b, sha256: "zz"}]
+backends: {x: {kind: nosuch, url: "ftp://h", timeout_s: -1}}
+models:
+  m1: {task: dance, routes: []}
+  m2: {task: speech, routes: [{backend: y}]}
+voices: {nova: {z: v}, alloy: {x: [1]}}
+extra: 1
+"""
+    found = problems(text)
+    for expected in [
+        "extra: unknown section",
+        "keys[0]: give exactly one of 'key' (the key or ${ENV}) and 'sha256' (its hex digest)",
+        "keys[1].name: duplicate key name 'a'",
+        "keys[2].sha256: expected 64 hex digits",
+        "backends.x.url: expected an http(s)://, tcp:// or unix:// URL, got 'ftp://h'",
+        "backends.x.timeout_s: expected a number >= 0.001, got -1",
+        "models.m1.task: expected one of speech, transcription, got 'dance'",
+        "models.m1.routes: expected a non-empty list of {backend, model}",
+        "models.m2.routes[0].backend: unknown backend 'y'",
+        "voices.nova.z: unknown backend 'z'",
+        "voices.alloy.x: expected a native voice id or {name, speaker}",
+        "keys[1].models: unknown model 'nope'",
+    ]:
+        assert expected in found, (expected, found)
+    assert any(p.startswith("backends.x.kind: unknown kind 'nosuch'") for p in found)
+
+
+def test_invalid_yaml() -> None:
+    assert problems("models: [unclosed")[0].startswith("<memory>: not valid YAML")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_ok_and_failing(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(VALID)
+    result = run_cli("check-config", str(good))
+    assert result.returncode == 0, result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(VALID.replace("backend: speaches, model: kokoro", "backend: spaches, model: kokoro")
+                   .replace("task: transcription", "task: nope"))
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 1
+    assert "models.tts-1.routes[0].backend: unknown backend 'spaches'" in result.stderr
+    assert "models.whisper-1.task: expected one of speech, transcription, got 'nope'" in result.stderr
+
+
+def test_shipped_configs_are_valid() -> None:
+    root = Path(__file__).parent.parent / "config"
+    for path in [root / "gateway.yaml", *sorted((root / "examples").glob("*.yaml"))]:
+        result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                                text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "x",
+                                                            "DEMO_KEY": "y"})
+        assert result.returncode == 0, (path, result.stderr)

@@ -1,0 +1,138 @@
+"""gateway.audio.decode: every upload format OpenAI accepts, and the one 400 for everything that is not audio."""
+
+from __future__ import annotations
+
+import array
+import io
+import math
+import tempfile
+from fractions import Fraction
+from typing import BinaryIO
+
+import av
+import pytest
+
+from gateway.audio.decode import DecodedAudio, decode_upload, decode_upload_async, probe_duration
+from gateway.errors import InvalidRequestError
+
+
+def tone(seconds: float, rate: int, channels: int = 1, amplitude: int = 8000) -> bytes:
+    """A 440 Hz sine as interleaved s16le."""
+    samples = (int(amplitude * math.sin(2 * math.pi * 440 * i / rate)) for i in range(int(seconds * rate)))
+    return array.array("h", (s for s in samples for _ in range(channels))).tobytes()
+
+
+def audio_file(muxer: str, codec: str, *, seconds: float = 3.0, rate: int = 44_100, channels: int = 2,
+               silent: bool = False) -> bytes:
+    """A `muxer` file holding `seconds` of tone (or silence) encoded with `codec`."""
+    data = tone(seconds, 24_000, channels, amplitude=0 if silent else 8000)
+    layout = "mono" if channels == 1 else "stereo"
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=muxer) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = layout
+        block, step = 2 * channels, 1024
+        for start in range(0, len(data), step * block):
+            piece = data[start : start + step * block]
+            frame = av.AudioFrame(format="s16", layout=layout, samples=len(piece) // block)
+            frame.planes[0].update(piece)
+            frame.sample_rate, frame.pts, frame.time_base = 24_000, start // block, Fraction(1, 24_000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def video_only_webm() -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as out:
+        stream = out.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(5):
+            frame = av.VideoFrame(64, 64, "yuv420p")
+            for plane in frame.planes:
+                plane.update(bytes([i * 40]) * plane.buffer_size)
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def upload(data: bytes) -> BinaryIO:
+    """Like the gateway's spool: a SpooledTemporaryFile, left positioned at its end."""
+    file = tempfile.SpooledTemporaryFile(max_size=16_384)
+    file.write(data)
+    return file  # type: ignore[return-value]
+
+
+UPLOADS = {  # what OpenAI accepts, by file extension
+    "flac": ("flac", "flac", 44_100),
+    "mp3": ("mp3", "libmp3lame", 44_100),
+    "mpga": ("mp3", "libmp3lame", 22_050),
+    "mpeg": ("mpeg", "mp2", 44_100),
+    "mp4": ("mp4", "aac", 44_100),
+    "m4a": ("ipod", "aac", 48_000),
+    "ogg": ("ogg", "libopus", 48_000),
+    "wav": ("wav", "pcm_s16le", 44_100),
+    "webm": ("webm", "libopus", 48_000),
+}
+
+
+@pytest.mark.parametrize("extension", sorted(UPLOADS))
+def test_every_accepted_format_decodes_to_16k_mono(extension: str) -> None:
+    muxer, codec, rate = UPLOADS[extension]
+    data = audio_file(muxer, codec, rate=rate)
+    decoded = decode_upload(upload(data))
+    assert decoded.sample_rate == 16_000 and len(decoded.pcm) % 2 == 0
+    assert decoded.duration == pytest.approx(3.0, abs=0.1)
+    assert max(array.array("h", decoded.pcm)) > 4000  # the tone survived the downmix
+    assert probe_duration(upload(data)) == pytest.approx(3.0, abs=0.1)
+
+
+async def test_async_variant_and_other_rates() -> None:
+    data = audio_file("wav", "pcm_s16le", rate=24_000, channels=1)
+    decoded = await decode_upload_async(upload(data), sample_rate=24_000)
+    assert decoded == DecodedAudio(decoded.pcm, 24_000)
+    assert decoded.pcm == tone(3.0, 24_000)  # same rate and layout: untouched samples
+    assert (await decode_upload_async(upload(data))).duration == pytest.approx(3.0, abs=0.01)
+
+
+def test_max_seconds_keeps_the_beginning() -> None:
+    decoded = decode_upload(upload(audio_file("flac", "flac")), max_seconds=1.25)
+    assert decoded.duration == pytest.approx(1.25, abs=0.001)
+
+
+def test_short_file_and_silence_decode() -> None:
+    short = decode_upload(upload(audio_file("wav", "pcm_s16le", seconds=0.1, rate=16_000, channels=1)))
+    assert short.duration == pytest.approx(0.1, abs=0.001)
+    silence = decode_upload(upload(audio_file("mp3", "libmp3lame", seconds=2.0, silent=True)))
+    assert silence.duration == pytest.approx(2.0, abs=0.1)
+    assert not any(array.array("h", silence.pcm))
+
+
+def test_truncated_mp3_decodes_what_it_can() -> None:
+    data = audio_file("mp3", "libmp3lame")
+    decoded = decode_upload(upload(data[: len(data) // 2]))
+    assert decoded.duration == pytest.approx(1.5, abs=0.2)
+
+
+NOT_AUDIO = {
+    "empty": b"",
+    "text named .mp3": b"This is a text file, not an mp3.\n" * 40,
+    "truncated header": audio_file("mp3", "libmp3lame")[:120],
+    "truncated wav header": audio_file("wav", "pcm_s16le")[:30],
+    "truncated m4a (no moov)": audio_file("ipod", "aac")[:20_000],
+    "zeros": bytes(20_000),
+    "json": b'{"file": "speech.wav"}',
+}
+
+
+@pytest.mark.parametrize("name", [*sorted(NOT_AUDIO), "video only"])
+def test_anything_else_is_the_one_400(name: str) -> None:
+    data = video_only_webm() if name == "video only" else NOT_AUDIO[name]
+    for call in (decode_upload, probe_duration):
+        with pytest.raises(InvalidRequestError) as caught:
+            call(upload(data))
+        error = caught.value
+        assert type(error) is InvalidRequestError and error.status == 400
+        assert (error.param, error.code) == ("file", "invalid_value")
+        assert error.message == "The audio file could not be decoded or its format is not supported."
