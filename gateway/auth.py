@@ -58,5 +58,6 @@ def authenticate(config: Config, key: str | None) -> Identity:
         if hmac.compare_digest(digest, candidate.sha256):
             match = candidate
     if match is None:
-        raise AuthenticationError("Incorrect API key provided. The gateway does not echo keys back; check the key you configured.", code="invalid_api_key")
+        raise AuthenticationError("Incorrect API key provided. The gateway does not echo keys back; "
+                                  "check the key you configured.", code="invalid_api_key")
     return Identity(match.name, match.tenant, match.models)

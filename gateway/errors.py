@@ -8,7 +8,7 @@
     ├── NotFoundError               404 invalid_request_error   (unknown model or URL)
     ├── MethodNotAllowedError       405 invalid_request_error
     ├── PayloadTooLargeError        413 invalid_request_error
-    ├── RateLimitError              429 rate_limit_exceeded     (Retry-After)
+    ├── RateLimitError              429 requests                (Retry-After)
     ├── UpstreamError               502 upstream_error          (backend refused, failed or spoke garbage)
     │   └── UpstreamTimeoutError    504 upstream_error
     └── ServiceUnavailableError     503 server_error            (draining; Retry-After)
@@ -40,6 +40,7 @@ class GatewayError(Exception):
         code: str | None = None,
         retry_after: int | None = None,
         reason: str | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -47,13 +48,18 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code  # type: ignore[misc]
         self.retry_after = retry_after
+        self.should_retry = should_retry
+        """Overrides the SDK's retry decision (x-should-retry), e.g. False for a 502 no retry can fix."""
         self.reason = reason or self.code or type(self).__name__
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+        if self.should_retry is not None:
+            headers["x-should-retry"] = "true" if self.should_retry else "false"
+        return headers
 
     def response(self) -> web.Response:
         return web.Response(
@@ -101,7 +107,7 @@ class PayloadTooLargeError(GatewayError):
 
 class RateLimitError(GatewayError):
     status = 429
-    type = "rate_limit_exceeded"
+    type = "requests"
     code = "rate_limit_exceeded"
 
     def __init__(self, message: str, *, retry_after: int | None = 1, **kw: Any) -> None:
@@ -143,6 +149,8 @@ def from_http_exception(exc: web.HTTPException, request: web.Request) -> Gateway
         return MethodNotAllowedError(f"Method {request.method} is not allowed for {request.path}")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLargeError(exc.text or "Request entity too large")
+    if isinstance(exc, web.HTTPForbidden):  # e.g. a refused CORS preflight: keep the 403 and its reason
+        return PermissionDeniedError(exc.text or "Forbidden")
     if exc.status >= 500:
         return GatewayError("The server had an error processing your request.")
     return InvalidRequestError(exc.reason)

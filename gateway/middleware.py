@@ -89,7 +89,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             raise
         err = from_http_exception(exc, request)
         request[FAILURE] = err
-        return err.response()
+        response = err.response()
+        if "Allow" in exc.headers:  # a 405 must name the allowed methods (RFC 9110 15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

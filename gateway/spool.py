@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, payload, web
 
 from gateway.errors import GatewayError, InvalidRequestError, PayloadTooLargeError
 
@@ -25,6 +26,13 @@ class Upload:
         self.file.seek(0)
         return self.file
 
+    def payload(self) -> payload.Payload:
+        """The file from the start as an aiohttp body part for one upstream attempt. aiohttp closes file
+        payloads after sending; this one closes only a view, so the spool stays open for the next route,
+        and it knows its size, so an in-memory spool is never rolled over to disk to measure it."""
+        return _UploadPayload(_Borrowed(self.rewind()), size=self.size, filename=self.filename,
+                              content_type=self.content_type)
+
     async def chunks(self, size: int = 65_536) -> AsyncIterator[bytes]:
         """The file from the start, in chunks (for forwarding upstream without loading it whole)."""
         f = self.rewind()
@@ -33,6 +41,38 @@ class Upload:
 
     def close(self) -> None:
         self.file.close()
+
+
+class _Borrowed(io.IOBase):
+    """Reads, seeks and sizes the spooled file; closing it leaves the spooled file open."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+class _UploadPayload(payload.IOBasePayload):
+    def __init__(self, value: _Borrowed, *, size: int, filename: str, content_type: str) -> None:
+        super().__init__(value, filename=filename, content_type=content_type)
+        self._known_size = size
+
+    @property
+    def size(self) -> int:
+        return self._known_size
 
 
 def spooled_file(memory_bytes: int, directory: str | None = None) -> BinaryIO:

@@ -179,7 +179,7 @@ def validate_transcription(fields: list[tuple[str, str]], task: str, has_file: b
         raise _missing("file")
     allowed = TRANSCRIPT_FORMATS + (TRANSCRIPTION_ONLY_FORMATS if task == "transcribe" else ())
     fmt = _one_of("response_format", single.get("response_format") or "json", allowed)
-    granularities = tuple(_one_of("timestamp_granularities[]", g, GRANULARITIES)
+    granularities = tuple(_one_of("timestamp_granularities", g, GRANULARITIES)
                           for g in arrays.get("timestamp_granularities", []))
     if granularities and fmt != "verbose_json":
         raise InvalidRequestError("timestamp_granularities[] is only supported with response_format "
@@ -197,7 +197,7 @@ def validate_transcription(fields: list[tuple[str, str]], task: str, has_file: b
         prompt=_text("prompt", single.get("prompt"), required=False),
         temperature=None if temperature in (None, "") else _form_number("temperature", temperature, 0.0, 1.0),
         timestamp_granularities=granularities or (("segment",) if fmt == "verbose_json" else ()),
-        include=tuple(_one_of("include[]", i, INCLUDES) for i in arrays.get("include", [])),
+        include=tuple(_one_of("include", i, INCLUDES) for i in arrays.get("include", [])),
         stream=_form_bool("stream", single.get("stream", "false")),
         extra=tuple(extra),
     )

@@ -14,13 +14,14 @@ from gateway.adapters import ADAPTERS
 from gateway.config import ConfigError, NativeVoice, parse_config
 
 KINDS = ADAPTERS.keys()
+DIGEST = hashlib.sha256(b"k").hexdigest()
 VALID = """
-keys:     [{name: demo, tenant: acme, sha256: "%s", models: [tts-1, whisper-1]}]
+keys:     [{name: demo, tenant: acme, sha256: "DIGEST", models: [tts-1, whisper-1]}]
 backends: {speaches: {kind: openai, url: "http://127.0.0.1:8000/v1", api_key: "${SPEACHES_KEY:-}", timeout_s: 120}}
 models:   {tts-1: {task: speech, routes: [{backend: speaches, model: kokoro}]},
            whisper-1: {task: transcription, routes: [{backend: speaches, model: Systran/faster-whisper-small}]}}
 voices:   {nova: {speaches: af_nova}, echo: {speaches: {name: en_US-lessac, speaker: "3"}}}
-""" % hashlib.sha256(b"k").hexdigest()
+""".replace("DIGEST", DIGEST)
 
 
 def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
@@ -52,7 +53,7 @@ def test_env_interpolation_with_and_without_default() -> None:
 
 
 def test_key_forms_literal_and_env_match_the_same_digest() -> None:
-    text = VALID.replace('sha256: "%s"' % hashlib.sha256(b"k").hexdigest(), 'key: "${DEMO_KEY}"')
+    text = VALID.replace(f'sha256: "{DIGEST}"', 'key: "${DEMO_KEY}"')
     config = parse_config(text, kinds=KINDS, environ={"DEMO_KEY": "k"})
     assert config.keys[0].sha256 == hashlib.sha256(b"k").digest()
 

@@ -58,7 +58,7 @@ def error_for(backend: Backend, status: int, body: bytes, response: aiohttp.Clie
     message, param = _message(body)
     if status in (401, 403):
         return UpstreamError(f"The gateway's credential for backend '{name}' was refused.",
-                             reason="backend_auth")
+                             reason="backend_auth", should_retry=False)
     if status == 429:
         return RateLimitError(f"Backend '{name}' is rate limiting the gateway; retry later.",
                               retry_after=_retry_after(response), reason="backend_rate_limit")

@@ -95,7 +95,7 @@ class OpenAIAdapter:
         form.add_field("model", job.model)
         for name, value in self._fields(job):
             form.add_field(name, value)
-        form.add_field("file", job.upload.rewind(), filename=job.upload.filename,
+        form.add_field("file", job.upload.payload(), filename=job.upload.filename,
                        content_type=job.upload.content_type)
         path = "translations" if job.task == "translate" else "transcriptions"
         with upstream_errors(self.backend):
@@ -106,7 +106,7 @@ class OpenAIAdapter:
             return Passthrough("text/event-stream", chunks=self._body(response))
         try:
             with upstream_errors(self.backend):
-                body = await response.content.read(MAX_TRANSCRIPT_BYTES + 1)
+                body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
         finally:
             response.release()
         if len(body) > MAX_TRANSCRIPT_BYTES:
@@ -150,3 +150,11 @@ class OpenAIAdapter:
 
     async def aclose(self) -> None:
         return None
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or its first `limit` bytes (`content.read(n)` returns after one socket read)."""
+    body = bytearray()
+    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
+        body += chunk
+    return bytes(body)

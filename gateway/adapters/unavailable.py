@@ -28,7 +28,7 @@ class UnavailableAdapter:
 
     def _fail(self) -> NoReturn:
         raise UpstreamError(f"Backend '{self.backend.name}' cannot run on this gateway: its engine "
-                            "is not installed.", reason="unavailable_kind")
+                            "is not installed.", reason="unavailable_kind", should_retry=False)
 
     async def synthesize(self, job: SpeechJob) -> NoReturn:
         self._fail()
