@@ -16,6 +16,14 @@ class Outcome:
     voice: str | None = None
     bytes_in: int = 0
     bytes_out: int = 0
+    input_chars: int = 0
+    """Speech: characters (code points) of `input`."""
+    input_audio_seconds: float | None = None
+    """Transcription: seconds of uploaded audio, measured once from the decoded file."""
+    output_audio_seconds: float = 0.0
+    """Speech: seconds of audio delivered to the client."""
+    output_text_chars: int = 0
+    """Transcription: characters of transcript text returned."""
     first_byte_at: float | None = None
     completed: bool = False
     """The answer reached the client whole (for streams: the last chunk was written)."""

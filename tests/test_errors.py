@@ -318,7 +318,8 @@ async def _chunked_upload(gateway: Gateway, total: int, seen: list[int]) -> tupl
         yield _multipart(boundary, MODEL_PART, close=False)
         yield (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
                "Content-Type: audio/wav\r\n\r\n").encode()
-        sent = 0
+        yield WAV  # real audio first, so an upload under the limit is transcribable; then padding
+        sent = len(WAV)
         while sent < total:
             piece = b"\0" * min(256 * 1024, total - sent)
             sent += len(piece)

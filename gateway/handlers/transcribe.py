@@ -6,9 +6,13 @@ route that answers, then answer in the client's format (relayed as is, or render
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
+from gateway.audio.decode import probe_duration
 from gateway.audio.transcripts import render
 from gateway.errors import UnsupportedError
 from gateway.handlers.routing import first_success
@@ -35,6 +39,8 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
     try:
         request[OUTCOME].bytes_in = form.upload.size if form.upload else 0
         req = validate_transcription(form.fields, task, form.upload is not None)
+        assert form.upload is not None
+        request[OUTCOME].input_audio_seconds = await asyncio.to_thread(probe_duration, form.upload.file)
         result = await transcribe(request, req, form)
         return await respond(request, req, result)
     finally:
@@ -42,6 +48,7 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
 
 
 async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form) -> Transcript | Passthrough:
+    assert form.upload is not None
     table = request[TABLE]
     capability = TRANSLATION if req.task == "translate" else TRANSCRIPTION
     model = table.model(req.model, request[IDENTITY], capability)
@@ -52,7 +59,6 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
 
     async def attempt(candidate: Candidate) -> Transcript | Passthrough:
         request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model)
-        assert form.upload is not None
         job = TranscriptionJob(
             request_id=request[REQUEST_ID], task=req.task, public_model=req.model, model=candidate.route.model,
             upload=form.upload, response_format=req.response_format, language=req.language, prompt=req.prompt,
@@ -78,6 +84,8 @@ async def respond(request: web.Request, req: TranscriptionRequest,
         request[OUTCOME].completed = True
         return web.Response(body=result.body, content_type=result.content_type.split(";")[0],
                             charset="utf-8" if "charset" in result.content_type else None)
+    if result.duration is None:
+        result = replace(result, duration=request[OUTCOME].input_audio_seconds)
     if req.stream:
         events = transcript_sse(result)
         return await relay(request, await first_chunk(events), events, "text/event-stream", sse=True)
