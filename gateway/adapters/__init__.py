@@ -7,8 +7,11 @@ from collections.abc import Callable
 
 import aiohttp
 
+from gateway.adapters import espeak, pocketsphinx
 from gateway.adapters.base import Adapter
+from gateway.adapters.espeak import EspeakAdapter
 from gateway.adapters.openai import OpenAIAdapter
+from gateway.adapters.pocketsphinx import PocketsphinxAdapter
 from gateway.adapters.unavailable import UnavailableAdapter
 from gateway.config import Config, ConfigError
 
@@ -16,9 +19,14 @@ log = logging.getLogger("gateway.adapters")
 
 ADAPTERS: dict[str, type[Adapter]] = {
     "openai": OpenAIAdapter,
+    "espeak": EspeakAdapter,
+    "pocketsphinx": PocketsphinxAdapter,
 }
 
-UNAVAILABLE: dict[str, Callable[[], str | None]] = {}
+UNAVAILABLE: dict[str, Callable[[], str | None]] = {
+    "espeak": espeak.unavailable_reason,
+    "pocketsphinx": pocketsphinx.unavailable_reason,
+}
 """Kinds whose engine is an optional extra: each gives why it cannot run here, or None."""
 
 

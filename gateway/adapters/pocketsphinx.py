@@ -1,0 +1,212 @@
+"""PocketSphinx inside the gateway: US-English speech to text, with word and segment timings.
+
+The upload is decoded to 16 kHz mono PCM (`gateway.audio.decode`), cut into utterances by
+PocketSphinx's voice-activity endpointer, and each utterance is recognized by one Decoder that
+lives on one dedicated worker thread (model loaded once, per adapter, on that thread).
+
+The Cython binding holds the GIL inside every call: `Decoder()` for ~0.2 s (once, as the adapter is
+built, so at startup), `process_raw` for as long as the audio it is given. So the worker feeds the
+decoder `CHUNK_BYTES` (0.1 s of audio, ~10-40 ms of CPU) at a time, the event loop gets the GIL back
+between chunks, and the second "fwdflat" pass, which runs in one piece at the end of an utterance,
+is off by default. More worker threads would not decode faster (the GIL serializes them), hence
+one. A cancelled request stops its decode at the next chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.util
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import aiohttp
+
+from gateway.adapters.base import TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob
+from gateway.audio.decode import decode_upload_async
+from gateway.config import Backend
+from gateway.errors import UnsupportedError, UpstreamError
+from gateway.transcript import Segment, Transcript, Word
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+CHUNK_BYTES = 3_200
+"""0.1 s of 16-bit audio per process_raw call: the longest the event loop waits for the GIL."""
+MAX_UTTERANCE_S = 30.0
+"""Utterances are cut here even without a pause, to bound the search's memory and end-of-utterance work."""
+SEGMENT_GAP_S = 0.5
+DEFAULT_DECODER: Mapping[str, Any] = {"loglevel": "FATAL", "fwdflat": False}
+_FILLER = re.compile(r"<.*>|\[.*\]|\+\+.*\+\+")
+_ALTERNATE = re.compile(r"\(\d+\)$")
+
+
+def unavailable_reason() -> str | None:
+    """Why this adapter cannot run here, or None when it can."""
+    if importlib.util.find_spec("pocketsphinx") is None:
+        return "the 'pocketsphinx' package is not installed (pip install 'openai-audio-gateway[embedded]')"
+    return None
+
+
+def is_english(language: str | None) -> bool:
+    """True for no language, "en", "en-US", "english" and the like."""
+    code = (language or "en").strip().lower().replace("_", "-")
+    return code in ("", "en", "english") or code.startswith("en-")
+
+
+class PocketsphinxAdapter:
+    """Transcription with PocketSphinx's US-English model. Backend option `decoder`: a mapping of
+    PocketSphinx config parameters (hmm, lm, dict, fwdflat, beam, ...) over DEFAULT_DECODER."""
+
+    kind: ClassVar[str] = "pocketsphinx"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        tasks=frozenset({TRANSCRIPTION}), word_timestamps=True, segment_timestamps=True
+    )
+
+    def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
+        reason = unavailable_reason()
+        if reason:
+            raise RuntimeError(reason)
+        from pocketsphinx import Config
+
+        options = backend.options.get("decoder") or {}
+        if not isinstance(options, Mapping):
+            raise ValueError(f"backends.{backend.name}.decoder: expected a mapping of PocketSphinx settings")
+        try:
+            self._config = Config(**{**DEFAULT_DECODER, **options})
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"backends.{backend.name}.decoder: {exc}") from None
+        self.backend = backend
+        self._closed = False
+        self._jobs: set[threading.Event] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sphinx-{backend.name}")
+        self._decoder: Any = None
+        self._loaded = self._executor.submit(self._load)
+
+    def _load(self) -> None:
+        from pocketsphinx import Decoder
+
+        self._decoder = Decoder(self._config)
+        self._cmn = self._decoder.get_cmn()
+        self._frame_rate = float(self._config["frate"])
+
+    async def _ready_or_raise(self) -> None:
+        if self._closed or self._loaded.cancelled():
+            raise UpstreamError(f"Backend '{self.backend.name}' is shut down.", reason="closed")
+        try:
+            await asyncio.wrap_future(self._loaded)
+        except Exception as exc:
+            log.error("backend %s: PocketSphinx failed to load", self.backend.name, exc_info=exc)
+            raise UpstreamError(f"Backend '{self.backend.name}' failed to start.", reason="engine") from None
+
+    async def ready(self) -> bool:
+        try:
+            await self._ready_or_raise()
+        except UpstreamError:
+            return False
+        return True
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+        if job.task == "translate" and not is_english(job.language):
+            raise UnsupportedError(
+                f"Backend '{self.backend.name}' cannot translate; it only transcribes English audio.",
+                param="model", code="unsupported_task")
+        if not is_english(job.language):
+            raise UnsupportedError(
+                f"Backend '{self.backend.name}' only understands English, not '{job.language}'.",
+                param="language", code="unsupported_language")
+        await self._ready_or_raise()
+        audio = await decode_upload_async(job.upload.file, sample_rate=SAMPLE_RATE)
+        cancel = threading.Event()
+        self._jobs.add(cancel)
+        try:
+            utterances = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._recognize, audio.pcm, cancel)
+        except RuntimeError as exc:  # shut down, or PocketSphinx refused the audio
+            log.error("backend %s: PocketSphinx failed", self.backend.name, exc_info=exc)
+            raise UpstreamError(f"Backend '{self.backend.name}' failed.", reason="engine") from None
+        finally:
+            cancel.set()  # also stops a decode whose caller was cancelled
+            self._jobs.discard(cancel)
+        segments = tuple(s for words in utterances for s in _segments(words))
+        return Transcript(
+            text=" ".join(s.text for s in segments),
+            language="en",
+            duration=audio.duration,
+            segments=segments,
+            words=tuple(w for s in segments for w in s.words),
+        )
+
+    def _recognize(self, pcm: bytes, cancel: threading.Event) -> list[list[Word]]:
+        """Worker thread: the words of each utterance, timed from the start of `pcm`."""
+        from pocketsphinx import Endpointer
+
+        decoder, endpointer = self._decoder, Endpointer(sample_rate=SAMPLE_RATE)
+        decoder.set_cmn(self._cmn)  # the same audio always gives the same words
+        utterances: list[list[Word]] = []
+        pending = bytearray()
+        start: float | None = None  # of the open utterance
+        resume: float | None = None  # where the next one starts when an utterance was cut at the limit
+        fed = 0  # bytes of the open utterance given to the decoder
+        step, limit = endpointer.frame_bytes, int(MAX_UTTERANCE_S * SAMPLE_RATE) * 2
+        try:
+            for offset in range(0, len(pcm), step):
+                if cancel.is_set():
+                    break
+                frame = pcm[offset:offset + step]
+                last = offset + step >= len(pcm)  # end_stream also flushes the endpointer's window
+                speech = endpointer.end_stream(frame) if last else endpointer.process(frame)
+                if speech is None:
+                    continue
+                if start is None:
+                    decoder.start_utt()
+                    start, resume, fed = endpointer.speech_start if resume is None else resume, None, 0
+                pending += speech
+                if len(pending) >= CHUNK_BYTES:
+                    decoder.process_raw(bytes(pending))
+                    fed += len(pending)
+                    pending.clear()
+                if not endpointer.in_speech or fed >= limit:
+                    if endpointer.in_speech:
+                        resume = start + (fed + len(pending)) / (2 * SAMPLE_RATE)
+                    utterances.append(self._end_utterance(pending, start))
+                    start = None
+        finally:
+            if start is not None:  # the audio ended (or the caller left) mid-utterance
+                utterances.append(self._end_utterance(pending, start))
+        return utterances
+
+    def _end_utterance(self, pending: bytearray, start: float) -> list[Word]:
+        if pending:
+            self._decoder.process_raw(bytes(pending))
+            pending.clear()
+        self._decoder.end_utt()
+        rate = self._frame_rate  # frames per second; end_frame is inclusive
+        return [Word(_ALTERNATE.sub("", seg.word), round(start + seg.start_frame / rate, 3),
+                     round(start + (seg.end_frame + 1) / rate, 3))
+                for seg in self._decoder.seg() if not _FILLER.fullmatch(seg.word)]
+
+    async def synthesize(self, job: SpeechJob) -> AudioStream:
+        raise UnsupportedError(f"Backend '{self.backend.name}' cannot synthesize speech; it transcribes.",
+                               param="model", code="unsupported_task")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for cancel in list(self._jobs):
+            cancel.set()
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        self._decoder = None
+
+
+def _segments(words: list[Word]) -> list[Segment]:
+    """An utterance's words as segments, split where the speaker paused longer than SEGMENT_GAP_S."""
+    groups: list[list[Word]] = []
+    for word in words:
+        if groups and word.start - groups[-1][-1].end <= SEGMENT_GAP_S:
+            groups[-1].append(word)
+        else:
+            groups.append([word])
+    return [Segment(g[0].start, g[-1].end, " ".join(w.word for w in g), tuple(g)) for g in groups]
