@@ -45,7 +45,7 @@ class Table:
     def candidates(self, model: Model, task: str) -> list[Candidate]:
         """The model's routes in failover order, keeping those whose backend can do `task`."""
         found = [Candidate(r, self.adapters[r.backend]) for r in model.routes]
-        able = [c for c in found if task in c.adapter.capabilities.tasks]
+        able = [c for c in found if c.adapter.capabilities.can(task)]
         if not able:
             raise UnsupportedError(
                 f"The model `{model.name}` cannot do {task} on any configured backend.",

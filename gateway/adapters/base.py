@@ -45,6 +45,13 @@ class Capabilities:
     word_timestamps: bool = False
     segment_timestamps: bool = False
     max_input_chars: int = 4096
+    languages: frozenset[str] | None = None
+    """ISO-639-1 codes of the speech the engine understands; None for any."""
+
+    def can(self, task: str) -> bool:
+        """An English-only transcriber serves translation too: what it hears is already English."""
+        return task in self.tasks or (task == TRANSLATION and TRANSCRIPTION in self.tasks
+                                      and self.languages == frozenset({"en"}))
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,8 @@ class PocketsphinxAdapter:
 
     kind: ClassVar[str] = "pocketsphinx"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        tasks=frozenset({TRANSCRIPTION}), word_timestamps=True, segment_timestamps=True
+        tasks=frozenset({TRANSCRIPTION}), word_timestamps=True, segment_timestamps=True,
+        languages=frozenset({"en"}),
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
