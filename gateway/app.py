@@ -1,11 +1,13 @@
 """build_app(config): the whole request pipeline on one screen.
 
 A request passes, in order:
-  1. request_id_middleware  (middleware.py)  adopt or mint x-request-id; take the table snapshot
-  2. access_log_middleware  (middleware.py)  one JSON line when it finishes, also on disconnect
-  3. error_middleware       (middleware.py)  anything raised inside becomes an OpenAI error body
-  4. auth_middleware        (middleware.py)  /v1 only: gateway key -> tenant identity
-  5. the handler            (handlers/)      validate -> resolve model -> adapter -> relay or render
+  1. request_id_middleware  (middleware.py)  adopt or mint x-request-id
+  2. table_middleware       (app.py)         pin the mapping-table snapshot for the whole request
+  3. access_log_middleware  (middleware.py)  one JSON line when it finishes, also on disconnect
+  4. metering_middleware    (metering.py)    bill it once: metrics and one usage-ledger record
+  5. error_middleware       (middleware.py)  anything raised inside becomes an OpenAI error body
+  6. auth_middleware        (middleware.py)  /v1 only: gateway key -> tenant identity
+  7. the handler            (handlers/)      validate -> resolve model -> adapter -> relay or render
      adapters/              native engine calls, errors mapped at that boundary
      streaming.py           relays chunks; the "after the first byte" rule
      audio/                 transcoding, speed, transcript rendering
@@ -20,7 +22,8 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.handlers import catalog, speech, transcribe
-from gateway.lifecycle import TABLES, backends_ctx, init_state
+from gateway.lifecycle import TABLES, backends_ctx, init_state, ledger_ctx, metrics_port_ctx
+from gateway.metering import METRICS, metering_middleware, metrics_handler
 from gateway.middleware import (
     access_log_middleware,
     add_request_id_header,
@@ -42,11 +45,13 @@ async def table_middleware(request: web.Request, handler: web.Handler) -> web.St
 
 
 def build_app(config: Config) -> web.Application:
+    metering = config.metrics.enabled or config.ledger.sink != "off"
     app = web.Application(
         middlewares=[
             request_id_middleware,  # first, so even a 500 from a later stage carries x-request-id
             table_middleware,       # the snapshot every later stage reads
             access_log_middleware,  # sees the final status and byte counts
+            *([metering_middleware] if metering else []),  # bills and records the final outcome, once
             error_middleware,       # everything inside becomes OpenAI JSON
             auth_middleware,        # last before the handler; /v1 only
         ],
@@ -54,6 +59,12 @@ def build_app(config: Config) -> web.Application:
     )
     init_state(app, config)
     app.cleanup_ctx.append(backends_ctx)
+    if config.ledger.sink != "off":
+        app.cleanup_ctx.append(ledger_ctx)
+    if config.metrics.enabled and config.metrics.port is not None:
+        app.cleanup_ctx.append(metrics_port_ctx)
+    elif config.metrics.enabled:
+        app.router.add_get("/metrics", metrics_handler(app[METRICS]))
     app.on_response_prepare.append(add_request_id_header)
     routes = app.add_routes([
         web.post("/v1/audio/speech", speech.speech),

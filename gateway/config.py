@@ -55,11 +55,21 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """USD prices for a public model; either may be zero."""
+
+    per_million_characters: float = 0.0
+    per_audio_minute: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     name: str
     task: str
     routes: tuple[Route, ...]
     owned_by: str = "gateway"
+    price: Price | None = None
+    """None: no cost is counted for this model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +100,28 @@ class Server:
 
 
 @dataclass(frozen=True, slots=True)
+class Metrics:
+    enabled: bool = True
+    port: int | None = None
+    """Serve /metrics on this port only (not on the API port), so the public ingress cannot reach it."""
+    host: str | None = None
+    """Listen address for the metrics port (default: server.host)."""
+
+
+LEDGER_SINKS = ("file", "stdout", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    sink: str = "off"
+    path: str = "var/usage.jsonl"
+    max_bytes: int = 10_485_760
+    """Rotate the file when it would grow past this size."""
+    backups: int = 5
+    """Rotated files kept (usage.jsonl.1 ... .N)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: Server
     keys: tuple[Key, ...]
@@ -97,6 +129,8 @@ class Config:
     models: Mapping[str, Model]
     voices: Mapping[str, Mapping[str, NativeVoice]]
     """public voice -> backend name -> native voice."""
+    metrics: Metrics = Metrics()
+    ledger: Ledger = Ledger()
     source: str = "<memory>"
     digest: str = ""
 
@@ -164,6 +198,13 @@ class _Parser:
             return default
         return value
 
+    def bool_(self, node: dict[str, Any], key: str, path: str, default: bool) -> bool:
+        value = node.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(f"{path}.{key}", f"expected true or false, got {value!r}")
+            return default
+        return value
+
     def str_list(self, value: Any, path: str) -> tuple[str, ...]:
         if value is None:
             return ()
@@ -186,6 +227,38 @@ def _server(p: _Parser, node: dict[str, Any]) -> Server:
         spool_memory_bytes=int(p.number(node, "spool_memory_bytes", path, d.spool_memory_bytes)),
         spool_dir=p.str_(node, "spool_dir", path),
     )
+
+
+def _metrics(p: _Parser, node: dict[str, Any]) -> Metrics:
+    port = node.get("port")
+    return Metrics(
+        enabled=p.bool_(node, "enabled", "metrics", True),
+        port=None if port is None else int(p.number(node, "port", "metrics", 0, 1)),
+        host=p.str_(node, "host", "metrics"),
+    )
+
+
+def _ledger(p: _Parser, node: dict[str, Any]) -> Ledger:
+    d = Ledger()
+    sink = p.str_(node, "sink", "ledger", d.sink) or d.sink
+    if sink not in LEDGER_SINKS:
+        p.fail("ledger.sink", f"expected one of {', '.join(LEDGER_SINKS)}, got '{sink}'")
+    return Ledger(
+        sink=sink,
+        path=p.str_(node, "path", "ledger", d.path) or d.path,
+        max_bytes=int(p.number(node, "max_bytes", "ledger", d.max_bytes, 1)),
+        backups=int(p.number(node, "backups", "ledger", d.backups, 0)),
+    )
+
+
+def _price(p: _Parser, value: Any, path: str) -> Price | None:
+    if value is None:
+        return None
+    node = p.mapping(value, path)
+    for unknown in sorted(set(node) - {"per_million_characters", "per_audio_minute"}):
+        p.fail(f"{path}.{unknown}", "unknown price (per_million_characters, per_audio_minute)")
+    return Price(p.number(node, "per_million_characters", path, 0.0),
+                 p.number(node, "per_audio_minute", path, 0.0))
 
 
 def _keys(p: _Parser, value: Any, model_names: Collection[str]) -> tuple[Key, ...]:
@@ -274,7 +347,7 @@ def _models(p: _Parser, value: Any, backends: Mapping[str, Backend]) -> dict[str
             if backend:
                 routes.append(Route(backend, model))
         owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
-        models[name] = Model(name, task, tuple(routes), owned_by)
+        models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"))
     return models
 
 
@@ -308,13 +381,15 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     root = p.mapping(p.interpolate(raw, ""), "")
-    for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices"}):
+    for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger"}):
         p.fail(unknown, "unknown section")
     server = _server(p, p.mapping(root.get("server"), "server"))
     backends = _backends(p, root.get("backends"), kinds)
     models = _models(p, root.get("models"), backends)
     voices = _voices(p, root.get("voices"), backends)
     keys = _keys(p, root.get("keys"), models)
+    metrics = _metrics(p, p.mapping(root.get("metrics"), "metrics"))
+    ledger = _ledger(p, p.mapping(root.get("ledger"), "ledger"))
     if p.problems:
         raise ConfigError(p.problems)
     return Config(
@@ -323,6 +398,8 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         backends=MappingProxyType(backends),
         models=MappingProxyType(models),
         voices=MappingProxyType(voices),
+        metrics=metrics,
+        ledger=ledger,
         source=source,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )

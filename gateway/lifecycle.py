@@ -11,7 +11,9 @@ from aiohttp import web
 
 from gateway.adapters import build_adapters
 from gateway.config import Config
+from gateway.ledger import LedgerWriter
 from gateway.mapping import Table
+from gateway.metering import LEDGER, METRICS, Metrics, metrics_handler
 
 
 class TableHolder:
@@ -37,6 +39,8 @@ TABLES = web.AppKey("tables", TableHolder)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 DRAINING = web.AppKey("draining", asyncio.Event)
 STARTED_AT = web.AppKey("started_at", float)
+METERING = web.AppKey("metering", bool)
+"""Whether requests are metered at all (metrics or a ledger on)."""
 
 
 async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -55,8 +59,34 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
         await http.close()
 
 
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The usage ledger's writer thread, flushed and stopped at shutdown."""
+    writer = app[LEDGER] = LedgerWriter(app[CONFIG].ledger)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(writer.close)
+
+
+async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
+    """/metrics on a port of its own, so that the public ingress cannot reach it."""
+    config = app[CONFIG]
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", metrics_handler(app[METRICS]))
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.metrics.host or config.server.host, config.metrics.port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
 def init_state(app: web.Application, config: Config) -> None:
     app[CONFIG] = config
     app[TABLES] = TableHolder()
     app[DRAINING] = asyncio.Event()
     app[STARTED_AT] = time.time()
+    app[METERING] = config.metrics.enabled or config.ledger.sink != "off"
+    if config.metrics.enabled:
+        app[METRICS] = Metrics()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from gateway.audio.meter import AudioMeter
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -29,6 +31,8 @@ class Outcome:
     """The answer reached the client whole (for streams: the last chunk was written)."""
     failed_after_first_byte: str | None = None
     """Why a stream was cut after its status had been sent, if it was."""
+    meter: AudioMeter | None = None
+    """Speech: measures the audio that went out (set only while metering is on)."""
 
     def route(self, public_model: str, backend: str, native_model: str, voice: str | None = None) -> None:
         self.public_model, self.backend, self.native_model, self.voice = (

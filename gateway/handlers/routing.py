@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
 
-from gateway.errors import UpstreamError
+from gateway.errors import GatewayError, RateLimitError, UpstreamError
 from gateway.mapping import Candidate
+from gateway.metering import METRICS, REASONS, endpoint_of
 from gateway.state import REQUEST_ID
 
 log = logging.getLogger("gateway.routing")
@@ -20,13 +22,21 @@ async def first_success(request: web.Request, candidates: list[Candidate],
                         attempt: Callable[[Candidate], Awaitable[T]]) -> T:
     """`attempt` each candidate in order until one succeeds. Only backend failures (UpstreamError:
     unreachable, 5xx, timeout, garbage) move on to the next route; the client's own errors do not."""
+    metrics = request.app.get(METRICS)
     for i, candidate in enumerate(candidates):
+        started = time.monotonic()
         try:
-            return await attempt(candidate)
-        except UpstreamError as exc:
-            if i == len(candidates) - 1:
+            result = await attempt(candidate)
+        except GatewayError as exc:
+            if metrics is not None and (isinstance(exc, (UpstreamError, RateLimitError)) or exc.reason in REASONS):
+                metrics.upstream_error(candidate.route.backend, exc.reason)
+            if not isinstance(exc, UpstreamError) or i == len(candidates) - 1:
                 raise
             log.warning("request %s: backend '%s' failed (%s); failing over to '%s'",
                         request.get(REQUEST_ID), candidate.route.backend, exc.reason,
                         candidates[i + 1].route.backend)
+            continue
+        if metrics is not None:
+            metrics.upstream.labels(candidate.route.backend, endpoint_of(request)).observe(time.monotonic() - started)
+        return result
     raise AssertionError("no candidates")  # candidates is never empty (Table.candidates ensures it)

@@ -9,9 +9,11 @@ from aiohttp import web
 
 from gateway.adapters.base import SPEECH, AudioStream, SpeechJob
 from gateway.audio.formats import CONTENT_TYPES
+from gateway.audio.meter import AudioMeter
 from gateway.audio.transcode import encode
 from gateway.errors import InvalidRequestError
 from gateway.handlers.routing import first_success
+from gateway.lifecycle import METERING
 from gateway.mapping import Candidate
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import first_chunk, relay, speech_sse
@@ -22,12 +24,14 @@ async def speech(request: web.Request) -> web.StreamResponse:
     req = validate_speech(await read_json(request))
     table = request[TABLE]
     model = table.model(req.model, request[IDENTITY], SPEECH)
+    outcome = request[OUTCOME]
+    outcome.input_chars = len(req.input)
 
     async def attempt(candidate: Candidate) -> tuple[bytes, AsyncIterator[bytes]]:
         job = speech_job(request, req, candidate)
-        request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model, job.voice.id)
+        outcome.route(req.model, candidate.route.backend, candidate.route.model, job.voice.id)
         audio = await candidate.adapter.synthesize(job)
-        chunks = to_client_format(audio, job, req)
+        chunks = to_client_format(audio, job, req, metered(request, req, audio.sse))
         return await first_chunk(chunks), chunks
 
     first, rest = await first_success(request, table.candidates(model, SPEECH), attempt)
@@ -63,14 +67,26 @@ def speech_job(request: web.Request, req: SpeechRequest, candidate: Candidate) -
     )
 
 
-def to_client_format(audio: AudioStream, job: SpeechJob, req: SpeechRequest) -> AsyncIterator[bytes]:
-    """The engine's audio as the client asked: transcoded and time-stretched only where needed."""
+def metered(request: web.Request, req: SpeechRequest, sse: bool) -> AudioMeter | None:
+    """A fresh meter for this attempt's output, while metering is on."""
+    if not request.app[METERING]:
+        return None
+    meter = request[OUTCOME].meter = AudioMeter(req.response_format, sse=sse)
+    return meter
+
+
+def to_client_format(audio: AudioStream, job: SpeechJob, req: SpeechRequest,
+                     meter: AudioMeter | None) -> AsyncIterator[bytes]:
+    """The engine's audio as the client asked: transcoded and time-stretched only where needed,
+    measured (before any SSE framing of ours) when metering is on."""
     if audio.sse:
-        return audio.chunks
+        return meter.tap(audio.chunks) if meter else audio.chunks
     speed = req.speed / (job.speed if audio.speed_applied else 1.0)
     chunks = audio.chunks
     if not audio.format.is_openai(req.response_format) or speed != 1.0:
         chunks = encode(chunks, audio.format, req.response_format, speed)
+    if meter is not None:
+        chunks = meter.tap(chunks)
     if req.stream_format == "sse":
         return speech_sse(chunks, len(req.input))
     return chunks

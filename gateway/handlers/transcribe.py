@@ -7,16 +7,19 @@ route that answers, then answer in the client's format (relayed as is, or render
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
 from gateway.audio.decode import probe_duration
+from gateway.billing import sse_transcript_chars, transcript_chars
 from gateway.audio.transcripts import render
 from gateway.errors import UnsupportedError
 from gateway.handlers.routing import first_success
 from gateway.mapping import Candidate
+from gateway.outcome import Outcome
 from gateway.spool import Form, read_form
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import first_chunk, relay, transcript_sse
@@ -77,19 +80,38 @@ def _can_answer(candidate: Candidate, req: TranscriptionRequest) -> bool:
 
 async def respond(request: web.Request, req: TranscriptionRequest,
                   result: Transcript | Passthrough) -> web.StreamResponse:
+    outcome = request[OUTCOME]
     if isinstance(result, Passthrough):
         if result.chunks is not None:
-            return await relay(request, await first_chunk(result.chunks), result.chunks, result.content_type,
-                               sse=True)
-        request[OUTCOME].completed = True
+            events = count_done_text(result.chunks, outcome)
+            return await relay(request, await first_chunk(events), events, result.content_type, sse=True)
+        outcome.output_text_chars = transcript_chars(result.body or b"", req.response_format)
+        outcome.completed = True
         return web.Response(body=result.body, content_type=result.content_type.split(";")[0],
                             charset="utf-8" if "charset" in result.content_type else None)
     if result.duration is None:
-        result = replace(result, duration=request[OUTCOME].input_audio_seconds)
+        result = replace(result, duration=outcome.input_audio_seconds)
+    outcome.output_text_chars = len(result.text.strip())
     if req.stream:
         events = transcript_sse(result)
         return await relay(request, await first_chunk(events), events, "text/event-stream", sse=True)
     rendered = render(result, req.response_format, task=req.task, granularities=req.timestamp_granularities)
-    request[OUTCOME].completed = True
+    outcome.completed = True
     ctype, _, params = rendered.content_type.partition(";")
     return web.Response(body=rendered.body, content_type=ctype, charset="utf-8" if "charset" in params else None)
+
+
+async def count_done_text(events: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
+    """Relay an upstream's transcription SSE unchanged, noting the final text's length for billing."""
+    pending = b""
+    try:
+        async for chunk in events:
+            pending += chunk
+            *complete, pending = pending.split(b"\n\n")
+            for event in complete:
+                chars = sse_transcript_chars(event)
+                if chars is not None:
+                    outcome.output_text_chars = chars
+            yield chunk
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,136 @@
+"""Prometheus metrics (declared once, bounded labels) and the metering middleware that bills and
+records every finished request exactly once: metrics, then one usage-ledger record.
+
+Label values only ever come from bounded sets: configured model, backend and tenant names, the
+gateway's own routes, status codes and the adapters' fixed failure reasons. A model or voice a
+client invents never creates a time series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from gateway import __version__
+from gateway.billing import bill
+from gateway.ledger import LedgerWriter, UsageRecord
+from gateway.outcome import Outcome
+from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
+
+ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models",
+                       "/v1/audio/voices", "/healthz", "/readyz", "/metrics"})
+REASONS = frozenset({"timeout", "connect", "disconnect", "protocol", "bad_response", "bad_audio", "backend_auth",
+                     "backend_rate_limit", "backend_rejected", "backend_timeout", "backend_not_found",
+                     "backend_4xx", "backend_5xx", "unavailable_kind", "engine", "closed"})
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the gateway exports, in a registry of its own."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("gateway_requests", "Finished requests.",
+                                ["endpoint", "model", "backend", "tenant", "code"], registry=r)
+        self.duration = Histogram("gateway_request_duration_seconds", "Request latency, to the last byte.",
+                                  ["endpoint", "model", "backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream = Histogram("gateway_upstream_duration_seconds",
+                                  "Time for a backend to answer (first audio chunk, or the whole transcript).",
+                                  ["backend", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_byte = Histogram("gateway_speech_first_byte_seconds", "Time to the first audio byte sent.",
+                                    ["model"], buckets=FIRST_BYTE_BUCKETS, registry=r)
+        self.characters = Counter("gateway_billable_characters", "Billable characters (speech input, "
+                                  "transcript output).", ["tenant", "model"], registry=r)
+        self.audio_seconds = Counter("gateway_billable_audio_seconds", "Billable seconds of audio (speech "
+                                     "produced, transcription input).", ["tenant", "model", "endpoint"], registry=r)
+        self.cost = Counter("gateway_cost_usd", "Billable cost in USD, for models with a price.",
+                            ["tenant", "model"], registry=r)
+        self.request_bytes = Counter("gateway_request_bytes", "Request body bytes received.", ["endpoint"],
+                                     registry=r)
+        self.response_bytes = Counter("gateway_response_bytes", "Response body bytes sent.", ["endpoint"],
+                                      registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Requests being served.", ["endpoint"], registry=r)
+        self.upstream_errors = Counter("gateway_upstream_errors", "Backend failures, by reason.",
+                                       ["backend", "reason"], registry=r)
+        self.build_info = Gauge("gateway_build_info", "The running gateway's version.", ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+
+    def upstream_error(self, backend: str, reason: str) -> None:
+        self.upstream_errors.labels(backend, reason if reason in REASONS else "other").inc()
+
+
+METRICS = web.AppKey("metrics", Metrics)
+LEDGER = web.AppKey("ledger", LedgerWriter)
+
+
+def endpoint_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else ""
+    return canonical if canonical in ENDPOINTS else "other"
+
+
+@web.middleware
+async def metering_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Counts the request in flight, then bills and records it once it is over, whatever happened.
+    The recording is shielded, so a client disconnect cannot cut it short or skip it."""
+    endpoint = endpoint_of(request)
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.in_flight.labels(endpoint).inc()
+    status = 499
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        if metrics is not None:
+            metrics.in_flight.labels(endpoint).dec()
+        await asyncio.shield(record(request, endpoint, status))
+
+
+async def record(request: web.Request, endpoint: str, status: int) -> None:
+    outcome: Outcome = request[OUTCOME]
+    if outcome.meter is not None:
+        outcome.output_audio_seconds = await outcome.meter.seconds()
+    identity = request.get(IDENTITY)
+    tenant = identity.tenant if identity else ""
+    model = outcome.public_model or ""
+    backend = outcome.backend or ""
+    config = request[TABLE].config
+    price = config.models[model].price if model in config.models else None
+    billed = bill(outcome, status, price)
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.requests.labels(endpoint, model, backend, tenant, str(status)).inc()
+        metrics.duration.labels(endpoint, model, backend).observe(time.monotonic() - outcome.started)
+        metrics.request_bytes.labels(endpoint).inc(outcome.bytes_in or request.content_length or 0)
+        metrics.response_bytes.labels(endpoint).inc(outcome.bytes_out)
+        if outcome.first_byte_at is not None and endpoint == "/v1/audio/speech":
+            metrics.first_byte.labels(model).observe(outcome.first_byte_at - outcome.started)
+        if billed.billable:
+            metrics.characters.labels(tenant, model).inc(billed.characters)
+            metrics.audio_seconds.labels(tenant, model, endpoint).inc(billed.audio_seconds)
+            if billed.cost_usd is not None:
+                metrics.cost.labels(tenant, model).inc(billed.cost_usd)
+    ledger = request.app.get(LEDGER)
+    if ledger is not None and endpoint in BILLED_ENDPOINTS:
+        ledger.write(UsageRecord(
+            request_id=request[REQUEST_ID], time=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            tenant=identity.tenant if identity else None, key=identity.key_name if identity else None,
+            endpoint=endpoint, model=outcome.public_model, backend=outcome.backend, native_model=outcome.native_model,
+            voice=outcome.voice, characters=billed.characters, audio_seconds=billed.audio_seconds,
+            cost_usd=billed.cost_usd, status=status, billable=billed.billable, completed=billed.completed))
+
+
+BILLED_ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations"})
+
+
+def metrics_handler(metrics: Metrics) -> Any:
+    return make_aiohttp_handler(metrics.registry)
