@@ -14,8 +14,8 @@ from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
 from gateway.audio.decode import probe_duration
-from gateway.billing import sse_transcript_chars, transcript_chars
 from gateway.audio.transcripts import render
+from gateway.billing import sse_transcript_chars, transcript_chars
 from gateway.errors import UnsupportedError
 from gateway.handlers.routing import first_success
 from gateway.mapping import Candidate
