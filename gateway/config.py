@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from gateway.yaml_tree import YamlTree
+
 TASKS = ("speech", "transcription")
 DEFAULT_MAX_UPLOAD = 26_214_400
 
@@ -135,88 +137,7 @@ class Config:
     digest: str = ""
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class _Parser:
-    """Walks the YAML tree, threading the path, collecting problems instead of stopping."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self.environ = environ
-        self.problems: list[str] = []
-
-    def fail(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}" if path else message)
-
-    def interpolate(self, value: Any, path: str) -> Any:
-        if isinstance(value, str):
-            def sub(m: re.Match[str]) -> str:
-                name, default = m.group(1), m.group(2)
-                if name in self.environ:
-                    return self.environ[name]
-                if default is not None:
-                    return default
-                self.fail(path, f"environment variable {name} is not set")
-                return ""
-            return _ENV.sub(sub, value)
-        if isinstance(value, dict):
-            return {k: self.interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return value
-
-    def mapping(self, value: Any, path: str) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(path, f"expected a mapping, got {type(value).__name__}")
-            return {}
-        return {str(k): v for k, v in value.items()}
-
-    def str_(self, node: dict[str, Any], key: str, path: str, default: str | None = None,
-             required: bool = False) -> str | None:
-        value = node.get(key, default)
-        if value is None:
-            if required:
-                self.fail(f"{path}.{key}", "is required")
-            return None
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            self.fail(f"{path}.{key}", f"expected a string, got {type(value).__name__}")
-            return None
-        return str(value)
-
-    def number(self, node: dict[str, Any], key: str, path: str, default: float,
-               minimum: float = 0.0) -> float:
-        value = node.get(key, default)
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {value!r}")
-            return default
-        return value
-
-    def bool_(self, node: dict[str, Any], key: str, path: str, default: bool) -> bool:
-        value = node.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(f"{path}.{key}", f"expected true or false, got {value!r}")
-            return default
-        return value
-
-    def str_list(self, value: Any, path: str) -> tuple[str, ...]:
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            return (value,)
-        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
-            self.fail(path, "expected a list of strings")
-            return ()
-        return tuple(str(v) for v in value)
-
-
-def _server(p: _Parser, node: dict[str, Any]) -> Server:
+def _server(p: YamlTree, node: dict[str, Any]) -> Server:
     path = "server"
     d = Server()
     return Server(
@@ -229,7 +150,7 @@ def _server(p: _Parser, node: dict[str, Any]) -> Server:
     )
 
 
-def _metrics(p: _Parser, node: dict[str, Any]) -> Metrics:
+def _metrics(p: YamlTree, node: dict[str, Any]) -> Metrics:
     port = node.get("port")
     return Metrics(
         enabled=p.bool_(node, "enabled", "metrics", True),
@@ -238,7 +159,7 @@ def _metrics(p: _Parser, node: dict[str, Any]) -> Metrics:
     )
 
 
-def _ledger(p: _Parser, node: dict[str, Any]) -> Ledger:
+def _ledger(p: YamlTree, node: dict[str, Any]) -> Ledger:
     d = Ledger()
     sink = p.str_(node, "sink", "ledger", d.sink) or d.sink
     if sink not in LEDGER_SINKS:
@@ -251,7 +172,7 @@ def _ledger(p: _Parser, node: dict[str, Any]) -> Ledger:
     )
 
 
-def _price(p: _Parser, value: Any, path: str) -> Price | None:
+def _price(p: YamlTree, value: Any, path: str) -> Price | None:
     if value is None:
         return None
     node = p.mapping(value, path)
@@ -261,7 +182,7 @@ def _price(p: _Parser, value: Any, path: str) -> Price | None:
                  p.number(node, "per_audio_minute", path, 0.0))
 
 
-def _keys(p: _Parser, value: Any, model_names: Collection[str]) -> tuple[Key, ...]:
+def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -302,7 +223,7 @@ def _keys(p: _Parser, value: Any, model_names: Collection[str]) -> tuple[Key, ..
 _BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s"}
 
 
-def _backends(p: _Parser, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
+def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     for name, raw in p.mapping(value, "backends").items():
         path = f"backends.{name}"
@@ -324,7 +245,7 @@ def _backends(p: _Parser, value: Any, kinds: Collection[str] | None) -> dict[str
     return backends
 
 
-def _models(p: _Parser, value: Any, backends: Mapping[str, Backend]) -> dict[str, Model]:
+def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[str, Model]:
     models: dict[str, Model] = {}
     for name, raw in p.mapping(value, "models").items():
         path = f"models.{name}"
@@ -351,7 +272,7 @@ def _models(p: _Parser, value: Any, backends: Mapping[str, Backend]) -> dict[str
     return models
 
 
-def _voices(p: _Parser, value: Any, backends: Mapping[str, Backend]) -> dict[str, Mapping[str, NativeVoice]]:
+def _voices(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[str, Mapping[str, NativeVoice]]:
     voices: dict[str, Mapping[str, NativeVoice]] = {}
     for name, raw in p.mapping(value, "voices").items():
         path = f"voices.{name}"
@@ -375,7 +296,7 @@ def _voices(p: _Parser, value: Any, backends: Mapping[str, Backend]) -> dict[str
 def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] | None = None,
                  environ: Mapping[str, str] | None = None) -> Config:
     """Parse YAML text into a Config, or raise ConfigError listing every problem by path."""
-    p = _Parser(os.environ if environ is None else environ)
+    p = YamlTree(os.environ if environ is None else environ)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

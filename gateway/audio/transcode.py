@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from fractions import Fraction
 from typing import Any
 
 import av
 
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
-from gateway.errors import UpstreamError
+from gateway.audio.frames import DEMUXERS, PCM_SAMPLE_FORMATS, Reader, Stopped, bad_audio, frames
 
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 _RATE = OPENAI_PCM_RATE
-_PCM_SAMPLE_FORMATS = {1: "u8", 2: "s16", 4: "s32"}  # sample_width -> packed sample format; 8 bit unsigned
-_WAV_SAMPLE_FORMATS = {(1, 8): "u8", (1, 16): "s16", (1, 32): "s32", (3, 32): "flt", (3, 64): "dbl"}
-_DEMUXERS = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
 # response_format -> (muxer, encoder, muxer options, bit rate)
 _OUTPUTS: dict[str, tuple[str, str, dict[str, str], int | None]] = {
     "mp3": ("mp3", "libmp3lame", {"id3v2_version": "0"}, 64_000),
@@ -36,12 +32,9 @@ _OUTPUTS: dict[str, tuple[str, str, dict[str, str], int | None]] = {
     "pcm": ("s16le", "pcm_s16le", {}, None),
 }
 _PENDING = 16  # chunks in flight on each side of the worker
-_FRAME_SAMPLES = 4800  # raw PCM is cut into frames of at most this many samples
 _SINK_FLUSH = 65_536  # flush early when one input chunk produces this much
 
 
-def bad_audio() -> UpstreamError:
-    return UpstreamError("Backend produced audio the gateway could not decode.", reason="bad_audio")
 
 
 def encode(
@@ -59,9 +52,9 @@ def encode(
     if not MIN_SPEED <= speed <= MAX_SPEED:
         raise ValueError(f"speed must be within {MIN_SPEED}..{MAX_SPEED}")
     if source.container == "pcm":
-        if source.sample_width not in _PCM_SAMPLE_FORMATS or not source.sample_rate or source.channels < 1:
+        if source.sample_width not in PCM_SAMPLE_FORMATS or not source.sample_rate or source.channels < 1:
             raise ValueError(f"unsupported pcm source {source}")
-    elif source.container not in _DEMUXERS:
+    elif source.container not in DEMUXERS:
         raise ValueError(f"unsupported source container {source.container!r}")
     if speed == 1.0 and source.is_openai(response_format):
         return _passthrough(chunks)
@@ -115,127 +108,6 @@ async def _transcode(
         await _aclose(chunks)
 
 
-class _Stopped(Exception):
-    """The consumer went away or the input failed; the worker unwinds."""
-
-
-class _Reader:
-    """Worker side of the input: the engine's chunks from a queue, also readable as a non-seekable file."""
-
-    def __init__(self, taken: Callable[[], None], before_wait: Callable[[], None]) -> None:
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._taken, self._before_wait = taken, before_wait
-        self._buffer = b""
-        self._eof = False
-
-    def put(self, chunk: bytes | None) -> None:
-        self._queue.put(chunk)
-
-    def chunk(self) -> bytes | None:
-        """The next bytes (pushed-back ones first), blocking; None at the end of the input."""
-        if self._buffer:
-            data, self._buffer = self._buffer, b""
-            return data
-        if self._eof:
-            return None
-        self._before_wait()  # what the last chunk produced goes out before we wait for the next
-        data = self._queue.get()
-        if data is None:
-            self._eof = True
-            return None
-        self._taken()
-        return data
-
-    def unread(self, data: bytes) -> None:
-        self._buffer = data + self._buffer
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.chunk() or b""
-        if 0 <= size < len(data):
-            data, self._buffer = data[:size], data[size:]
-        return data
-
-    def read_exact(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size and (more := self.read(size - len(data))):
-            data += more
-        return data
-
-
-def _frames(reader: _Reader, source: AudioFormat) -> Iterator[av.AudioFrame]:
-    if source.container == "pcm":
-        assert source.sample_rate is not None
-        sample_fmt = _PCM_SAMPLE_FORMATS[source.sample_width]
-        return _pcm_frames(reader, sample_fmt, source.channels, source.sample_rate)
-    if source.container == "wav":
-        return _wav_frames(reader)
-    return _demuxed_frames(reader, _DEMUXERS[source.container])
-
-
-def _pcm_frames(
-    reader: _Reader, sample_fmt: str, channels: int, rate: int, limit: int | None = None
-) -> Iterator[av.AudioFrame]:
-    block = av.AudioFormat(sample_fmt).bytes * channels
-    rest = b""
-    while limit != 0 and (chunk := reader.chunk()) is not None:
-        if limit is not None:
-            chunk, limit = chunk[:limit], limit - min(limit, len(chunk))
-        data = rest + chunk
-        usable = len(data) - len(data) % block
-        for start in range(0, usable, _FRAME_SAMPLES * block):
-            piece = data[start : min(usable, start + _FRAME_SAMPLES * block)]
-            samples = len(piece) // block
-            frame = av.AudioFrame(format=sample_fmt, layout=f"{channels}c", samples=samples, align=1)
-            frame.planes[0].update(piece)
-            frame.sample_rate = rate
-            yield frame
-        rest = data[usable:]
-
-
-def _wav_frames(reader: _Reader) -> Iterator[av.AudioFrame]:
-    """Plain PCM WAV is read here (FFmpeg's demuxer wants 64 KiB before a frame); other WAV by FFmpeg."""
-    consumed = head = reader.read_exact(12)
-    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        raise bad_audio()
-    spec: tuple[str, int, int] | None = None
-    while len(consumed) < 1_048_576:
-        chunk_head = reader.read_exact(8)
-        consumed += chunk_head
-        if len(chunk_head) < 8:
-            raise bad_audio()
-        size = int.from_bytes(chunk_head[4:], "little")
-        if chunk_head[:4] == b"data":
-            if spec is None:
-                break
-            return _pcm_frames(reader, *spec, limit=None if size in (0, 0xFFFFFFFF) else size)
-        body = reader.read_exact(size + (size & 1))
-        consumed += body
-        if chunk_head[:4] == b"fmt " and len(body) >= 16:
-            extensible = body[:2] == b"\xfe\xff" and len(body) >= 26
-            tag = int.from_bytes(body[24:26] if extensible else body[:2], "little")
-            channels, rate = int.from_bytes(body[2:4], "little"), int.from_bytes(body[4:8], "little")
-            sample_fmt = _WAV_SAMPLE_FORMATS.get((tag, int.from_bytes(body[14:16], "little")))
-            if not (sample_fmt and channels and rate):
-                break
-            spec = (sample_fmt, channels, rate)
-    reader.unread(consumed)
-    return _demuxed_frames(reader, "wav")
-
-
-def _demuxed_frames(reader: _Reader, demuxer: str) -> Iterator[av.AudioFrame]:
-    options = {"probesize": "32"}  # the demuxer's header is enough; don't wait for seconds of audio
-    with av.open(reader, "r", format=demuxer, options=options, metadata_errors="ignore") as container:
-        if not container.streams.audio:
-            raise bad_audio()
-        decoder = container.streams.audio[0].codec_context
-        for packet in container.demux(container.streams.audio[0]):
-            try:
-                frames = decoder.decode(packet)
-            except av.InvalidDataError:
-                continue  # one damaged packet; no audio at all is caught by the caller
-            yield from frames
-
-
 class _Sink:
     """Where the muxer writes; bytes go to the event loop when flushed, bounded by credits.
 
@@ -250,7 +122,7 @@ class _Sink:
 
     def write(self, data: bytes) -> int:
         if self._job.stop.is_set():
-            raise _Stopped
+            raise Stopped
         self._buffer += data
         if len(self._buffer) >= _SINK_FLUSH:
             self.flush()
@@ -261,7 +133,7 @@ class _Sink:
             return
         while not self._job.out_credits.acquire(timeout=0.05):
             if self._job.stop.is_set():
-                raise _Stopped
+                raise Stopped
         data, self._buffer = bytes(self._buffer), bytearray()
         self._job.post(data)
 
@@ -361,7 +233,7 @@ class _Job:
         self.in_credits = asyncio.Semaphore(_PENDING)
         self.input_error: BaseException | None = None
         self.sink = _Sink(self)
-        self.reader = _Reader(self._taken, self.sink.flush)
+        self.reader = Reader(self._taken, self.sink.flush)
 
     async def pump(self, chunks: AsyncIterator[bytes]) -> None:
         try:
@@ -390,7 +262,7 @@ class _Job:
         error: BaseException | None = None
         try:
             self._transcode()
-        except _Stopped:
+        except Stopped:
             pass
         except av.FFmpegError as exc:
             error = bad_audio()
@@ -403,9 +275,9 @@ class _Job:
     def _transcode(self) -> None:
         encoder = _Encoder(self.fmt, self.speed, self.sink)
         try:
-            for frame in _frames(self.reader, self.source):
+            for frame in frames(self.reader, self.source):
                 if self.stop.is_set():
-                    raise _Stopped
+                    raise Stopped
                 encoder.push(frame)
                 self.sink.armed = True
             if encoder.input_samples == 0 and self.source.container != "pcm":

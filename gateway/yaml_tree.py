@@ -1,0 +1,88 @@
+"""Reading a YAML tree by path: typed reads that collect every problem under its path instead of
+stopping at the first, and ${NAME} / ${NAME:-default} interpolation from the environment."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class YamlTree:
+    """Walks the YAML tree, threading the path, collecting problems instead of stopping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}" if path else message)
+
+    def interpolate(self, value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            def sub(m: re.Match[str]) -> str:
+                name, default = m.group(1), m.group(2)
+                if name in self.environ:
+                    return self.environ[name]
+                if default is not None:
+                    return default
+                self.fail(path, f"environment variable {name} is not set")
+                return ""
+            return _ENV.sub(sub, value)
+        if isinstance(value, dict):
+            return {k: self.interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    def mapping(self, value: Any, path: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {type(value).__name__}")
+            return {}
+        return {str(k): v for k, v in value.items()}
+
+    def str_(self, node: dict[str, Any], key: str, path: str, default: str | None = None,
+             required: bool = False) -> str | None:
+        value = node.get(key, default)
+        if value is None:
+            if required:
+                self.fail(f"{path}.{key}", "is required")
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.fail(f"{path}.{key}", f"expected a string, got {type(value).__name__}")
+            return None
+        return str(value)
+
+    def number(self, node: dict[str, Any], key: str, path: str, default: float,
+               minimum: float = 0.0) -> float:
+        value = node.get(key, default)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {value!r}")
+            return default
+        return value
+
+    def bool_(self, node: dict[str, Any], key: str, path: str, default: bool) -> bool:
+        value = node.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(f"{path}.{key}", f"expected true or false, got {value!r}")
+            return default
+        return value
+
+    def str_list(self, value: Any, path: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            self.fail(path, "expected a list of strings")
+            return ()
+        return tuple(str(v) for v in value)
