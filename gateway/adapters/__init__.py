@@ -1,41 +1,51 @@
-"""The explicit adapter registry, keyed by the YAML `kind`, and building adapters for a config."""
+"""The explicit adapter registry, keyed by the YAML `kind`, and building adapters for a config.
+
+Each entry names the adapter's module and class; a module is imported only when a config uses its
+kind. A module may define `unavailable_reason() -> str | None` when its engine is an optional extra.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable
 
 import aiohttp
 
-from gateway.adapters import espeak, pocketsphinx
 from gateway.adapters.base import Adapter
-from gateway.adapters.espeak import EspeakAdapter
-from gateway.adapters.openai import OpenAIAdapter
-from gateway.adapters.pocketsphinx import PocketsphinxAdapter
 from gateway.adapters.unavailable import UnavailableAdapter
 from gateway.config import Config, ConfigError
 
 log = logging.getLogger("gateway.adapters")
 
-ADAPTERS: dict[str, type[Adapter]] = {
-    "openai": OpenAIAdapter,
-    "espeak": EspeakAdapter,
-    "pocketsphinx": PocketsphinxAdapter,
+ADAPTERS: dict[str, str] = {
+    "openai": "gateway.adapters.openai:OpenAIAdapter",
+    "espeak": "gateway.adapters.espeak:EspeakAdapter",
+    "pocketsphinx": "gateway.adapters.pocketsphinx:PocketsphinxAdapter",
+    "wyoming": "gateway.adapters.wyoming:WyomingAdapter",
+    "whisper_asr": "gateway.adapters.whisper_asr:WhisperAsrAdapter",
+    "elevenlabs": "gateway.adapters.elevenlabs:ElevenLabsAdapter",
+    "deepgram": "gateway.adapters.deepgram:DeepgramAdapter",
+    "azure_speech": "gateway.adapters.azure_speech:AzureSpeechAdapter",
 }
 
-UNAVAILABLE: dict[str, Callable[[], str | None]] = {
-    "espeak": espeak.unavailable_reason,
-    "pocketsphinx": pocketsphinx.unavailable_reason,
-}
-"""Kinds whose engine is an optional extra: each gives why it cannot run here, or None."""
+
+def adapter_class(kind: str) -> type[Adapter]:
+    module, _, name = ADAPTERS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def unavailable_reason(kind: str) -> str | None:
+    """Why `kind` cannot run on this install (its engine is an optional extra), or None."""
+    module = importlib.import_module(ADAPTERS[kind].partition(":")[0])
+    check = getattr(module, "unavailable_reason", None)
+    return check() if check is not None else None
 
 
 def unavailable_kinds(config: Config) -> dict[str, str]:
     """backends.<name>.kind -> why that kind cannot run on this install, for the kinds a config names."""
     found: dict[str, str] = {}
     for backend in config.backends.values():
-        check = UNAVAILABLE.get(backend.kind)
-        reason = check() if check else None
+        reason = unavailable_reason(backend.kind) if backend.kind in ADAPTERS else None
         if reason:
             found[f"backends.{backend.name}.kind"] = f"kind '{backend.kind}' is unavailable: {reason}"
     return found
@@ -54,7 +64,7 @@ def build_adapters(config: Config, http: aiohttp.ClientSession) -> dict[str, Ada
             adapters[name] = UnavailableAdapter(backend, http, why)
             continue
         try:
-            adapters[name] = ADAPTERS[backend.kind](backend, http)
+            adapters[name] = adapter_class(backend.kind)(backend, http)
         except ValueError as exc:
             problems.append(str(exc))
     if problems:
