@@ -8,11 +8,9 @@ import logging
 import sys
 
 import aiohttp
-from aiohttp import web
 
-from gateway import __version__
+from gateway import __version__, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
-from gateway.app import build_app
 from gateway.config import Config, ConfigError, load_config
 
 
@@ -47,9 +45,7 @@ def serve(path: str, host: str | None, port: int | None) -> int:
         for problem in exc.problems:
             logging.error("%s", problem)
         return 1
-    app = build_app(config)
-    web.run_app(app, host=host or config.server.host, port=port or config.server.port,
-                handler_cancellation=True, access_log=None, print=None, shutdown_timeout=30)
+    asyncio.run(server.serve(config, host or config.server.host, port or config.server.port))
     return 0
 
 

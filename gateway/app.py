@@ -17,6 +17,8 @@ responses carry it too.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp_cors
 from aiohttp import web
 
@@ -31,6 +33,7 @@ from gateway.middleware import (
     error_middleware,
     request_id_middleware,
 )
+from gateway.reload import reload_ctx
 from gateway.state import TABLE
 
 JSON_BODY_LIMIT = 1_048_576
@@ -40,8 +43,12 @@ JSON_BODY_LIMIT = 1_048_576
 @web.middleware
 async def table_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Pin the current mapping-table snapshot for the whole request."""
-    request[TABLE] = request.app[TABLES].current
-    return await handler(request)
+    tables = request.app[TABLES]
+    table = request[TABLE] = tables.pin()
+    try:
+        return await handler(request)
+    finally:
+        tables.unpin(table)
 
 
 def build_app(config: Config) -> web.Application:
@@ -59,6 +66,8 @@ def build_app(config: Config) -> web.Application:
     )
     init_state(app, config)
     app.cleanup_ctx.append(backends_ctx)
+    if Path(config.source).is_file():
+        app.cleanup_ctx.append(reload_ctx)
     if config.ledger.sink != "off":
         app.cleanup_ctx.append(ledger_ctx)
     if config.metrics.enabled and config.metrics.port is not None:

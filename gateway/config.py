@@ -99,6 +99,12 @@ class Server:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     spool_memory_bytes: int = 1_048_576
     spool_dir: str | None = None
+    drain_delay_s: float = 5.0
+    """After SIGTERM: /readyz fails at once, new connections are still accepted this long."""
+    grace_s: float = 30.0
+    """Then in-flight requests get up to this long to finish before the process exits."""
+    reload_interval_s: float = 2.0
+    """How often the config file is checked for changes (0: only on SIGHUP)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,9 @@ def _server(p: YamlTree, node: dict[str, Any]) -> Server:
         max_upload_bytes=int(p.number(node, "max_upload_bytes", path, d.max_upload_bytes, 1)),
         spool_memory_bytes=int(p.number(node, "spool_memory_bytes", path, d.spool_memory_bytes)),
         spool_dir=p.str_(node, "spool_dir", path),
+        drain_delay_s=p.number(node, "drain_delay_s", path, d.drain_delay_s),
+        grace_s=p.number(node, "grace_s", path, d.grace_s),
+        reload_interval_s=p.number(node, "reload_interval_s", path, d.reload_interval_s),
     )
 
 

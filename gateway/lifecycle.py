@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -15,12 +16,18 @@ from gateway.ledger import LedgerWriter
 from gateway.mapping import Table
 from gateway.metering import LEDGER, METRICS, Metrics, metrics_handler
 
+log = logging.getLogger("gateway.lifecycle")
+
 
 class TableHolder:
-    """The current mapping-table snapshot; a reload swaps it whole, requests keep the one they took."""
+    """The current mapping-table snapshot. A reload swaps it whole; each request pins the snapshot it
+    started with, and a replaced snapshot's adapters are closed once its last request has finished."""
 
     def __init__(self) -> None:
         self._current: Table | None = None
+        self._pins: dict[int, int] = {}
+        self._retired: dict[int, Table] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def current(self) -> Table:
@@ -28,9 +35,49 @@ class TableHolder:
             raise RuntimeError("the gateway has not started")
         return self._current
 
-    def swap(self, table: Table) -> Table | None:
+    def pin(self) -> Table:
+        table = self.current
+        self._pins[id(table)] = self._pins.get(id(table), 0) + 1
+        return table
+
+    def unpin(self, table: Table) -> None:
+        left = self._pins[id(table)] = self._pins[id(table)] - 1
+        if left == 0:
+            del self._pins[id(table)]
+            if id(table) in self._retired:
+                self._close_later(self._retired.pop(id(table)))
+
+    def swap(self, table: Table) -> None:
         old, self._current = self._current, table
-        return old
+        if old is None:
+            return
+        if self._pins.get(id(old)):
+            self._retired[id(old)] = old
+        else:
+            self._close_later(old)
+
+    def _close_later(self, table: Table) -> None:
+        task = asyncio.get_running_loop().create_task(close_adapters(table))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """Close every snapshot's adapters: the current one, retired ones, and those being closed."""
+        tables = [*self._retired.values(), *([self._current] if self._current else [])]
+        self._retired.clear()
+        self._current = None
+        for table in tables:
+            await close_adapters(table)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def close_adapters(table: Table) -> None:
+    for adapter in table.adapters.values():
+        try:
+            await adapter.aclose()
+        except Exception:
+            log.exception("closing an adapter failed")
 
 
 CONFIG = web.AppKey("config", Config)
@@ -49,13 +96,11 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
     http = app[HTTP] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
                                              auto_decompress=False, trust_env=False)
-    adapters = build_adapters(app[CONFIG], http)
-    app[TABLES].swap(Table(app[CONFIG], adapters))
+    app[TABLES].swap(Table(app[CONFIG], build_adapters(app[CONFIG], http)))
     try:
         yield
     finally:
-        for adapter in app[TABLES].current.adapters.values():
-            await adapter.aclose()
+        await app[TABLES].aclose()
         await http.close()
 
 

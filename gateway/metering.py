@@ -61,6 +61,16 @@ class Metrics:
                                        ["backend", "reason"], registry=r)
         self.build_info = Gauge("gateway_build_info", "The running gateway's version.", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
+        self.config_reloads = Counter("gateway_config_reload", "Config reloads, by result (success, failure).",
+                                      ["result"], registry=r)
+        self.config_info = Gauge("gateway_config_info", "1, labelled with the loaded config's hash.", ["digest"],
+                                 registry=r)
+        self.backend_up = Gauge("gateway_backend_up", "1 while a backend answers its readiness probe, else 0.",
+                                ["backend"], registry=r)
+
+    def config_loaded(self, digest: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(digest).set(1)
 
     def upstream_error(self, backend: str, reason: str) -> None:
         self.upstream_errors.labels(backend, reason if reason in REASONS else "other").inc()
@@ -88,6 +98,7 @@ async def metering_middleware(request: web.Request, handler: Any) -> web.StreamR
     try:
         response = await handler(request)
         status = response.status
+        request[OUTCOME].sent(response)
         return response
     finally:
         if metrics is not None:

@@ -51,8 +51,8 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
         status = response.status
         return response
     finally:
-        if response is not None and outcome.bytes_out == 0:
-            outcome.bytes_out = response.body_length
+        if response is not None:
+            outcome.sent(response)
         identity = request.get(IDENTITY)
         failure = request.get(FAILURE)
         record = {

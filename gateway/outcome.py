@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 from gateway.audio.meter import AudioMeter
 
 
@@ -37,6 +39,12 @@ class Outcome:
     def route(self, public_model: str, backend: str, native_model: str, voice: str | None = None) -> None:
         self.public_model, self.backend, self.native_model, self.voice = (
             public_model, backend, native_model, voice)
+
+    def sent(self, response: web.StreamResponse) -> None:
+        """Note the body bytes of a response that is not streamed by a handler (sent after the middlewares)."""
+        if self.bytes_out == 0:
+            body = response.body if isinstance(response, web.Response) else None
+            self.bytes_out = response.body_length or (len(body) if isinstance(body, bytes) else 0)
 
     def mark_first_byte(self) -> None:
         if self.first_byte_at is None:

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gateway.lifecycle import DRAINING, STARTED_AT
+from gateway.metering import METRICS
 from gateway.state import IDENTITY, TABLE
 
 
@@ -36,6 +37,10 @@ async def readyz(request: web.Request) -> web.Response:
     names = list(table.adapters)
     states = await asyncio.gather(*(table.adapters[n].ready() for n in names))
     backends = dict(zip(names, states, strict=True))
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        for name, up in backends.items():
+            metrics.backend_up.labels(name).set(1 if up else 0)
     unroutable = [m.name for m in table.config.models.values() if not any(backends[r.backend] for r in m.routes)]
     ready = not unroutable
     body = {"status": "ready" if ready else "unready", "config": table.config.digest,

@@ -1,0 +1,111 @@
+"""Config reload without restart: on SIGHUP and when the config file changes (including Kubernetes'
+ConfigMap symlink swap). A new config is parsed and its adapters built in full before anything
+changes; if that fails, the old config keeps serving and every error is logged by YAML path.
+Requests in flight finish on the snapshot they started with (see lifecycle.TableHolder).
+
+Only the mapping table reloads (keys, backends, models, voices, prices). `server`, `metrics` and
+`ledger` settings take effect at the next restart; a reload that changes them says so in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.adapters import ADAPTERS, build_adapters
+from gateway.config import Config, ConfigError, parse_config
+from gateway.lifecycle import CONFIG, HTTP, TABLES
+from gateway.mapping import Table
+from gateway.metering import METRICS
+
+log = logging.getLogger("gateway.reload")
+
+
+class Reloader:
+    def __init__(self, app: web.Application, path: str) -> None:
+        self.app = app
+        self.path = Path(path)
+        self._lock = asyncio.Lock()
+        self._fingerprint = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        """What changes when the file (or the symlink chain leading to it) is replaced or edited."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    async def reload(self, why: str) -> bool | None:
+        """Load the file again. True: applied; False: invalid, old config kept; None: unchanged."""
+        async with self._lock:
+            try:
+                text = await asyncio.to_thread(self.path.read_text, encoding="utf-8")
+            except OSError as exc:
+                return self._failed([f"{self.path}: cannot read: {exc.strerror}"])
+            current = self.app[TABLES].current.config
+            if hashlib.sha256(text.encode()).hexdigest()[:16] == current.digest:
+                return None
+            try:
+                config = parse_config(text, source=str(self.path), kinds=ADAPTERS.keys())
+                adapters = build_adapters(config, self.app[HTTP])
+            except ConfigError as exc:
+                return self._failed(exc.problems)
+            self._warn_restart_only(current, config)
+            self.app[TABLES].swap(Table(config, adapters))
+            metrics = self.app.get(METRICS)
+            if metrics is not None:
+                metrics.config_reloads.labels("success").inc()
+                metrics.config_loaded(config.digest)
+            log.info("config reloaded (%s): %s, digest %s", why, self.path, config.digest)
+            return True
+
+    def _failed(self, problems: list[str]) -> bool:
+        for problem in problems:
+            log.error("config reload failed: %s", problem)
+        log.error("config reload failed; still serving config %s", self.app[TABLES].current.config.digest)
+        metrics = self.app.get(METRICS)
+        if metrics is not None:
+            metrics.config_reloads.labels("failure").inc()
+        return False
+
+    def _warn_restart_only(self, old: Config, new: Config) -> None:
+        for section in ("server", "metrics", "ledger"):
+            if getattr(old, section) != getattr(new, section):
+                log.warning("config reload: changes to '%s' take effect at the next restart", section)
+
+    async def watch(self, interval: float) -> None:
+        """Poll the file's identity; reload when it changes."""
+        while True:
+            await asyncio.sleep(interval)
+            fingerprint = await asyncio.to_thread(self._stat)
+            if fingerprint != self._fingerprint:
+                self._fingerprint = fingerprint
+                await self.reload("file changed")
+
+
+RELOADER = web.AppKey("reloader", Reloader)
+
+
+async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The reloader for the app's config file, and its file watcher while the app runs."""
+    config = app[CONFIG]
+    reloader = app[RELOADER] = Reloader(app, config.source)
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        metrics.config_loaded(config.digest)
+    watcher = None
+    if config.server.reload_interval_s > 0:
+        watcher = asyncio.get_running_loop().create_task(reloader.watch(config.server.reload_interval_s))
+    try:
+        yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
