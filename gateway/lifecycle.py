@@ -35,6 +35,11 @@ class TableHolder:
             raise RuntimeError("the gateway has not started")
         return self._current
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being served, on any snapshot."""
+        return sum(self._pins.values())
+
     def pin(self) -> Table:
         table = self.current
         self._pins[id(table)] = self._pins.get(id(table), 0) + 1

@@ -3,10 +3,12 @@
 Shutdown, in order (Kubernetes removes a pod from its endpoints while it still answers):
   1. SIGTERM (or SIGINT): /readyz answers 503 at once;
   2. for `server.drain_delay_s` new connections are still accepted and served normally;
-  3. then the listening socket closes (new connections are refused) and idle keep-alive
-     connections are closed, while requests in flight, long speech streams and uploads included,
-     get up to `server.grace_s` to finish;
-  4. the backends' adapters and sessions close, and the process exits 0.
+  3. then the listening socket closes (new connections are refused), while requests in flight,
+     long speech streams and uploads still arriving included, get up to `server.grace_s` to finish;
+  4. idle connections close, whatever is left is cancelled, the backends' adapters and sessions
+     close, and the process exits 0.
+Step 3 is ours, not aiohttp's: aiohttp's own shutdown stops reading from connections at once,
+which would cut an upload whose body is still arriving.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aiohttp import web
 
 from gateway.app import build_app
 from gateway.config import Config
-from gateway.lifecycle import DRAINING
+from gateway.lifecycle import DRAINING, TABLES
 from gateway.reload import RELOADER
 
 log = logging.getLogger("gateway")
@@ -28,9 +30,10 @@ log = logging.getLogger("gateway")
 async def serve(config: Config, host: str, port: int) -> None:
     app = build_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.grace_s)
+                           shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
     log.info("gateway listening on http://%s:%d with %s (config %s)", host, port, config.source, config.digest)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -44,7 +47,14 @@ async def serve(config: Config, host: str, port: int) -> None:
         log.info("draining: /readyz fails now; still accepting for %.1f s, then %.1f s for requests in flight",
                  config.server.drain_delay_s, config.server.grace_s)
         await asyncio.sleep(config.server.drain_delay_s)
-        log.info("no longer accepting connections; waiting for requests in flight")
+        await site.stop()
+        tables = app[TABLES]
+        log.info("no longer accepting connections; waiting for %d requests in flight", tables.in_flight)
+        deadline = loop.time() + config.server.grace_s
+        while tables.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if tables.in_flight:
+            log.warning("grace period over: cancelling %d requests in flight", tables.in_flight)
     finally:
         await runner.cleanup()
     log.info("gateway stopped")

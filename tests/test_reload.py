@@ -1,0 +1,159 @@
+"""Config reload on a real gateway process: SIGHUP and file changes (Kubernetes' symlink swap included);
+an invalid config keeps the old one serving; a stream in flight finishes on the config it started with."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import DEMO_KEY, engine_config
+from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
+from tests.process import GatewayProcess
+
+TTS2 = "  tts-2: {task: speech, routes: [{backend: speaches, model: kokoro-v2}]}\n"
+
+
+class ConfigMapDir:
+    """A directory laid out the way the kubelet mounts a ConfigMap: gateway.yaml -> ..data/gateway.yaml,
+    ..data -> ..<timestamp>; an update writes a new timestamped dir and swaps the ..data symlink."""
+
+    def __init__(self, root: Path, text: str) -> None:
+        self.root = root
+        self.version = 0
+        self.update(text)
+        (root / "gateway.yaml").symlink_to("..data/gateway.yaml")
+
+    def update(self, text: str) -> None:
+        self.version += 1
+        target = self.root / f"..2026_11_25_{self.version}"
+        target.mkdir()
+        (target / "gateway.yaml").write_text(text)
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(target.name)
+        os.replace(tmp, self.root / "..data")  # atomic, as the kubelet does
+
+    @property
+    def path(self) -> Path:
+        return self.root / "gateway.yaml"
+
+
+def with_models(config: str, extra: str) -> str:
+    return config.replace("models:\n", "models:\n" + extra, 1)
+
+
+@pytest.fixture
+def base_config(engine: FakeOpenAIEngine, tmp_path: Path) -> str:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    return engine_config(engine.url, spool).replace("server:\n", "server:\n  reload_interval_s: 0.2\n", 1)
+
+
+@pytest.fixture
+def configmap(tmp_path: Path, base_config: str) -> ConfigMapDir:
+    root = tmp_path / "configmap"
+    root.mkdir()
+    return ConfigMapDir(root, base_config)
+
+
+@pytest.fixture
+def process(configmap: ConfigMapDir, tmp_path: Path) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(configmap.path, tmp_path / "gateway.log")
+    yield gw
+    gw.stop()
+
+
+def speak(gw: GatewayProcess, model: str, text: str = "Reload.") -> bytes:
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=DEMO_KEY, max_retries=0) as client:
+        return client.audio.speech.create(model=model, voice="nova", input=text, response_format="pcm").content
+
+
+def reloads(gw: GatewayProcess) -> dict[str, float]:
+    families = text_string_to_metric_families(httpx.get(f"{gw.url}/metrics").text)
+    found: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "gateway_config_reload_total":
+                found[sample.labels["result"]] = sample.value
+            if sample.name == "gateway_config_info":
+                found["digest:" + sample.labels["digest"]] = sample.value
+    return found
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def model_works(gw: GatewayProcess, model: str) -> bool:
+    try:
+        speak(gw, model)
+    except openai.NotFoundError:
+        return False
+    return True
+
+
+def test_symlink_swap_reloads_without_dropping_a_stream(process: GatewayProcess, configmap: ConfigMapDir,
+                                                        base_config: str, engine: FakeOpenAIEngine) -> None:
+    assert not model_works(process, "tts-2")
+    before = reloads(process)
+    engine.chunk_size, engine.chunk_delay = 4096, 0.05
+    text = "A stream that outlives the reload. " * 2
+    got: dict[str, int] = {}
+
+    def stream() -> None:
+        got["bytes"] = len(speak(process, "tts-1", text))
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    time.sleep(0.3)
+    configmap.update(with_models(base_config, TTS2))
+    eventually(lambda: model_works(process, "tts-2"))
+    assert engine.last.json["model"] == "kokoro-v2"
+    worker.join(20)
+    assert got["bytes"] == int(speech_seconds(text) * 24_000) * 2  # finished intact, on the old config
+    after = reloads(process)
+    assert after.get("success", 0) == before.get("success", 0) + 1
+    assert sum(1 for k in after if k.startswith("digest:")) == 1
+    assert [k for k in after if k.startswith("digest:")] != [k for k in before if k.startswith("digest:")]
+
+
+@pytest.mark.parametrize(("broken", "expected_log"), [
+    ("models: [unclosed", "not valid YAML"),
+    ("UNKNOWN_BACKEND", "models.tts-1.routes[0].backend: unknown backend 'spaches'"),
+])
+def test_invalid_config_keeps_the_old_one(process: GatewayProcess, configmap: ConfigMapDir, base_config: str,
+                                          broken: str, expected_log: str) -> None:
+    text = base_config.replace("{backend: speaches, model: kokoro}", "{backend: spaches, model: kokoro}") \
+        if broken == "UNKNOWN_BACKEND" else broken
+    configmap.update(text)
+    eventually(lambda: reloads(process).get("failure", 0) == 1)
+    assert len(speak(process, "tts-1")) > 0  # still serving the old table
+    assert expected_log in process.log()
+    configmap.update(with_models(base_config, TTS2))  # and a later valid config still applies
+    eventually(lambda: model_works(process, "tts-2"))
+
+
+def test_sighup_reloads(tmp_path: Path, base_config: str) -> None:
+    path = tmp_path / "plain.yaml"
+    path.write_text(base_config.replace("reload_interval_s: 0.2", "reload_interval_s: 0"))
+    gw = GatewayProcess(path, tmp_path / "hup.log")
+    try:
+        path.write_text(with_models(base_config.replace("reload_interval_s: 0.2", "reload_interval_s: 0"), TTS2))
+        time.sleep(0.5)
+        assert not model_works(gw, "tts-2")  # no watching: nothing happens until the signal
+        gw.signal(signal.SIGHUP)
+        eventually(lambda: model_works(gw, "tts-2"))
+        assert "config reloaded (SIGHUP)" in gw.log()
+    finally:
+        gw.stop()
