@@ -28,6 +28,9 @@ class TableHolder:
         self._pins: dict[int, int] = {}
         self._retired: dict[int, Table] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.idle = asyncio.Event()
+        """Set while no request is being served."""
+        self.idle.set()
 
     @property
     def current(self) -> Table:
@@ -43,6 +46,7 @@ class TableHolder:
     def pin(self) -> Table:
         table = self.current
         self._pins[id(table)] = self._pins.get(id(table), 0) + 1
+        self.idle.clear()
         return table
 
     def unpin(self, table: Table) -> None:
@@ -51,6 +55,8 @@ class TableHolder:
             del self._pins[id(table)]
             if id(table) in self._retired:
                 self._close_later(self._retired.pop(id(table)))
+            if not self._pins:
+                self.idle.set()
 
     def swap(self, table: Table) -> None:
         old, self._current = self._current, table

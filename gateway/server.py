@@ -50,10 +50,9 @@ async def serve(config: Config, host: str, port: int) -> None:
         await site.stop()
         tables = app[TABLES]
         log.info("no longer accepting connections; waiting for %d requests in flight", tables.in_flight)
-        deadline = loop.time() + config.server.grace_s
-        while tables.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if tables.in_flight:
+        try:
+            await asyncio.wait_for(tables.idle.wait(), config.server.grace_s)
+        except TimeoutError:
             log.warning("grace period over: cancelling %d requests in flight", tables.in_flight)
     finally:
         await runner.cleanup()
