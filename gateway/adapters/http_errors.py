@@ -35,8 +35,10 @@ def _message(body: bytes) -> tuple[str | None, str | None]:
     if isinstance(parsed, dict):
         inner = parsed.get("error", parsed)
         if isinstance(inner, dict):
-            message = inner.get("message") or inner.get("detail")
+            message = inner.get("message") or inner.get("detail") or inner.get("err_msg")  # Deepgram: err_msg
             param = inner.get("param")
+            if isinstance(message, (dict, list)):  # {"detail": {"status", "message"}} or FastAPI's [{loc, msg}]
+                return _detail(message)
             return (str(message)[:500] if message else None), (param if isinstance(param, str) else None)
         if isinstance(inner, str):
             return inner[:500], None
@@ -44,6 +46,18 @@ def _message(body: bytes) -> tuple[str | None, str | None]:
         if isinstance(detail, str):
             return detail[:500], None
     return None, None
+
+
+def _detail(detail: dict[str, Any] | list[Any]) -> tuple[str | None, str | None]:
+    """ElevenLabs' `detail: {status, message}`, or FastAPI's `detail: [{loc: [..., field], msg}]`."""
+    if isinstance(detail, dict):
+        message = detail.get("message") or detail.get("status")
+        return (str(message)[:500] if message else None), None
+    first = detail[0] if detail and isinstance(detail[0], dict) else {}
+    raw_loc = first.get("loc")
+    loc = [x for x in raw_loc if isinstance(x, str)] if isinstance(raw_loc, list) else []
+    message = first.get("msg")
+    return (str(message)[:500] if message else None), (loc[-1] if loc and loc[-1] != "body" else None)
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> int:

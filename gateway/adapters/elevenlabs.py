@@ -1,0 +1,258 @@
+"""ElevenLabs: text to speech over `/v1/text-to-speech/{voice_id}/stream`, speech to text with Scribe.
+
+Speech asks for the `output_format` that needs the least work from the gateway: `mp3_44100_128`
+(ElevenLabs' default, on every plan) for mp3 and `pcm_24000` (exactly OpenAI's pcm) for pcm, both
+relayed untouched; every other format is encoded by the gateway from `pcm_24000`. OpenAI `speed`
+within ElevenLabs' 0.7-1.2 goes to `voice_settings.speed`; outside it the gateway time-stretches.
+
+Scribe's words (`type: word`; spacing and audio events dropped) become the transcript's words, and
+the gateway's renderer groups them into segments. Scribe has no translation task.
+
+Backend options: `voice_settings` (stability, similarity_boost, style, use_speaker_boost sent with
+every speech request), `optimize_streaming_latency` (0-4), `enable_logging` (false: zero retention).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import aiohttp
+
+from gateway.adapters.base import (
+    SPEECH,
+    TRANSCRIPTION,
+    AudioStream,
+    Capabilities,
+    SpeechJob,
+    TranscriptionJob,
+    upstream_errors,
+)
+from gateway.adapters.http_errors import error_for
+from gateway.audio.formats import AudioFormat, pcm
+from gateway.audio.transcripts import WORD_PUNCT
+from gateway.config import Backend
+from gateway.errors import InvalidRequestError, UpstreamError
+from gateway.transcript import Transcript, Word
+
+DEFAULT_URL = "https://api.elevenlabs.io"
+SPEED_RANGE = (0.7, 1.2)
+"""voice_settings.speed: "to a minimum of 0.7 ... to a maximum of 1.2" (ElevenLabs' voice settings docs)."""
+PCM_FORMAT = "pcm_24000"
+OUTPUT_FORMATS: Mapping[str, tuple[str, AudioFormat]] = {
+    "mp3": ("mp3_44100_128", AudioFormat("mp3", 44_100)),
+    "pcm": (PCM_FORMAT, pcm(24_000)),
+}
+"""OpenAI response_format -> ElevenLabs output_format whose bytes are already that format."""
+MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
+_MAX_ERROR_BODY = 65_536
+_VOICE_SETTINGS = {"stability": float, "similarity_boost": float, "style": float, "use_speaker_boost": bool}
+_OPTIONS = {"voice_settings", "optimize_streaming_latency", "enable_logging"}
+# ElevenLabs' field names (FastAPI validation `loc`) and error statuses -> the OpenAI field the client sent.
+_PARAMS = {"text": "input", "model_id": "model", "voice_id": "voice", "speed": "speed", "file": "file",
+           "language_code": "language", "temperature": "temperature"}
+_STATUS_PARAMS = {"max_character_limit_exceeded": "input", "voice_not_found": "voice", "model_not_found": "model"}
+# Scribe answers ISO-639-3 codes ("eng"); the transcript carries ISO-639-1 where one exists.
+_ISO1 = dict(pair.split(":") for pair in """
+    eng:en zho:zh cmn:zh chi:zh deu:de ger:de spa:es rus:ru kor:ko fra:fr fre:fr jpn:ja por:pt tur:tr pol:pl
+    cat:ca nld:nl dut:nl ara:ar swe:sv ita:it ind:id hin:hi fin:fi vie:vi heb:he ukr:uk ell:el gre:el msa:ms
+    may:ms zsm:ms ces:cs cze:cs ron:ro rum:ro dan:da hun:hu tam:ta nor:no nob:nb nno:nn tha:th urd:ur hrv:hr
+    bul:bg lit:lt lat:la mri:mi mao:mi mal:ml cym:cy wel:cy slk:sk slo:sk tel:te fas:fa per:fa pes:fa lav:lv
+    ben:bn srp:sr aze:az slv:sl kan:kn est:et mkd:mk mac:mk bre:br eus:eu baq:eu isl:is ice:is hye:hy arm:hy
+    nep:ne mon:mn bos:bs kaz:kk sqi:sq alb:sq swa:sw glg:gl mar:mr pan:pa sin:si khm:km sna:sn yor:yo som:so
+    afr:af oci:oc kat:ka geo:ka bel:be tgk:tg snd:sd guj:gu amh:am yid:yi lao:lo uzb:uz fao:fo hat:ht pus:ps
+    tuk:tk mlt:mt san:sa ltz:lb mya:my bur:my bod:bo tib:bo tgl:tl mlg:mg asm:as tat:tt lin:ln hau:ha bak:ba
+    jav:jv sun:su gle:ga ibo:ig kir:ky lug:lg nya:ny orm:om ory:or wol:wo xho:xh zul:zu kur:ku
+""".split())
+
+
+class ElevenLabsAdapter:
+    kind: ClassVar[str] = "elevenlabs"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        tasks=frozenset({SPEECH, TRANSCRIPTION}),
+        speech_formats=frozenset(OUTPUT_FORMATS),
+        native_speed=SPEED_RANGE,
+        streams_audio=True,
+        word_timestamps=True,
+    )
+
+    def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
+        self.backend = backend
+        self.http = http
+        self.url = backend.url or DEFAULT_URL
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
+                                             sock_read=backend.timeouts.read)
+        self.voice_settings, self.query = _options(backend)
+
+    def _headers(self) -> dict[str, str]:
+        """The backend's key, and no compression: the gateway's session does not decompress."""
+        headers = {"Accept-Encoding": "identity"}
+        if self.backend.api_key:
+            headers["xi-api-key"] = self.backend.api_key
+        return headers
+
+    async def synthesize(self, job: SpeechJob) -> AudioStream:
+        output_format, audio_format = OUTPUT_FORMATS.get(job.response_format, OUTPUT_FORMATS["pcm"])
+        body: dict[str, Any] = {"text": job.input, "model_id": job.model}
+        settings = dict(self.voice_settings)
+        if job.speed != 1.0:
+            settings["speed"] = job.speed
+        if settings:
+            body["voice_settings"] = settings
+        url = f"{self.url}/v1/text-to-speech/{quote(job.voice.id, safe='')}/stream"
+        with upstream_errors(self.backend):
+            response = await self.http.post(url, params={"output_format": output_format, **self.query}, json=body,
+                                            headers=self._headers(), timeout=self.timeout)
+        await self._raise_for_status(response)
+        if response.content_type.startswith(("text/", "application/json")):
+            response.release()
+            raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} instead of "
+                                "audio.", reason="bad_response")
+        return AudioStream(audio_format, self._body(response), speed_applied=True)
+
+    async def _body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            with upstream_errors(self.backend):
+                async for chunk in response.content.iter_any():
+                    yield chunk
+        finally:
+            response.release()
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+        form = aiohttp.FormData(quote_fields=False)
+        form.add_field("model_id", job.model)
+        if job.language:
+            form.add_field("language_code", job.language)
+        if job.temperature is not None:
+            form.add_field("temperature", str(job.temperature))
+        form.add_field("timestamps_granularity", "word")
+        form.add_field("tag_audio_events", "false")  # Whisper has no "(laughter)" in its text
+        form.add_field("file", job.upload.payload(), filename=job.upload.filename,
+                       content_type=job.upload.content_type)
+        with upstream_errors(self.backend):
+            response = await self.http.post(f"{self.url}/v1/speech-to-text", params=self.query, data=form,
+                                            headers=self._headers(), timeout=self.timeout)
+        await self._raise_for_status(response)
+        try:
+            with upstream_errors(self.backend):
+                body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
+        finally:
+            response.release()
+        transcript = _transcript(body) if len(body) <= MAX_TRANSCRIPT_BYTES else None
+        if transcript is None:
+            raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
+                                reason="bad_response")
+        return transcript
+
+    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        """The shared mapping (http_errors), plus ElevenLabs' quota status and its field names."""
+        if response.status < 300:
+            return
+        try:
+            body = await response.content.read(_MAX_ERROR_BODY)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        finally:
+            response.release()
+        status = _detail_status(body)
+        if response.status in (401, 403) and status == "quota_exceeded":
+            raise UpstreamError(f"Backend '{self.backend.name}' has used up its ElevenLabs quota.",
+                                reason="backend_auth", should_retry=False)
+        error = error_for(self.backend, response.status, body, response)
+        if isinstance(error, InvalidRequestError):
+            error.param = _STATUS_PARAMS.get(status or "") or _PARAMS.get(error.param or "")
+        raise error
+
+    async def ready(self) -> bool:
+        """GET /v1/voices with the backend's key: free, and fails when the key is refused."""
+        try:
+            async with self.http.get(f"{self.url}/v1/voices", headers=self._headers(),
+                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
+                return 200 <= r.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _options(backend: Backend) -> tuple[dict[str, Any], dict[str, str]]:
+    """(voice_settings for every speech request, query parameters for every request) from the backend's options."""
+    path = f"backends.{backend.name}"
+    unknown = sorted(set(backend.options) - _OPTIONS)
+    if unknown:
+        raise ValueError(f"{path}.{unknown[0]}: unknown option for kind 'elevenlabs' "
+                         f"(expected one of {sorted(_OPTIONS)})")
+    raw = backend.options.get("voice_settings") or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}.voice_settings: expected a mapping")
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        kind = _VOICE_SETTINGS.get(key)
+        if kind is None:
+            raise ValueError(f"{path}.voice_settings.{key}: expected one of {sorted(_VOICE_SETTINGS)} "
+                             "(speed comes from each request)")
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError(f"{path}.voice_settings.{key}: expected true or false")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise ValueError(f"{path}.voice_settings.{key}: expected a number from 0 to 1")
+        settings[key] = value
+    query: dict[str, str] = {}
+    latency = backend.options.get("optimize_streaming_latency")
+    if latency is not None:
+        if isinstance(latency, bool) or latency not in range(5):
+            raise ValueError(f"{path}.optimize_streaming_latency: expected an integer from 0 to 4")
+        query["optimize_streaming_latency"] = str(latency)
+    retention = backend.options.get("enable_logging")
+    if retention is not None:
+        if not isinstance(retention, bool):
+            raise ValueError(f"{path}.enable_logging: expected true or false")
+        query["enable_logging"] = "true" if retention else "false"
+    return settings, query
+
+
+def _detail_status(body: bytes) -> str | None:
+    """`detail.status` of an ElevenLabs error body (`{"detail": {"status": ..., "message": ...}}`)."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        return None
+    status = detail.get("status") if isinstance(detail, dict) else None
+    return status if isinstance(status, str) else None
+
+
+def _transcript(body: bytes) -> Transcript | None:
+    """Scribe's single-channel answer as a Transcript; None if it is not one."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
+        return None
+    words = []
+    for w in parsed.get("words") or ():
+        if not (isinstance(w, dict) and w.get("type", "word") == "word" and isinstance(w.get("text"), str)
+                and _is_number(w.get("start")) and _is_number(w.get("end"))):
+            continue
+        word = w["text"].strip().strip(WORD_PUNCT)  # OpenAI's words carry no punctuation; Scribe's do ("jumps.")
+        if word:
+            words.append(Word(word, float(w["start"]), max(float(w["start"]), float(w["end"]))))
+    code = parsed.get("language_code")
+    language = _ISO1.get(code.lower(), code) if isinstance(code, str) and code else None
+    duration = parsed.get("audio_duration_secs")
+    return Transcript(parsed["text"].strip(), language, float(duration) if _is_number(duration) else None,
+                      words=tuple(words))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or its first `limit` bytes."""
+    body = bytearray()
+    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
+        body += chunk
+    return bytes(body)

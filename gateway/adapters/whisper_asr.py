@@ -1,0 +1,277 @@
+"""whisper-asr-webservice (ahmetoner/whisper-asr-webservice): transcriptions and translations via `POST /asr`.
+
+The upload goes from the spool as the multipart field `audio_file`; every option is a query
+parameter: `task` (transcribe | translate), `language`, `initial_prompt`, `output=json`,
+`word_timestamps`, `encode=true` (the server decodes the upload with ffmpeg), `vad_filter`. The JSON
+answer (text, language, segments with words) becomes a Transcript, from which the gateway renders
+every OpenAI format. Its `Content-Type` is always text/plain, so the body itself is checked.
+
+Not sent: the route's native model (the server loads one model at start, ASR_MODEL: map each public
+model to its own deployment) and `temperature` (not a parameter of /asr). The server has no
+authentication; a configured `api_key` is sent as `Authorization: Bearer` for a proxy in front of it.
+
+Backend options: `word_timestamps` (default true; faster_whisper/openai_whisper engines give word
+timings), `vad_filter` (default false; faster_whisper engine only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, ClassVar
+
+import aiohttp
+
+from gateway.adapters.base import (
+    TRANSCRIPTION,
+    TRANSLATION,
+    AudioStream,
+    Capabilities,
+    SpeechJob,
+    TranscriptionJob,
+    upstream_errors,
+)
+from gateway.adapters.http_errors import error_for
+from gateway.audio.transcripts import LANGUAGES
+from gateway.config import Backend
+from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError
+from gateway.transcript import Segment, Transcript, Word
+
+MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
+MAX_ERROR_BYTES = 65_536
+MAX_PROMPT_BYTES = 2048
+"""Whisper conditions on the last 223 prompt tokens only; the tail kept here (~2 KB of UTF-8) holds more than
+that and keeps the query string far below uvicorn's 16 KiB request-head limit."""
+_ALIASES = {"iw": "he", "jv": "jw", "nb": "no", "fil": "tl"}
+WHISPER_LANGUAGES = frozenset(LANGUAGES) - frozenset(_ALIASES)
+"""Whisper's own language codes (openai/whisper tokenizer.LANGUAGES), the values /asr's `language` takes."""
+_CLIENT_FIELDS = {"language": "language", "initial_prompt": "prompt", "audio_file": "file"}
+"""The /asr parameters that carry a client's field, by the OpenAI field's name."""
+_OPTIONS = {"word_timestamps": True, "vad_filter": False}
+
+
+class WhisperAsrAdapter:
+    kind: ClassVar[str] = "whisper_asr"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        tasks=frozenset({TRANSCRIPTION, TRANSLATION}),
+        word_timestamps=True,
+        segment_timestamps=True,
+        languages=WHISPER_LANGUAGES,
+    )
+
+    def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
+        if not backend.url:
+            raise ValueError(f"backends.{backend.name}.url: required for kind 'whisper_asr' "
+                             "(the server's base URL, e.g. http://whisper-asr:9000)")
+        for key in backend.options:
+            if key not in _OPTIONS:
+                raise ValueError(f"backends.{backend.name}.{key}: unknown option for kind 'whisper_asr' "
+                                 f"(expected {', '.join(_OPTIONS)})")
+        flags = {key: backend.options.get(key, default) for key, default in _OPTIONS.items()}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"backends.{backend.name}.{key}: expected true or false, got {value!r}")
+        self.backend = backend
+        self.http = http
+        self.word_timestamps: bool = flags["word_timestamps"]
+        self.vad_filter: bool = flags["vad_filter"]
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
+                                             sock_read=backend.timeouts.read)
+        self._in_flight = 0
+
+    def _headers(self, request_id: str) -> dict[str, str]:
+        headers = {"X-Request-ID": request_id, "Accept": "application/json, text/plain"}
+        if self.backend.api_key:
+            headers["Authorization"] = f"Bearer {self.backend.api_key}"
+        return headers
+
+    async def synthesize(self, job: SpeechJob) -> AudioStream:
+        raise UnsupportedError(f"Backend '{self.backend.name}' only transcribes; it cannot synthesize speech.",
+                               param="model", code="unsupported_task")
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+        params = self.params(job)
+        form = aiohttp.FormData(quote_fields=False)
+        form.add_field("audio_file", job.upload.payload(), filename=job.upload.filename,
+                       content_type=job.upload.content_type)
+        self._in_flight += 1
+        try:
+            with upstream_errors(self.backend):
+                response = await self.http.post(f"{self.backend.url}/asr", params=params, data=form,
+                                                timeout=self.timeout, headers=self._headers(job.request_id))
+            try:
+                if response.status >= 300:
+                    raise await self._error(response)
+                with upstream_errors(self.backend):
+                    body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
+            finally:
+                response.release()
+        finally:
+            self._in_flight -= 1
+        if len(body) > MAX_TRANSCRIPT_BYTES:
+            raise UpstreamError(f"Backend '{self.backend.name}' sent an oversized transcript.", reason="bad_response")
+        return self._transcript(body)
+
+    def params(self, job: TranscriptionJob) -> dict[str, str]:
+        """The query string of `POST /asr` for this job."""
+        params = {"task": "translate" if job.task == "translate" else "transcribe", "output": "json",
+                  "encode": "true"}
+        language = self._language(job.language)
+        if language:
+            params["language"] = language
+        if job.prompt and job.prompt.strip():
+            params["initial_prompt"] = prompt_tail(job.prompt.strip())
+        if self.word_timestamps:
+            params["word_timestamps"] = "true"
+        if self.vad_filter:
+            params["vad_filter"] = "true"
+        return params
+
+    def _language(self, language: str | None) -> str | None:
+        """Whisper's code for an ISO-639-1 code or tag ("pt-BR" -> "pt", "iw" -> "he"); 400 for one it lacks."""
+        if not language:
+            return None
+        code = re.split(r"[-_]", language.strip().lower())[0]
+        code = _ALIASES.get(code, code)
+        if code not in WHISPER_LANGUAGES:
+            raise UnsupportedError(f"Language '{language}' is not supported by backend '{self.backend.name}'.",
+                                   param="language", code="unsupported_language")
+        return code
+
+    async def _error(self, response: aiohttp.ClientResponse) -> GatewayError:
+        """FastAPI's 422 names the parameter in `detail[].loc`; the rest maps like every HTTP engine."""
+        try:
+            body = await _read_capped(response, MAX_ERROR_BYTES)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        if response.status in (400, 422) and (found := _fastapi_detail(body)):
+            field, message = found
+            param = _CLIENT_FIELDS.get(field)
+            if param:
+                return InvalidRequestError(f"Backend '{self.backend.name}' rejected the request: "
+                                           f"{param}: {message}", param=param, reason="backend_rejected")
+            return UpstreamError(f"Backend '{self.backend.name}' rejected the gateway's '{field}' parameter: "
+                                 f"{message}", reason="backend_rejected", should_retry=False)
+        return error_for(self.backend, response.status, body, response)
+
+    def _transcript(self, body: bytes) -> Transcript:
+        try:
+            parsed = json.loads(body)
+            if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
+                raise ValueError("not a transcript")
+            raw_segments = parsed.get("segments") or []
+            if not isinstance(raw_segments, list):
+                raise ValueError("segments is not a list")
+            segments = tuple(_segment(s) for s in raw_segments)
+        except (ValueError, TypeError, KeyError, IndexError):
+            raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
+                                reason="bad_response") from None
+        language = parsed.get("language")
+        return Transcript(text=parsed["text"].strip(), segments=segments,
+                          language=language if isinstance(language, str) and language else None)
+
+    async def ready(self) -> bool:
+        """GET /openapi.json. The server transcribes on its event loop (1.7+: `async def asr` calls the model
+        directly), so it answers nothing else meanwhile: while this adapter awaits a transcription, the
+        engine is known to be up and is not probed."""
+        if self._in_flight:
+            return True
+        try:
+            async with self.http.get(f"{self.backend.url}/openapi.json", headers=self._headers("readyz"),
+                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
+                return 200 <= r.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        return None
+
+
+def prompt_tail(prompt: str, limit: int = MAX_PROMPT_BYTES) -> str:
+    """The end of `prompt` in at most `limit` bytes of UTF-8 (Whisper keeps the prompt's last tokens)."""
+    raw = prompt.encode()
+    return prompt if len(raw) <= limit else raw[-limit:].decode("utf-8", errors="ignore").lstrip()
+
+
+def _fastapi_detail(body: bytes) -> tuple[str, str] | None:
+    """(parameter, message) from FastAPI's `{"detail": [{"loc": ["query", "language"], "msg": ...}]}`."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(detail, list) or not detail or not isinstance(detail[0], dict):
+        return None
+    loc, msg = detail[0].get("loc"), detail[0].get("msg")
+    if not isinstance(loc, list) or not loc or not isinstance(loc[-1], str):
+        return None
+    text = str(msg) if msg else "invalid value"
+    return loc[-1], text if len(text) <= 200 else text[:200] + "…"
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"not a time: {value!r}")
+    return max(0.0, float(value))
+
+
+def _number(value: Any, default: float) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else default
+
+
+def _segment(raw: Any) -> Segment:
+    """A segment as the server dumps it: an object (faster-whisper >= 1.1 dataclass via asdict, openai-whisper,
+    whisperX), or an array (faster-whisper < 1.1 NamedTuple, server <= 1.6: id, seek, start, end, text,
+    tokens, temperature, avg_logprob, compression_ratio, no_speech_prob, words)."""
+    if isinstance(raw, dict):
+        fields = raw
+    elif isinstance(raw, list) and len(raw) >= 5:
+        names = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                 "compression_ratio", "no_speech_prob", "words")
+        fields = dict(zip(names, raw, strict=False))
+    else:
+        raise ValueError("not a segment")
+    text = fields["text"]
+    if not isinstance(text, str):
+        raise ValueError("segment text is not a string")
+    start = _seconds(fields["start"])
+    return Segment(start=start, end=max(start, _seconds(fields["end"])), text=text.strip(),
+                   words=_words(fields.get("words")),
+                   avg_logprob=_number(fields.get("avg_logprob"), 0.0),
+                   no_speech_prob=_number(fields.get("no_speech_prob"), 0.0),
+                   temperature=_number(fields.get("temperature"), 0.0),
+                   compression_ratio=_number(fields.get("compression_ratio"), 1.0))
+
+
+def _words(raw: Any) -> tuple[Word, ...]:
+    """Words as objects {word, start, end, probability} or arrays [start, end, word, probability]. A word
+    without timings (whisperX leaves digits unaligned) is skipped: the renderers time the text around it."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError("words is not a list")
+    words = []
+    for item in raw:
+        if isinstance(item, dict):
+            word, start, end = item.get("word"), item.get("start"), item.get("end")
+        elif isinstance(item, list) and len(item) >= 3:
+            start, end, word = item[0], item[1], item[2]
+        else:
+            raise ValueError("not a word")
+        if not isinstance(word, str):
+            raise ValueError("word is not a string")
+        try:
+            s = _seconds(start)
+            words.append(Word(word, s, max(s, _seconds(end))))
+        except ValueError:
+            continue
+    return tuple(words)
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or its first `limit` bytes."""
+    body = bytearray()
+    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
+        body += chunk
+    return bytes(body)
