@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from dataclasses import replace
 
 import aiohttp
 
@@ -45,7 +46,8 @@ def serve(path: str, host: str | None, port: int | None) -> int:
         for problem in exc.problems:
             logging.error("%s", problem)
         return 1
-    asyncio.run(server.serve(config, host or config.server.host, port or config.server.port))
+    listen = replace(config.server, host=host or config.server.host, port=port or config.server.port)
+    asyncio.run(server.serve(replace(config, server=listen)))
     return 0
 
 

@@ -94,16 +94,15 @@ async def metering_middleware(request: web.Request, handler: Any) -> web.StreamR
     metrics = request.app.get(METRICS)
     if metrics is not None:
         metrics.in_flight.labels(endpoint).inc()
-    status = 499
+    outcome = request[OUTCOME]
     try:
         response = await handler(request)
-        status = response.status
-        request[OUTCOME].sent(response)
+        outcome.sent(response)
         return response
     finally:
         if metrics is not None:
             metrics.in_flight.labels(endpoint).dec()
-        await asyncio.shield(record(request, endpoint, status))
+        await asyncio.shield(record(request, endpoint, outcome.status or 499))
 
 
 async def record(request: web.Request, endpoint: str, status: int) -> None:

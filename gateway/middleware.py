@@ -44,15 +44,12 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
 async def access_log_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """One JSON line per finished request, also when the client went away (status 499)."""
     outcome = request[OUTCOME] = Outcome(endpoint=request.path)
-    status = 499
-    response: web.StreamResponse | None = None
     try:
         response = await handler(request)
-        status = response.status
+        outcome.sent(response)
         return response
     finally:
-        if response is not None:
-            outcome.sent(response)
+        status = outcome.status or 499  # a client that left before any response: nginx's 499
         identity = request.get(IDENTITY)
         failure = request.get(FAILURE)
         record = {

@@ -29,6 +29,8 @@ class Outcome:
     output_text_chars: int = 0
     """Transcription: characters of transcript text returned."""
     first_byte_at: float | None = None
+    status: int | None = None
+    """The response's status, once a handler produced one (a later disconnect does not change it)."""
     completed: bool = False
     """The answer reached the client whole (for streams: the last chunk was written)."""
     failed_after_first_byte: str | None = None
@@ -41,7 +43,9 @@ class Outcome:
             public_model, backend, native_model, voice)
 
     def sent(self, response: web.StreamResponse) -> None:
-        """Note the body bytes of a response that is not streamed by a handler (sent after the middlewares)."""
+        """Note the status, and the body bytes of a response not streamed by its handler (those are sent
+        after the middlewares)."""
+        self.status = response.status
         if self.bytes_out == 0:
             body = response.body if isinstance(response, web.Response) else None
             self.bytes_out = response.body_length or (len(body) if isinstance(body, bytes) else 0)

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -76,6 +77,8 @@ class Reloader:
         return False
 
     def _warn_restart_only(self, old: Config, new: Config) -> None:
+        # the listen address may come from the command line (--host/--port), not the file
+        new = replace(new, server=replace(new.server, host=old.server.host, port=old.server.port))
         for section in ("server", "metrics", "ledger"):
             if getattr(old, section) != getattr(new, section):
                 log.warning("config reload: changes to '%s' take effect at the next restart", section)

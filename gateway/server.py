@@ -27,7 +27,8 @@ from gateway.reload import RELOADER
 log = logging.getLogger("gateway")
 
 
-async def serve(config: Config, host: str, port: int) -> None:
+async def serve(config: Config) -> None:
+    host, port = config.server.host, config.server.port
     app = build_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, handle_signals=False,
                            shutdown_timeout=1.0)
