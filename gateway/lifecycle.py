@@ -105,8 +105,10 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     """One ClientSession for all backends (no total timeout: streams are bounded per read), and the
     adapters built on it; both closed at shutdown."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
+    # Bodies are relayed as they arrive, never decompressed: ask backends not to compress them.
     http = app[HTTP] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
-                                             auto_decompress=False, trust_env=False)
+                                             auto_decompress=False, trust_env=False,
+                                             headers={"Accept-Encoding": "identity"})
     app[TABLES].swap(Table(app[CONFIG], build_adapters(app[CONFIG], http)))
     try:
         yield

@@ -1,0 +1,233 @@
+"""Deepgram: pre-recorded speech to text (`POST /v1/listen`) and Aura text to speech (`POST /v1/speak`).
+
+Speech to text sends the spooled upload as the raw request body with the client's Content-Type
+(Deepgram sniffs containerized audio itself; no multipart), options as query parameters, and reads
+`results.channels[0].alternatives[0]` (transcript, words) and `results.utterances` (segments).
+Deepgram does not translate, so this backend serves transcriptions only.
+
+Text to speech: an Aura *model* is the voice. The native voice (`job.voice.id`, e.g.
+`aura-2-thalia-en`) is sent as the `model` query parameter; a route model containing `{voice}`
+(e.g. `aura-2-{voice}-en`) is a template the native voice is put into, so the voice table may name
+just `thalia`; any other route model is only a label. All six OpenAI formats are asked for natively
+(`encoding`/`container`/`sample_rate`). Inputs longer than Deepgram's per-request limit are cut at
+sentence ends and spoken piece by piece as 24 kHz PCM, which the gateway encodes. Speed is left to
+the gateway (REST `speed` is an early-access, English-only feature).
+
+Backend keys: `url` (default https://api.deepgram.com; a self-hosted Deepgram works too), `api_key`
+(sent as `Authorization: Token <key>`; omit for self-hosted), `listen_params` (extra query parameters
+for /v1/listen, e.g. `{diarize: true, keyterm: Deepgram}`), `max_input_chars` (default 2000).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
+
+import aiohttp
+
+from gateway.adapters.base import (
+    SPEECH,
+    TRANSCRIPTION,
+    AudioStream,
+    Capabilities,
+    SpeechJob,
+    TranscriptionJob,
+    upstream_errors,
+)
+from gateway.adapters.http_errors import raise_for_status
+from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat, pcm
+from gateway.config import Backend
+from gateway.errors import UpstreamError
+from gateway.transcript import Segment, Transcript, Word
+
+DEFAULT_URL = "https://api.deepgram.com"
+MAX_INPUT_CHARS = 2000
+"""Characters per /v1/speak request (Deepgram's documented REST limit, as far as known)."""
+MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
+_OPTIONS = frozenset({"listen_params", "max_input_chars"})
+# OpenAI response_format -> /v1/speak query (Deepgram's "Audio Format Combinations")
+SPEAK_FORMATS: dict[str, dict[str, str]] = {
+    "mp3": {"encoding": "mp3"},
+    "opus": {"encoding": "opus", "container": "ogg"},
+    "aac": {"encoding": "aac"},
+    "flac": {"encoding": "flac"},
+    "wav": {"encoding": "linear16", "container": "wav", "sample_rate": str(OPENAI_PCM_RATE)},
+    "pcm": {"encoding": "linear16", "container": "none", "sample_rate": str(OPENAI_PCM_RATE)},
+}
+_SENTENCE_END = re.compile(r"[.!?;:\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]*\s+")
+
+
+class DeepgramAdapter:
+    kind: ClassVar[str] = "deepgram"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        tasks=frozenset({SPEECH, TRANSCRIPTION}),
+        speech_formats=frozenset(SPEECH_FORMATS),
+        streams_audio=True,
+        word_timestamps=True,
+        segment_timestamps=True,
+        max_input_chars=4096,  # longer than one /v1/speak request: the adapter cuts it into pieces
+    )
+
+    def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
+        where = f"backends.{backend.name}"
+        unknown = sorted(set(backend.options) - _OPTIONS)
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown key for kind 'deepgram' (known: url, api_key, "
+                             f"timeout_s, connect_timeout_s, {', '.join(sorted(_OPTIONS))})")
+        params = backend.options.get("listen_params") or {}
+        if not isinstance(params, Mapping) or not all(isinstance(v, str | int | float | bool) for v in params.values()):
+            raise ValueError(f"{where}.listen_params: expected a mapping of query parameters to scalar values")
+        self.listen_params = {str(k): _query_value(v) for k, v in params.items()}
+        limit = backend.options.get("max_input_chars", MAX_INPUT_CHARS)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 100:
+            raise ValueError(f"{where}.max_input_chars: expected an integer of at least 100")
+        self.max_input_chars = limit
+        self.backend = backend
+        self.http = http
+        self.url = (backend.url or DEFAULT_URL).removesuffix("/v1")
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
+                                             sock_read=backend.timeouts.read)
+
+    def _headers(self, accept: str, content_type: str | None = None) -> dict[str, str]:
+        # identity: the gateway's session does not decompress, and audio is relayed byte for byte
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if self.backend.api_key:
+            headers["Authorization"] = f"Token {self.backend.api_key}"
+        return headers
+
+    # -- text to speech ------------------------------------------------------------------------------
+
+    async def synthesize(self, job: SpeechJob) -> AudioStream:
+        pieces = split_text(job.input, self.max_input_chars)
+        fmt = job.response_format if len(pieces) == 1 else "pcm"  # pieces of PCM join seamlessly
+        model = job.model.replace("{voice}", job.voice.id) if "{voice}" in job.model else job.voice.id
+        params = {"model": model, **SPEAK_FORMATS[fmt]}
+        first = await self._speak(pieces[0], params)
+        audio_format = pcm(OPENAI_PCM_RATE) if fmt == "pcm" else AudioFormat(fmt)
+        return AudioStream(audio_format, self._audio(first, pieces[1:], params))
+
+    async def _speak(self, text: str, params: dict[str, str]) -> aiohttp.ClientResponse:
+        with upstream_errors(self.backend):
+            response = await self.http.post(f"{self.url}/v1/speak", params=params, json={"text": text},
+                                            headers=self._headers("audio/*", "application/json"),
+                                            timeout=self.timeout)
+        await raise_for_status(self.backend, response)
+        if response.content_type.startswith(("text/", "application/json")):
+            response.release()
+            raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} "
+                                "instead of audio.", reason="bad_response")
+        return response
+
+    async def _audio(self, response: aiohttp.ClientResponse, rest: list[str],
+                     params: dict[str, str]) -> AsyncIterator[bytes]:
+        """The first answer's body as it arrives, then each further piece's, one request at a time."""
+        try:
+            while True:
+                with upstream_errors(self.backend):
+                    async for chunk in response.content.iter_any():
+                        yield chunk
+                response.release()
+                if not rest:
+                    return
+                response = await self._speak(rest.pop(0), params)
+        finally:
+            response.release()
+
+    # -- speech to text ------------------------------------------------------------------------------
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+        params = {"model": job.model, "smart_format": "true", "punctuate": "true", "utterances": "true",
+                  **self.listen_params}
+        if job.language:  # BCP-47; the gateway lower-cases it: pt-br -> pt-BR
+            first, _, region = job.language.replace("_", "-").partition("-")
+            params["language"] = f"{first}-{region.upper() if len(region) == 2 else region}" if region else first
+            params.pop("detect_language", None)
+        elif "language" not in params:
+            params.setdefault("detect_language", "true")
+        content_type = job.upload.content_type
+        if not content_type or content_type.startswith(("application/json", "text/")):
+            content_type = "application/octet-stream"  # a JSON type would ask Deepgram to fetch a URL
+        with upstream_errors(self.backend):
+            response = await self.http.post(f"{self.url}/v1/listen", params=params, data=job.upload.payload(),
+                                            headers=self._headers("application/json", content_type),
+                                            timeout=self.timeout)
+        await raise_for_status(self.backend, response)
+        try:
+            with upstream_errors(self.backend):
+                body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
+        finally:
+            response.release()
+        if response.content_type != "application/json" or len(body) > MAX_TRANSCRIPT_BYTES:
+            raise self._malformed()
+        return self._transcript(body, job.language)
+
+    def _malformed(self) -> UpstreamError:
+        return UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
+                             reason="bad_response")
+
+    def _transcript(self, body: bytes, language: str | None) -> Transcript:
+        try:
+            parsed: Any = json.loads(body)
+            channel = parsed["results"]["channels"][0]
+            best = channel["alternatives"][0]
+            text = best["transcript"]
+            words = _words(best.get("words") or ())
+            segments = tuple(Segment(float(u["start"]), float(u["end"]), str(u["transcript"]).strip(),
+                                     _words(u.get("words") or ()))
+                             for u in parsed["results"].get("utterances") or ())
+            duration = (parsed.get("metadata") or {}).get("duration")
+            duration = None if duration is None else float(duration)
+            detected = channel.get("detected_language")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise self._malformed() from None
+        if not isinstance(text, str):
+            raise self._malformed()
+        return Transcript(text=text.strip(), language=language or (detected if isinstance(detected, str) else None),
+                          duration=duration, segments=segments, words=words)
+
+    async def ready(self) -> bool:
+        """GET /v1/projects: authenticated, free. 403 is a key without management scope, still usable."""
+        try:
+            async with self.http.get(f"{self.url}/v1/projects", headers=self._headers("application/json"),
+                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
+                return r.status < 300 or r.status == 403
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _words(raw: Any) -> tuple[Word, ...]:
+    return tuple(Word(str(w.get("punctuated_word") or w["word"]), float(w["start"]), float(w["end"])) for w in raw)
+
+
+def _query_value(value: str | int | float | bool) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """`text` in pieces of at most `limit` characters: cut after the last sentence end that fits,
+    else at the last space, else hard."""
+    pieces: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        window = rest[: limit + 1]
+        ends = [m.end() for m in _SENTENCE_END.finditer(window) if m.start() < limit]
+        cut = ends[-1] if ends else window.rfind(" ")
+        if cut <= 0:
+            cut = limit
+        pieces.append(rest[:cut].strip())
+        rest = rest[cut:].strip()
+    return [*pieces, rest] if rest or not pieces else pieces
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    body = bytearray()
+    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
+        body += chunk
+    return bytes(body)

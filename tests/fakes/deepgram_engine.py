@@ -1,0 +1,278 @@
+"""A double of Deepgram's REST API (`POST /v1/listen`, `POST /v1/speak`, `GET /v1/projects`) on a real port.
+
+It speaks the wire format of /work/shared/research/native-engines.md section 4: `Authorization: Token`,
+raw audio bodies for /v1/listen with options in the query, JSON `{"text"}` for /v1/speak with the
+audio format in `encoding`/`container`/`sample_rate` (checked against the format combinations, so an
+adapter asking for an impossible one gets Deepgram's 400), errors as `{"err_code", "err_msg",
+"request_id"}` (or `{"category", "message"}`).
+
+Speech is real audio: a 440 Hz tone of `SECONDS_PER_CHAR` per character, encoded with PyAV as the
+query asks (mp3 and aac at 22.05 kHz, Ogg Opus at 48 kHz, FLAC and linear16 at `sample_rate`),
+streamed in `chunk_size` pieces with `chunk_delay` between them. Transcripts are `transcript_text`
+spread over the uploaded audio's real (decoded) duration. `mode` selects a failure (see MODES).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import functools
+import hashlib
+import io
+import json
+import math
+import re
+import time
+import uuid
+from typing import Any, Self
+
+import av
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
+from tests.fakes.openai_engine import Recorded
+
+SECONDS_PER_CHAR = 0.06
+MIN_SECONDS = 0.5
+MAX_CHARS = 2000
+MODES = ("ok", "401", "403", "429", "400", "400_category", "500", "garbage", "hang", "drop_midstream")
+GARBAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+# encoding -> (allowed containers (first: default), allowed sample rates (first: default) or None if fixed,
+#              fixed rate, muxer, codec, content type)
+COMBOS: dict[str, tuple[tuple[str, ...], tuple[int, ...], str, str, str]] = {
+    "linear16": (("wav", "none"), (24_000, 8000, 16_000, 32_000, 48_000), "wav", "pcm_s16le", "audio/wav"),
+    "mp3": (("none",), (22_050,), "mp3", "libmp3lame", "audio/mpeg"),
+    "opus": (("ogg",), (48_000,), "ogg", "libopus", "audio/ogg"),
+    "aac": (("none",), (22_050,), "adts", "aac", "audio/aac"),
+    "flac": (("none",), (48_000, 8000, 16_000, 22_050, 24_000, 32_000), "flac", "flac", "audio/flac"),
+}
+REQUEST_ID = web.RequestKey("deepgram_request_id", str)
+RECORDED = web.RequestKey("deepgram_recorded", Recorded)
+
+
+def speech_seconds(text: str) -> float:
+    return round(max(MIN_SECONDS, SECONDS_PER_CHAR * len(text)), 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _second(rate: int) -> bytes:
+    """One second of a 440 Hz tone (a whole number of periods, so seconds join without a click)."""
+    return array.array("h", (int(8000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(rate))).tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def tone(seconds: float, rate: int, muxer: str, codec: str) -> bytes:
+    """`seconds` of a 440 Hz tone at `rate`, mono, as `muxer`/`codec` ('raw' for headerless s16le)."""
+    n = int(rate * seconds)
+    raw = (_second(rate) * math.ceil(seconds))[: n * 2]
+    if muxer == "raw":
+        return raw
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=muxer) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        for start in range(0, n, 960):
+            piece = raw[start * 2 : (start + 960) * 2]
+            frame = av.AudioFrame(format="s16", layout="mono", samples=len(piece) // 2)
+            frame.planes[0].update(piece)
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def decoded_seconds(data: bytes) -> float:
+    """Seconds of audio in an uploaded file (ValueError if it is not audio)."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.audio[0]
+            return sum(f.samples for f in container.decode(stream)) / stream.codec_context.sample_rate
+    except (av.FFmpegError, IndexError, ZeroDivisionError) as exc:
+        raise ValueError("not audio") from exc
+
+
+def _error(status: int, code: str, message: str, request_id: str, headers: dict[str, str] | None = None,
+           category: bool = False) -> web.Response:
+    body = ({"category": code, "message": message, "details": message, "request_id": request_id} if category
+            else {"err_code": code, "err_msg": message, "request_id": request_id})
+    return web.json_response(body, status=status, headers=headers)
+
+
+class FakeDeepgram:
+    def __init__(self, *, expected_api_key: str | None = None,
+                 transcript_text: str = "Hello there. The quick brown fox jumps over the lazy dog.",
+                 chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
+        self.expected_api_key = expected_api_key
+        self.transcript_text = transcript_text
+        self.chunk_size = chunk_size
+        self.chunk_delay = chunk_delay
+        self.mode = "ok"
+        self.hang_seconds = 3600.0
+        self.requests: list[Recorded] = []
+        self.sent: list[bytes] = []
+        """The audio body of each /v1/speak answer, as sent."""
+        self.finished: list[float] = []
+        """time.monotonic() when each answer's last byte was written."""
+        self.active = 0
+        self.cancelled = 0
+        self.url = ""
+        self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
+        self.app.router.add_post("/v1/listen", self._listen)
+        self.app.router.add_post("/v1/speak", self._speak)
+        self.app.router.add_get("/v1/projects", self._projects)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def last(self) -> Recorded:
+        return self.requests[-1]
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.active += 1
+        try:
+            rid = request[REQUEST_ID] = str(uuid.uuid4())
+            body = await request.read() if request.can_read_body else b""
+            rec = Recorded(request.method, request.path, dict(request.query), CIMultiDict(request.headers), body)
+            if request.content_type == "application/json":
+                rec.json = json.loads(body) if body else None
+            request[RECORDED] = rec
+            self.requests.append(rec)
+            if self.expected_api_key is not None and request.headers.get("Authorization") != \
+                    f"Token {self.expected_api_key}":
+                return _error(401, "INVALID_AUTH", "Invalid credentials.", rid)
+            if self.mode == "401":
+                return _error(401, "INVALID_AUTH", "Invalid credentials.", rid)
+            if self.mode == "403":
+                return _error(403, "INSUFFICIENT_PERMISSIONS", "Project does not have access to the requested model.",
+                              rid)
+            if self.mode == "429":
+                return _error(429, "TOO_MANY_REQUESTS", "Too many requests. Please try again later.", rid,
+                              headers={"Retry-After": "7"})
+            if self.mode == "400":
+                return _error(400, "Bad Request", "Invalid query parameter (fake mode 400).", rid)
+            if self.mode == "400_category":
+                return _error(400, "INVALID_JSON", "Invalid JSON submitted (fake mode 400_category).", rid,
+                              category=True)
+            if self.mode == "500":
+                return _error(500, "INTERNAL_SERVER_ERROR", "Something went wrong.", rid)
+            if self.mode == "garbage":
+                return web.Response(body=GARBAGE, content_type="text/html")
+            if self.mode == "hang":
+                await asyncio.sleep(self.hang_seconds)
+            return await handler(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def _send(self, request: web.Request, content_type: str, body: bytes) -> web.StreamResponse:
+        """`body` in chunks; in drop_midstream mode the first two, then the connection is cut."""
+        size = max(1, self.chunk_size)
+        pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+        dropping = self.mode == "drop_midstream"
+        if dropping:
+            pieces = pieces[: max(1, min(2, len(pieces) - 1))] if len(pieces) > 1 else [body[: len(body) // 2]]
+        resp = web.StreamResponse(headers={"Content-Type": content_type, "dg-request-id": request[REQUEST_ID]})
+        await resp.prepare(request)
+        for i, piece in enumerate(pieces):
+            if i and self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+            await resp.write(piece)
+        self.finished.append(time.monotonic())
+        if dropping:
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def _speak(self, request: web.Request) -> web.StreamResponse:
+        rec, rid, q = request[RECORDED], request[REQUEST_ID], request.query
+        text = rec.json.get("text") if isinstance(rec.json, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            return _error(400, "INVALID_JSON", "Request body must be JSON with a 'text' field.", rid, category=True)
+        if len(text) > MAX_CHARS:
+            return _error(413, "PAYLOAD_TOO_LARGE", f"Text exceeds the {MAX_CHARS} character limit.", rid)
+        if not q.get("model", "aura-asteria-en").startswith("aura-"):
+            return _error(400, "Bad Request", f"No such model: {q['model']}", rid)
+        encoding = q.get("encoding", "linear16")
+        if encoding not in COMBOS:
+            return _error(400, "Bad Request", f"Unsupported encoding: {encoding}", rid)
+        containers, rates, muxer, codec, ctype = COMBOS[encoding]
+        container = q.get("container", containers[0])
+        rate = q.get("sample_rate", str(rates[0]))
+        if container not in containers or ("container" in q and containers == ("none",)):
+            return _error(400, "Bad Request", f"container={container} is not valid for encoding={encoding}", rid)
+        if not rate.isdigit() or int(rate) not in rates or ("sample_rate" in q and len(rates) == 1):
+            return _error(400, "Bad Request", f"sample_rate={rate} is not valid for encoding={encoding}", rid)
+        if container == "none" and encoding == "linear16":
+            muxer, ctype = "raw", "application/octet-stream"
+        audio = await asyncio.to_thread(tone, speech_seconds(text), int(rate), muxer, codec)
+        self.sent.append(audio)
+        return await self._send(request, ctype, audio)
+
+    async def _listen(self, request: web.Request) -> web.StreamResponse:
+        rec, rid, q = request[RECORDED], request[REQUEST_ID], request.query
+        if request.content_type.startswith(("multipart/", "application/json")) or not rec.body:
+            return _error(400, "Bad Request", "failed to process audio: corrupt or unsupported data", rid)
+        try:
+            duration = await asyncio.to_thread(decoded_seconds, rec.body)
+        except ValueError:
+            return _error(400, "Bad Request", "failed to process audio: corrupt or unsupported data", rid)
+        body = json.dumps(self.result(q, rec.body, duration, rid)).encode()
+        return await self._send(request, "application/json", body)
+
+    def result(self, q: Any, audio: bytes, duration: float, rid: str) -> dict[str, Any]:
+        """A /v1/listen answer for `transcript_text` spread evenly over `duration` seconds."""
+        punctuate = q.get("punctuate") == "true" or q.get("smart_format") == "true"
+        raw = self.transcript_text.split()
+        step = duration / max(1, len(raw))
+        words = [{"word": re.sub(r"[^\w']", "", w).lower(), "start": round(i * step, 3),
+                  "end": round((i + 0.8) * step, 3), "confidence": 0.98,
+                  **({"punctuated_word": w} if punctuate else {})} for i, w in enumerate(raw)]
+        transcript = " ".join(w.get("punctuated_word", w["word"]) for w in words)
+        channel: dict[str, Any] = {"alternatives": [{"transcript": transcript, "confidence": 0.98, "words": words}]}
+        if q.get("detect_language") == "true":
+            channel.update(detected_language="en", language_confidence=0.99)
+        results: dict[str, Any] = {"channels": [channel]}
+        if q.get("utterances") == "true":
+            utterances, group = [], []
+            for i, w in enumerate(words):
+                group.append(w)
+                if raw[i][-1] in ".!?" or i == len(words) - 1:
+                    utterances.append({"start": group[0]["start"], "end": group[-1]["end"], "confidence": 0.98,
+                                       "channel": 0, "transcript": " ".join(g.get("punctuated_word", g["word"])
+                                                                            for g in group),
+                                       "words": group, "speaker": 0, "id": str(uuid.uuid4())})
+                    group = []
+            results["utterances"] = utterances
+        metadata = {"transaction_key": "deprecated", "request_id": rid, "sha256": hashlib.sha256(audio).hexdigest(),
+                    "created": "2026-01-01T00:00:00.000Z", "duration": round(duration, 3), "channels": 1,
+                    "models": ["30089e05-99d1-4376-b32e-c263170674af"],
+                    "model_info": {"30089e05-99d1-4376-b32e-c263170674af": {
+                        "name": "general-nova-3", "version": "2025-01-01.0", "arch": "nova-3"}}}
+        return {"metadata": metadata, "results": results}
+
+    async def _projects(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"projects": [{"project_id": "3d0d2b28-8b83-4b1d-9b6e-2b2f7e0c6f11",
+                                                "name": "Gateway tests"}]})
