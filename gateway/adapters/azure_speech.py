@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 from xml.sax.saxutils import escape
 
@@ -39,7 +39,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_errors import raise_for_status
+from gateway.adapters.http_engine import raise_for_status, read_transcript, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import UpstreamError
@@ -47,7 +47,6 @@ from gateway.transcript import Segment, Transcript, Word
 
 API_VERSION = "2024-11-15"
 USER_AGENT = "openai-audio-gateway"
-MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 OUTPUT_FORMATS = {
     "mp3": "audio-24khz-96kbitrate-mono-mp3",
     "opus": "ogg-24khz-16bit-mono-opus",
@@ -145,15 +144,7 @@ class AzureSpeechAdapter:
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} "
                                 "instead of audio.", reason="bad_response")
         audio = pcm(OPENAI_PCM_RATE) if fmt == "pcm" else AudioFormat(fmt)
-        return AudioStream(audio, self._body(response), speed_applied=True)
-
-    async def _body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        try:
-            with upstream_errors(self.backend):
-                async for chunk in response.content.iter_any():
-                    yield chunk
-        finally:
-            response.release()
+        return AudioStream(audio, stream_body(self.backend, response), speed_applied=True)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
         definition = dict(self.definition)
@@ -170,12 +161,8 @@ class AzureSpeechAdapter:
                                             headers=self._headers(Accept="application/json"),
                                             timeout=self.timeout)
         await raise_for_status(self.backend, response)
-        try:
-            with upstream_errors(self.backend):
-                body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
-        finally:
-            response.release()
-        if response.content_type != "application/json" or len(body) > MAX_TRANSCRIPT_BYTES:
+        body = await read_transcript(self.backend, response)
+        if response.content_type != "application/json":
             raise self._malformed()
         return self._transcript(body, job.language)
 
@@ -230,11 +217,3 @@ def _s(milliseconds: Any) -> float:
     if isinstance(milliseconds, bool) or not isinstance(milliseconds, int | float):
         raise TypeError("expected milliseconds")
     return milliseconds / 1000
-
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    body = bytearray()
-    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
-        body += chunk
-    return bytes(body)

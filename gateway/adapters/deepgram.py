@@ -36,7 +36,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_errors import raise_for_status
+from gateway.adapters.http_engine import raise_for_status, read_transcript, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import UpstreamError
@@ -45,7 +45,6 @@ from gateway.transcript import Segment, Transcript, Word
 DEFAULT_URL = "https://api.deepgram.com"
 MAX_INPUT_CHARS = 2000
 """Characters per /v1/speak request (Deepgram's documented REST limit, as far as known)."""
-MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 _OPTIONS = frozenset({"listen_params", "max_input_chars"})
 # OpenAI response_format -> /v1/speak query (Deepgram's "Audio Format Combinations")
 SPEAK_FORMATS: dict[str, dict[str, str]] = {
@@ -125,17 +124,12 @@ class DeepgramAdapter:
     async def _audio(self, response: aiohttp.ClientResponse, rest: list[str],
                      params: dict[str, str]) -> AsyncIterator[bytes]:
         """The first answer's body as it arrives, then each further piece's, one request at a time."""
-        try:
-            while True:
-                with upstream_errors(self.backend):
-                    async for chunk in response.content.iter_any():
-                        yield chunk
-                response.release()
-                if not rest:
-                    return
-                response = await self._speak(rest.pop(0), params)
-        finally:
-            response.release()
+        while True:
+            async for chunk in stream_body(self.backend, response):
+                yield chunk
+            if not rest:
+                return
+            response = await self._speak(rest.pop(0), params)
 
     # -- speech to text ------------------------------------------------------------------------------
 
@@ -156,12 +150,8 @@ class DeepgramAdapter:
                                             headers=self._headers("application/json", content_type),
                                             timeout=self.timeout)
         await raise_for_status(self.backend, response)
-        try:
-            with upstream_errors(self.backend):
-                body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
-        finally:
-            response.release()
-        if response.content_type != "application/json" or len(body) > MAX_TRANSCRIPT_BYTES:
+        body = await read_transcript(self.backend, response)
+        if response.content_type != "application/json":
             raise self._malformed()
         return self._transcript(body, job.language)
 
@@ -224,10 +214,3 @@ def split_text(text: str, limit: int) -> list[str]:
         pieces.append(rest[:cut].strip())
         rest = rest[cut:].strip()
     return [*pieces, rest] if rest or not pieces else pieces
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    body = bytearray()
-    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
-        body += chunk
-    return bytes(body)

@@ -15,7 +15,7 @@ every speech request), `optimize_streaming_latency` (0-4), `enable_logging` (fal
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -30,7 +30,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_errors import error_for
+from gateway.adapters.http_engine import error_for, read_transcript, stream_body
 from gateway.audio.formats import AudioFormat, pcm
 from gateway.audio.transcripts import WORD_PUNCT
 from gateway.config import Backend
@@ -46,7 +46,6 @@ OUTPUT_FORMATS: Mapping[str, tuple[str, AudioFormat]] = {
     "pcm": (PCM_FORMAT, pcm(24_000)),
 }
 """OpenAI response_format -> ElevenLabs output_format whose bytes are already that format."""
-MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 _MAX_ERROR_BODY = 65_536
 _VOICE_SETTINGS = {"stability": float, "similarity_boost": float, "style": float, "use_speaker_boost": bool}
 _OPTIONS = {"voice_settings", "optimize_streaming_latency", "enable_logging"}
@@ -110,15 +109,7 @@ class ElevenLabsAdapter:
             response.release()
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} instead of "
                                 "audio.", reason="bad_response")
-        return AudioStream(audio_format, self._body(response), speed_applied=True)
-
-    async def _body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        try:
-            with upstream_errors(self.backend):
-                async for chunk in response.content.iter_any():
-                    yield chunk
-        finally:
-            response.release()
+        return AudioStream(audio_format, stream_body(self.backend, response), speed_applied=True)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
         form = aiohttp.FormData(quote_fields=False)
@@ -135,19 +126,15 @@ class ElevenLabsAdapter:
             response = await self.http.post(f"{self.url}/v1/speech-to-text", params=self.query, data=form,
                                             headers=self._headers(), timeout=self.timeout)
         await self._raise_for_status(response)
-        try:
-            with upstream_errors(self.backend):
-                body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
-        finally:
-            response.release()
-        transcript = _transcript(body) if len(body) <= MAX_TRANSCRIPT_BYTES else None
+        body = await read_transcript(self.backend, response)
+        transcript = _transcript(body)
         if transcript is None:
             raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
                                 reason="bad_response")
         return transcript
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
-        """The shared mapping (http_errors), plus ElevenLabs' quota status and its field names."""
+        """The shared mapping (http_engine), plus ElevenLabs' quota status and its field names."""
         if response.status < 300:
             return
         try:
@@ -249,10 +236,3 @@ def _transcript(body: bytes) -> Transcript | None:
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or its first `limit` bytes."""
-    body = bytearray()
-    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
-        body += chunk
-    return bytes(body)

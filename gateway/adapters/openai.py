@@ -7,7 +7,6 @@ the upload is sent from the spool in chunks, speech audio is relayed as it arriv
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import aiohttp
@@ -23,13 +22,12 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_errors import raise_for_status
+from gateway.adapters.http_engine import raise_for_status, read_transcript, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
 from gateway.errors import UpstreamError
 from gateway.transcript import Transcript
 
-MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 _JSON_FORMATS = ("json", "verbose_json", "diarized_json")
 
 
@@ -79,16 +77,8 @@ class OpenAIAdapter:
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {ctype} instead of audio.",
                                 reason="bad_response")
         rate = OPENAI_PCM_RATE if job.response_format == "pcm" else None
-        return AudioStream(AudioFormat(job.response_format, rate), self._body(response),
+        return AudioStream(AudioFormat(job.response_format, rate), stream_body(self.backend, response),
                            speed_applied=True, sse=sse)
-
-    async def _body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        try:
-            with upstream_errors(self.backend):
-                async for chunk in response.content.iter_any():
-                    yield chunk
-        finally:
-            response.release()
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript | Passthrough:
         form = aiohttp.FormData(quote_fields=False)
@@ -103,14 +93,8 @@ class OpenAIAdapter:
                                             headers=self._headers(job.request_id, "application/json"))
         await raise_for_status(self.backend, response)
         if job.stream and response.content_type == "text/event-stream":
-            return Passthrough("text/event-stream", chunks=self._body(response))
-        try:
-            with upstream_errors(self.backend):
-                body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
-        finally:
-            response.release()
-        if len(body) > MAX_TRANSCRIPT_BYTES:
-            raise UpstreamError(f"Backend '{self.backend.name}' sent an oversized transcript.", reason="bad_response")
+            return Passthrough("text/event-stream", chunks=stream_body(self.backend, response))
+        body = await read_transcript(self.backend, response)
         return Passthrough(self._check_transcript(job.response_format, body, response.content_type), body=body)
 
     def _fields(self, job: TranscriptionJob) -> list[tuple[str, str]]:
@@ -151,10 +135,3 @@ class OpenAIAdapter:
     async def aclose(self) -> None:
         return None
 
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or its first `limit` bytes (`content.read(n)` returns after one socket read)."""
-    body = bytearray()
-    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
-        body += chunk
-    return bytes(body)

@@ -32,13 +32,12 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_errors import error_for
+from gateway.adapters.http_engine import error_for, read_capped, read_transcript
 from gateway.audio.transcripts import LANGUAGES
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError
 from gateway.transcript import Segment, Transcript, Word
 
-MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 MAX_ERROR_BYTES = 65_536
 MAX_PROMPT_BYTES = 2048
 """Whisper conditions on the last 223 prompt tokens only; the tail kept here (~2 KB of UTF-8) holds more than
@@ -100,17 +99,14 @@ class WhisperAsrAdapter:
             with upstream_errors(self.backend):
                 response = await self.http.post(f"{self.backend.url}/asr", params=params, data=form,
                                                 timeout=self.timeout, headers=self._headers(job.request_id))
-            try:
-                if response.status >= 300:
+            if response.status >= 300:
+                try:
                     raise await self._error(response)
-                with upstream_errors(self.backend):
-                    body = await _read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
-            finally:
-                response.release()
+                finally:
+                    response.release()
+            body = await read_transcript(self.backend, response)
         finally:
             self._in_flight -= 1
-        if len(body) > MAX_TRANSCRIPT_BYTES:
-            raise UpstreamError(f"Backend '{self.backend.name}' sent an oversized transcript.", reason="bad_response")
         return self._transcript(body)
 
     def params(self, job: TranscriptionJob) -> dict[str, str]:
@@ -142,7 +138,7 @@ class WhisperAsrAdapter:
     async def _error(self, response: aiohttp.ClientResponse) -> GatewayError:
         """FastAPI's 422 names the parameter in `detail[].loc`; the rest maps like every HTTP engine."""
         try:
-            body = await _read_capped(response, MAX_ERROR_BYTES)
+            body = await read_capped(response, MAX_ERROR_BYTES)
         except (aiohttp.ClientError, TimeoutError):
             body = b""
         if response.status in (400, 422) and (found := _fastapi_detail(body)):
@@ -268,10 +264,3 @@ def _words(raw: Any) -> tuple[Word, ...]:
             continue
     return tuple(words)
 
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or its first `limit` bytes."""
-    body = bytearray()
-    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
-        body += chunk
-    return bytes(body)

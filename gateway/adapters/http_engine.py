@@ -1,4 +1,5 @@
-"""An HTTP engine's error status mapped onto gateway errors, the same way for every HTTP adapter.
+"""What every HTTP engine adapter shares: bodies streamed or read to a cap under the transport-error
+mapping, and an engine's error status mapped onto gateway errors the same way for every engine:
 
     engine 401/403  -> 502, "the gateway's credential for backend X was refused" (never the credential)
     engine 429      -> 429 with the engine's Retry-After (at least 1 s)
@@ -10,10 +11,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 
+from gateway.adapters.base import upstream_errors
 from gateway.config import Backend
 from gateway.errors import (
     GatewayError,
@@ -24,6 +27,7 @@ from gateway.errors import (
 )
 
 _MAX_ERROR_BODY = 65_536
+MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 
 
 def _message(body: bytes) -> tuple[str | None, str | None]:
@@ -92,9 +96,39 @@ async def raise_for_status(backend: Backend, response: aiohttp.ClientResponse) -
     if response.status < 300:
         return
     try:
-        body = await response.content.read(_MAX_ERROR_BODY)
+        body = await read_capped(response, _MAX_ERROR_BODY)
     except (aiohttp.ClientError, TimeoutError):
         body = b""
     finally:
         response.release()
     raise error_for(backend, response.status, body, response)
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or its first `limit` bytes (`content.read(n)` returns after one socket read)."""
+    body = bytearray()
+    while len(body) < limit and (chunk := await response.content.read(limit - len(body))):
+        body += chunk
+    return bytes(body)
+
+
+async def read_transcript(backend: Backend, response: aiohttp.ClientResponse) -> bytes:
+    """A 2xx transcript body, whole; released afterwards. Larger than MAX_TRANSCRIPT_BYTES is garbage."""
+    try:
+        with upstream_errors(backend):
+            body = await read_capped(response, MAX_TRANSCRIPT_BYTES + 1)
+    finally:
+        response.release()
+    if len(body) > MAX_TRANSCRIPT_BYTES:
+        raise UpstreamError(f"Backend '{backend.name}' sent an oversized transcript.", reason="bad_response")
+    return body
+
+
+async def stream_body(backend: Backend, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """A body chunk by chunk as it arrives, transport failures mapped; released when done or closed."""
+    try:
+        with upstream_errors(backend):
+            async for chunk in response.content.iter_any():
+                yield chunk
+    finally:
+        response.release()
