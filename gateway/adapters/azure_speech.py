@@ -39,7 +39,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_engine import raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import UpstreamError
@@ -202,12 +202,7 @@ class AzureSpeechAdapter:
 
     async def ready(self) -> bool:
         """GET the voice list with the key: authenticated and free."""
-        try:
-            async with self.http.get(f"{self.tts_url}/cognitiveservices/voices/list", headers=self._headers(),
-                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
-                return r.status < 300
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await probe(self.backend, self.http, f"{self.tts_url}/cognitiveservices/voices/list", self._headers())
 
     async def aclose(self) -> None:
         return None

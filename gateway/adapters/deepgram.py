@@ -36,7 +36,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_engine import raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import UpstreamError
@@ -181,12 +181,8 @@ class DeepgramAdapter:
 
     async def ready(self) -> bool:
         """GET /v1/projects: authenticated, free. 403 is a key without management scope, still usable."""
-        try:
-            async with self.http.get(f"{self.url}/v1/projects", headers=self._headers("application/json"),
-                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
-                return r.status < 300 or r.status == 403
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await probe(self.backend, self.http, f"{self.url}/v1/projects", self._headers("application/json"),
+                           up=lambda status: status < 300 or status == 403)
 
     async def aclose(self) -> None:
         return None

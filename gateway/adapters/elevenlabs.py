@@ -30,7 +30,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_engine import error_for, read_transcript, stream_body
+from gateway.adapters.http_engine import error_for, probe, read_transcript, stream_body
 from gateway.audio.formats import AudioFormat, pcm
 from gateway.audio.transcripts import WORD_PUNCT
 from gateway.config import Backend
@@ -154,12 +154,7 @@ class ElevenLabsAdapter:
 
     async def ready(self) -> bool:
         """GET /v1/voices with the backend's key: free, and fails when the key is refused."""
-        try:
-            async with self.http.get(f"{self.url}/v1/voices", headers=self._headers(),
-                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
-                return 200 <= r.status < 300
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await probe(self.backend, self.http, f"{self.url}/v1/voices", self._headers())
 
     async def aclose(self) -> None:
         return None

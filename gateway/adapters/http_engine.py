@@ -11,7 +11,7 @@ mapping, and an engine's error status mapped onto gateway errors the same way fo
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -132,3 +132,13 @@ async def stream_body(backend: Backend, response: aiohttp.ClientResponse) -> Asy
                 yield chunk
     finally:
         response.release()
+
+
+async def probe(backend: Backend, http: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                up: Callable[[int], bool] = lambda status: 200 <= status < 300) -> bool:
+    """A readiness GET that never bills: True when it answers in time with a status `up` accepts."""
+    try:
+        async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=backend.timeouts.connect)) as r:
+            return up(r.status)
+    except (aiohttp.ClientError, TimeoutError):
+        return False

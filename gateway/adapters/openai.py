@@ -22,7 +22,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_engine import raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
 from gateway.errors import UpstreamError
@@ -125,12 +125,8 @@ class OpenAIAdapter:
         return "text/plain; charset=utf-8"
 
     async def ready(self) -> bool:
-        try:
-            async with self.http.get(f"{self.backend.url}/models", headers=self._headers("readyz", "*/*"),
-                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
-                return r.status < 500
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await probe(self.backend, self.http, f"{self.backend.url}/models", self._headers("readyz", "*/*"),
+                           up=lambda status: status < 500)
 
     async def aclose(self) -> None:
         return None

@@ -32,7 +32,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
     upstream_errors,
 )
-from gateway.adapters.http_engine import error_for, read_capped, read_transcript
+from gateway.adapters.http_engine import error_for, probe, read_capped, read_transcript
 from gateway.audio.transcripts import LANGUAGES
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError
@@ -173,12 +173,7 @@ class WhisperAsrAdapter:
         engine is known to be up and is not probed."""
         if self._in_flight:
             return True
-        try:
-            async with self.http.get(f"{self.backend.url}/openapi.json", headers=self._headers("readyz"),
-                                     timeout=aiohttp.ClientTimeout(total=self.backend.timeouts.connect)) as r:
-                return 200 <= r.status < 300
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await probe(self.backend, self.http, f"{self.backend.url}/openapi.json", self._headers("readyz"))
 
     async def aclose(self) -> None:
         return None
