@@ -1,21 +1,28 @@
 """The usage ledger: one JSON record per finished request, written off the event loop.
 
-Records go through a queue to a listener thread (the standard library's QueueHandler and
-QueueListener), which writes them as JSON lines to a size-rotated file or to stdout. Writing a
-record is a non-blocking put; the disk is touched only by the listener thread.
+A record is serialized and appended to an in-memory queue (a non-blocking append); a writer thread
+wakes every FLUSH_INTERVAL seconds and writes whatever has accumulated in one write and one flush, to
+a size-rotated file (rotated by the standard library's RotatingFileHandler) or to stdout. The disk is
+touched only by that thread. Batching matters: a thread woken, and a file flushed, for every record
+contends for the GIL with the event loop on each request (measured: ~15 % of throughput on small
+requests; see tests/perf/test_metering_overhead.py).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
 import logging.handlers
-import queue
 import sys
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Ledger
+
+log = logging.getLogger("gateway.ledger")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,28 +45,66 @@ class UsageRecord:
     completed: bool
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+
+
 class LedgerWriter:
+    FLUSH_INTERVAL = 0.1
+    """Seconds between two writes of the accumulated records (also the most a record waits)."""
+
     def __init__(self, config: Ledger) -> None:
-        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._logger = logging.Logger(f"gateway.ledger.{id(self)}")  # private: never propagates to root
-        self._logger.addHandler(logging.handlers.QueueHandler(self._queue))
-        target: logging.Handler
+        self._lines: collections.deque[str] = collections.deque()  # append/popleft are thread-safe
+        self._file: logging.handlers.RotatingFileHandler | None = None
+        self._max_bytes = config.max_bytes if config.backups > 0 else 0  # no backups: never rotate
+        self._size = 0
         if config.sink == "file":
             path = Path(config.path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            target = logging.handlers.RotatingFileHandler(path, maxBytes=config.max_bytes,
-                                                          backupCount=config.backups, encoding="utf-8")
-        else:
-            target = logging.StreamHandler(sys.stdout)
-        target.setFormatter(logging.Formatter("%(message)s"))
-        self._target = target
-        self._listener = logging.handlers.QueueListener(self._queue, target)
-        self._listener.start()
+            self._file = logging.handlers.RotatingFileHandler(path, maxBytes=config.max_bytes,
+                                                              backupCount=config.backups, encoding="utf-8")
+            self._size = path.stat().st_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="usage-ledger", daemon=True)
+        self._thread.start()
 
     def write(self, record: UsageRecord) -> None:
-        self._logger.info(json.dumps(asdict(record), separators=(",", ":")))
+        # The fields are all scalars: a plain dict, not dataclasses.asdict's recursive deep copy. ASCII
+        # only (json.dumps' default), so a line's length in characters is its length in bytes.
+        self._lines.append(json.dumps({f: getattr(record, f) for f in _FIELDS}, separators=(",", ":")) + "\n")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.FLUSH_INTERVAL):
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        batch: list[str] = []
+        try:
+            while self._lines:
+                line = self._lines.popleft()
+                if self._file is not None and self._max_bytes and self._size and \
+                        self._size + len(line) > self._max_bytes:
+                    self._flush(batch)  # the file is full: what came before goes in it, then rotate
+                    self._file.doRollover()
+                    self._size = 0
+                self._size += len(line)
+                batch.append(line)
+            self._flush(batch)
+        except Exception:
+            log.exception("writing the usage ledger failed; %d records dropped", len(batch))
+            batch.clear()
+
+    def _flush(self, batch: list[str]) -> None:
+        if not batch:
+            return
+        stream = self._file.stream if self._file is not None else sys.stdout
+        stream.write("".join(batch))
+        stream.flush()
+        batch.clear()
 
     def close(self) -> None:
-        """Flush every queued record and stop the listener thread."""
-        self._listener.stop()
-        self._target.close()
+        """Write every record still queued and stop the writer thread."""
+        self._stop.set()
+        self._thread.join()
+        if self._file is not None:
+            self._file.close()
