@@ -89,7 +89,8 @@ def endpoint_of(request: web.Request) -> str:
 @web.middleware
 async def metering_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Counts the request in flight, then bills and records it once it is over, whatever happened.
-    The recording is shielded, so a client disconnect cannot cut it short or skip it."""
+    Measuring encoded speech output takes a worker thread; that wait is shielded, so a client
+    disconnect cannot cut the recording short or skip it. Everything else records synchronously."""
     endpoint = endpoint_of(request)
     metrics = request.app.get(METRICS)
     if metrics is not None:
@@ -102,13 +103,25 @@ async def metering_middleware(request: web.Request, handler: Any) -> web.StreamR
     finally:
         if metrics is not None:
             metrics.in_flight.labels(endpoint).dec()
-        await asyncio.shield(record(request, endpoint, outcome.status or 499))
+        meter = outcome.meter
+        if meter is not None and meter.needs_decoding:
+            await asyncio.shield(measure_then_record(request, endpoint, outcome.status or 499))
+        else:
+            if meter is not None:
+                outcome.output_audio_seconds = meter.pcm_seconds()
+            record(request, endpoint, outcome.status or 499)
 
 
-async def record(request: web.Request, endpoint: str, status: int) -> None:
+async def measure_then_record(request: web.Request, endpoint: str, status: int) -> None:
     outcome: Outcome = request[OUTCOME]
-    if outcome.meter is not None:
-        outcome.output_audio_seconds = await outcome.meter.seconds()
+    assert outcome.meter is not None
+    outcome.output_audio_seconds = await outcome.meter.seconds()
+    record(request, endpoint, status)
+
+
+def record(request: web.Request, endpoint: str, status: int) -> None:
+    """Bill the finished request once, then count it in the metrics and write its ledger record."""
+    outcome: Outcome = request[OUTCOME]
     identity = request.get(IDENTITY)
     tenant = identity.tenant if identity else ""
     model = outcome.public_model or ""

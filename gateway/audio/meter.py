@@ -61,10 +61,18 @@ class AudioMeter:
             except (ValueError, AttributeError, TypeError):
                 continue
 
+    @property
+    def needs_decoding(self) -> bool:
+        """Whether `seconds()` has to demux encoded audio (in a worker thread)."""
+        return self._spool is not None
+
+    def pcm_seconds(self) -> float:
+        return self.raw_bytes / _PCM_BYTES_PER_SECOND
+
     async def seconds(self) -> float:
         """Seconds of audio recorded so far; closes the spool."""
         if self._spool is None:
-            return self.raw_bytes / _PCM_BYTES_PER_SECOND
+            return self.pcm_seconds()
         spool, self._spool = self._spool, None
         try:
             return await asyncio.to_thread(encoded_seconds, spool) if self.raw_bytes else 0.0
