@@ -93,10 +93,14 @@ def probe_duration(file: BinaryIO) -> float:
     return seconds
 
 
+_OPEN_OPTIONS = {"analyzeduration": "0", "probesize": "65536"}
+
+
 def _frames(file: BinaryIO) -> Iterator[av.AudioFrame]:
     """The first audio stream's frames, from the start of `file`; damaged packets are skipped."""
     file.seek(0)
-    with av.open(file, "r", metadata_errors="ignore") as container:
+    # Every frame is decoded below anyway, so FFmpeg need not analyze seconds of audio up front.
+    with av.open(file, "r", metadata_errors="ignore", options=_OPEN_OPTIONS) as container:
         if not container.streams.audio:
             raise undecodable()
         stream = container.streams.audio[0]
