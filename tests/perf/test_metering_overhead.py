@@ -3,8 +3,9 @@ metrics disabled and the ledger off, in the same run, against the same engine do
 
 Run: .venv/bin/python -m pytest tests/perf/test_metering_overhead.py -q -s -p no:cacheprovider
 
-The load is small requests, where the per-request bookkeeping weighs most: 3 of 4 are short pcm speech
-(0.5 s of audio), 1 of 4 a small json transcription. The two configurations are measured alternately
+The load is small requests, where the per-request bookkeeping weighs most: 3 of 4 are short speech (0.5 s of
+audio: pcm, measured by its length, or mp3, which is demuxed to measure it), 1 of 4 a small json
+transcription. The two configurations are measured alternately
 (ON OFF, OFF ON, ...) so drift on the machine hits both. The gateway, the double and the load generator
 share one process, so the double's own work dilutes the figure a little; it is the same in both.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine
@@ -38,8 +40,8 @@ WARMUP = 300
 UPLOAD = make_wav(0.25)
 
 
-def mixed_sender(base_url: str) -> Callable[[aiohttp.ClientSession], Any]:
-    """3 short pcm speech requests, then a small json transcription, over and over."""
+def mixed_sender(base_url: str, fmt: str) -> Callable[[aiohttp.ClientSession], Any]:
+    """3 short speech requests in `fmt`, then a small json transcription, over and over."""
     counter = itertools.count()
 
     def send(session: aiohttp.ClientSession) -> Any:
@@ -49,14 +51,16 @@ def mixed_sender(base_url: str) -> Callable[[aiohttp.ClientSession], Any]:
             form.add_field("response_format", "json")
             form.add_field("file", UPLOAD, filename="a.wav", content_type="audio/wav")
             return session.post(base_url + "/audio/transcriptions", data=form, headers=AUTH)
-        body = {"model": "tts-1", "voice": "nova", "input": "Hi there.", "response_format": "pcm"}
+        body = {"model": "tts-1", "voice": "nova", "input": "Hi there.", "response_format": fmt}
         return session.post(base_url + "/audio/speech", json=body, headers=AUTH)
 
     return send
 
 
+@pytest.mark.parametrize("fmt", ["pcm", "mp3"])
 def test_metering_overhead(servers: ServerThread, make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine,
-                           tmp_path: Path) -> None:
+                           tmp_path: Path, fmt: str) -> None:
+    """pcm output is measured by its length; mp3 has to be demuxed to know its duration."""
     ledger = tmp_path / "usage.jsonl"
     gateways = {
         "ON  (metrics + file ledger)": make_gateway(metered_config(engine.url, tmp_path / "spool", ledger_path=ledger)),
@@ -65,7 +69,7 @@ def test_metering_overhead(servers: ServerThread, make_gateway: Callable[[str], 
     }
     on_label, off_label = list(gateways)
     for label, gateway in gateways.items():
-        warm = run_load(mixed_sender(gateway.base_url), WARMUP, CONCURRENCY)
+        warm = run_load(mixed_sender(gateway.base_url, fmt), WARMUP, CONCURRENCY)
         assert warm.errors == 0, label
 
     results: dict[str, list[LoadResult]] = {label: [] for label in gateways}
@@ -75,7 +79,7 @@ def test_metering_overhead(servers: ServerThread, make_gateway: Callable[[str], 
         order = [on_label, off_label] if round_ % 2 == 0 else [off_label, on_label]
         for label in order:
             cpu_before = time.process_time()
-            result = run_load(mixed_sender(gateways[label].base_url), REQUESTS, CONCURRENCY)
+            result = run_load(mixed_sender(gateways[label].base_url, fmt), REQUESTS, CONCURRENCY)
             cpu[label].append((time.process_time() - cpu_before) / REQUESTS)
             assert result.errors == 0, (label, result.errors)
             results[label].append(result)
@@ -94,7 +98,7 @@ def test_metering_overhead(servers: ServerThread, make_gateway: Callable[[str], 
         per_round = " ".join(f"{r.rps:.0f}" for r in runs)
         rows.append([label, ROUNDS * REQUESTS, round(rps, 1), per_round, median([r.p50_ms for r in runs]),
                      round(median(cpu[label]) * 1e6, 1)])
-    print_table("Metering overhead (3:1 pcm speech : json transcription, small)",
+    print_table(f"Metering overhead (3:1 {fmt} speech : json transcription, small)",
                 ["configuration", "requests", "req/s", "req/s per round", "p50 ms", "CPU us/req"], rows,
                 note=f"throughput: {overhead:+.1f} % fewer requests per second with metering on (median of "
                      f"{ROUNDS} paired rounds; target < 5 %)\n"
