@@ -121,3 +121,12 @@ def test_shipped_configs_are_valid() -> None:
                                 text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "x",
                                                             "DEMO_KEY": "y"})
         assert result.returncode == 0, (path, result.stderr)
+
+
+def test_unknown_backend_option_is_refused_by_path(tmp_path: Path) -> None:
+    """A typo (timeout instead of timeout_s) must not be silently ignored."""
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(VALID.replace("timeout_s: 120", "timeout: 120"))
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 1
+    assert "backends.speaches.timeout: unknown option for kind 'openai'" in result.stderr

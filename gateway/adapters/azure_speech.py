@@ -37,6 +37,7 @@ from gateway.adapters.base import (
     Capabilities,
     SpeechJob,
     TranscriptionJob,
+    check_options,
     upstream_errors,
 )
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
@@ -91,10 +92,7 @@ class AzureSpeechAdapter:
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         where, opts = f"backends.{backend.name}", backend.options
-        unknown = sorted(set(opts) - _OPTIONS)
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: unknown key for kind 'azure_speech' (known: url, api_key, "
-                             f"timeout_s, connect_timeout_s, {', '.join(sorted(_OPTIONS))})")
+        check_options(backend, _OPTIONS)
         region = opts.get("region")
         if region is not None and not (isinstance(region, str) and _REGION.match(region)):
             raise ValueError(f"{where}.region: expected an Azure region name such as 'westeurope'")

@@ -9,7 +9,7 @@ first chunk) are ordinary OpenAI errors; see `gateway.streaming` for what happen
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -125,6 +125,15 @@ class Adapter(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def check_options(backend: Backend, known: Collection[str]) -> None:
+    """Refuse YAML keys a kind does not know, by path (a typo must not be silently ignored)."""
+    unknown = sorted(set(backend.options) - set(known))
+    if unknown:
+        listed = ", ".join(["url", "api_key", "timeout_s", "connect_timeout_s", *sorted(known)])
+        raise ValueError(f"backends.{backend.name}.{unknown[0]}: unknown option for kind '{backend.kind}' "
+                         f"(known: {listed})")
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from gateway.adapters.base import (
     Capabilities,
     SpeechJob,
     TranscriptionJob,
+    check_options,
     upstream_errors,
 )
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
@@ -71,10 +72,7 @@ class DeepgramAdapter:
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         where = f"backends.{backend.name}"
-        unknown = sorted(set(backend.options) - _OPTIONS)
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]}: unknown key for kind 'deepgram' (known: url, api_key, "
-                             f"timeout_s, connect_timeout_s, {', '.join(sorted(_OPTIONS))})")
+        check_options(backend, _OPTIONS)
         params = backend.options.get("listen_params") or {}
         if not isinstance(params, Mapping) or not all(isinstance(v, str | int | float | bool) for v in params.values()):
             raise ValueError(f"{where}.listen_params: expected a mapping of query parameters to scalar values")

@@ -28,6 +28,7 @@ from gateway.adapters.base import (
     Capabilities,
     SpeechJob,
     TranscriptionJob,
+    check_options,
     upstream_errors,
 )
 from gateway.adapters.http_engine import error_for, probe, read_transcript, stream_body
@@ -163,10 +164,7 @@ class ElevenLabsAdapter:
 def _options(backend: Backend) -> tuple[dict[str, Any], dict[str, str]]:
     """(voice_settings for every speech request, query parameters for every request) from the backend's options."""
     path = f"backends.{backend.name}"
-    unknown = sorted(set(backend.options) - _OPTIONS)
-    if unknown:
-        raise ValueError(f"{path}.{unknown[0]}: unknown option for kind 'elevenlabs' "
-                         f"(expected one of {sorted(_OPTIONS)})")
+    check_options(backend, _OPTIONS)
     raw = backend.options.get("voice_settings") or {}
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}.voice_settings: expected a mapping")

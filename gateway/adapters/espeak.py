@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import aiohttp
 
-from gateway.adapters.base import SPEECH, AudioStream, Capabilities, SpeechJob, TranscriptionJob
+from gateway.adapters.base import SPEECH, AudioStream, Capabilities, SpeechJob, TranscriptionJob, check_options
 from gateway.audio.formats import pcm
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError
@@ -217,6 +217,7 @@ class EspeakAdapter:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
+        check_options(backend, ())
         self.backend = backend
         self._closed = False
         self._streams: set[_PcmStream] = set()

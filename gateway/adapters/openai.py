@@ -20,6 +20,7 @@ from gateway.adapters.base import (
     Passthrough,
     SpeechJob,
     TranscriptionJob,
+    check_options,
     upstream_errors,
 )
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
@@ -47,6 +48,7 @@ class OpenAIAdapter:
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         if not backend.url:
             raise ValueError(f"backends.{backend.name}.url: required for kind 'openai'")
+        check_options(backend, ())
         self.backend = backend
         self.http = http
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,

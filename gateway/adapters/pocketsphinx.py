@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from gateway.adapters.base import TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob
+from gateway.adapters.base import TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob, check_options
 from gateway.audio.decode import decode_upload_async
 from gateway.config import Backend
 from gateway.errors import UnsupportedError, UpstreamError
@@ -73,6 +73,7 @@ class PocketsphinxAdapter:
             raise RuntimeError(reason)
         from pocketsphinx import Config
 
+        check_options(backend, ("decoder",))
         options = backend.options.get("decoder") or {}
         if not isinstance(options, Mapping):
             raise ValueError(f"backends.{backend.name}.decoder: expected a mapping of PocketSphinx settings")

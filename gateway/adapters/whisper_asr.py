@@ -30,6 +30,7 @@ from gateway.adapters.base import (
     Capabilities,
     SpeechJob,
     TranscriptionJob,
+    check_options,
     upstream_errors,
 )
 from gateway.adapters.http_engine import error_for, probe, read_capped, read_transcript
@@ -63,10 +64,7 @@ class WhisperAsrAdapter:
         if not backend.url:
             raise ValueError(f"backends.{backend.name}.url: required for kind 'whisper_asr' "
                              "(the server's base URL, e.g. http://whisper-asr:9000)")
-        for key in backend.options:
-            if key not in _OPTIONS:
-                raise ValueError(f"backends.{backend.name}.{key}: unknown option for kind 'whisper_asr' "
-                                 f"(expected {', '.join(_OPTIONS)})")
+        check_options(backend, _OPTIONS)
         flags = {key: backend.options.get(key, default) for key, default in _OPTIONS.items()}
         for key, value in flags.items():
             if not isinstance(value, bool):

@@ -35,7 +35,15 @@ from wyoming.event import Event, async_read_event, async_write_event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeVoice
 
-from gateway.adapters.base import SPEECH, TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob
+from gateway.adapters.base import (
+    SPEECH,
+    TRANSCRIPTION,
+    AudioStream,
+    Capabilities,
+    SpeechJob,
+    TranscriptionJob,
+    check_options,
+)
 from gateway.audio.decode import decode_upload_async
 from gateway.audio.formats import pcm
 from gateway.config import Backend
@@ -288,9 +296,7 @@ def _address(backend: Backend) -> tuple[str, int] | str:
 
 
 def _tasks(backend: Backend) -> frozenset[str]:
-    unknown = sorted(set(backend.options) - _OPTIONS)
-    if unknown:
-        raise ValueError(f"backends.{backend.name}.{unknown[0]}: unknown setting for kind 'wyoming' (known: tasks)")
+    check_options(backend, _OPTIONS)
     raw = backend.options.get("tasks")
     if raw is None:
         return WyomingAdapter.capabilities.tasks

@@ -365,7 +365,7 @@ def test_region_and_url_options() -> None:
 @pytest.mark.parametrize(("options", "problem"), [
     ({}, "backends.az.region: required"),
     ({"region": "West Europe"}, "backends.az.region: expected an Azure region"),
-    ({"region": "eastus", "bogus": 1}, "backends.az.bogus: unknown key"),
+    ({"region": "eastus", "bogus": 1}, "backends.az.bogus: unknown option for kind .azure_speech."),
     ({"region": "eastus", "stt_url": "ftp://x"}, "backends.az.stt_url: expected an http"),
     ({"region": "eastus", "locales": ["en-US"]}, "backends.az.locales: expected a mapping"),
     ({"region": "eastus", "default_locales": "en-US"}, "backends.az.default_locales: expected a list"),

@@ -344,7 +344,7 @@ def test_capabilities() -> None:
 
 
 @pytest.mark.parametrize(("options", "problem"), [
-    ({"bogus": 1}, "backends.dg.bogus: unknown key"),
+    ({"bogus": 1}, "backends.dg.bogus: unknown option for kind .deepgram."),
     ({"listen_params": ["diarize"]}, "backends.dg.listen_params: expected a mapping"),
     ({"max_input_chars": 10}, "backends.dg.max_input_chars: expected an integer of at least 100"),
 ])

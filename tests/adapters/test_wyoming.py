@@ -419,7 +419,7 @@ def test_tasks_setting_keeps_other_tasks_off_a_backend(make_gateway: Callable[[s
     ("http://piper:10200", {}, "backends.piper.url: kind 'wyoming' needs tcp://host:port"),
     ("tcp://piper", {}, "backends.piper.url: expected tcp://host:port"),
     ("tcp://piper:10200", {"tasks": ["translation"]}, "backends.piper.tasks: expected a non-empty list"),
-    ("tcp://piper:10200", {"voice": "x"}, "backends.piper.voice: unknown setting"),
+    ("tcp://piper:10200", {"voice": "x"}, "backends.piper.voice: unknown option for kind .wyoming."),
 ])
 def test_bad_settings_are_config_errors(url: str, options: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
