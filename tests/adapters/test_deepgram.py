@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import av
 import httpx2
 import openai
 import pytest
@@ -24,6 +23,16 @@ from openai.types.audio import TranscriptionVerbose
 from gateway.adapters.base import SPEECH, TRANSCRIPTION
 from gateway.adapters.deepgram import SPEAK_FORMATS, DeepgramAdapter, split_text
 from gateway.config import Backend
+from tests.adapters.common import (
+    expect_bad_gateway,
+    expect_rate_limited,
+    expect_refused_credential,
+    expect_rejected,
+    expect_timeout,
+    probe,
+    serve,
+    speech_until_cut,
+)
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.deepgram_engine import FakeDeepgram, speech_seconds, tone
 from tests.support import assert_settled, expect_error
@@ -55,30 +64,12 @@ def config(url: str, spool: Path) -> str:
 
 @pytest.fixture
 def engine(servers: ServerThread) -> Iterator[FakeDeepgram]:
-    eng = FakeDeepgram(expected_api_key=ENGINE_KEY)
-    servers.run(eng.start())
-    yield eng
-    servers.run(eng.stop())
+    yield from serve(servers, FakeDeepgram(expected_api_key=ENGINE_KEY))
 
 
 @pytest.fixture
 def gateway(make_gateway: Callable[[str], Gateway], engine: FakeDeepgram, tmp_path: Path) -> Gateway:
     return make_gateway(config(engine.url, tmp_path / "spool"))
-
-
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as c:
-        yield c
-
-
-def probe(data: bytes) -> tuple[str, str, int, float]:
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        samples = sum(frame.samples for frame in container.decode(stream))
-        rate = stream.codec_context.sample_rate
-        codec = stream.codec_context.name.removesuffix("float")
-        return container.format.name.split(",")[0], codec, rate, samples / rate
 
 
 def seconds_of(data: bytes, fmt: str) -> float:
@@ -251,21 +242,13 @@ CALLS: dict[str, Callable[[openai.OpenAI], Any]] = {"speech": speak, "transcript
 def test_refused_credential_is_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
                                    engine: FakeDeepgram, call: str, mode: str) -> None:
     engine.mode = mode
-    with pytest.raises(openai.InternalServerError) as info:
-        CALLS[call](client)
-    error = expect_error(info.value, 502, "upstream_error", "bad_gateway", secrets=SECRETS)
-    assert error["message"] == "The gateway's credential for backend 'deepgram' was refused."
-    assert info.value.response.headers["x-should-retry"] == "false"
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
+    expect_refused_credential(servers, gateway, engine, lambda: CALLS[call](client), "deepgram", secrets=SECRETS)
 
 
 @pytest.mark.parametrize("call", CALLS)
 def test_rate_limit_is_429_with_retry_after(client: openai.OpenAI, engine: FakeDeepgram, call: str) -> None:
     engine.mode = "429"
-    with pytest.raises(openai.RateLimitError) as info:
-        CALLS[call](client)
-    expect_error(info.value, 429, "requests", "rate_limit_exceeded", secrets=SECRETS)
-    assert info.value.response.headers["Retry-After"] == "7"
+    expect_rate_limited(lambda: CALLS[call](client), "7", secrets=SECRETS)
 
 
 @pytest.mark.parametrize("call", CALLS)
@@ -274,10 +257,7 @@ def test_rate_limit_is_429_with_retry_after(client: openai.OpenAI, engine: FakeD
 def test_rejected_request_is_400_with_deepgrams_message(client: openai.OpenAI, engine: FakeDeepgram, call: str,
                                                         mode: str, message: str) -> None:
     engine.mode = mode
-    with pytest.raises(openai.BadRequestError) as info:
-        CALLS[call](client)
-    error = expect_error(info.value, 400, "invalid_request_error", None, secrets=(ENGINE_KEY,))
-    assert error["message"] == f"Backend 'deepgram' rejected the request: {message}"
+    expect_rejected(lambda: CALLS[call](client), "deepgram", message)
 
 
 @pytest.mark.parametrize("call", CALLS)
@@ -285,33 +265,20 @@ def test_rejected_request_is_400_with_deepgrams_message(client: openai.OpenAI, e
 def test_server_error_and_garbage_are_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
                                           engine: FakeDeepgram, call: str, mode: str) -> None:
     engine.mode = mode
-    with pytest.raises(openai.InternalServerError) as info:
-        CALLS[call](client)
-    expect_error(info.value, 502, "upstream_error", "bad_gateway", secrets=("<html>",))
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
+    expect_bad_gateway(servers, gateway, engine, lambda: CALLS[call](client), secrets=("<html>",))
 
 
 @pytest.mark.parametrize("call", CALLS)
 def test_hanging_engine_is_504(servers: ServerThread, client: openai.OpenAI, gateway: Gateway, engine: FakeDeepgram,
                                call: str) -> None:
     engine.mode = "hang"
-    with pytest.raises(openai.APIStatusError) as info:
-        CALLS[call](client)
-    expect_error(info.value, 504, "upstream_error", "upstream_timeout")
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
-    assert engine.cancelled == 1
+    expect_timeout(servers, gateway, engine, lambda: CALLS[call](client))
 
 
 def test_drop_mid_audio_breaks_the_client_stream(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
                                                  engine: FakeDeepgram) -> None:
     engine.mode, engine.chunk_size = "drop_midstream", 2048
-    received = b""
-    with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
-        with client.audio.speech.with_streaming_response.create(model="tts-1", voice="nova", input=SENTENCE,
-                                                                response_format="pcm") as response:
-            assert response.status_code == 200
-            for chunk in response.iter_bytes():
-                received += chunk
+    received = speech_until_cut(client, SENTENCE)
     assert len(received) >= 2048
     assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
 

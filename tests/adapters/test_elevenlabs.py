@@ -16,7 +16,6 @@ import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import av
 import httpx2
 import openai
 import pytest
@@ -27,6 +26,14 @@ from openai.types.audio import TranscriptionVerbose
 from gateway.adapters import ADAPTERS, build_adapters
 from gateway.adapters.elevenlabs import ElevenLabsAdapter
 from gateway.config import Backend, ConfigError, parse_config
+from tests.adapters.common import (
+    expect_bad_gateway,
+    expect_rate_limited,
+    expect_refused_credential,
+    probe,
+    serve,
+    speech_until_cut,
+)
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.elevenlabs_engine import FakeElevenLabs, speech_seconds, synth
 from tests.support import assert_settled, expect_error
@@ -63,10 +70,7 @@ def config(url: str, spool: Path, backend_extra: str = "") -> str:
 
 @pytest.fixture
 def engine(servers: ServerThread) -> Iterator[FakeElevenLabs]:
-    eng = FakeElevenLabs(api_key=ENGINE_KEY)
-    servers.run(eng.start())
-    yield eng
-    servers.run(eng.stop())
+    yield from serve(servers, FakeElevenLabs(api_key=ENGINE_KEY))
 
 
 @pytest.fixture
@@ -74,25 +78,9 @@ def gateway(make_gateway: Callable[[str], Gateway], engine: FakeElevenLabs, tmp_
     return make_gateway(config(engine.url, tmp_path / "spool"))
 
 
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as c:
-        yield c
-
-
 def speak(client: openai.OpenAI, fmt: str = "mp3", **kw: object) -> bytes:
     return client.audio.speech.create(model="tts-1", voice="nova", input=TEXT, response_format=fmt,  # type: ignore[arg-type]
                                       **kw).content  # type: ignore[arg-type]
-
-
-def probe(data: bytes) -> tuple[str, str, int, float]:
-    """(container, codec, sample rate, seconds), decoded with PyAV."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        samples = sum(frame.samples for frame in container.decode(stream))
-        rate = stream.codec_context.sample_rate
-        return container.format.name.split(",")[0], stream.codec_context.name.removesuffix("float"), rate, \
-            samples / rate
 
 
 def tone_wav(seconds: float = 4.0, rate: int = 16_000) -> bytes:
@@ -286,12 +274,7 @@ def call(client: openai.OpenAI, task: str) -> object:
 def test_refused_gateway_credential_is_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
                                            engine: FakeElevenLabs, task: str) -> None:
     engine.mode = "401"
-    with pytest.raises(openai.InternalServerError) as info:
-        call(client, task)
-    error = expect_error(info.value, 502, "upstream_error", "bad_gateway", secrets=SECRETS)
-    assert error["message"] == "The gateway's credential for backend 'eleven' was refused."
-    assert info.value.response.headers["x-should-retry"] == "false"
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
+    expect_refused_credential(servers, gateway, engine, lambda: call(client, task), "eleven", secrets=SECRETS)
 
 
 def test_wrong_configured_key_is_refused_by_the_engine(make_gateway: Callable[[str], Gateway],
@@ -319,10 +302,7 @@ def test_exhausted_quota_is_502_naming_the_quota(client: openai.OpenAI, engine: 
 def test_rate_limit_is_429_with_retry_after(client: openai.OpenAI, engine: FakeElevenLabs, task: str,
                                             retry_after: str | None, expected: str) -> None:
     engine.mode, engine.retry_after = "429", retry_after
-    with pytest.raises(openai.RateLimitError) as info:
-        call(client, task)
-    expect_error(info.value, 429, "requests", "rate_limit_exceeded", secrets=SECRETS)
-    assert info.value.response.headers["Retry-After"] == expected
+    expect_rate_limited(lambda: call(client, task), expected, secrets=SECRETS)
 
 
 @pytest.mark.parametrize(("task", "mode", "param", "message"), [
@@ -351,22 +331,13 @@ def test_unknown_voice_is_400_naming_voice(client: openai.OpenAI) -> None:
 def test_engine_failure_is_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
                                engine: FakeElevenLabs, task: str, mode: str) -> None:
     engine.mode = mode
-    with pytest.raises(openai.InternalServerError) as info:
-        call(client, task)
-    expect_error(info.value, 502, "upstream_error", "bad_gateway", secrets=SECRETS)
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
+    expect_bad_gateway(servers, gateway, engine, lambda: call(client, task), secrets=SECRETS)
 
 
 def test_dropped_connection_cuts_the_stream(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
                                             engine: FakeElevenLabs) -> None:
     engine.mode, engine.chunk_size = "drop_midstream", 8_000
-    received = b""
-    with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
-        with client.audio.speech.with_streaming_response.create(model="tts-1", voice="nova", input=TEXT,
-                                                                response_format="pcm") as response:
-            assert response.status_code == 200
-            for chunk in response.iter_bytes():
-                received += chunk
+    received = speech_until_cut(client, TEXT)
     assert 8_000 <= len(received) < len(engine.sent[-1])
     assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
 

@@ -23,6 +23,7 @@ from openai.types.audio import Transcription, TranscriptionVerbose, Translation,
 from gateway.adapters.whisper_asr import WhisperAsrAdapter, prompt_tail
 from gateway.config import Backend
 from gateway.errors import UpstreamError
+from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha, start_gateway
 from tests.fakes.openai_engine import synth
 from tests.fakes.whisper_asr_engine import TRANSCRIPT, TRANSLATION, FakeWhisperAsr
@@ -54,21 +55,12 @@ def config(url: str, spool: Path, backend_extra: str = "") -> str:
 
 @pytest.fixture
 def asr(servers: ServerThread) -> Iterator[FakeWhisperAsr]:
-    engine = FakeWhisperAsr()
-    servers.run(engine.start())
-    yield engine
-    servers.run(engine.stop())
+    yield from serve(servers, FakeWhisperAsr())
 
 
 @pytest.fixture
 def gateway(make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr, tmp_path: Path) -> Gateway:
     return make_gateway(config(asr.url, tmp_path / "spool"))
-
-
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as c:
-        yield c
 
 
 def transcribe(c: openai.OpenAI, **kw: Any) -> Any:

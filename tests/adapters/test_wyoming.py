@@ -34,6 +34,7 @@ from gateway.adapters.wyoming import WyomingAdapter
 from gateway.audio.decode import decode_upload
 from gateway.config import Backend, NativeVoice
 from gateway.errors import UpstreamError
+from tests.adapters.common import serve, speech_until_cut
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, sha
 from tests.fakes.wyoming_engine import (
     ASR_MODEL,
@@ -74,33 +75,20 @@ def wyoming_config(spool_dir: Path, piper_url: str, whisper_url: str, *, tts_rou
     """)
 
 
-def _engine(servers: ServerThread, programs: tuple[str, ...]) -> Iterator[FakeWyomingEngine]:
-    engine = FakeWyomingEngine(programs)
-    servers.run(engine.start())
-    yield engine
-    servers.run(engine.stop())
-
-
 @pytest.fixture
 def piper(servers: ServerThread) -> Iterator[FakeWyomingEngine]:
-    yield from _engine(servers, ("tts",))
+    yield from serve(servers, FakeWyomingEngine(("tts",)))
 
 
 @pytest.fixture
 def whisper(servers: ServerThread) -> Iterator[FakeWyomingEngine]:
-    yield from _engine(servers, ("asr",))
+    yield from serve(servers, FakeWyomingEngine(("asr",)))
 
 
 @pytest.fixture
 def gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path, piper: FakeWyomingEngine,
             whisper: FakeWyomingEngine) -> Gateway:
     return make_gateway(wyoming_config(tmp_path / "spool", piper.url, whisper.url))
-
-
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as c:
-        yield c
 
 
 def closed(*engines: FakeWyomingEngine) -> None:
@@ -334,13 +322,7 @@ def test_speech_failing_before_audio_is_a_clean_error(client: openai.OpenAI, pip
 @pytest.mark.parametrize("mode", ["error_midstream", "eof_midstream"])
 def test_speech_failing_mid_stream_cuts_the_body(client: openai.OpenAI, piper: FakeWyomingEngine, mode: str) -> None:
     piper.mode = mode
-    received = b""
-    with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
-        with client.audio.speech.with_streaming_response.create(model="tts-1", voice="nova", input=TEXT,
-                                                                response_format="pcm") as response:
-            assert response.status_code == 200
-            for chunk in response.iter_bytes():
-                received += chunk
+    received = speech_until_cut(client, TEXT)
     assert 0 < len(received) < SECONDS * 48_000 * 0.75  # about half arrived, then the cut
     closed(piper)
 

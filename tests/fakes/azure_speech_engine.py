@@ -19,16 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import xml.etree.ElementTree as ET
-from typing import Any, Self
+from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict
 
-from tests.fakes.deepgram_engine import GARBAGE, decoded_seconds, tone
-from tests.fakes.openai_engine import Recorded
+from tests.fakes.audio import decoded_seconds
+from tests.fakes.deepgram_engine import GARBAGE, tone
+from tests.fakes.engine import RECORDED, FakeHttpEngine, Recorded, record
 
 SECONDS_PER_CHAR = 0.06
 MIN_SECONDS = 0.5
@@ -61,7 +60,6 @@ VOICES = [
      "LocaleName": "German (Germany)", "SampleRateHertz": "24000", "VoiceType": "Neural", "Status": "GA",
      "WordsPerMinute": "150"},
 ]
-RECORDED = web.RequestKey("azure_recorded", Recorded)
 
 
 def speech_seconds(text: str, rate: float = 1.0) -> float:
@@ -80,51 +78,21 @@ def prosody_rate(value: str | None) -> float:
     return min(2.0, max(0.5, float(value)))
 
 
-class FakeAzureSpeech:
+class FakeAzureSpeech(FakeHttpEngine):
+    MODES = MODES
+
     def __init__(self, *, expected_api_key: str | None = None,
                  transcript_text: str = "Hello there. The quick brown fox jumps over the lazy dog.",
                  chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
+        super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.expected_api_key = expected_api_key
         self.transcript_text = transcript_text
-        self.chunk_size = chunk_size
-        self.chunk_delay = chunk_delay
-        self.mode = "ok"
-        self.hang_seconds = 3600.0
-        self.requests: list[Recorded] = []
         self.spoken: list[tuple[str, str, float]] = []
         """(voice, text, rate) of each synthesis, as parsed from the SSML."""
         self.sent: list[bytes] = []
-        self.finished: list[float] = []
-        self.active = 0
-        self.cancelled = 0
-        self.url = ""
-        self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/cognitiveservices/v1", self._tts)
         self.app.router.add_get("/cognitiveservices/voices/list", self._voices)
         self.app.router.add_post("/speechtotext/transcriptions:transcribe", self._transcribe)
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def last(self) -> Recorded:
-        return self.requests[-1]
 
     def _error(self, request: web.Request, status: int, code: str, message: str,
                headers: dict[str, str] | None = None) -> web.Response:
@@ -133,69 +101,25 @@ class FakeAzureSpeech:
             return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
         return web.Response(status=status, headers=headers)
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.active += 1
-        try:
-            rec = request[RECORDED] = await self._record(request)
-            self.requests.append(rec)
-            key = request.headers.get("Ocp-Apim-Subscription-Key")
-            if self.mode == "401" or (self.expected_api_key is not None and key != self.expected_api_key):
-                return self._error(request, 401, "401", "Access denied due to invalid subscription key or wrong "
-                                   "API endpoint.")
-            if self.mode == "429":
-                return self._error(request, 429, "TooManyRequests", "Too many requests.", {"Retry-After": "7"})
-            if self.mode == "400":
-                return self._error(request, 400, "InvalidArgument", "Invalid audio (fake mode 400).")
-            if self.mode == "500":
-                return web.Response(status=500)
-            if self.mode == "garbage":
-                return web.Response(body=GARBAGE, content_type="text/html")
-            if self.mode == "hang":
-                await asyncio.sleep(self.hang_seconds)
-            return await handler(request)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.active -= 1
-
     async def _record(self, request: web.Request) -> Recorded:
-        rec = Recorded(request.method, request.path, dict(request.query), CIMultiDict(request.headers))
-        if request.content_type.startswith("multipart/"):
-            async for part in await request.multipart():
-                if not isinstance(part, BodyPartReader):
-                    continue
-                data = bytes(await part.read(decode=False))
-                if part.filename is not None:
-                    rec.files.append((part.name or "", part.filename,
-                                      part.headers.get("Content-Type", "application/octet-stream"), data))
-                else:
-                    rec.form.append((part.name or "", data.decode()))
-        elif request.can_read_body:
-            rec.body = await request.read()
-        return rec
+        return await record(request, parse_json=False)
 
-    async def _send(self, request: web.Request, content_type: str, body: bytes) -> web.StreamResponse:
-        size = max(1, self.chunk_size)
-        pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
-        dropping = self.mode == "drop_midstream"
-        if dropping:
-            pieces = pieces[: max(1, min(2, len(pieces) - 1))] if len(pieces) > 1 else [body[: len(body) // 2]]
-        resp = web.StreamResponse(headers={"Content-Type": content_type})
-        await resp.prepare(request)
-        for i, piece in enumerate(pieces):
-            if i and self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-            await resp.write(piece)
-        self.finished.append(time.monotonic())
-        if dropping:
-            await asyncio.sleep(0.05)
-            assert request.transport is not None
-            request.transport.close()
-            return resp
-        await resp.write_eof()
-        return resp
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        key = request.headers.get("Ocp-Apim-Subscription-Key")
+        if self.mode == "401" or (self.expected_api_key is not None and key != self.expected_api_key):
+            return self._error(request, 401, "401", "Access denied due to invalid subscription key or wrong "
+                               "API endpoint.")
+        if self.mode == "429":
+            return self._error(request, 429, "TooManyRequests", "Too many requests.", {"Retry-After": "7"})
+        if self.mode == "400":
+            return self._error(request, 400, "InvalidArgument", "Invalid audio (fake mode 400).")
+        if self.mode == "500":
+            return web.Response(status=500)
+        if self.mode == "garbage":
+            return web.Response(body=GARBAGE, content_type="text/html")
+        if self.mode == "hang":
+            await self._hang()
+        return await handler(request)
 
     async def _tts(self, request: web.Request) -> web.StreamResponse:
         rec = request[RECORDED]
@@ -222,7 +146,7 @@ class FakeAzureSpeech:
         sample_rate, muxer, codec, ctype = OUTPUT_FORMATS[output]
         audio = await asyncio.to_thread(tone, speech_seconds(text, rate), sample_rate, muxer, codec)
         self.sent.append(audio)
-        return await self._send(request, ctype, audio)
+        return await self._send(request, {"Content-Type": ctype}, audio)
 
     async def _voices(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(VOICES)
@@ -239,7 +163,7 @@ class FakeAzureSpeech:
             return web.json_response({"error": {"code": "InvalidAudioFormat", "message": "Audio format is not "
                                                 "supported or the audio is corrupt."}}, status=422)
         locale = (definition.get("locales") or ["en-US"])[0]
-        return await self._send(request, "application/json; charset=utf-8",
+        return await self._send(request, {"Content-Type": "application/json; charset=utf-8"},
                                 json.dumps(self.result(seconds, locale)).encode())
 
     def result(self, seconds: float, locale: str) -> dict[str, Any]:

@@ -18,20 +18,18 @@ import array
 import asyncio
 import functools
 import hashlib
-import io
 import json
 import math
 import re
-import time
 import uuid
-from typing import Any, Self
+from typing import Any
 
-import av
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
-from tests.fakes.openai_engine import Recorded
+from tests.fakes.audio import decoded_seconds, encode
+from tests.fakes.engine import RECORDED, FakeHttpEngine, Recorded
 
 SECONDS_PER_CHAR = 0.06
 MIN_SECONDS = 0.5
@@ -48,7 +46,6 @@ COMBOS: dict[str, tuple[tuple[str, ...], tuple[int, ...], str, str, str]] = {
     "flac": (("none",), (48_000, 8000, 16_000, 22_050, 24_000, 32_000), "flac", "flac", "audio/flac"),
 }
 REQUEST_ID = web.RequestKey("deepgram_request_id", str)
-RECORDED = web.RequestKey("deepgram_recorded", Recorded)
 
 
 def speech_seconds(text: str) -> float:
@@ -68,27 +65,7 @@ def tone(seconds: float, rate: int, muxer: str, codec: str) -> bytes:
     raw = (_second(rate) * math.ceil(seconds))[: n * 2]
     if muxer == "raw":
         return raw
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=muxer) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        for start in range(0, n, 960):
-            piece = raw[start * 2 : (start + 960) * 2]
-            frame = av.AudioFrame(format="s16", layout="mono", samples=len(piece) // 2)
-            frame.planes[0].update(piece)
-            frame.sample_rate, frame.pts = rate, start
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return buf.getvalue()
-
-
-def decoded_seconds(data: bytes) -> float:
-    """Seconds of audio in an uploaded file (ValueError if it is not audio)."""
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = container.streams.audio[0]
-            return sum(f.samples for f in container.decode(stream)) / stream.codec_context.sample_rate
-    except (av.FFmpegError, IndexError, ZeroDivisionError) as exc:
-        raise ValueError("not audio") from exc
+    return encode(raw, rate, muxer, codec, frame_samples=960)
 
 
 def _error(status: int, code: str, message: str, request_id: str, headers: dict[str, str] | None = None,
@@ -98,113 +75,58 @@ def _error(status: int, code: str, message: str, request_id: str, headers: dict[
     return web.json_response(body, status=status, headers=headers)
 
 
-class FakeDeepgram:
+class FakeDeepgram(FakeHttpEngine):
+    MODES = MODES
+
     def __init__(self, *, expected_api_key: str | None = None,
                  transcript_text: str = "Hello there. The quick brown fox jumps over the lazy dog.",
                  chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
+        super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.expected_api_key = expected_api_key
         self.transcript_text = transcript_text
-        self.chunk_size = chunk_size
-        self.chunk_delay = chunk_delay
-        self.mode = "ok"
-        self.hang_seconds = 3600.0
-        self.requests: list[Recorded] = []
         self.sent: list[bytes] = []
         """The audio body of each /v1/speak answer, as sent."""
-        self.finished: list[float] = []
-        """time.monotonic() when each answer's last byte was written."""
-        self.active = 0
-        self.cancelled = 0
-        self.url = ""
-        self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1/listen", self._listen)
         self.app.router.add_post("/v1/speak", self._speak)
         self.app.router.add_get("/v1/projects", self._projects)
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+    async def _record(self, request: web.Request) -> Recorded:
+        """The raw body whatever its type (/v1/listen takes the audio itself); JSON decoded."""
+        request[REQUEST_ID] = str(uuid.uuid4())
+        body = await request.read() if request.can_read_body else b""
+        rec = Recorded(request.method, request.path, dict(request.query), CIMultiDict(request.headers), body)
+        if request.content_type == "application/json":
+            rec.json = json.loads(body) if body else None
+        return rec
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request[REQUEST_ID]
+        if self.expected_api_key is not None and request.headers.get("Authorization") != \
+                f"Token {self.expected_api_key}":
+            return _error(401, "INVALID_AUTH", "Invalid credentials.", rid)
+        if self.mode == "401":
+            return _error(401, "INVALID_AUTH", "Invalid credentials.", rid)
+        if self.mode == "403":
+            return _error(403, "INSUFFICIENT_PERMISSIONS", "Project does not have access to the requested model.",
+                          rid)
+        if self.mode == "429":
+            return _error(429, "TOO_MANY_REQUESTS", "Too many requests. Please try again later.", rid,
+                          headers={"Retry-After": "7"})
+        if self.mode == "400":
+            return _error(400, "Bad Request", "Invalid query parameter (fake mode 400).", rid)
+        if self.mode == "400_category":
+            return _error(400, "INVALID_JSON", "Invalid JSON submitted (fake mode 400_category).", rid,
+                          category=True)
+        if self.mode == "500":
+            return _error(500, "INTERNAL_SERVER_ERROR", "Something went wrong.", rid)
+        if self.mode == "garbage":
+            return web.Response(body=GARBAGE, content_type="text/html")
+        if self.mode == "hang":
+            await self._hang()
+        return await handler(request)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def last(self) -> Recorded:
-        return self.requests[-1]
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.active += 1
-        try:
-            rid = request[REQUEST_ID] = str(uuid.uuid4())
-            body = await request.read() if request.can_read_body else b""
-            rec = Recorded(request.method, request.path, dict(request.query), CIMultiDict(request.headers), body)
-            if request.content_type == "application/json":
-                rec.json = json.loads(body) if body else None
-            request[RECORDED] = rec
-            self.requests.append(rec)
-            if self.expected_api_key is not None and request.headers.get("Authorization") != \
-                    f"Token {self.expected_api_key}":
-                return _error(401, "INVALID_AUTH", "Invalid credentials.", rid)
-            if self.mode == "401":
-                return _error(401, "INVALID_AUTH", "Invalid credentials.", rid)
-            if self.mode == "403":
-                return _error(403, "INSUFFICIENT_PERMISSIONS", "Project does not have access to the requested model.",
-                              rid)
-            if self.mode == "429":
-                return _error(429, "TOO_MANY_REQUESTS", "Too many requests. Please try again later.", rid,
-                              headers={"Retry-After": "7"})
-            if self.mode == "400":
-                return _error(400, "Bad Request", "Invalid query parameter (fake mode 400).", rid)
-            if self.mode == "400_category":
-                return _error(400, "INVALID_JSON", "Invalid JSON submitted (fake mode 400_category).", rid,
-                              category=True)
-            if self.mode == "500":
-                return _error(500, "INTERNAL_SERVER_ERROR", "Something went wrong.", rid)
-            if self.mode == "garbage":
-                return web.Response(body=GARBAGE, content_type="text/html")
-            if self.mode == "hang":
-                await asyncio.sleep(self.hang_seconds)
-            return await handler(request)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.active -= 1
-
-    async def _send(self, request: web.Request, content_type: str, body: bytes) -> web.StreamResponse:
-        """`body` in chunks; in drop_midstream mode the first two, then the connection is cut."""
-        size = max(1, self.chunk_size)
-        pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
-        dropping = self.mode == "drop_midstream"
-        if dropping:
-            pieces = pieces[: max(1, min(2, len(pieces) - 1))] if len(pieces) > 1 else [body[: len(body) // 2]]
-        resp = web.StreamResponse(headers={"Content-Type": content_type, "dg-request-id": request[REQUEST_ID]})
-        await resp.prepare(request)
-        for i, piece in enumerate(pieces):
-            if i and self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-            await resp.write(piece)
-        self.finished.append(time.monotonic())
-        if dropping:
-            await asyncio.sleep(0.05)
-            assert request.transport is not None
-            request.transport.close()
-            return resp
-        await resp.write_eof()
-        return resp
+    async def _send_body(self, request: web.Request, content_type: str, body: bytes) -> web.StreamResponse:
+        return await self._send(request, {"Content-Type": content_type, "dg-request-id": request[REQUEST_ID]}, body)
 
     async def _speak(self, request: web.Request) -> web.StreamResponse:
         rec, rid, q = request[RECORDED], request[REQUEST_ID], request.query
@@ -229,7 +151,7 @@ class FakeDeepgram:
             muxer, ctype = "raw", "application/octet-stream"
         audio = await asyncio.to_thread(tone, speech_seconds(text), int(rate), muxer, codec)
         self.sent.append(audio)
-        return await self._send(request, ctype, audio)
+        return await self._send_body(request, ctype, audio)
 
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         rec, rid, q = request[RECORDED], request[REQUEST_ID], request.query
@@ -240,7 +162,7 @@ class FakeDeepgram:
         except ValueError:
             return _error(400, "Bad Request", "failed to process audio: corrupt or unsupported data", rid)
         body = json.dumps(self.result(q, rec.body, duration, rid)).encode()
-        return await self._send(request, "application/json", body)
+        return await self._send_body(request, "application/json", body)
 
     def result(self, q: Any, audio: bytes, duration: float, rid: str) -> dict[str, Any]:
         """A /v1/listen answer for `transcript_text` spread evenly over `duration` seconds."""

@@ -11,7 +11,7 @@ duration of the decoded upload; `GET /v1/voices`. Auth is the `xi-api-key` heade
     async with FakeElevenLabs(api_key="k") as engine:   # engine.url == "http://127.0.0.1:<port>"
         engine.mode = "429"
 
-Every request is kept in `requests` (see tests.fakes.openai_engine.Recorded); `finished` holds the
+Every request is kept in `requests` (see tests.fakes.engine.Recorded); `finished` holds the
 loop time at which each speech body was completely written.
 """
 
@@ -20,18 +20,16 @@ from __future__ import annotations
 import array
 import asyncio
 import functools
-import io
 import json
 import math
 import time
-from typing import Any, Self
+from typing import Any
 
-import av
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict
 
-from tests.fakes.openai_engine import RECORDED, Recorded
+from tests.fakes.audio import decoded_seconds, encode
+from tests.fakes.engine import RECORDED, FakeHttpEngine, Recorded, chunks, cut, record
 
 TONE_HZ = 300
 SECONDS_PER_CHAR = 0.05
@@ -69,29 +67,12 @@ def synth(output_format: str, seconds: float) -> bytes:
     if codec == "pcm":
         return raw
     container, encoder = _ENCODERS[codec]
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(encoder, rate=rate, layout="mono")
-        if codec == "mp3":
-            stream.bit_rate = int(output_format.split("_")[2]) * 1000
-        for start in range(0, n, 1024):
-            piece = raw[start * 2 : (start + 1024) * 2]
-            frame = av.AudioFrame(format="s16", layout="mono", samples=len(piece) // 2)
-            frame.planes[0].update(piece)
-            frame.sample_rate, frame.pts = rate, start
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return buf.getvalue()
+    bit_rate = int(output_format.split("_")[2]) * 1000 if codec == "mp3" else None
+    return encode(raw, rate, container, encoder, bit_rate=bit_rate)
 
 
 def speech_seconds(text: str, speed: float = 1.0) -> float:
     return round(max(MIN_SECONDS, SECONDS_PER_CHAR * len(text)) / speed, 3)
-
-
-def _audio_seconds(data: bytes) -> float:
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        return sum(f.samples for f in container.decode(stream)) / stream.codec_context.sample_rate
 
 
 def detail(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -102,107 +83,40 @@ def validation(field: str, msg: str) -> web.Response:
     return web.json_response({"detail": [{"loc": ["body", field], "msg": msg, "type": "value_error"}]}, status=422)
 
 
-async def record(request: web.Request) -> Recorded:
-    """The request as received: raw path (voice ids stay percent-encoded), query, headers, JSON or form."""
-    rec = Recorded(request.method, request.raw_path.split("?")[0], dict(request.query), CIMultiDict(request.headers))
-    if request.content_type.startswith("multipart/"):
-        async for part in await request.multipart():
-            if isinstance(part, BodyPartReader):
-                data = bytes(await part.read(decode=False))
-                if part.filename is not None:
-                    ctype = part.headers.get("Content-Type", "application/octet-stream")
-                    rec.files.append((part.name or "", part.filename, ctype, data))
-                else:
-                    rec.form.append((part.name or "", data.decode()))
-    elif request.can_read_body:
-        rec.body = await request.read()
-        try:
-            rec.json = json.loads(rec.body) if request.content_type == "application/json" else None
-        except ValueError:
-            rec.json = None
-    return rec
+class FakeElevenLabs(FakeHttpEngine):
+    MODES = MODES
 
-
-class FakeElevenLabs:
     def __init__(self, *, api_key: str | None = None, chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
+        super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.api_key = api_key
-        self.chunk_size = chunk_size
-        self.chunk_delay = chunk_delay
         self.retry_after: str | None = None
-        self.hang_seconds = 3600.0
-        self.requests: list[Recorded] = []
         self.sent: list[bytes] = []
         """The audio of each speech answer, whole."""
         self.finished: list[float] = []
         """time.monotonic() when each speech answer was completely written."""
-        self.active = 0
-        self.cancelled = 0
-        self._mode = "ok"
-        self.url = ""
-        self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1/text-to-speech/{voice_id:.+}/stream", self._speech)
         self.app.router.add_post("/v1/speech-to-text", self._speech_to_text)
         self.app.router.add_get("/v1/voices", self._voices)
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+    async def _record(self, request: web.Request) -> Recorded:
+        """The raw path: voice ids stay percent-encoded."""
+        return await record(request, request.raw_path.split("?")[0])
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"unknown mode {value!r}; expected one of {MODES}")
-        self._mode = value
-
-    @property
-    def last(self) -> Recorded:
-        return self.requests[-1]
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.active += 1
-        try:
-            request[RECORDED] = rec = await record(request)
-            self.requests.append(rec)
-            key = request.headers.get("xi-api-key")
-            if self.api_key is not None and key != self.api_key:
-                return detail(401, "invalid_api_key", "Invalid API key" if key else "Missing xi-api-key header")
-            if request.match_info.http_exception is not None:
-                return web.json_response({"detail": "Not Found"}, status=404)
-            if self.mode in _DETAIL_ERRORS:
-                status, code, message = _DETAIL_ERRORS[self.mode]
-                headers = {"Retry-After": self.retry_after} if self.mode == "429" and self.retry_after else None
-                return detail(status, code, message, headers)
-            if self.mode == "422":
-                return validation("text" if request.path.endswith("/stream") else "file", "Field required")
-            if self.mode == "hang":
-                await asyncio.sleep(self.hang_seconds)
-            return await handler(request)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.active -= 1
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        key = request.headers.get("xi-api-key")
+        if self.api_key is not None and key != self.api_key:
+            return detail(401, "invalid_api_key", "Invalid API key" if key else "Missing xi-api-key header")
+        if request.match_info.http_exception is not None:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        if self.mode in _DETAIL_ERRORS:
+            status, code, message = _DETAIL_ERRORS[self.mode]
+            headers = {"Retry-After": self.retry_after} if self.mode == "429" and self.retry_after else None
+            return detail(status, code, message, headers)
+        if self.mode == "422":
+            return validation("text" if request.path.endswith("/stream") else "file", "Field required")
+        if self.mode == "hang":
+            await self._hang()
+        return await handler(request)
 
     async def _speech(self, request: web.Request) -> web.StreamResponse:
         rec = request[RECORDED]
@@ -222,20 +136,12 @@ class FakeElevenLabs:
             return web.json_response({"detail": {"status": "ok", "message": "not audio"}})
         audio = await asyncio.to_thread(synth, fmt, speech_seconds(body["text"], speed))
         self.sent.append(audio)
-        size = max(1, self.chunk_size)
-        pieces = [audio[i : i + size] for i in range(0, len(audio), size)]
+        pieces = chunks(audio, self.chunk_size)
         if self.mode == "drop_midstream":
             pieces = pieces[: max(1, len(pieces) // 2)]
-        resp = web.StreamResponse(headers={"Content-Type": _CONTENT_TYPES[fmt.split("_")[0]]})
-        await resp.prepare(request)
-        for i, piece in enumerate(pieces):
-            if i and self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-            await resp.write(piece)
+        resp = await self._write(request, {"Content-Type": _CONTENT_TYPES[fmt.split("_")[0]]}, pieces)
         if self.mode == "drop_midstream":
-            await asyncio.sleep(0.05)
-            assert request.transport is not None
-            request.transport.close()
+            await cut(request)
             return resp
         await resp.write_eof()
         self.finished.append(time.monotonic())
@@ -251,8 +157,8 @@ class FakeElevenLabs:
         if rec.form_value("model_id") not in ("scribe_v1", "scribe_v2"):
             return detail(400, "invalid_model", "Model not supported for speech to text.")
         try:
-            duration = await asyncio.to_thread(_audio_seconds, files[0])
-        except (av.error.FFmpegError, IndexError, ZeroDivisionError):
+            duration = await asyncio.to_thread(decoded_seconds, files[0])
+        except ValueError:
             return detail(400, "invalid_content", "The audio could not be decoded.")
         tag_events = rec.form_value("tag_audio_events") != "false"
         entries: list[dict[str, Any]] = []
@@ -276,9 +182,7 @@ class FakeElevenLabs:
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             await resp.prepare(request)
             await resp.write(data[: len(data) // 2])
-            await asyncio.sleep(0.05)
-            assert request.transport is not None
-            request.transport.close()
+            await cut(request)
             return resp
         response = web.Response(body=json.dumps(answer).encode(), content_type="application/json")
         if "gzip" in request.headers.get("Accept-Encoding", ""):

@@ -2,7 +2,8 @@
 
 Modeled on aiohttp's ``examples/fake_server.py``: it owns a ``web.Application`` and serves it on
 ``127.0.0.1`` (port 0) with an ``AppRunner`` created with ``handler_cancellation=True``, so a client
-that disconnects cancels the handler, as in production. Use it as an async context manager:
+that disconnects cancels the handler, as in production (that lifecycle, the recording and the counting
+are tests.fakes.engine.FakeHttpEngine's). Use it as an async context manager:
 
     async with FakeOpenAIEngine() as engine:   # engine.url == "http://127.0.0.1:<port>/v1"
         engine.mode = "429"
@@ -20,16 +21,15 @@ import array
 import asyncio
 import base64
 import functools
-import io
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
-import av
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict
+
+from tests.fakes.audio import encode
+from tests.fakes.engine import RECORDED, FakeHttpEngine, chunks, cut
 
 RATE = 24_000
 TONE_HZ = 375  # 64 samples per period at 24 kHz, so one period can be tiled
@@ -54,30 +54,6 @@ _PARAM_400 = {"/v1/audio/speech": "input", "/v1/audio/transcriptions": "file",
               "/v1/audio/translations": "file"}
 
 
-@dataclass
-class Recorded:
-    """One request as the engine received it."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: CIMultiDict[str]
-    body: bytes = b""
-    """Raw body of non-multipart requests."""
-    json: Any = None
-    form: list[tuple[str, str]] = field(default_factory=list)
-    files: list[tuple[str, str, str, bytes]] = field(default_factory=list)
-    """(name, filename, content_type, bytes) per file part."""
-
-    def form_values(self, name: str) -> list[str]:
-        return [v for k, v in self.form if k == name]
-
-    def form_value(self, name: str) -> str | None:
-        values = self.form_values(name)
-        return values[0] if values else None
-
-
-RECORDED = web.RequestKey("fake_engine_recorded", Recorded)
 
 
 @functools.lru_cache(maxsize=64)
@@ -90,17 +66,7 @@ def synth(response_format: str, seconds: float) -> bytes:
     if response_format == "pcm":
         return raw
     container, codec = _ENCODERS[response_format]
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=RATE, layout="mono")
-        for start in range(0, n, 1024):
-            piece = raw[start * 2 : (start + 1024) * 2]
-            frame = av.AudioFrame(format="s16", layout="mono", samples=len(piece) // 2)
-            frame.planes[0].update(piece)
-            frame.sample_rate, frame.pts = RATE, start
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return buf.getvalue()
+    return encode(raw, RATE, container, codec)
 
 
 def speech_seconds(text: str) -> float:
@@ -126,121 +92,47 @@ def _stamp(seconds: float, sep: str) -> str:
     return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
 
 
-class FakeOpenAIEngine:
+class FakeOpenAIEngine(FakeHttpEngine):
+    MODES = MODES
+    url_path = "/v1"
+
     def __init__(self, *, transcript_text: str = "The quick brown fox jumps over the lazy dog.",
                  expected_api_key: str | None = None, chunk_size: int = 4096,
                  chunk_delay: float = 0.0) -> None:
+        super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.transcript_text = transcript_text
         self.expected_api_key = expected_api_key
-        self.chunk_size = chunk_size
-        self.chunk_delay = chunk_delay
-        self._mode = "ok"
-        self.hang_seconds = 3600.0
         self.drop_after_chunks = 2
         self.models = ["tts-1", "whisper-1"]
-        self.requests: list[Recorded] = []
-        self.active = 0
-        self.cancelled = 0
-        self.port = 0
-        self.url = ""
-        self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1/audio/speech", self._speech)
         self.app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         self.app.router.add_post("/v1/audio/translations", self._translations)
         self.app.router.add_get("/v1/models", self._models)
         self.app.on_response_prepare.append(self._stamp_request_id)
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5,
-                                     access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ValueError(f"unknown mode {value!r}; expected one of {MODES}")
-        self._mode = value
-
-    @property
-    def last(self) -> Recorded:
-        """The most recent recorded request."""
-        return self.requests[-1]
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.active += 1
-        try:
-            request[RECORDED] = rec = await self._record(request)
-            self.requests.append(rec)
-            request[REQUEST_ID] = f"req_fake_{len(self.requests)}"
-            key = self.expected_api_key
-            auth = request.headers.get("Authorization")
-            if key is not None and auth != f"Bearer {key}":
-                message, code = ("You didn't provide an API key.", None) if auth is None else (
-                    "Incorrect API key provided.", "invalid_api_key")
-                return _error(401, message, "invalid_request_error", code=code)
-            if request.match_info.http_exception is not None:
-                return _error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
-            if self.mode in _MODE_ERRORS:
-                status, message, type_, code = _MODE_ERRORS[self.mode]
-                param = _PARAM_400.get(request.path) if self.mode == "400" else None
-                headers = {"Retry-After": "7"} if self.mode == "429" else None
-                return _error(status, message, type_, param, code, headers)
-            if self.mode == "hang":
-                await asyncio.sleep(self.hang_seconds)
-            return await handler(request)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.active -= 1
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[REQUEST_ID] = f"req_fake_{len(self.requests)}"
+        key = self.expected_api_key
+        auth = request.headers.get("Authorization")
+        if key is not None and auth != f"Bearer {key}":
+            message, code = ("You didn't provide an API key.", None) if auth is None else (
+                "Incorrect API key provided.", "invalid_api_key")
+            return _error(401, message, "invalid_request_error", code=code)
+        if request.match_info.http_exception is not None:
+            return _error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+        if self.mode in _MODE_ERRORS:
+            status, message, type_, code = _MODE_ERRORS[self.mode]
+            param = _PARAM_400.get(request.path) if self.mode == "400" else None
+            headers = {"Retry-After": "7"} if self.mode == "429" else None
+            return _error(status, message, type_, param, code, headers)
+        if self.mode == "hang":
+            await self._hang()
+        return await handler(request)
 
     async def _stamp_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers.setdefault("x-request-id", request.get(REQUEST_ID, "req_fake_0"))
-
-    async def _record(self, request: web.Request) -> Recorded:
-        rec = Recorded(request.method, request.path, dict(request.query), CIMultiDict(request.headers))
-        if request.content_type.startswith("multipart/"):
-            async for part in await request.multipart():
-                if not isinstance(part, BodyPartReader):
-                    continue
-                data = bytes(await part.read(decode=False))
-                if part.filename is not None:
-                    ctype = part.headers.get("Content-Type", "application/octet-stream")
-                    rec.files.append((part.name or "", part.filename, ctype, data))
-                else:
-                    rec.form.append((part.name or "", data.decode(part.get_charset("utf-8"))))
-        elif request.can_read_body:
-            rec.body = await request.read()
-            if request.content_type == "application/json":
-                try:
-                    rec.json = json.loads(rec.body)
-                except ValueError:
-                    rec.json = None
-        return rec
 
     async def _stream(self, request: web.Request, ctype: str, pieces: list[bytes]) -> web.StreamResponse:
         """Send `pieces` as a chunked body; in drop_midstream mode send a few, then cut the connection."""
@@ -250,16 +142,9 @@ class FakeOpenAIEngine:
                 whole = b"".join(pieces)
                 pieces = [whole[: len(whole) // 2], whole[len(whole) // 2 :]]
             pieces = pieces[: max(1, min(self.drop_after_chunks, len(pieces) - 1))]
-        resp = web.StreamResponse(headers={"Content-Type": ctype})
-        await resp.prepare(request)
-        for i, piece in enumerate(pieces):
-            if i and self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-            await resp.write(piece)
+        resp = await self._write(request, {"Content-Type": ctype}, pieces)
         if dropping:
-            await asyncio.sleep(0.05)  # let the written chunks reach the client before the cut
-            assert request.transport is not None
-            request.transport.close()
+            await cut(request)
             return resp
         await resp.write_eof()
         return resp
@@ -283,11 +168,10 @@ class FakeOpenAIEngine:
             return web.Response(body=GARBAGE, content_type="text/html")
         seconds = speech_seconds(text)
         audio = await asyncio.to_thread(synth, fmt, seconds)
-        size = max(1, self.chunk_size)
-        chunks = [audio[i : i + size] for i in range(0, len(audio), size)]
+        pieces = chunks(audio, self.chunk_size)
         if body.get("stream_format") != "sse":
-            return await self._stream(request, CONTENT_TYPES[fmt], chunks)
-        events = [_sse({"type": "speech.audio.delta", "audio": base64.b64encode(c).decode()}) for c in chunks]
+            return await self._stream(request, CONTENT_TYPES[fmt], pieces)
+        events = [_sse({"type": "speech.audio.delta", "audio": base64.b64encode(c).decode()}) for c in pieces]
         n_in, n_out = max(1, len(text) // 4), math.ceil(seconds * 50)
         usage = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}
         events.append(_sse({"type": "speech.audio.done", "usage": usage}))

@@ -20,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import av
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict
 
-from tests.fakes.openai_engine import Recorded
+from tests.fakes.engine import RECORDED, FakeHttpEngine, Recorded, cut, record
 
 WHISPER_LANGUAGES = frozenset((
     "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la "
@@ -38,7 +37,6 @@ WHISPER_LANGUAGES = frozenset((
 TRANSCRIPT = " Le renard brun rapide saute par-dessus le chien paresseux. Il fait beau aujourd'hui."
 TRANSLATION = " The quick brown fox jumps over the lazy dog. It is sunny today."
 MODES = ("ok", "500", "json_bug", "garbage", "hang", "drop", "drop_midstream")
-RECORDED = web.RequestKey("fake_whisper_asr_recorded", Recorded)
 GARBAGE = b"<html><body><h1>502 Bad Gateway</h1>\x00\xff nginx</body></html>"
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "t": True, "y": True,
           "false": False, "0": False, "no": False, "off": False, "f": False, "n": False}
@@ -75,54 +73,26 @@ def format_timestamp(seconds: float, always_include_hours: bool = False, decimal
     return f"{marker}{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"
 
 
-class FakeWhisperAsr:
+class FakeWhisperAsr(FakeHttpEngine):
+    MODES = MODES
+
     def __init__(self, *, transcript: str = TRANSCRIPT, translation: str = TRANSLATION,
                  detected_language: str = "fr", segment_style: str = "object") -> None:
+        super().__init__()
         self.transcript = transcript
         self.translation = translation
         self.detected_language = detected_language
         self.segment_style = segment_style
         self.languages = set(WHISPER_LANGUAGES)
         self.asr_engine = "faster_whisper"
-        self.mode = "ok"
         self.delay = 0.0
         self.blocks_while_busy = False
-        self.hang_seconds = 3600.0
-        self.requests: list[Recorded] = []
-        self.active = 0
-        self.cancelled = 0
-        self.url = ""
         self._busy = asyncio.Lock()
-        self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/asr", self._asr)
         self.app.router.add_post("/detect-language", self._detect_language)
         self.app.router.add_get("/openapi.json", self._openapi)
         self.app.router.add_get("/docs", self._docs)
         self.app.router.add_get("/", self._index)
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    @property
-    def last(self) -> Recorded:
-        return self.requests[-1]
 
     @property
     def asr_requests(self) -> list[Recorded]:
@@ -130,34 +100,13 @@ class FakeWhisperAsr:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}")
-        self.active += 1
-        try:
-            rec = Recorded(request.method, request.path, dict(request.query), CIMultiDict(request.headers))
-            if request.content_type.startswith("multipart/"):
-                async for part in await request.multipart():
-                    if isinstance(part, BodyPartReader):
-                        data = bytes(await part.read(decode=False))
-                        if part.filename is not None:
-                            ctype = part.headers.get("Content-Type", "application/octet-stream")
-                            rec.files.append((part.name or "", part.filename, ctype, data))
-                        else:
-                            rec.form.append((part.name or "", data.decode()))
-            elif request.can_read_body:
-                rec.body = await request.read()
-            self.requests.append(rec)
-            request[RECORDED] = rec
-            if request.match_info.http_exception is not None:
-                return web.json_response({"detail": "Not Found"}, status=404)
-            return await handler(request)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.active -= 1
+    async def _record(self, request: web.Request) -> Recorded:
+        return await record(request, parse_json=False)
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is not None:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        return await handler(request)
 
     def _validate(self, rec: Recorded) -> list[dict[str, Any]]:
         """FastAPI's errors for the query and the body, in declaration order."""
@@ -188,7 +137,7 @@ class FakeWhisperAsr:
             return web.json_response({"detail": errors}, status=422)
         async with self._busy:
             if self.mode == "hang":
-                await asyncio.sleep(self.hang_seconds)
+                await self._hang()
             if self.delay:
                 await asyncio.sleep(self.delay)
             if self.mode == "drop":
@@ -215,9 +164,7 @@ class FakeWhisperAsr:
             await response.prepare(request)
             if self.mode == "drop_midstream":
                 await response.write(body[: len(body) // 2])
-                await asyncio.sleep(0.05)
-                assert request.transport is not None
-                request.transport.close()
+                await cut(request)
                 return response
             await response.write(body)
             await response.write_eof()

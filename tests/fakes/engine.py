@@ -1,0 +1,195 @@
+"""What the HTTP engine doubles share: the recorded request, the server's lifecycle, the counting middleware.
+
+`FakeHttpEngine` owns a `web.Application` and serves it on `127.0.0.1` (port 0) with an `AppRunner`
+created with `handler_cancellation=True`, so a client that disconnects cancels the handler, as in
+production. Its middleware records every request (`requests`, `last`; the handler finds it under
+`RECORDED`), counts running and client-cancelled handlers (`active`, `cancelled`) and hands the request
+to the subclass's `_answer`, where each double checks credentials and failure modes in its engine's
+words before calling the route's handler. `mode` is checked against the subclass's `MODES`.
+
+`_write` writes pieces of a body as a chunked response, `chunk_delay` apart; `cut` closes the
+connection after what was written has had a moment to reach the client (the "drop mid-stream"
+failure); `_send` does both for a whole body in `chunk_size` pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
+
+@dataclass
+class Recorded:
+    """One request as the engine received it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: CIMultiDict[str]
+    body: bytes = b""
+    """Raw body of non-multipart requests."""
+    json: Any = None
+    form: list[tuple[str, str]] = field(default_factory=list)
+    files: list[tuple[str, str, str, bytes]] = field(default_factory=list)
+    """(name, filename, content_type, bytes) per file part."""
+
+    def form_values(self, name: str) -> list[str]:
+        return [v for k, v in self.form if k == name]
+
+    def form_value(self, name: str) -> str | None:
+        values = self.form_values(name)
+        return values[0] if values else None
+
+
+RECORDED = web.RequestKey("fake_engine_recorded", Recorded)
+
+
+async def record(request: web.Request, path: str | None = None, *, parse_json: bool = True) -> Recorded:
+    """The request as received (at `path`, by default `request.path`): multipart fields and files, or the
+    raw body, and with `parse_json` an `application/json` body decoded (None if it is not JSON)."""
+    rec = Recorded(request.method, request.path if path is None else path, dict(request.query),
+                   CIMultiDict(request.headers))
+    if request.content_type.startswith("multipart/"):
+        async for part in await request.multipart():
+            if not isinstance(part, BodyPartReader):
+                continue
+            data = bytes(await part.read(decode=False))
+            if part.filename is not None:
+                ctype = part.headers.get("Content-Type", "application/octet-stream")
+                rec.files.append((part.name or "", part.filename, ctype, data))
+            else:
+                rec.form.append((part.name or "", data.decode(part.get_charset("utf-8"))))
+    elif request.can_read_body:
+        rec.body = await request.read()
+        if parse_json and request.content_type == "application/json":
+            try:
+                rec.json = json.loads(rec.body)
+            except ValueError:
+                rec.json = None
+    return rec
+
+
+def chunks(body: bytes, size: int) -> list[bytes]:
+    """`body` in pieces of `size` bytes (at least one byte)."""
+    size = max(1, size)
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+async def cut(request: web.Request) -> None:
+    """Let the written chunks reach the client, then cut the connection."""
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.close()
+
+
+class FakeHttpEngine:
+    """The lifecycle, recording and counting of an engine double; subclasses add routes and `_answer`."""
+
+    MODES: ClassVar[tuple[str, ...]] = ("ok",)
+    url_path: ClassVar[str] = ""
+    """Appended to `http://127.0.0.1:<port>` to make `url`."""
+
+    def __init__(self, *, chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
+        self.chunk_size = chunk_size
+        self.chunk_delay = chunk_delay
+        self._mode = "ok"
+        self.hang_seconds = 3600.0
+        self.requests: list[Recorded] = []
+        self.finished: list[float] = []
+        """time.monotonic() when each answer sent with `_send` had its last byte written."""
+        self.active = 0
+        self.cancelled = 0
+        self.port = 0
+        self.url = ""
+        self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.port}{self.url_path}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in self.MODES:
+            raise ValueError(f"unknown mode {value!r}; expected one of {self.MODES}")
+        self._mode = value
+
+    @property
+    def last(self) -> Recorded:
+        """The most recent recorded request."""
+        return self.requests[-1]
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.active += 1
+        try:
+            request[RECORDED] = rec = await self._record(request)
+            self.requests.append(rec)
+            return await self._answer(request, handler)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def _record(self, request: web.Request) -> Recorded:
+        return await record(request)
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The engine's checks (credentials, failure modes) before the route's handler."""
+        return await handler(request)
+
+    async def _hang(self) -> None:
+        await asyncio.sleep(self.hang_seconds)
+
+    async def _write(self, request: web.Request, headers: dict[str, str],
+                      pieces: Iterable[bytes]) -> web.StreamResponse:
+        """Prepare a chunked response and write `pieces`, `chunk_delay` apart (no end of body yet)."""
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        for i, piece in enumerate(pieces):
+            if i and self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+            await resp.write(piece)
+        return resp
+
+    async def _send(self, request: web.Request, headers: dict[str, str], body: bytes) -> web.StreamResponse:
+        """`body` in `chunk_size` pieces; in drop_midstream mode the first two, then the connection is cut."""
+        pieces = chunks(body, self.chunk_size) or [b""]
+        dropping = self.mode == "drop_midstream"
+        if dropping:
+            pieces = pieces[: max(1, min(2, len(pieces) - 1))] if len(pieces) > 1 else [body[: len(body) // 2]]
+        resp = await self._write(request, headers, pieces)
+        self.finished.append(time.monotonic())
+        if dropping:
+            await cut(request)
+            return resp
+        await resp.write_eof()
+        return resp
