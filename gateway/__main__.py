@@ -21,7 +21,7 @@ def _load(path: str) -> Config:
 
 async def _check_adapters(config: Config) -> None:
     async with aiohttp.ClientSession() as http:
-        for adapter in build_adapters(config, http).values():
+        for adapter in (await build_adapters(config, http)).values():
             await adapter.aclose()
 
 

@@ -109,7 +109,7 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     http = app[HTTP] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
                                              auto_decompress=False, trust_env=False,
                                              headers={"Accept-Encoding": "identity"})
-    app[TABLES].swap(Table(app[CONFIG], build_adapters(app[CONFIG], http)))
+    app[TABLES].swap(Table(app[CONFIG], await build_adapters(app[CONFIG], http)))
     try:
         yield
     finally:

@@ -55,7 +55,7 @@ class Reloader:
                 return None
             try:
                 config = parse_config(text, source=str(self.path), kinds=ADAPTERS.keys())
-                adapters = build_adapters(config, self.app[HTTP])
+                adapters = await build_adapters(config, self.app[HTTP])
             except ConfigError as exc:
                 return self._failed(exc.problems)
             self._warn_restart_only(current, config)

@@ -130,3 +130,19 @@ def test_unknown_backend_option_is_refused_by_path(tmp_path: Path) -> None:
     result = run_cli("check-config", str(bad))
     assert result.returncode == 1
     assert "backends.speaches.timeout: unknown option for kind 'openai'" in result.stderr
+
+
+async def test_invalid_options_close_the_adapters_already_built() -> None:
+    """A reload that fails on one backend's options leaves no engine thread of the others running."""
+    import threading
+
+    from gateway.adapters import build_adapters, unavailable_reason
+
+    if unavailable_reason("pocketsphinx"):
+        pytest.skip("the embedded engines are not installed")
+    config = parse_config(VALID.replace("backends: {", "backends: {early: {kind: pocketsphinx}, ")
+                          .replace("timeout_s: 120", "timeout_s: 120, bogus: 1"), kinds=KINDS, environ={})
+    with pytest.raises(ConfigError) as info:
+        await build_adapters(config, None)  # type: ignore[arg-type]
+    assert info.value.problems[0].startswith("backends.speaches.bogus: unknown option for kind 'openai'")
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("sphinx-early")]

@@ -51,9 +51,10 @@ def unavailable_kinds(config: Config) -> dict[str, str]:
     return found
 
 
-def build_adapters(config: Config, http: aiohttp.ClientSession) -> dict[str, Adapter]:
+async def build_adapters(config: Config, http: aiohttp.ClientSession) -> dict[str, Adapter]:
     """One adapter per configured backend. A backend whose kind cannot run here gets a stand-in that
-    fails its requests (and its readiness), so the rest of the table still serves."""
+    fails its requests (and its readiness), so the rest of the table still serves. If any backend's
+    options are invalid, the adapters already built are closed again and every problem is raised."""
     unavailable = unavailable_kinds(config)
     adapters: dict[str, Adapter] = {}
     problems: list[str] = []
@@ -68,5 +69,7 @@ def build_adapters(config: Config, http: aiohttp.ClientSession) -> dict[str, Ada
         except ValueError as exc:
             problems.append(str(exc))
     if problems:
+        for adapter in adapters.values():
+            await adapter.aclose()
         raise ConfigError(problems)
     return adapters

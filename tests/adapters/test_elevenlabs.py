@@ -377,10 +377,10 @@ def test_readiness_lists_voices_and_never_synthesizes(gateway: Gateway, engine: 
     ("optimize_streaming_latency: 9", "backends.eleven.optimize_streaming_latency:"),
     ("enable_logging: nope", "backends.eleven.enable_logging: expected true or false"),
 ])
-def test_bad_options_are_config_errors_by_path(tmp_path: Path, extra: str, problem: str) -> None:
+async def test_bad_options_are_config_errors_by_path(tmp_path: Path, extra: str, problem: str) -> None:
     parsed = parse_config(config("http://127.0.0.1:9", tmp_path, extra), kinds=ADAPTERS.keys())
     with pytest.raises(ConfigError) as info:
-        build_adapters(parsed, None)  # type: ignore[arg-type]
+        await build_adapters(parsed, None)  # type: ignore[arg-type]
     assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
 
 
