@@ -108,7 +108,7 @@ async def metering_middleware(request: web.Request, handler: Any) -> web.StreamR
             await asyncio.shield(measure_then_record(request, endpoint, outcome.status or 499))
         else:
             if meter is not None:
-                outcome.output_audio_seconds = meter.pcm_seconds()
+                outcome.output_audio_seconds = meter.counted_seconds()
             record(request, endpoint, outcome.status or 499)
 
 

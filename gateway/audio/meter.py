@@ -1,6 +1,7 @@
 """Seconds of speech audio actually delivered to a client, measured from the bytes that went out.
 
-Raw PCM is counted by its length. Encoded audio is kept in a spool (memory, then an unnamed temp
+Raw PCM is counted by its length, MP3 by its frame headers as it passes (mp3_frames). Other encoded
+audio is kept in a spool (memory, then an unnamed temp
 file) as it passes and measured once at the end by demuxing it (packet durations; no decoding):
 inline when it is small (a fraction of a millisecond, cheaper than a thread hand-off), in a worker
 thread when it is large. For a stream the client abandoned, this is the audio it actually received.
@@ -18,6 +19,7 @@ from typing import BinaryIO
 import av
 
 from gateway.audio.formats import OPENAI_PCM_RATE
+from gateway.audio.mp3_frames import Mp3Clock
 
 _PCM_BYTES_PER_SECOND = OPENAI_PCM_RATE * 2
 _DEMUXERS = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
@@ -32,7 +34,8 @@ class AudioMeter:
         self.raw_bytes = 0
         self._pending = b""
         self._spool: BinaryIO | None = None
-        if response_format != "pcm":
+        self._clock = Mp3Clock() if response_format == "mp3" else None
+        if response_format not in ("pcm", "mp3"):
             self._spool = tempfile.SpooledTemporaryFile(max_size=memory_bytes)  # type: ignore[assignment]
 
     async def tap(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -48,7 +51,9 @@ class AudioMeter:
 
     def _record(self, audio: bytes) -> None:
         self.raw_bytes += len(audio)
-        if self._spool is not None:
+        if self._clock is not None:
+            self._clock.feed(audio)
+        elif self._spool is not None:
             self._spool.write(audio)
 
     def _record_sse(self, chunk: bytes) -> None:
@@ -67,16 +72,17 @@ class AudioMeter:
 
     @property
     def needs_decoding(self) -> bool:
-        """Whether `seconds()` has to demux encoded audio (in a worker thread)."""
+        """Whether `seconds()` has to demux encoded audio (maybe in a worker thread)."""
         return self._spool is not None
 
-    def pcm_seconds(self) -> float:
-        return self.raw_bytes / _PCM_BYTES_PER_SECOND
+    def counted_seconds(self) -> float:
+        """Seconds of PCM or MP3 recorded so far (known without demuxing)."""
+        return self._clock.seconds if self._clock is not None else self.raw_bytes / _PCM_BYTES_PER_SECOND
 
     async def seconds(self) -> float:
         """Seconds of audio recorded so far; closes the spool."""
         if self._spool is None:
-            return self.pcm_seconds()
+            return self.counted_seconds()
         spool, self._spool = self._spool, None
         try:
             if not self.raw_bytes:
