@@ -250,3 +250,35 @@ def test_without_the_embedded_extra_the_gateway_starts_and_names_the_missing_kin
     assert "backends.espeak.kind: kind 'espeak' is unavailable" in check.stderr
     assert "backends.sphinx.kind: kind 'pocketsphinx' is unavailable" in check.stderr
     assert "pip install" in check.stderr
+
+
+def test_without_the_embedded_extra_the_gateway_serves_and_reports_them_down(tmp_path: Path) -> None:
+    import httpx2 as httpx
+
+    from tests.support import free_port
+
+    port = free_port()
+    block = "import sys; sys.modules['espeakng_loader'] = None; sys.modules['pocketsphinx'] = None; "
+    proc = subprocess.Popen([sys.executable, "-c", block + "from gateway.__main__ import main; "
+                             f"sys.exit(main(['serve', '--config', 'config/gateway.yaml', '--port', '{port}']))"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert ready.status_code == 503
+        assert ready.json()["backends"] == {"espeak": "down", "sphinx": "down"}
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=DEMO_KEY, max_retries=0) as c:
+            with pytest.raises(openai.InternalServerError) as info:
+                c.audio.speech.create(model="tts-1", voice="nova", input="hi")
+        assert "engine is not installed" in info.value.message
+        assert info.value.response.headers["x-should-retry"] == "false"
+    finally:
+        proc.kill()  # the default config drains for 5 s on SIGTERM; shutdown is tested elsewhere
+        output = proc.communicate(timeout=20)[0]
+    assert "backends.espeak.kind: kind 'espeak' is unavailable" in output
