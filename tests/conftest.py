@@ -91,16 +91,21 @@ def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def engine_config(engine_url: str, spool_dir: Path, extra: str = "") -> str:
-    """The default test table: one OpenAI-compatible backend, two tenants."""
-    return textwrap.dedent(f"""
+def server_yaml(spool_dir: Path) -> str:
+    """The `server:` section and the demo key every test table starts with (8-space indented, for dedent)."""
+    return f"""
         server:
           max_upload_bytes: 2000000
           spool_memory_bytes: 65536
           spool_dir: {spool_dir}
           cors_origins: ["https://app.example"]
         keys:
-          - {{name: demo, tenant: acme, sha256: "{sha(DEMO_KEY)}"}}
+          - {{name: demo, tenant: acme, sha256: "{sha(DEMO_KEY)}"}}"""
+
+
+def engine_config(engine_url: str, spool_dir: Path, extra: str = "") -> str:
+    """The default test table: one OpenAI-compatible backend, two tenants."""
+    return textwrap.dedent(server_yaml(spool_dir) + f"""
           - {{name: beta, tenant: beta, key: "{BETA_KEY}", models: [tts-1]}}
         backends:
           speaches:

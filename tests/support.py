@@ -20,7 +20,7 @@ from typing import Any
 import openai
 
 from gateway.lifecycle import HTTP
-from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, open_fds_matching, sha
+from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, open_fds_matching, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine
 
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -162,14 +162,7 @@ def table_config(backends: dict[str, str], models: dict[str, tuple[str, list[tup
         "\n          " + name + ": {task: " + task + ", routes: ["
         + ", ".join("{backend: " + b + ", model: " + m + "}" for b, m in routes) + "]}"
         for name, (task, routes) in models.items())
-    return textwrap.dedent(f"""
-        server:
-          max_upload_bytes: 2000000
-          spool_memory_bytes: 65536
-          spool_dir: {spool_dir}
-          cors_origins: ["https://app.example"]
-        keys:
-          - {{name: demo, tenant: acme, sha256: "{sha(DEMO_KEY)}"}}
+    return textwrap.dedent(server_yaml(spool_dir) + f"""
         backends:{backend_yaml}
         models:{model_yaml}
     """) + textwrap.dedent(voices)
