@@ -6,6 +6,7 @@ Each rule raises InvalidRequestError naming the field (`param`) and a code such 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ def _text(name: str, value: Any, *, required: bool) -> str | None:
 def _number(name: str, value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _wrong_type(name, "a number", value)
+    if not math.isfinite(value):  # NaN passes both range checks below; no engine can use it
+        raise InvalidRequestError(f"Invalid '{name}': expected a finite number, but got {value} instead.",
+                                  param=name, code="invalid_value")
     if value < low:
         raise InvalidRequestError(f"Invalid '{name}': decimal below minimum value. Expected a value >= {low}, "
                                   f"but got {value} instead.", param=name, code="decimal_below_min_value")

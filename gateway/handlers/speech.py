@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway import json_body
 from gateway.adapters.base import SPEECH, AudioStream, SpeechJob
 from gateway.audio.formats import CONTENT_TYPES
 from gateway.audio.meter import AudioMeter
 from gateway.audio.transcode import encode
-from gateway.errors import InvalidRequestError
 from gateway.handlers.routing import first_success
 from gateway.lifecycle import METERING
 from gateway.mapping import Candidate
@@ -41,12 +40,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
 
 
 async def read_json(request: web.Request) -> object:
-    try:
-        return await request.json(loads=json.loads)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequestError(
-            "We could not parse the JSON body of your request. The API expects a JSON payload "
-            "(Content-Type: application/json).", code="invalid_json") from None
+    return json_body.parse(await request.read(), request.charset)
 
 
 def speech_job(request: web.Request, req: SpeechRequest, candidate: Candidate) -> SpeechJob:
