@@ -80,6 +80,7 @@ def build_app(config: Config) -> web.Application:
         web.post("/v1/audio/transcriptions", transcribe.transcriptions),
         web.post("/v1/audio/translations", transcribe.translations),
         web.get("/v1/models", catalog.models),
+        web.get("/v1/models/{model:.+}", catalog.model),  # public model names may contain '/'
         web.get("/v1/audio/voices", catalog.voices),
         web.get("/healthz", catalog.healthz),
         web.get("/readyz", catalog.readyz),

@@ -49,19 +49,19 @@ def bill(outcome: Outcome, status: int, price: Price | None) -> Bill:
 _SUBTITLE_NOISE = re.compile(r"^(WEBVTT.*|\d+|[\d:.,]+ --> [\d:.,]+.*)$")
 
 
-def transcript_chars(body: bytes, response_format: str) -> int:
-    """Characters of transcript text in a body an upstream answered in `response_format`."""
+def transcript_text(body: bytes, response_format: str) -> str:
+    """The transcript text in a body an upstream answered in `response_format`."""
     text = body.decode("utf-8", errors="replace")
     if response_format in ("json", "verbose_json", "diarized_json"):
         try:
             value = json.loads(text).get("text", "")
-        except (ValueError, AttributeError):
-            return 0
-        return len(value.strip()) if isinstance(value, str) else 0
+        except (ValueError, AttributeError, RecursionError):
+            return ""
+        return value if isinstance(value, str) else ""
     if response_format in ("srt", "vtt"):
         lines = [line.strip() for line in text.splitlines()]
-        return len(" ".join(line for line in lines if line and not _SUBTITLE_NOISE.match(line)))
-    return len(text.strip())
+        return " ".join(line for line in lines if line and not _SUBTITLE_NOISE.match(line))
+    return text
 
 
 def sse_transcript_chars(event: bytes) -> int | None:
@@ -70,7 +70,7 @@ def sse_transcript_chars(event: bytes) -> int | None:
         if line.startswith(b"data: "):
             try:
                 data = json.loads(line[6:])
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(data, dict) and data.get("type") == "transcript.text.done":
                 return len(str(data.get("text", "")).strip())

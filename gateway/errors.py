@@ -26,6 +26,9 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+RETRIABLE_4XX = frozenset({408, 409, 429})
+"""The 4xx statuses OpenAI's SDKs retry; every other 4xx says `x-should-retry: false` explicitly."""
+
 
 class GatewayError(Exception):
     status: ClassVar[int] = 500
@@ -57,8 +60,11 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else {}
-        if self.should_retry is not None:
-            headers["x-should-retry"] = "true" if self.should_retry else "false"
+        should_retry = self.should_retry
+        if should_retry is None and 400 <= self.status < 500 and self.status not in RETRIABLE_4XX:
+            should_retry = False  # the client's own error: the same request fails the same way again
+        if should_retry is not None:
+            headers["x-should-retry"] = "true" if should_retry else "false"
         return headers
 
     def response(self) -> web.Response:

@@ -24,6 +24,7 @@ from gateway.outcome import Outcome
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
 
 ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models",
+                       "/v1/models/{model}", "/openapi.json",
                        "/v1/audio/voices", "/healthz", "/readyz", "/metrics"})
 REASONS = frozenset({"timeout", "connect", "disconnect", "protocol", "bad_response", "bad_audio", "backend_auth",
                      "backend_rate_limit", "backend_rejected", "backend_timeout", "backend_not_found",
@@ -143,7 +144,7 @@ def record(request: web.Request, endpoint: str, status: int) -> None:
             if billed.cost_usd is not None:
                 metrics.cost.labels(tenant, model).inc(billed.cost_usd)
     ledger = request.app.get(LEDGER)
-    if ledger is not None and endpoint in BILLED_ENDPOINTS:
+    if ledger is not None and endpoint in BILLED_ENDPOINTS and identity is not None:  # no key, no ledger line
         ledger.write(UsageRecord(
             request_id=request[REQUEST_ID], time=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             tenant=identity.tenant if identity else None, key=identity.key_name if identity else None,

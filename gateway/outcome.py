@@ -33,6 +33,8 @@ class Outcome:
     """The response's status, once a handler produced one (a later disconnect does not change it)."""
     completed: bool = False
     """The answer reached the client whole (for streams: the last chunk was written)."""
+    client_gone: bool = False
+    """The client went away while its answer was being sent (recorded as 499, as nginx does)."""
     failed_after_first_byte: str | None = None
     """Why a stream was cut after its status had been sent, if it was."""
     meter: AudioMeter | None = None
@@ -45,7 +47,7 @@ class Outcome:
     def sent(self, response: web.StreamResponse) -> None:
         """Note the status, and the body bytes of a response not streamed by its handler (those are sent
         after the middlewares)."""
-        self.status = response.status
+        self.status = 499 if self.client_gone else response.status
         if self.bytes_out == 0:
             body = response.body if isinstance(response, web.Response) else None
             self.bytes_out = response.body_length or (len(body) if isinstance(body, bytes) else 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -44,31 +44,48 @@ async def relay(request: web.Request, first: bytes, rest: AsyncIterator[bytes], 
     response = web.StreamResponse(headers=SSE_HEADERS if sse else None)
     response.content_type = content_type
     response.enable_chunked_encoding()
+
+    async def write(chunk: bytes) -> None:
+        await response.write(chunk)
+        outcome.bytes_out += len(chunk)  # what went out, also when the stream is cut later
+
     try:
         await response.prepare(request)
         outcome.mark_first_byte()
-        await response.write(first)
+        await write(first)
         async for chunk in rest:
             if chunk:
-                await response.write(chunk)
+                await write(chunk)
         await response.write_eof()
         outcome.completed = True
     except GatewayError as exc:
-        await _after_first_byte(request, response, exc, sse)
+        await _after_first_byte(request, response, exc, write if sse else None)
+    except ConnectionError:  # the client went away: an ordinary end, recorded as 499 without a traceback
+        outcome.client_gone = True
     finally:
-        outcome.bytes_out = response.body_length
         await _aclose(rest)
     return response
 
 
+async def send(request: web.Request, response: web.Response) -> web.Response:
+    """Send a whole response now, so the request counts as completed only once its body went out."""
+    outcome = request[OUTCOME]
+    await response.prepare(request)
+    outcome.mark_first_byte()
+    await response.write_eof()
+    outcome.bytes_out = response.body_length
+    outcome.completed = True
+    return response
+
+
 async def _after_first_byte(request: web.Request, response: web.StreamResponse, exc: GatewayError,
-                            sse: bool) -> None:
+                            write_sse: Callable[[bytes], Awaitable[None]] | None) -> None:
     outcome = request[OUTCOME]
     outcome.failed_after_first_byte = exc.reason
     log.warning("request %s: stream failed after the first byte (%s): %s",
                 request.get(REQUEST_ID), exc.reason, exc.message)
-    if sse:
-        await response.write(sse_event(exc.body()))
+    if write_sse is not None:
+        await write_sse(sse_event(exc.body()))
         await response.write_eof()
     elif request.transport is not None:
         request.transport.close()
@@ -106,6 +123,5 @@ async def transcript_sse(transcript: Transcript) -> AsyncIterator[bytes]:
     pieces = [s.text for s in transcript.segments] or ([transcript.text] if transcript.text else [])
     for piece in pieces:
         yield sse_event({"type": "transcript.text.delta", "delta": piece})
-    seconds = transcript.duration or 0.0
-    yield sse_event({"type": "transcript.text.done", "text": transcript.text,
-                     "usage": {"type": "duration", "seconds": seconds}})
+    # OpenAI's schema allows only token usage on this event; the gateway counts seconds, so it sends none.
+    yield sse_event({"type": "transcript.text.done", "text": transcript.text})

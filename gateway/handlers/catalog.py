@@ -1,4 +1,4 @@
-"""GET /v1/models, /v1/audio/voices, /healthz and /readyz."""
+"""GET /v1/models, /v1/models/{model}, /v1/audio/voices, /healthz and /readyz."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 
 from aiohttp import web
 
+from gateway.config import Model
+from gateway.errors import model_not_found
 from gateway.lifecycle import DRAINING, STARTED_AT
 from gateway.metering import METRICS
 from gateway.state import IDENTITY, TABLE
@@ -14,10 +16,21 @@ from gateway.state import IDENTITY, TABLE
 async def models(request: web.Request) -> web.Response:
     """The public models this key may use, in OpenAI's list shape."""
     identity = request[IDENTITY]
-    created = int(request.app[STARTED_AT])
-    data = [{"id": m.name, "object": "model", "created": created, "owned_by": m.owned_by}
-            for m in request[TABLE].config.models.values() if identity.may_use(m.name)]
+    data = [_model(request, m) for m in request[TABLE].config.models.values() if identity.may_use(m.name)]
     return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One model, as `models` lists it; unknown, or not for this key, is OpenAI's 404."""
+    name = request.match_info["model"]
+    found = request[TABLE].config.models.get(name)
+    if found is None or not request[IDENTITY].may_use(name):
+        raise model_not_found(name)
+    return web.json_response(_model(request, found))
+
+
+def _model(request: web.Request, model: Model) -> dict[str, object]:
+    return {"id": model.name, "object": "model", "created": int(request.app[STARTED_AT]), "owned_by": model.owned_by}
 
 
 async def voices(request: web.Request) -> web.Response:

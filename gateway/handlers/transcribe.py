@@ -7,6 +7,7 @@ route that answers, then answer in the client's format (relayed as is, or render
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -15,14 +16,14 @@ from aiohttp import web
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
 from gateway.audio.decode import probe_duration
 from gateway.audio.transcripts import render
-from gateway.billing import sse_transcript_chars, transcript_chars
-from gateway.errors import UnsupportedError
+from gateway.billing import sse_transcript_chars, transcript_text
+from gateway.errors import UnsupportedError, UpstreamError
 from gateway.handlers.routing import first_success
 from gateway.mapping import Candidate
 from gateway.outcome import Outcome
 from gateway.spool import Form, read_form
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
-from gateway.streaming import first_chunk, relay, transcript_sse
+from gateway.streaming import first_chunk, relay, send, transcript_sse
 from gateway.transcript import Transcript
 from gateway.validation import TRANSCRIPT_FORMATS, TranscriptionRequest, validate_transcription
 
@@ -81,33 +82,48 @@ def _can_answer(candidate: Candidate, req: TranscriptionRequest) -> bool:
 async def respond(request: web.Request, req: TranscriptionRequest,
                   result: Transcript | Passthrough) -> web.StreamResponse:
     outcome = request[OUTCOME]
+    if isinstance(result, Passthrough) and result.chunks is not None:
+        events = count_done_text(result.chunks, outcome)
+        return await relay(request, await first_chunk(events), events, result.content_type, sse=True)
     if isinstance(result, Passthrough):
-        if result.chunks is not None:
-            events = count_done_text(result.chunks, outcome)
-            return await relay(request, await first_chunk(events), events, result.content_type, sse=True)
-        outcome.output_text_chars = transcript_chars(result.body or b"", req.response_format)
-        outcome.completed = True
-        return web.Response(body=result.body, content_type=result.content_type.split(";")[0],
-                            charset="utf-8" if "charset" in result.content_type else None)
+        body = result.body or b""
+        if req.stream:  # the backend answered with a finished transcript: stream it as OpenAI's events
+            return await _stream(request, Transcript(transcript_text(body, req.response_format)))
+        outcome.output_text_chars = len(transcript_text(body, req.response_format).strip())
+        return await send(request, web.Response(body=body, content_type=result.content_type.split(";")[0],
+                                                charset="utf-8" if "charset" in result.content_type else None))
     if result.duration is None:
         result = replace(result, duration=outcome.input_audio_seconds)
-    outcome.output_text_chars = len(result.text.strip())
     if req.stream:
-        events = transcript_sse(result)
-        return await relay(request, await first_chunk(events), events, "text/event-stream", sse=True)
+        return await _stream(request, result)
     rendered = render(result, req.response_format, task=req.task, granularities=req.timestamp_granularities)
-    outcome.completed = True
+    outcome.output_text_chars = len(rendered.text.strip())
     ctype, _, params = rendered.content_type.partition(";")
-    return web.Response(body=rendered.body, content_type=ctype, charset="utf-8" if "charset" in params else None)
+    return await send(request, web.Response(body=rendered.body, content_type=ctype,
+                                            charset="utf-8" if "charset" in params else None))
+
+
+async def _stream(request: web.Request, transcript: Transcript) -> web.StreamResponse:
+    request[OUTCOME].output_text_chars = len(transcript.text.strip())
+    events = transcript_sse(transcript)
+    return await relay(request, await first_chunk(events), events, "text/event-stream", sse=True)
+
+
+MAX_EVENT_BYTES = 1_048_576
+"""An upstream SSE event longer than this is garbage (a transcript event is a few KiB)."""
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 async def count_done_text(events: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
-    """Relay an upstream's transcription SSE unchanged, noting the final text's length for billing."""
+    """Relay an upstream's transcription SSE unchanged, noting the final text's length for billing.
+    Events end at a blank line, with LF or CRLF line ends, as the SSE spec allows."""
     pending = b""
     try:
         async for chunk in events:
             pending += chunk
-            *complete, pending = pending.split(b"\n\n")
+            *complete, pending = _EVENT_END.split(pending)
+            if len(pending) > MAX_EVENT_BYTES:
+                raise UpstreamError(f"Backend '{outcome.backend}' sent an oversized event.", reason="bad_response")
             for event in complete:
                 chars = sse_transcript_chars(event)
                 if chars is not None:

@@ -104,6 +104,10 @@ class FakeOpenAIEngine(FakeHttpEngine):
         self.expected_api_key = expected_api_key
         self.drop_after_chunks = 2
         self.models = ["tts-1", "whisper-1"]
+        self.ignores_stream = False
+        """Answer `stream=true` with a finished transcript, as OpenAI does for whisper-1."""
+        self.sse_crlf = False
+        """End SSE lines with CRLF, which the SSE spec allows as well as LF."""
         self.app.router.add_post("/v1/audio/speech", self._speech)
         self.app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         self.app.router.add_post("/v1/audio/translations", self._translations)
@@ -196,12 +200,14 @@ class FakeOpenAIEngine(FakeHttpEngine):
         text = self.transcript_text
         words = [(w, round(i * WORD_SECONDS, 3), round((i + 0.9) * WORD_SECONDS, 3))
                  for i, w in enumerate(text.split())]
-        if task == "transcribe" and rec.form_value("stream") == "true":
+        if task == "transcribe" and rec.form_value("stream") == "true" and not self.ignores_stream:
             events = [_sse({"type": "transcript.text.delta", "delta": w if i == 0 else f" {w}"})
                       for i, (w, _, _) in enumerate(words)]
             usage = {"type": "tokens", "input_tokens": 20, "output_tokens": len(words),
                      "total_tokens": 20 + len(words)}
             events.append(_sse({"type": "transcript.text.done", "text": text, "usage": usage}))
+            if self.sse_crlf:
+                events = [e.replace(b"\n", b"\r\n") for e in events]
             return await self._stream(request, "text/event-stream", events)
         segments: list[dict[str, Any]] = []
         group: list[tuple[str, float, float]] = []
