@@ -33,6 +33,7 @@ from gateway.middleware import (
     error_middleware,
     request_id_middleware,
 )
+from gateway.openapi import openapi_json
 from gateway.reload import reload_ctx
 from gateway.state import TABLE
 
@@ -84,6 +85,7 @@ def build_app(config: Config) -> web.Application:
         web.get("/v1/audio/voices", catalog.voices),
         web.get("/healthz", catalog.healthz),
         web.get("/readyz", catalog.readyz),
+        web.get("/openapi.json", openapi_json),
     ])
     if config.server.cors_origins:
         options = aiohttp_cors.ResourceOptions(allow_headers="*", expose_headers=("x-request-id",),
