@@ -23,7 +23,13 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
-from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import (
+    MAX_TRANSCRIPT_BYTES,
+    probe,
+    raise_for_status,
+    read_transcript,
+    stream_body,
+)
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
 from gateway.errors import UpstreamError
@@ -95,7 +101,7 @@ class OpenAIAdapter:
                                             headers=self._headers(job.request_id, "application/json"))
         await raise_for_status(self.backend, response)
         if job.stream and response.content_type == "text/event-stream":
-            return Passthrough("text/event-stream", chunks=stream_body(self.backend, response))
+            return Passthrough("text/event-stream", chunks=stream_body(self.backend, response, MAX_TRANSCRIPT_BYTES))
         body = await read_transcript(self.backend, response)
         return Passthrough(self._check_transcript(job.response_format, body, response.content_type), body=body)
 

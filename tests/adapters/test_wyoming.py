@@ -160,9 +160,11 @@ def test_voice_table_gives_name_and_speaker(client: openai.OpenAI, piper: FakeWy
     speak(client, voice="nova")
     voices = [s.first("synthesize")["voice"] for s in piper.requests("synthesize")]  # type: ignore[index]
     assert voices == [{"name": SINGLE_VOICE}, {"name": MULTI_VOICE, "speaker": "p456"}]
-    with pytest.raises(openai.InternalServerError) as info:  # unmapped: passes through, Piper does not know it
+    with pytest.raises(openai.BadRequestError) as info:  # not in the table: sent as it is; Piper has no such voice
         speak(client, voice="echo")
-    expect_error(info.value, 502, "upstream_error", "bad_gateway", message="Unable to find voice: echo")
+    expect_error(info.value, 400, "invalid_request_error", "invalid_value", "voice",
+                 message="Backend 'piper' does not have the requested voice.")
+    assert info.value.response.headers["x-should-retry"] == "false"
     assert DEMO_KEY not in json.dumps([e.data for s in piper.sessions for e in s.events])
     closed(piper)
 
@@ -302,7 +304,7 @@ def test_refused_connection_is_502(make_gateway: Callable[[str], Gateway], tmp_p
 
 
 @pytest.mark.parametrize(("mode", "status", "message"), [
-    ("error", 502, "Backend 'piper' reported an error: Unable to find voice"),
+    ("error", 502, "Backend 'piper' reported an error: Piper failed: voice model is corrupt"),
     ("eof", 502, "Backend 'piper' closed the connection unexpectedly."),
     ("slow_first", 504, "Backend 'piper' did not answer in time."),
 ])
