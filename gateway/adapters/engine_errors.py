@@ -121,9 +121,9 @@ def retry_after(value: str | None, now: datetime | None = None) -> int:
         if when.tzinfo is None:  # `-0000` in RFC 5322: UTC, as HTTP-dates always are
             when = when.replace(tzinfo=UTC)
         seconds = (when - (now or datetime.now(UTC))).total_seconds()
-    if math.isnan(seconds):
+    if math.isnan(seconds) or seconds <= 0:
         return 1
-    return int(min(MAX_RETRY_AFTER, max(1, math.ceil(seconds) if math.isfinite(seconds) else MAX_RETRY_AFTER)))
+    return min(MAX_RETRY_AFTER, math.ceil(seconds) if math.isfinite(seconds) else MAX_RETRY_AFTER)
 
 
 def error_for(backend: Backend, said: Complaint, fields: Mapping[str, str] | None = None) -> GatewayError:

@@ -141,7 +141,7 @@ class _Handler(AsyncEventHandler):
 
     async def _speak(self, request: Synthesize, mode: str) -> bool:
         voice = request.voice.name if request.voice else None
-        if voice not in (SINGLE_VOICE, MULTI_VOICE):  # wyoming-piper: download.find_voice raises VoiceNotFoundError(name)
+        if voice not in (SINGLE_VOICE, MULTI_VOICE):  # wyoming-piper's find_voice: raise VoiceNotFoundError(name)
             await self.write_event(Error(text=str(voice), code="VoiceNotFoundError").event())
             return False  # wyoming-piper re-raises after sending the error: the connection ends
         if mode == "error":
