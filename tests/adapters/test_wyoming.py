@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import math
 import struct
 import textwrap
@@ -318,6 +319,20 @@ def test_speech_failing_before_audio_is_a_clean_error(client: openai.OpenAI, pip
     expect_error(info.value, status, "upstream_error", code, message=message)
     if mode == "slow_first":
         assert 0.9 < time.monotonic() - started < 2.0  # timeout_s: 1 per event
+    closed(piper)
+
+
+def test_engine_error_text_is_redacted_for_client_and_log(client: openai.OpenAI, piper: FakeWyomingEngine,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    piper.mode = "error"
+    piper.error_text = (f"cannot reach {piper.url}/models (127.0.0.1:{piper.port}) with Authorization: "
+                        "Bearer hf_abcdefghijklmnop1234 or sk-live-0123456789abc\x00\x1b[2J")
+    with pytest.raises(openai.InternalServerError) as info:
+        speak(client)
+    error = expect_error(info.value, 502, "upstream_error", "bad_gateway", message="cannot reach [redacted]")
+    for secret in (f":{piper.port}", "hf_abcdefghijklmnop1234", "sk-live", "\x00", "\x1b"):
+        assert secret not in error["message"] and secret not in caplog.text, secret
     closed(piper)
 
 
