@@ -272,3 +272,26 @@ def test_non_finite_segment_timings_are_a_malformed_answer(client: openai.OpenAI
     with pytest.raises(openai.InternalServerError) as info:
         call(client, kind, "transcription", response_format="srt")
     expect_error(info.value, 502, "upstream_error", "bad_gateway", message="malformed transcript")
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+"""Valid JSON nested far past what Python's parser takes (RecursionError, not ValueError)."""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_json_nested_too_deep_is_garbage_not_a_500(client: openai.OpenAI, echo: EchoEngine, kind: str) -> None:
+    echo.answer = DEEP
+    with pytest.raises(openai.InternalServerError) as info:
+        call(client, kind, "transcription", response_format="verbose_json")
+    expect_error(info.value, 502, "upstream_error", "bad_gateway", message="malformed transcript")
+    echo.answer, echo.text, echo.shape = None, DEEP.decode(), "plain"  # the error body nested as deep
+    with pytest.raises(openai.BadRequestError) as info:
+        call(client, kind, "transcription")
+    assert info.value.response.status_code == 400
+
+
+def test_an_openai_backends_nan_is_not_relayed_as_json(client: openai.OpenAI, echo: EchoEngine) -> None:
+    echo.answer = b'{"text": "Hi.", "duration": NaN, "segments": []}'
+    with pytest.raises(openai.InternalServerError) as info:
+        call(client, "openai", "transcription", response_format="verbose_json")
+    expect_error(info.value, 502, "upstream_error", "bad_gateway", message="malformed transcript")

@@ -188,7 +188,7 @@ class AzureSpeechAdapter:
             text = " ".join(str(c["text"]).strip() for c in combined) or " ".join(s.text for s in segments)
             duration = parsed.get("durationMilliseconds")
             detected = next((p["locale"] for p in phrases if isinstance(p.get("locale"), str)), None)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # JSON nested past the limit
             raise self._malformed() from None
         return Transcript(text=text.strip(), language=language or detected, segments=segments,
                           duration=_duration(duration))

@@ -169,7 +169,7 @@ class DeepgramAdapter:
                              for u in parsed["results"].get("utterances") or ())
             duration = _duration((parsed.get("metadata") or {}).get("duration"))
             detected = channel.get("detected_language")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             raise self._malformed() from None
         if not isinstance(text, str):
             raise self._malformed()

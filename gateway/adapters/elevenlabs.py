@@ -184,7 +184,7 @@ def _transcript(body: bytes) -> Transcript | None:
     """Scribe's single-channel answer as a Transcript; None if it is not one."""
     try:
         parsed = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
         return None

@@ -61,7 +61,7 @@ Refine = Callable[[Complaint], GatewayError | None]
 def complaint(backend: Backend, status: int, body: bytes, headers: Mapping[str, str]) -> Complaint:
     try:
         parsed: Any = json.loads(body)
-    except ValueError:  # not JSON (an HTML error page, a proxy's text): no message worth showing
+    except (ValueError, RecursionError):  # not JSON (a proxy's HTML page) or nested past any need: no message
         parsed = None
     message, field, code = _read(parsed) if isinstance(parsed, dict | list) else (None, None, None)
     return Complaint(status, redact(backend, message) or None, field, code, retry_after(headers.get("Retry-After")))

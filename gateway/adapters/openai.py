@@ -117,11 +117,12 @@ class OpenAIAdapter:
         return fields + list(job.extra)
 
     def _check_transcript(self, fmt: str, body: bytes, content_type: str) -> str:
-        """The content type to relay, once the body is known to be what `fmt` promises."""
+        """The content type to relay, once the body is known to be what `fmt` promises (JSON that the SDK can
+        read: Python's `NaN`/`Infinity` are not JSON)."""
         if fmt in _JSON_FORMATS:
             try:
-                parsed = json.loads(body)
-            except ValueError:
+                parsed = json.loads(body, parse_constant=_not_json)
+            except (ValueError, RecursionError):
                 parsed = None
             if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
                 raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
@@ -139,3 +140,6 @@ class OpenAIAdapter:
     async def aclose(self) -> None:
         return None
 
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")

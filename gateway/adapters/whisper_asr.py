@@ -153,7 +153,7 @@ class WhisperAsrAdapter:
             if not isinstance(raw_segments, list):
                 raise ValueError("segments is not a list")
             segments = tuple(_segment(s) for s in raw_segments)
-        except (ValueError, TypeError, KeyError, IndexError):
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
             raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
                                 reason="bad_response") from None
         language = parsed.get("language")
