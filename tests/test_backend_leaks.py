@@ -295,3 +295,18 @@ def test_an_openai_backends_nan_is_not_relayed_as_json(client: openai.OpenAI, ec
     with pytest.raises(openai.InternalServerError) as info:
         call(client, "openai", "transcription", response_format="verbose_json")
     expect_error(info.value, 502, "upstream_error", "bad_gateway", message="malformed transcript")
+
+
+def test_an_endless_transcript_stream_is_cut_with_an_error_event(servers: ServerThread, client: openai.OpenAI,
+                                                                 gateway: Gateway, echo: EchoEngine) -> None:
+    delta = b'data: {"type": "transcript.text.delta", "delta": "' + b"la " * 21_000 + b'"}\n\n'
+    echo.answer, echo.answer_type, echo.answer_repeat = delta, "text/event-stream", 17 * 1024 * 1024 // len(delta) + 2
+    with client.audio.transcriptions.with_streaming_response.create(
+            model="stt-openai", file=("a.wav", WAV, "audio/wav"), stream=True) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert 15 * 1024 * 1024 < sum(len(line) for line in lines) <= 16 * 1024 * 1024  # relayed up to the cap
+    # the cap falls inside an event, and the error event follows the cut piece of it on the same line
+    error = json.loads(lines[-1][lines[-1].rindex('data: {"error"'):].removeprefix("data: "))["error"]
+    assert error["code"] == "bad_gateway" and "oversized" in error["message"]
+    assert_settled(servers, gateway, echo)

@@ -6,7 +6,8 @@ gateway sent (every credential header it knows, whole: "Bearer <key>", the bare 
 called on (scheme, host:port, path and query), the Host header, a foreign bearer token and an `sk-` key, a
 long hex token, and control characters. `retry_after` is sent as the Retry-After header as it is. `text`
 replaces the echo with a plain message and `param` names the field the shapes that can name one blame;
-`answer` (bytes) makes it answer 200 application/json with exactly those bytes instead (a hostile transcript).
+`answer` (bytes) makes it answer 200 `answer_type` with exactly those bytes instead (a hostile transcript),
+`answer_repeat` times over as a chunked body (a stream that goes on and on).
 
     async with EchoEngine() as engine:   # engine.url == "http://127.0.0.1:<port>"
         engine.status, engine.shape = 422, "fastapi_list"
@@ -40,6 +41,8 @@ class EchoEngine(FakeHttpEngine):
         self.text: str | None = None
         self.param = "language"
         self.answer: bytes | None = None
+        self.answer_type = "application/json"
+        self.answer_repeat = 1
         self.echoed_last = ""
         """The hostile text of the last failure, as sent (so a test can check the double did echo)."""
         self.app.router.add_route("*", "/{tail:.*}", self._fail)
@@ -56,8 +59,13 @@ class EchoEngine(FakeHttpEngine):
                 f" retry at {request.url.with_query({'key': bare})}")
 
     async def _fail(self, request: web.Request) -> web.StreamResponse:
+        if self.answer is not None and self.answer_repeat > 1:
+            resp = await self._write(request, {"Content-Type": self.answer_type},
+                                     (self.answer for _ in range(self.answer_repeat)))
+            await resp.write_eof()
+            return resp
         if self.answer is not None:
-            return web.Response(body=self.answer, content_type="application/json")
+            return web.Response(body=self.answer, content_type=self.answer_type)
         text = self.echoed_last = self.text or self.echoed(request)
         headers = {"X-Debug-Upstream": str(request.url), "WWW-Authenticate": f'Bearer realm="{request.host}"',
                    "X-Echo-Credential": " ".join(request.headers.get(n, "") for n in CREDENTIAL_HEADERS).strip()}
