@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -127,6 +128,16 @@ def test_redaction_table() -> None:
     clipped = redact(backend, "word " * 200)
     assert len(clipped) == MAX_TEXT and clipped.endswith("…")
     assert redact(backend, None) == ""
+
+
+@pytest.mark.parametrize("hostile", ["a-" * 5000, "tokenapi_key-" * 800, "a:" * 5000, "sk-" * 3000, "1." * 5000])
+def test_redaction_is_linear_on_hostile_text(hostile: str) -> None:
+    """Runs the redaction's patterns could each retry from every position (3 s for `a-a-a-…` once); it runs on
+    the event loop, so it must stay in milliseconds (bound generous for a loaded machine)."""
+    backend = Backend("b", "openai", url="http://10.0.0.1:8000/v1", api_key="k-123456")
+    started = time.perf_counter()
+    redact(backend, hostile)
+    assert time.perf_counter() - started < 1.0
 
 
 def test_fastapi_and_friends_shapes_all_give_the_engines_message(client: openai.OpenAI, echo: EchoEngine) -> None:

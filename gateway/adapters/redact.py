@@ -32,11 +32,13 @@ MAX_TEXT = 300
 HIDDEN = "[redacted]"
 _MIN_SECRET = 4
 """Shorter configured values (a port, a one-letter host) are left alone: they would mangle plain words."""
-_CREDENTIAL_NAME = r"[\w-]*(?:api[_-]?key|apikey|access[_-]?key|secret|token|password|passwd|authorization|" \
-                   r"credential|signature)[\w-]*"
-_NAMED = re.compile(rf"\b({_CREDENTIAL_NAME})(\"?\s*[:=]\s*\"?)[^\s,;&\"']+|\b(key|sig)(=)[^\s,;&\"']+",
-                    re.IGNORECASE)
-"""`api-key=...`, `"x-api-key": "..."`, `Authorization: ...`, `?key=...`: the name stays, the value goes."""
+_CREDENTIAL_WORDS = r"api[_-]?key|apikey|access[_-]?key|secret|token|password|passwd|authorization|credential|signature"
+_CREDENTIAL = re.compile(rf"[\w-]*(?:{_CREDENTIAL_WORDS})[\w-]*", re.IGNORECASE)
+"""An option name that says it holds a credential."""
+_NAMED = re.compile(rf"(?<![\w-])(?=[\w-]{{0,60}}?(?:{_CREDENTIAL_WORDS}))([\w-]{{1,64}})(\"?\s*[:=]\s*\"?)[^\s,;&\"']+"
+                    r"|(?<![\w-])(key|sig)(=)[^\s,;&\"']+", re.IGNORECASE)
+"""`api-key=…`, `"x-api-key": "…"`, `Authorization: …`, `?key=…`. Every attempt starts where a word starts and
+looks at most 64 characters ahead, so that no hostile text (`a-a-a-…`) makes it quadratic."""
 _SHAPES = [
     re.compile(r"\b(?:bearer|basic)\s+[^\s,;\"']+", re.IGNORECASE),
     re.compile(r"\btoken\s+(?=\S*\d)[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
@@ -69,6 +71,7 @@ def _visible(char: str) -> bool:
 
 
 def _keep_name(match: re.Match[str]) -> str:
+    """The credential's name stays (it says what was there); its value goes."""
     name, separator = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
     return f"{name}{separator}{HIDDEN}"
 
@@ -95,7 +98,7 @@ def _credential_options(options: Mapping[str, Any]) -> Iterator[str]:
     for key, value in options.items():
         if isinstance(value, Mapping):
             yield from _credential_options(value)
-        elif isinstance(value, str) and re.fullmatch(_CREDENTIAL_NAME, str(key), re.IGNORECASE):
+        elif isinstance(value, str) and _CREDENTIAL.fullmatch(str(key)[:64]):
             yield value
 
 
