@@ -6,7 +6,7 @@ a proxy's `Authorization` header. Every piece of engine text that reaches a clie
 line goes through `redact`, which removes
 
 - this backend's secrets, wherever they appear (any case, URL-encoded too): its configured `url`,
-  host:port and host, its `api_key`, and every option whose name says credential (key, token,
+  host:port and (if dotted) host, its `api_key`, and every option whose name says credential (key, token,
   secret, password);
 - anything shaped like one, from any backend: `Bearer`/`Token`/`Basic` credentials, `name=value`
   or `name: value` where the name says credential (`api-key=`, `Authorization:`), `sk-...` keys,
@@ -86,7 +86,8 @@ def _secrets(backend: Backend) -> tuple[str, ...]:
         found.update({url, url.split("://", 1)[-1]})
         try:
             parts = urlsplit(url)
-            found.update({parts.netloc, parts.netloc.rpartition("@")[2], parts.hostname or ""})
+            host = parts.hostname or ""  # alone only when dotted: a compose service named `whisper` is also a word
+            found.update({parts.netloc, parts.netloc.rpartition("@")[2], host if "." in host else ""})
         except ValueError:
             pass
     found.update(_credential_options(backend.options))
