@@ -157,6 +157,19 @@ def test_fastapi_and_friends_shapes_all_give_the_engines_message(client: openai.
             assert info.value.response.headers["x-should-retry"] == "false"
 
 
+def test_whisper_asr_blaming_the_gateways_own_parameter_is_a_502_not_retried(client: openai.OpenAI,
+                                                                             echo: EchoEngine) -> None:
+    """whisper-asr's refinement: a parameter the client never sent is the gateway's problem, not the client's."""
+    echo.status, echo.shape, echo.text = 422, "fastapi_list", "Input should be 'json'"
+    for field, shown in (("output", "output"), (SK_KEY, "[redacted]")):
+        echo.param = field
+        with pytest.raises(openai.InternalServerError) as info:
+            call(client, "whisper_asr", "transcription")
+        error = expect_error(info.value, 502, "upstream_error", "bad_gateway", secrets=(SK_KEY,))
+        assert error["message"] == f"Backend 'whisper_asr' rejected the gateway's '{shown}' parameter: {echo.text}"
+        assert info.value.response.headers["x-should-retry"] == "false"
+
+
 @pytest.mark.parametrize(("header", "expected"), [
     ("7", 7), ("2.5", 3), ("0", 1), ("-5", 1), ("inf", MAX_RETRY_AFTER), ("-inf", 1), ("nan", 1),
     ("1e400", MAX_RETRY_AFTER), ("99999999", MAX_RETRY_AFTER), ("soon", 1), ("", 1),
