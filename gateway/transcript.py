@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +43,12 @@ class Transcript:
         if self.words:
             return self.words
         return tuple(w for s in self.segments for w in s.words)
+
+
+def seconds(value: Any) -> float:
+    """An engine's time as seconds a renderer can use: a finite number, at least 0. Anything else (NaN and
+    Infinity parse from JSON, strings, booleans) raises ValueError, so that each adapter decides whether to
+    skip the item or call the answer malformed, instead of a renderer failing or writing `NaN` into JSON."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"not a time: {value!r}")
+    return max(0.0, float(value))

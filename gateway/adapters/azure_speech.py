@@ -44,7 +44,7 @@ from gateway.adapters.http_engine import probe, raise_for_status, read_transcrip
 from gateway.audio.formats import OPENAI_PCM_RATE, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import UpstreamError
-from gateway.transcript import Segment, Transcript, Word
+from gateway.transcript import Segment, Transcript, Word, seconds
 
 API_VERSION = "2024-11-15"
 USER_AGENT = "openai-audio-gateway"
@@ -182,21 +182,16 @@ class AzureSpeechAdapter:
     def _transcript(self, body: bytes, language: str | None) -> Transcript:
         try:
             parsed: Any = json.loads(body)
-            phrases = sorted(parsed.get("phrases") or (), key=lambda p: float(p["offsetMilliseconds"]))
-            segments = tuple(Segment(_s(p["offsetMilliseconds"]),
-                                     _s(p["offsetMilliseconds"] + p["durationMilliseconds"]), str(p["text"]),
-                                     tuple(Word(str(w["text"]), _s(w["offsetMilliseconds"]),
-                                                _s(w["offsetMilliseconds"] + w["durationMilliseconds"]))
-                                           for w in p.get("words") or ()))
-                             for p in phrases)
+            phrases = sorted(parsed.get("phrases") or (), key=lambda p: _span(p)[0])
+            segments = tuple(Segment(*_span(p), str(p["text"]), _words(p.get("words") or ())) for p in phrases)
             combined = parsed.get("combinedPhrases") or ()
             text = " ".join(str(c["text"]).strip() for c in combined) or " ".join(s.text for s in segments)
             duration = parsed.get("durationMilliseconds")
             detected = next((p["locale"] for p in phrases if isinstance(p.get("locale"), str)), None)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # JSON nested past the limit
             raise self._malformed() from None
         return Transcript(text=text.strip(), language=language or detected, segments=segments,
-                          duration=None if duration is None else _s(duration))
+                          duration=_duration(duration))
 
     async def ready(self) -> bool:
         """GET the voice list with the key: authenticated and free."""
@@ -206,7 +201,25 @@ class AzureSpeechAdapter:
         return None
 
 
-def _s(milliseconds: Any) -> float:
-    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int | float):
-        raise TypeError("expected milliseconds")
-    return milliseconds / 1000
+def _span(item: Any) -> tuple[float, float]:
+    """(start, end) in seconds of a phrase or word; ValueError unless both are finite."""
+    start = seconds(item["offsetMilliseconds"]) / 1000
+    return start, seconds(start + seconds(item["durationMilliseconds"]) / 1000)  # 1e308 + 1e308 is inf
+
+
+def _words(raw: Any) -> tuple[Word, ...]:
+    """The words with usable timings (the renderers time the text around any other)."""
+    words = []
+    for w in raw:
+        try:
+            words.append(Word(str(w["text"]), *_span(w)))
+        except ValueError:
+            continue
+    return tuple(words)
+
+
+def _duration(milliseconds: Any) -> float | None:
+    try:
+        return seconds(milliseconds) / 1000
+    except ValueError:
+        return None

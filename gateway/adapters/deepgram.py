@@ -41,7 +41,7 @@ from gateway.adapters.http_engine import probe, raise_for_status, read_transcrip
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import UpstreamError
-from gateway.transcript import Segment, Transcript, Word
+from gateway.transcript import Segment, Transcript, Word, seconds
 
 DEFAULT_URL = "https://api.deepgram.com"
 MAX_INPUT_CHARS = 2000
@@ -164,13 +164,12 @@ class DeepgramAdapter:
             best = channel["alternatives"][0]
             text = best["transcript"]
             words = _words(best.get("words") or ())
-            segments = tuple(Segment(float(u["start"]), float(u["end"]), str(u["transcript"]).strip(),
-                                     _words(u.get("words") or ()))
+            segments = tuple(Segment(seconds(u["start"]), max(seconds(u["start"]), seconds(u["end"])),
+                                     str(u["transcript"]).strip(), _words(u.get("words") or ()))
                              for u in parsed["results"].get("utterances") or ())
-            duration = (parsed.get("metadata") or {}).get("duration")
-            duration = None if duration is None else float(duration)
+            duration = _duration((parsed.get("metadata") or {}).get("duration"))
             detected = channel.get("detected_language")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             raise self._malformed() from None
         if not isinstance(text, str):
             raise self._malformed()
@@ -187,7 +186,22 @@ class DeepgramAdapter:
 
 
 def _words(raw: Any) -> tuple[Word, ...]:
-    return tuple(Word(str(w.get("punctuated_word") or w["word"]), float(w["start"]), float(w["end"])) for w in raw)
+    """The words with usable timings (the renderers time the text around any other)."""
+    words = []
+    for w in raw:
+        try:
+            start, end = seconds(w["start"]), seconds(w["end"])
+        except ValueError:
+            continue
+        words.append(Word(str(w.get("punctuated_word") or w["word"]), start, max(start, end)))
+    return tuple(words)
+
+
+def _duration(value: Any) -> float | None:
+    try:
+        return seconds(value)
+    except ValueError:
+        return None
 
 
 def _query_value(value: str | int | float | bool) -> str:

@@ -31,12 +31,13 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
-from gateway.adapters.http_engine import error_for, probe, read_transcript, stream_body
+from gateway.adapters.engine_errors import Complaint
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
 from gateway.audio.formats import AudioFormat, pcm
 from gateway.audio.transcripts import WORD_PUNCT
 from gateway.config import Backend
-from gateway.errors import InvalidRequestError, UpstreamError
-from gateway.transcript import Transcript, Word
+from gateway.errors import GatewayError, UpstreamError
+from gateway.transcript import Transcript, Word, seconds
 
 DEFAULT_URL = "https://api.elevenlabs.io"
 SPEED_RANGE = (0.7, 1.2)
@@ -47,13 +48,11 @@ OUTPUT_FORMATS: Mapping[str, tuple[str, AudioFormat]] = {
     "pcm": (PCM_FORMAT, pcm(24_000)),
 }
 """OpenAI response_format -> ElevenLabs output_format whose bytes are already that format."""
-_MAX_ERROR_BODY = 65_536
 _VOICE_SETTINGS = {"stability": float, "similarity_boost": float, "style": float, "use_speaker_boost": bool}
 _OPTIONS = {"voice_settings", "optimize_streaming_latency", "enable_logging"}
-# ElevenLabs' field names (FastAPI validation `loc`) and error statuses -> the OpenAI field the client sent.
-_PARAMS = {"text": "input", "model_id": "model", "voice_id": "voice", "speed": "speed", "file": "file",
-           "language_code": "language", "temperature": "temperature"}
-_STATUS_PARAMS = {"max_character_limit_exceeded": "input", "voice_not_found": "voice", "model_not_found": "model"}
+_FIELDS = {"text": "input", "model_id": "model", "voice_id": "voice", "language_code": "language",
+           "max_character_limit_exceeded": "input", "voice_not_found": "voice", "model_not_found": "model"}
+"""ElevenLabs' field names (FastAPI validation `loc`) and error statuses -> the OpenAI field the client sent."""
 # Scribe answers ISO-639-3 codes ("eng"); the transcript carries ISO-639-1 where one exists.
 _ISO1 = dict(pair.split(":") for pair in """
     eng:en zho:zh cmn:zh chi:zh deu:de ger:de spa:es rus:ru kor:ko fra:fr fre:fr jpn:ja por:pt tur:tr pol:pl
@@ -105,7 +104,7 @@ class ElevenLabsAdapter:
         with upstream_errors(self.backend):
             response = await self.http.post(url, params={"output_format": output_format, **self.query}, json=body,
                                             headers=self._headers(), timeout=self.timeout)
-        await self._raise_for_status(response)
+        await raise_for_status(self.backend, response, fields=_FIELDS, refine=self._refine)
         if response.content_type.startswith(("text/", "application/json")):
             response.release()
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} instead of "
@@ -126,7 +125,7 @@ class ElevenLabsAdapter:
         with upstream_errors(self.backend):
             response = await self.http.post(f"{self.url}/v1/speech-to-text", params=self.query, data=form,
                                             headers=self._headers(), timeout=self.timeout)
-        await self._raise_for_status(response)
+        await raise_for_status(self.backend, response, fields=_FIELDS, refine=self._refine)
         body = await read_transcript(self.backend, response)
         transcript = _transcript(body)
         if transcript is None:
@@ -134,24 +133,12 @@ class ElevenLabsAdapter:
                                 reason="bad_response")
         return transcript
 
-    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
-        """The shared mapping (http_engine), plus ElevenLabs' quota status and its field names."""
-        if response.status < 300:
-            return
-        try:
-            body = await response.content.read(_MAX_ERROR_BODY)
-        except (aiohttp.ClientError, TimeoutError):
-            body = b""
-        finally:
-            response.release()
-        status = _detail_status(body)
-        if response.status in (401, 403) and status == "quota_exceeded":
-            raise UpstreamError(f"Backend '{self.backend.name}' has used up its ElevenLabs quota.",
-                                reason="backend_auth", should_retry=False)
-        error = error_for(self.backend, response.status, body, response)
-        if isinstance(error, InvalidRequestError):
-            error.param = _STATUS_PARAMS.get(status or "") or _PARAMS.get(error.param or "")
-        raise error
+    def _refine(self, said: Complaint) -> GatewayError | None:
+        """ElevenLabs' exhausted quota is a refused credential that no retry fixes, with its own words."""
+        if said.status in (401, 403) and said.code == "quota_exceeded":
+            return UpstreamError(f"Backend '{self.backend.name}' has used up its ElevenLabs quota.",
+                                 reason="backend_auth", should_retry=False)
+        return None
 
     async def ready(self) -> bool:
         """GET /v1/voices with the backend's key: free, and fails when the key is refused."""
@@ -193,39 +180,33 @@ def _options(backend: Backend) -> tuple[dict[str, Any], dict[str, str]]:
     return settings, query
 
 
-def _detail_status(body: bytes) -> str | None:
-    """`detail.status` of an ElevenLabs error body (`{"detail": {"status": ..., "message": ...}}`)."""
-    try:
-        detail = json.loads(body).get("detail")
-    except (ValueError, AttributeError):
-        return None
-    status = detail.get("status") if isinstance(detail, dict) else None
-    return status if isinstance(status, str) else None
-
-
 def _transcript(body: bytes) -> Transcript | None:
     """Scribe's single-channel answer as a Transcript; None if it is not one."""
     try:
         parsed = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
         return None
     words = []
     for w in parsed.get("words") or ():
-        if not (isinstance(w, dict) and w.get("type", "word") == "word" and isinstance(w.get("text"), str)
-                and _is_number(w.get("start")) and _is_number(w.get("end"))):
+        if not (isinstance(w, dict) and w.get("type", "word") == "word" and isinstance(w.get("text"), str)):
+            continue
+        try:
+            start, end = seconds(w.get("start")), seconds(w.get("end"))
+        except ValueError:  # a word without usable timings: the renderers time the text around it
             continue
         word = w["text"].strip().strip(WORD_PUNCT)  # OpenAI's words carry no punctuation; Scribe's do ("jumps.")
         if word:
-            words.append(Word(word, float(w["start"]), max(float(w["start"]), float(w["end"]))))
+            words.append(Word(word, start, max(start, end)))
     code = parsed.get("language_code")
     language = _ISO1.get(code.lower(), code) if isinstance(code, str) and code else None
-    duration = parsed.get("audio_duration_secs")
-    return Transcript(parsed["text"].strip(), language, float(duration) if _is_number(duration) else None,
+    return Transcript(parsed["text"].strip(), language, _duration(parsed.get("audio_duration_secs")),
                       words=tuple(words))
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
+def _duration(value: object) -> float | None:
+    try:
+        return seconds(value)
+    except ValueError:
+        return None

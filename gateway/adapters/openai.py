@@ -23,7 +23,13 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
-from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import (
+    MAX_TRANSCRIPT_BYTES,
+    probe,
+    raise_for_status,
+    read_transcript,
+    stream_body,
+)
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
 from gateway.errors import UpstreamError
@@ -95,7 +101,7 @@ class OpenAIAdapter:
                                             headers=self._headers(job.request_id, "application/json"))
         await raise_for_status(self.backend, response)
         if job.stream and response.content_type == "text/event-stream":
-            return Passthrough("text/event-stream", chunks=stream_body(self.backend, response))
+            return Passthrough("text/event-stream", chunks=stream_body(self.backend, response, MAX_TRANSCRIPT_BYTES))
         body = await read_transcript(self.backend, response)
         return Passthrough(self._check_transcript(job.response_format, body, response.content_type), body=body)
 
@@ -111,11 +117,12 @@ class OpenAIAdapter:
         return fields + list(job.extra)
 
     def _check_transcript(self, fmt: str, body: bytes, content_type: str) -> str:
-        """The content type to relay, once the body is known to be what `fmt` promises."""
+        """The content type to relay, once the body is known to be what `fmt` promises (JSON that the SDK can
+        read: Python's `NaN`/`Infinity` are not JSON)."""
         if fmt in _JSON_FORMATS:
             try:
-                parsed = json.loads(body)
-            except ValueError:
+                parsed = json.loads(body, parse_constant=_not_json)
+            except (ValueError, RecursionError):
                 parsed = None
             if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
                 raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
@@ -133,3 +140,6 @@ class OpenAIAdapter:
     async def aclose(self) -> None:
         return None
 
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")

@@ -33,13 +33,14 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
-from gateway.adapters.http_engine import error_for, probe, read_capped, read_transcript
+from gateway.adapters.engine_errors import Complaint
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript
+from gateway.adapters.redact import redact
 from gateway.audio.transcripts import LANGUAGES
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError
-from gateway.transcript import Segment, Transcript, Word
+from gateway.transcript import Segment, Transcript, Word, seconds
 
-MAX_ERROR_BYTES = 65_536
 MAX_PROMPT_BYTES = 2048
 """Whisper conditions on the last 223 prompt tokens only; the tail kept here (~2 KB of UTF-8) holds more than
 that and keeps the query string far below uvicorn's 16 KiB request-head limit."""
@@ -97,11 +98,7 @@ class WhisperAsrAdapter:
             with upstream_errors(self.backend):
                 response = await self.http.post(f"{self.backend.url}/asr", params=params, data=form,
                                                 timeout=self.timeout, headers=self._headers(job.request_id))
-            if response.status >= 300:
-                try:
-                    raise await self._error(response)
-                finally:
-                    response.release()
+            await raise_for_status(self.backend, response, refine=self._refine)
             body = await read_transcript(self.backend, response)
         finally:
             self._in_flight -= 1
@@ -133,21 +130,19 @@ class WhisperAsrAdapter:
                                    param="language", code="unsupported_language")
         return code
 
-    async def _error(self, response: aiohttp.ClientResponse) -> GatewayError:
-        """FastAPI's 422 names the parameter in `detail[].loc`; the rest maps like every HTTP engine."""
-        try:
-            body = await read_capped(response, MAX_ERROR_BYTES)
-        except (aiohttp.ClientError, TimeoutError):
-            body = b""
-        if response.status in (400, 422) and (found := _fastapi_detail(body)):
-            field, message = found
-            param = _CLIENT_FIELDS.get(field)
-            if param:
-                return InvalidRequestError(f"Backend '{self.backend.name}' rejected the request: "
-                                           f"{param}: {message}", param=param, reason="backend_rejected")
-            return UpstreamError(f"Backend '{self.backend.name}' rejected the gateway's '{field}' parameter: "
-                                 f"{message}", reason="backend_rejected", should_retry=False)
-        return error_for(self.backend, response.status, body, response)
+    def _refine(self, said: Complaint) -> GatewayError | None:
+        """FastAPI's 422 names the /asr parameter at fault: a client's field is the client's 400; any other
+        parameter is the gateway's own, which no retry (and no client) can fix."""
+        if said.status not in (400, 422) or not said.field:
+            return None
+        message = said.message or "invalid value"
+        param = _CLIENT_FIELDS.get(said.field)
+        if param:
+            return InvalidRequestError(f"Backend '{self.backend.name}' rejected the request: {param}: {message}",
+                                       param=param, reason="backend_rejected", should_retry=False)
+        return UpstreamError(f"Backend '{self.backend.name}' rejected the gateway's "
+                             f"'{redact(self.backend, said.field, 64)}' parameter: {message}",
+                             reason="backend_rejected", should_retry=False)
 
     def _transcript(self, body: bytes) -> Transcript:
         try:
@@ -158,7 +153,7 @@ class WhisperAsrAdapter:
             if not isinstance(raw_segments, list):
                 raise ValueError("segments is not a list")
             segments = tuple(_segment(s) for s in raw_segments)
-        except (ValueError, TypeError, KeyError, IndexError):
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
             raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
                                 reason="bad_response") from None
         language = parsed.get("language")
@@ -183,27 +178,6 @@ def prompt_tail(prompt: str, limit: int = MAX_PROMPT_BYTES) -> str:
     return prompt if len(raw) <= limit else raw[-limit:].decode("utf-8", errors="ignore").lstrip()
 
 
-def _fastapi_detail(body: bytes) -> tuple[str, str] | None:
-    """(parameter, message) from FastAPI's `{"detail": [{"loc": ["query", "language"], "msg": ...}]}`."""
-    try:
-        detail = json.loads(body).get("detail")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(detail, list) or not detail or not isinstance(detail[0], dict):
-        return None
-    loc, msg = detail[0].get("loc"), detail[0].get("msg")
-    if not isinstance(loc, list) or not loc or not isinstance(loc[-1], str):
-        return None
-    text = str(msg) if msg else "invalid value"
-    return loc[-1], text if len(text) <= 200 else text[:200] + "…"
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"not a time: {value!r}")
-    return max(0.0, float(value))
-
-
 def _number(value: Any, default: float) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     return float(value) if ok else default
@@ -224,8 +198,8 @@ def _segment(raw: Any) -> Segment:
     text = fields["text"]
     if not isinstance(text, str):
         raise ValueError("segment text is not a string")
-    start = _seconds(fields["start"])
-    return Segment(start=start, end=max(start, _seconds(fields["end"])), text=text.strip(),
+    start = seconds(fields["start"])
+    return Segment(start=start, end=max(start, seconds(fields["end"])), text=text.strip(),
                    words=_words(fields.get("words")),
                    avg_logprob=_number(fields.get("avg_logprob"), 0.0),
                    no_speech_prob=_number(fields.get("no_speech_prob"), 0.0),
@@ -251,8 +225,8 @@ def _words(raw: Any) -> tuple[Word, ...]:
         if not isinstance(word, str):
             raise ValueError("word is not a string")
         try:
-            s = _seconds(start)
-            words.append(Word(word, s, max(s, _seconds(end))))
+            s = seconds(start)
+            words.append(Word(word, s, max(s, seconds(end))))
         except ValueError:
             continue
     return tuple(words)

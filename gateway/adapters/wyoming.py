@@ -9,9 +9,10 @@ has no speed or format). Transcription: the upload decoded to 16 kHz mono s16le,
 becomes one segment spanning the clip. No translation (the protocol has no such field).
 
 The engine has no status codes. A refused connection is UpstreamError "connect"; an `error` event is
-"engine"; EOF before audio-stop / transcript is "disconnect"; no event within `timeout_s` (or no
-connection within `connect_timeout_s`) is UpstreamTimeoutError. `describe` -> `info` (never billed)
-is the readiness probe and says which tasks a server offers (Piper: tts, faster-whisper: asr).
+"engine" (its text redacted like every engine's), except Piper's unknown voice (code VoiceNotFoundError),
+the client's 400 on `voice`; EOF before audio-stop / transcript is "disconnect"; no event within
+`timeout_s` (or no connection within `connect_timeout_s`) is UpstreamTimeoutError. `describe` -> `info`
+(never billed) is the readiness probe and says which tasks a server offers (Piper: tts, faster-whisper: asr).
 
 Backend settings: `url` (tcp://host:port or unix:///path), `timeout_s`, `connect_timeout_s`, and
 optionally `tasks: [speech]` or `[transcription]` so routes for the other task skip this backend.
@@ -44,10 +45,11 @@ from gateway.adapters.base import (
     TranscriptionJob,
     check_options,
 )
+from gateway.adapters.redact import redact
 from gateway.audio.decode import decode_upload_async
 from gateway.audio.formats import pcm
 from gateway.config import Backend
-from gateway.errors import UnsupportedError, UpstreamError, UpstreamTimeoutError
+from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError, UpstreamTimeoutError
 from gateway.transcript import Segment, Transcript
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,10 @@ log = logging.getLogger(__name__)
 ASR_RATE, ASR_WIDTH, ASR_CHANNELS = 16_000, 2, 1
 """What faster-whisper converts every chunk to anyway; sending it avoids resampling on the engine."""
 SAMPLES_PER_CHUNK = 4096
-MAX_ERROR_TEXT = 200
+_UNKNOWN_VOICE = frozenset({"VoiceNotFoundError"})
+"""Error codes (wyoming-piper: the exception's class name) that mean the voice asked for does not exist there."""
+_UNKNOWN_VOICE_TEXT = "Unable to find or download voice"
+"""wyoming-piper's ValueError for a voice in its catalogue that it cannot fetch."""
 _PROGRAMS = {SPEECH: "tts", TRANSCRIPTION: "asr"}
 _OPTIONS = frozenset({"tasks"})
 
@@ -205,7 +210,7 @@ class WyomingAdapter:
         """`describe` answered with an `info` that offers one of this backend's tasks. Never synthesizes."""
         try:
             offers = await self._describe(self.backend.timeouts.connect)
-        except UpstreamError:
+        except GatewayError:
             return False
         return bool(offers & self.capabilities.tasks)
 
@@ -337,11 +342,15 @@ def _bad_response(backend: Backend, what: str) -> UpstreamError:
     return UpstreamError(f"Backend '{backend.name}' {what}.", reason="bad_response")
 
 
-def _engine_error(backend: Backend, event: Event) -> UpstreamError:
-    """The engine's own words (Piper: the exception text, code = its class name), bounded and on one line."""
+def _engine_error(backend: Backend, event: Event) -> GatewayError:
+    """The engine's own words (Piper: the exception text, code = its class name), redacted. Piper's unknown voice
+    (VoiceNotFoundError, text = the voice's name) is the request's fault: a 400 on `voice`, which the SDK does not
+    retry; any other complaint is the engine's, a 502."""
     data = event.data if isinstance(event.data, Mapping) else {}
-    text = " ".join(str(data.get("text") or "").split())[:MAX_ERROR_TEXT]
-    code = str(data.get("code") or "")[:64]
+    text, code = redact(backend, data.get("text")), redact(backend, data.get("code"), 64)
     log.warning("backend %s: engine error %s: %s", backend.name, code or "-", text)
+    if code in _UNKNOWN_VOICE or text.startswith(_UNKNOWN_VOICE_TEXT):
+        return InvalidRequestError(f"Backend '{backend.name}' does not have the requested voice.", param="voice",
+                                   code="invalid_value", reason="backend_rejected", should_retry=False)
     detail = f": {text}" if text else ""
     return UpstreamError(f"Backend '{backend.name}' reported an error{detail}", reason="engine")

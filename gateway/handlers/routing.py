@@ -21,7 +21,8 @@ T = TypeVar("T")
 async def first_success(request: web.Request, candidates: list[Candidate],
                         attempt: Callable[[Candidate], Awaitable[T]]) -> T:
     """`attempt` each candidate in order until one succeeds. Only backend failures (UpstreamError:
-    unreachable, 5xx, timeout, garbage) move on to the next route; the client's own errors do not."""
+    unreachable, 5xx, timeout, garbage) and a backend's own rate limit move on to the next route (spill-over
+    is what routes are for); the client's own errors do not. The last route's error is the client's."""
     metrics = request.app.get(METRICS)
     for i, candidate in enumerate(candidates):
         started = time.monotonic()
@@ -30,7 +31,7 @@ async def first_success(request: web.Request, candidates: list[Candidate],
         except GatewayError as exc:
             if metrics is not None and (isinstance(exc, (UpstreamError, RateLimitError)) or exc.reason in REASONS):
                 metrics.upstream_error(candidate.route.backend, exc.reason)
-            if not isinstance(exc, UpstreamError) or i == len(candidates) - 1:
+            if not _fails_over(exc) or i == len(candidates) - 1:
                 raise
             log.warning("request %s: backend '%s' failed (%s); failing over to '%s'",
                         request.get(REQUEST_ID), candidate.route.backend, exc.reason,
@@ -40,3 +41,8 @@ async def first_success(request: web.Request, candidates: list[Candidate],
             metrics.upstream.labels(candidate.route.backend, endpoint_of(request)).observe(time.monotonic() - started)
         return result
     raise AssertionError("no candidates")  # candidates is never empty (Table.candidates ensures it)
+
+
+def _fails_over(exc: GatewayError) -> bool:
+    """The backend failed or is full (its 429), as opposed to the gateway's or the client's own limits."""
+    return isinstance(exc, UpstreamError) or (isinstance(exc, RateLimitError) and exc.reason == "backend_rate_limit")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import math
 import struct
 import textwrap
@@ -160,9 +161,11 @@ def test_voice_table_gives_name_and_speaker(client: openai.OpenAI, piper: FakeWy
     speak(client, voice="nova")
     voices = [s.first("synthesize")["voice"] for s in piper.requests("synthesize")]  # type: ignore[index]
     assert voices == [{"name": SINGLE_VOICE}, {"name": MULTI_VOICE, "speaker": "p456"}]
-    with pytest.raises(openai.InternalServerError) as info:  # unmapped: passes through, Piper does not know it
+    with pytest.raises(openai.BadRequestError) as info:  # not in the table: sent as it is; Piper has no such voice
         speak(client, voice="echo")
-    expect_error(info.value, 502, "upstream_error", "bad_gateway", message="Unable to find voice: echo")
+    expect_error(info.value, 400, "invalid_request_error", "invalid_value", "voice",
+                 message="Backend 'piper' does not have the requested voice.")
+    assert info.value.response.headers["x-should-retry"] == "false"
     assert DEMO_KEY not in json.dumps([e.data for s in piper.sessions for e in s.events])
     closed(piper)
 
@@ -302,7 +305,7 @@ def test_refused_connection_is_502(make_gateway: Callable[[str], Gateway], tmp_p
 
 
 @pytest.mark.parametrize(("mode", "status", "message"), [
-    ("error", 502, "Backend 'piper' reported an error: Unable to find voice"),
+    ("error", 502, "Backend 'piper' reported an error: Piper failed: voice model is corrupt"),
     ("eof", 502, "Backend 'piper' closed the connection unexpectedly."),
     ("slow_first", 504, "Backend 'piper' did not answer in time."),
 ])
@@ -316,6 +319,20 @@ def test_speech_failing_before_audio_is_a_clean_error(client: openai.OpenAI, pip
     expect_error(info.value, status, "upstream_error", code, message=message)
     if mode == "slow_first":
         assert 0.9 < time.monotonic() - started < 2.0  # timeout_s: 1 per event
+    closed(piper)
+
+
+def test_engine_error_text_is_redacted_for_client_and_log(client: openai.OpenAI, piper: FakeWyomingEngine,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    piper.mode = "error"
+    piper.error_text = (f"cannot reach {piper.url}/models (127.0.0.1:{piper.port}) with Authorization: "
+                        "Bearer hf_abcdefghijklmnop1234 or sk-live-0123456789abc\x00\x1b[2J")
+    with pytest.raises(openai.InternalServerError) as info:
+        speak(client)
+    error = expect_error(info.value, 502, "upstream_error", "bad_gateway", message="cannot reach [redacted]")
+    for secret in (f":{piper.port}", "hf_abcdefghijklmnop1234", "sk-live", "\x00", "\x1b"):
+        assert secret not in error["message"] and secret not in caplog.text, secret
     closed(piper)
 
 

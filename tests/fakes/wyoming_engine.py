@@ -141,9 +141,12 @@ class _Handler(AsyncEventHandler):
 
     async def _speak(self, request: Synthesize, mode: str) -> bool:
         voice = request.voice.name if request.voice else None
-        if mode == "error" or voice not in (SINGLE_VOICE, MULTI_VOICE):
-            await self.write_event(Error(text=f"Unable to find voice: {voice}", code="VoiceNotFoundError").event())
+        if voice not in (SINGLE_VOICE, MULTI_VOICE):  # wyoming-piper's find_voice: raise VoiceNotFoundError(name)
+            await self.write_event(Error(text=str(voice), code="VoiceNotFoundError").event())
             return False  # wyoming-piper re-raises after sending the error: the connection ends
+        if mode == "error":
+            await self.write_event(Error(text=self.engine.error_text, code="RuntimeError").event())
+            return False
         if mode == "eof":
             return False
         if mode == "slow_first" and await self._stall():
@@ -209,6 +212,8 @@ class FakeWyomingEngine:
         self.delay = 5.0
         self.transcript_text = TRANSCRIPT
         self.transcript_language: str | None = None
+        self.error_text = "Piper failed: voice model is corrupt"
+        """What the `error` mode says (a test may make it echo secrets)."""
         self.sessions: list[Session] = []
         self.active = 0
         self.port = 0
