@@ -45,9 +45,17 @@ async def relay(request: web.Request, first: bytes, rest: AsyncIterator[bytes], 
     response.content_type = content_type
     response.enable_chunked_encoding()
 
+    tail = b"\n\n"
+
     async def write(chunk: bytes) -> None:
+        nonlocal tail
         await response.write(chunk)
         outcome.bytes_out += len(chunk)  # what went out, also when the stream is cut later
+        tail = (tail + chunk)[-2:]
+
+    async def write_sse_error(event: bytes) -> None:
+        # A relayed event may have been cut mid-way: end it first, so the error is an event of its own.
+        await write(event if tail.endswith(b"\n\n") else b"\n\n" + event)
 
     try:
         await response.prepare(request)
@@ -59,7 +67,7 @@ async def relay(request: web.Request, first: bytes, rest: AsyncIterator[bytes], 
         await response.write_eof()
         outcome.completed = True
     except GatewayError as exc:
-        await _after_first_byte(request, response, exc, write if sse else None)
+        await _after_first_byte(request, response, exc, write_sse_error if sse else None)
     except ConnectionError:  # the client went away: an ordinary end, recorded as 499 without a traceback
         outcome.client_gone = True
     finally:

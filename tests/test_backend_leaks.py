@@ -19,6 +19,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 
@@ -330,7 +331,35 @@ def test_an_endless_transcript_stream_is_cut_with_an_error_event(servers: Server
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line]
     assert 15 * 1024 * 1024 < sum(len(line) for line in lines) <= 16 * 1024 * 1024  # relayed up to the cap
-    # the cap falls inside an event, and the error event follows the cut piece of it on the same line
-    error = json.loads(lines[-1][lines[-1].rindex('data: {"error"'):].removeprefix("data: "))["error"]
+    # the cap falls inside an event: the cut piece is ended, and the error is an event of its own
+    assert lines[-1].startswith('data: {"error"'), lines[-1][:80]
+    error = json.loads(lines[-1].removeprefix("data: "))["error"]
     assert error["code"] == "bad_gateway" and "oversized" in error["message"]
     assert_settled(servers, gateway, echo)
+
+
+@pytest.mark.parametrize("task", ["speech", "transcription"])
+def test_error_events_inside_a_relayed_stream_are_redacted(client: openai.OpenAI, echo: EchoEngine,
+                                                           task: str) -> None:
+    """An OpenAI-compatible engine reports a failure mid-stream as an SSE `error` event: relayed, redacted."""
+    leak = f"failed calling {echo.url}/v1 with Bearer {ENGINE_KEY} ({SK_KEY}, {FOREIGN_BEARER})"
+    if task == "speech":
+        first = b'data: {"type": "speech.audio.delta", "audio": "AAAA"}\r\n\r\n'
+    else:
+        first = b'data: {"type": "transcript.text.delta", "delta": "Hel"}\r\n\r\n'
+    echo.answer_type = "text/event-stream"
+    echo.answer = first + b"data: " + json.dumps({"error": {"message": leak, "type": "server_error"}}).encode()
+    if task == "speech":
+        response = client.post("/audio/speech", cast_to=httpx2.Response, body={
+            "model": "tts-openai", "voice": "nova", "input": "Hello.", "stream_format": "sse"})
+    else:
+        response = client.post("/audio/transcriptions", cast_to=httpx2.Response,
+                               body={"model": "stt-openai", "stream": "true"},
+                               files={"file": ("a.wav", WAV, "audio/wav")},
+                               options={"headers": {"Content-Type": "multipart/form-data"}})
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[0]["type"] in ("speech.audio.delta", "transcript.text.delta")
+    message = events[1]["error"]["message"]
+    assert message.startswith("failed calling") and "[redacted]" in message
+    for secret in secrets(echo):
+        assert secret not in response.text

@@ -106,6 +106,7 @@ class Passthrough:
     content_type: str
     body: bytes | None = None
     chunks: AsyncIterator[bytes] | None = None
+    """An event stream, one whole SSE event per chunk (gateway.adapters.events)."""
 
 
 class Adapter(Protocol):

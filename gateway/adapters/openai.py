@@ -23,6 +23,7 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
+from gateway.adapters.events import whole_events
 from gateway.adapters.http_engine import (
     MAX_TRANSCRIPT_BYTES,
     probe,
@@ -85,8 +86,10 @@ class OpenAIAdapter:
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {ctype} instead of audio.",
                                 reason="bad_response")
         rate = OPENAI_PCM_RATE if job.response_format == "pcm" else None
-        return AudioStream(AudioFormat(job.response_format, rate), stream_body(self.backend, response),
-                           speed_applied=True, sse=sse)
+        chunks = stream_body(self.backend, response)
+        if sse:
+            chunks = whole_events(self.backend, chunks)
+        return AudioStream(AudioFormat(job.response_format, rate), chunks, speed_applied=True, sse=sse)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript | Passthrough:
         form = aiohttp.FormData(quote_fields=False)
@@ -101,7 +104,8 @@ class OpenAIAdapter:
                                             headers=self._headers(job.request_id, "application/json"))
         await raise_for_status(self.backend, response)
         if job.stream and response.content_type == "text/event-stream":
-            return Passthrough("text/event-stream", chunks=stream_body(self.backend, response, MAX_TRANSCRIPT_BYTES))
+            events = whole_events(self.backend, stream_body(self.backend, response, MAX_TRANSCRIPT_BYTES))
+            return Passthrough("text/event-stream", chunks=events)
         body = await read_transcript(self.backend, response)
         return Passthrough(self._check_transcript(job.response_format, body, response.content_type), body=body)
 

@@ -7,7 +7,6 @@ route that answers, then answer in the client's format (relayed as is, or render
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -17,7 +16,7 @@ from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, Trans
 from gateway.audio.decode import probe_duration
 from gateway.audio.transcripts import render
 from gateway.billing import sse_transcript_chars, transcript_text
-from gateway.errors import UnsupportedError, UpstreamError
+from gateway.errors import UnsupportedError
 from gateway.handlers.routing import first_success
 from gateway.mapping import Candidate
 from gateway.outcome import Outcome
@@ -109,25 +108,14 @@ async def _stream(request: web.Request, transcript: Transcript) -> web.StreamRes
     return await relay(request, await first_chunk(events), events, "text/event-stream", sse=True)
 
 
-MAX_EVENT_BYTES = 1_048_576
-"""An upstream SSE event longer than this is garbage (a transcript event is a few KiB)."""
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
-
-
 async def count_done_text(events: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
-    """Relay an upstream's transcription SSE unchanged, noting the final text's length for billing.
-    Events end at a blank line, with LF or CRLF line ends, as the SSE spec allows."""
-    pending = b""
+    """Relay an upstream's transcription events (one whole event per chunk), noting the final text's length
+    for billing."""
     try:
-        async for chunk in events:
-            pending += chunk
-            *complete, pending = _EVENT_END.split(pending)
-            if len(pending) > MAX_EVENT_BYTES:
-                raise UpstreamError(f"Backend '{outcome.backend}' sent an oversized event.", reason="bad_response")
-            for event in complete:
-                chars = sse_transcript_chars(event)
-                if chars is not None:
-                    outcome.output_text_chars = chars
-            yield chunk
+        async for event in events:
+            chars = sse_transcript_chars(event)
+            if chars is not None:
+                outcome.output_text_chars = chars
+            yield event
     finally:
         await events.aclose()  # type: ignore[attr-defined]
