@@ -105,6 +105,22 @@ class Server:
     """Then in-flight requests get up to this long to finish before the process exits."""
     reload_interval_s: float = 2.0
     """How often the config file is checked for changes (0: only on SIGHUP)."""
+    # -- slow and hostile clients (gateway/connections.py, gateway/body.py, gateway/spool.py) --
+    header_timeout_s: float = 15.0
+    """A request head (request line and headers) must be complete this long after the connection
+    opens or after its first byte arrives; a half-sent head is closed (slowloris)."""
+    keepalive_timeout_s: float = 75.0
+    """An idle keep-alive connection is closed after this long. Longer than the usual ingress and
+    load balancer idle timeouts (nginx 60 s, ALB 60 s), so the proxy, not the gateway, closes first
+    and never reuses a connection the gateway is closing."""
+    body_timeout_s: float = 30.0
+    """Longest wait between two reads of a request body; a stalled upload gets a 408 and is closed."""
+    max_connections: int = 1024
+    """Open client connections; beyond it a new one gets an immediate 503 and is closed."""
+    max_form_parts: int = 64
+    """Parts in one multipart form (OpenAI's transcription form has about 15 fields)."""
+    max_part_header_bytes: int = 8192
+    """Longest header line of one multipart part (at most 32 header lines per part)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +172,12 @@ def _server(p: YamlTree, node: dict[str, Any]) -> Server:
         drain_delay_s=p.number(node, "drain_delay_s", path, d.drain_delay_s),
         grace_s=p.number(node, "grace_s", path, d.grace_s),
         reload_interval_s=p.number(node, "reload_interval_s", path, d.reload_interval_s),
+        header_timeout_s=p.number(node, "header_timeout_s", path, d.header_timeout_s, 0.01),
+        keepalive_timeout_s=p.number(node, "keepalive_timeout_s", path, d.keepalive_timeout_s, 0.01),
+        body_timeout_s=p.number(node, "body_timeout_s", path, d.body_timeout_s, 0.01),
+        max_connections=int(p.number(node, "max_connections", path, d.max_connections, 1)),
+        max_form_parts=int(p.number(node, "max_form_parts", path, d.max_form_parts, 1)),
+        max_part_header_bytes=int(p.number(node, "max_part_header_bytes", path, d.max_part_header_bytes, 256)),
     )
 
 

@@ -7,7 +7,10 @@
     ├── PermissionDeniedError       403 invalid_request_error   (key may not use this model)
     ├── NotFoundError               404 invalid_request_error   (unknown model or URL)
     ├── MethodNotAllowedError       405 invalid_request_error
+    ├── RequestTimeoutError         408 invalid_request_error   (request body stalled past body_timeout_s)
     ├── PayloadTooLargeError        413 invalid_request_error
+    ├── ExpectationFailedError      417 invalid_request_error   (an Expect other than 100-continue)
+    ├── HeadersTooLargeError        431 invalid_request_error   (a request line or header over the limits)
     ├── RateLimitError              429 requests                (Retry-After)
     ├── UpstreamError               502 upstream_error          (backend refused, failed or spoke garbage)
     │   └── UpstreamTimeoutError    504 upstream_error
@@ -105,10 +108,28 @@ class MethodNotAllowedError(GatewayError):
     type = "invalid_request_error"
 
 
+class RequestTimeoutError(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLargeError(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class ExpectationFailedError(GatewayError):
+    status = 417
+    type = "invalid_request_error"
+    code = "expectation_failed"
+
+
+class HeadersTooLargeError(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class RateLimitError(GatewayError):
