@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp_cors
 from aiohttp import web
 
+from gateway.body import JSON_BODY_LIMIT, defer_continue
 from gateway.config import Config
 from gateway.handlers import catalog, speech, transcribe
 from gateway.lifecycle import TABLES, backends_ctx, init_state, ledger_ctx, metrics_port_ctx
@@ -36,9 +37,6 @@ from gateway.middleware import (
 from gateway.openapi import openapi_json
 from gateway.reload import reload_ctx
 from gateway.state import TABLE
-
-JSON_BODY_LIMIT = 1_048_576
-"""Speech bodies are JSON with at most 2 x 4096 characters of text; uploads are streamed, not limited here."""
 
 
 @web.middleware
@@ -76,10 +74,10 @@ def build_app(config: Config) -> web.Application:
     elif config.metrics.enabled:
         app.router.add_get("/metrics", metrics_handler(app[METRICS]))
     app.on_response_prepare.append(add_request_id_header)
-    routes = app.add_routes([
-        web.post("/v1/audio/speech", speech.speech),
-        web.post("/v1/audio/transcriptions", transcribe.transcriptions),
-        web.post("/v1/audio/translations", transcribe.translations),
+    routes = app.add_routes([  # "100 Continue" only once auth and Content-Length passed (gateway/body.py)
+        web.post("/v1/audio/speech", speech.speech, expect_handler=defer_continue),
+        web.post("/v1/audio/transcriptions", transcribe.transcriptions, expect_handler=defer_continue),
+        web.post("/v1/audio/translations", transcribe.translations, expect_handler=defer_continue),
         web.get("/v1/models", catalog.models),
         web.get("/v1/models/{model:.+}", catalog.model),  # public model names may contain '/'
         web.get("/v1/audio/voices", catalog.voices),

@@ -52,7 +52,10 @@ def authenticate(config: Config, key: str | None) -> Identity:
     """The identity a presented key maps to; every configured digest is compared, in constant time."""
     if key is None:
         raise AuthenticationError(MISSING_KEY)
-    digest = hashlib.sha256(key.encode()).digest()
+    try:
+        digest = hashlib.sha256(key.encode()).digest()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (aiohttp keeps them as surrogates): no key's
+        digest = b""
     match: Key | None = None
     for candidate in config.keys:
         if hmac.compare_digest(digest, candidate.sha256):

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.app import build_app
 from gateway.config import Config
+from gateway.connections import make_runner
 from gateway.lifecycle import DRAINING, TABLES
 from gateway.reload import RELOADER
 
@@ -30,8 +31,7 @@ log = logging.getLogger("gateway")
 async def serve(config: Config) -> None:
     host, port = config.server.host, config.server.port
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, handle_signals=False,
-                           shutdown_timeout=1.0)
+    runner = make_runner(app, config.server, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from aiohttp import BodyPartReader, payload, web
+from aiohttp import BodyPartReader, MultipartReader, payload, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.errors import GatewayError, InvalidRequestError, PayloadTooLargeError
+from gateway.body import check_length, receiving, too_large
+from gateway.config import Server
+from gateway.errors import GatewayError, InvalidRequestError
 
 
 @dataclass(slots=True)
@@ -92,62 +95,85 @@ class Form:
 
 
 MAX_FIELD_BYTES = 65_536
+MAX_PART_HEADER_LINES = 32
+"""Header lines in one part: a form-data part needs Content-Disposition and maybe Content-Type."""
 
 
-async def read_form(request: web.Request, *, max_bytes: int, memory_bytes: int,
-                    spool_dir: str | None = None) -> Form:
+async def read_form(request: web.Request, limits: Server) -> Form:
     """Read a multipart/form-data body part by part, spooling the `file` part.
 
-    The size limit is checked from Content-Length before reading, and again while reading (for
-    chunked bodies). On any failure, including cancellation, the spooled file is closed (and so
-    removed) before the error propagates.
+    The size limit is checked from Content-Length before reading, and against the bytes received
+    while reading (for chunked bodies). The part count is checked as each part starts and each
+    part's headers are capped, so a hostile form costs at most `max_form_parts` small parses before
+    its 400. Every parse failure is a 400 `invalid_multipart`. On any failure, including
+    cancellation, the spooled file is closed (and so removed) before the error propagates.
     """
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise _too_large(max_bytes, request.content_length)
+    check_length(request, limits.max_upload_bytes)
     if request.content_type != "multipart/form-data":
         raise InvalidRequestError(
             f"Invalid Content-Type header ({request.content_type or 'none'}), expected multipart/form-data.",
             code="invalid_content_type")
     form = Form()
-    total = 0
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise InvalidRequestError("Nested multipart bodies are not supported.")
-            name = part.name or ""
-            if part.filename is not None or name == "file":
-                if form.upload is not None:
-                    raise InvalidRequestError("Only one file may be uploaded.", param="file")
-                form.upload = Upload(part.filename or "upload",
-                                     part.headers.get("Content-Type", "application/octet-stream"),
-                                     spooled_file(memory_bytes, spool_dir))
-                while chunk := await part.read_chunk(65_536):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise _too_large(max_bytes, total)
-                    form.upload.file.write(chunk)
-                    form.upload.size += len(chunk)
-            else:
-                value = await part.read(decode=False)
-                total += len(value)
-                if total > max_bytes:
-                    raise _too_large(max_bytes, total)
-                if len(value) > MAX_FIELD_BYTES:
-                    raise InvalidRequestError(f"Field '{name}' is too long.", param=name)
-                form.fields.append((name, value.decode("utf-8", errors="replace")))
+        async with receiving(request, limits.max_upload_bytes):
+            reader = MultipartReader(request.headers, request.content, max_field_size=limits.max_part_header_bytes,
+                                     max_headers=MAX_PART_HEADER_LINES)
+            parts = 0
+            while (part := await reader.next()) is not None:
+                parts += 1
+                if parts > limits.max_form_parts:
+                    raise _invalid(f"The form has more than {limits.max_form_parts} parts.")
+                if not isinstance(part, BodyPartReader):
+                    raise InvalidRequestError("Nested multipart bodies are not supported.")
+                await _read_part(request, part, form, limits)
     except GatewayError:
         form.close()
         raise
-    except (ValueError, AssertionError, UnicodeDecodeError, RuntimeError):
+    except (ValueError, AssertionError, UnicodeDecodeError, RuntimeError, HttpProcessingError):
         form.close()
-        raise InvalidRequestError("The multipart/form-data body could not be parsed.",
-                                  code="invalid_multipart") from None
+        raise _invalid("The multipart/form-data body could not be parsed.") from None
     except BaseException:
         form.close()
         raise
     return form
 
 
-def _too_large(limit: int, seen: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"Maximum content size limit ({limit}) exceeded ({seen} bytes read).")
+async def _read_part(request: web.Request, part: BodyPartReader, form: Form, limits: Server) -> None:
+    name = _printable(part.name or "", None)
+    filename = _printable(part.filename, "file")
+    if filename is not None or name == "file":
+        if form.upload is not None:
+            raise InvalidRequestError("Only one file may be uploaded.", param="file")
+        form.upload = Upload(filename or "upload", part.headers.get("Content-Type", "application/octet-stream"),
+                             spooled_file(limits.spool_memory_bytes, limits.spool_dir))
+        while chunk := await part.read_chunk(65_536):
+            _check_received(request, limits.max_upload_bytes, form.upload.size + len(chunk))
+            form.upload.file.write(chunk)
+            form.upload.size += len(chunk)
+        return
+    value = bytearray()
+    while chunk := await part.read_chunk(16_384):
+        value += chunk
+        _check_received(request, limits.max_upload_bytes, len(value))
+        if len(value) > MAX_FIELD_BYTES:
+            raise InvalidRequestError(f"Field '{name}' is too long.", param=name)
+    form.fields.append((name, value.decode("utf-8", errors="replace")))
+
+
+def _check_received(request: web.Request, limit: int, part_bytes: int) -> None:
+    """The whole body so far (part headers and boundaries included) within the upload limit."""
+    received = max(request.content.total_bytes, part_bytes)
+    if received > limit:
+        raise too_large(limit, received)
+
+
+def _printable(text: str | None, param: str | None) -> str | None:
+    """A part name or filename (also from `name*=`/`filename*=`) with no control character or
+    undecodable byte, which would otherwise travel on into logs, backends and file names."""
+    if text is not None and any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise _invalid("A part name or filename contains control characters or invalid UTF-8.", param)
+    return text
+
+
+def _invalid(message: str, param: str | None = None) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code="invalid_multipart")

@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import parse_config
+from gateway.connections import make_runner
 from tests.fakes.openai_engine import FakeOpenAIEngine
 
 T = TypeVar("T")
@@ -79,7 +80,7 @@ class Gateway:
 async def start_gateway(config_text: str, spool_dir: Path) -> Gateway:
     config = parse_config(config_text, kinds=ADAPTERS.keys())
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
+    runner = make_runner(app, config.server, shutdown_timeout=2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

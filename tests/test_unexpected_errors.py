@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import parse_config
+from gateway.connections import make_runner
 from tests.conftest import DEMO_KEY, ServerThread, engine_config
 
 
@@ -23,11 +24,12 @@ async def explode(request: web.Request) -> web.Response:
 @pytest.fixture
 def gateway_url(servers: ServerThread, tmp_path: Path) -> Iterator[str]:
     """The real app with one extra route, mounted behind the same middleware list, whose handler fails."""
-    app = build_app(parse_config(engine_config("http://127.0.0.1:9/v1", tmp_path), kinds=ADAPTERS.keys()))
+    config = parse_config(engine_config("http://127.0.0.1:9/v1", tmp_path), kinds=ADAPTERS.keys())
+    app = build_app(config)
     app.router.add_post("/v1/audio/explode", explode)
 
     async def start() -> tuple[web.AppRunner, int]:
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = make_runner(app, config.server, shutdown_timeout=2)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

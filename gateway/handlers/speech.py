@@ -11,6 +11,7 @@ from gateway.adapters.base import SPEECH, AudioStream, SpeechJob
 from gateway.audio.formats import CONTENT_TYPES
 from gateway.audio.meter import AudioMeter
 from gateway.audio.transcode import encode
+from gateway.body import JSON_BODY_LIMIT, read_body
 from gateway.handlers.routing import first_success
 from gateway.lifecycle import METERING
 from gateway.mapping import Candidate
@@ -40,7 +41,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
 
 
 async def read_json(request: web.Request) -> object:
-    return json_body.parse(await request.read(), request.charset)
+    return json_body.parse(await read_body(request, JSON_BODY_LIMIT), request.charset)
 
 
 def speech_job(request: web.Request, req: SpeechRequest, candidate: Candidate) -> SpeechJob:

@@ -36,9 +36,7 @@ async def translations(request: web.Request) -> web.StreamResponse:
 
 
 async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
-    server = request[TABLE].config.server
-    form = await read_form(request, max_bytes=server.max_upload_bytes, memory_bytes=server.spool_memory_bytes,
-                           spool_dir=server.spool_dir)
+    form = await read_form(request, request[TABLE].config.server)
     try:
         request[OUTCOME].bytes_in = form.upload.size if form.upload else 0
         req = validate_transcription(form.fields, task, form.upload is not None)
