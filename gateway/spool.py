@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -139,8 +140,12 @@ async def read_form(request: web.Request, limits: Server) -> Form:
 
 
 async def _read_part(request: web.Request, part: BodyPartReader, form: Form, limits: Server) -> None:
-    name = _printable(part.name or "", None)
-    filename = _printable(part.filename, "file")
+    with warnings.catch_warnings(record=True) as caught:  # synchronous: no other task runs meanwhile
+        warnings.simplefilter("always")
+        name, filename = part.name or "", part.filename
+    if caught:  # aiohttp drops a malformed Content-Disposition or name*= parameter with a warning quoting it
+        raise _invalid("A part's Content-Disposition header could not be parsed.")
+    name, filename = _printable(name, None) or "", _printable(filename, "file")
     if filename is not None or name == "file":
         if form.upload is not None:
             raise InvalidRequestError("Only one file may be uploaded.", param="file")
