@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from aiohttp import BodyPartReader, MultipartReader, payload, web
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.body import check_length, receiving, too_large
@@ -114,6 +115,7 @@ async def read_form(request: web.Request, limits: Server) -> Form:
         raise InvalidRequestError(
             f"Invalid Content-Type header ({request.content_type or 'none'}), expected multipart/form-data.",
             code="invalid_content_type")
+    _quiet_disposition_warnings()
     form = Form()
     try:
         async with receiving(request, limits.max_upload_bytes):
@@ -125,7 +127,7 @@ async def read_form(request: web.Request, limits: Server) -> Form:
                 if parts > limits.max_form_parts:
                     raise _invalid(f"The form has more than {limits.max_form_parts} parts.")
                 if not isinstance(part, BodyPartReader):
-                    raise InvalidRequestError("Nested multipart bodies are not supported.")
+                    raise _invalid("Nested multipart bodies are not supported.")
                 await _read_part(request, part, form, limits)
     except GatewayError:
         form.close()
@@ -143,7 +145,8 @@ async def _read_part(request: web.Request, part: BodyPartReader, form: Form, lim
     with warnings.catch_warnings(record=True) as caught:  # synchronous: no other task runs meanwhile
         warnings.simplefilter("always")
         name, filename = part.name or "", part.filename
-    if caught:  # aiohttp drops a malformed Content-Disposition or name*= parameter with a warning quoting it
+    if any(issubclass(w.category, (BadContentDispositionHeader, BadContentDispositionParam)) for w in caught):
+        # aiohttp drops a malformed Content-Disposition or name*= parameter with a warning quoting it
         raise _invalid("A part's Content-Disposition header could not be parsed.")
     name, filename = _printable(name, None) or "", _printable(filename, "file")
     if filename is not None or name == "file":
@@ -163,6 +166,15 @@ async def _read_part(request: web.Request, part: BodyPartReader, form: Form, lim
         if len(value) > MAX_FIELD_BYTES:
             raise InvalidRequestError(f"Field '{name}' is too long.", param=name)
     form.fields.append((name, value.decode("utf-8", errors="replace")))
+
+
+def _quiet_disposition_warnings() -> None:
+    """aiohttp warns about a malformed Content-Disposition with the client's header text in the
+    message; _read_part turns those into a 400, and they must not print client bytes to stderr.
+    Set on every form (idempotent: an identical filter replaces itself) because anything may reset
+    the process's filters (warnings.catch_warnings, as pytest does around each test)."""
+    warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+    warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 
 def _check_received(request: web.Request, limit: int, part_bytes: int) -> None:
