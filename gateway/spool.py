@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from aiohttp import BodyPartReader, MultipartReader, payload, web
-from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
 from gateway.body import check_length, receiving, too_large
 from gateway.config import Server
