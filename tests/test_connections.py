@@ -34,7 +34,8 @@ def limited(engine: FakeOpenAIEngine, spool_dir: Path, **server: object) -> str:
 
 @pytest.fixture
 def slow_gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> Gateway:
-    return make_gateway(limited(engine, tmp_path / "spool", header_timeout_s=0.5, keepalive_timeout_s=2,
+    """Short header and body timeouts; a keep-alive timeout far longer, so it cannot close what they should."""
+    return make_gateway(limited(engine, tmp_path / "spool", header_timeout_s=0.5, keepalive_timeout_s=30,
                                 body_timeout_s=0.5, max_connections=2000))
 
 
@@ -70,8 +71,10 @@ def test_trickled_head_is_closed_at_the_header_timeout(slow_gateway: Gateway) ->
         assert time.monotonic() - start < 1.5
 
 
-def test_idle_keepalive_outlives_the_header_timeout_then_closes(slow_gateway: Gateway) -> None:
-    with connect(slow_gateway.port) as sock:
+def test_idle_keepalive_outlives_the_header_timeout_then_closes(make_gateway: Callable[[str], Gateway],
+                                                                engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    gateway = make_gateway(limited(engine, tmp_path / "spool", header_timeout_s=0.5, keepalive_timeout_s=2))
+    with connect(gateway.port) as sock:
         sock.sendall(request("GET", "/healthz"))
         assert read_response(sock).status == 200
         time.sleep(1.0)  # twice the header timeout: idle between requests is the keep-alive's business
