@@ -171,10 +171,11 @@ async def _read_part(request: web.Request, part: BodyPartReader, form: Form, lim
 def _quiet_disposition_warnings() -> None:
     """aiohttp warns about a malformed Content-Disposition with the client's header text in the
     message; _read_part turns those into a 400, and they must not print client bytes to stderr.
-    Set on every form (idempotent: an identical filter replaces itself) because anything may reset
-    the process's filters (warnings.catch_warnings, as pytest does around each test)."""
-    warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
-    warnings.filterwarnings("ignore", category=BadContentDispositionParam)
+    Checked on every form, because anything may reset the process's filters
+    (warnings.catch_warnings, as pytest does around each test)."""
+    for category in (BadContentDispositionHeader, BadContentDispositionParam):
+        if ("ignore", None, category, None, 0) not in warnings.filters:  # adding resets "once" registries
+            warnings.filterwarnings("ignore", category=category)
 
 
 def _check_received(request: web.Request, limit: int, part_bytes: int) -> None:

@@ -146,3 +146,16 @@ async def test_invalid_options_close_the_adapters_already_built() -> None:
         await build_adapters(config, None)  # type: ignore[arg-type]
     assert info.value.problems[0].startswith("backends.speaches.bogus: unknown option for kind 'openai'")
     assert not [t.name for t in threading.enumerate() if t.name.startswith("sphinx-early")]
+
+
+def test_client_limits_have_defaults_and_are_checked_by_path() -> None:
+    server = parse_config(VALID, kinds=KINDS, environ={}).server
+    assert (server.header_timeout_s, server.keepalive_timeout_s, server.body_timeout_s, server.max_connections,
+            server.max_form_parts, server.max_part_header_bytes) == (15.0, 75.0, 30.0, 1024, 64, 8192)
+    text = "server: {header_timeout_s: 0, body_timeout_s: x, max_connections: 0, max_form_parts: -1}\n" + VALID
+    found = problems(text)
+    for expected in ["server.header_timeout_s: expected a number >= 0.01, got 0",
+                     "server.body_timeout_s: expected a number >= 0.01, got 'x'",
+                     "server.max_connections: expected a number >= 1, got 0",
+                     "server.max_form_parts: expected a number >= 1, got -1"]:
+        assert expected in found, (expected, found)
