@@ -46,7 +46,7 @@ def too_large(limit: int, seen: int) -> PayloadTooLargeError:
 async def receiving(request: web.Request, max_bytes: int) -> AsyncIterator[None]:
     """The block that reads the body: length checked, Expect answered, stalls and bad framing mapped.
 
-    A stalled body becomes a 408 and a malformed one (bad chunked encoding) a 400; either way the
+    A stalled body becomes a 408 and a malformed one (bad chunking or compression) a 400; either way the
     connection is closed after the answer, since the rest of the body can no longer be found.
     """
     check_length(request, max_bytes)
@@ -77,8 +77,8 @@ async def receiving(request: web.Request, max_bytes: int) -> AsyncIterator[None]
     except RequestPayloadError:
         if guard is not None:
             guard.close_after(request)
-        raise InvalidRequestError("The request body is malformed (its chunked transfer encoding "
-                                  "or length does not match what was sent).", code="invalid_body") from None
+        raise InvalidRequestError("The request body could not be read: its chunked encoding, length or "
+                                  "Content-Encoding does not match what was sent.") from None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

@@ -180,7 +180,7 @@ def http_error(status: int, exc: BaseException | None) -> GatewayError:
     if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message):
         return HeadersTooLargeError("The request line or a header is too long, or there are too many headers.")
     if status < 500:
-        return InvalidRequestError("The HTTP request could not be parsed.", code="invalid_http_request")
+        return InvalidRequestError("The HTTP request could not be parsed.")
     return GatewayError("The server had an error processing your request.")
 
 

@@ -123,13 +123,11 @@ class PayloadTooLargeError(GatewayError):
 class ExpectationFailedError(GatewayError):
     status = 417
     type = "invalid_request_error"
-    code = "expectation_failed"
 
 
 class HeadersTooLargeError(GatewayError):
     status = 431
     type = "invalid_request_error"
-    code = "request_header_fields_too_large"
 
 
 class RateLimitError(GatewayError):

@@ -201,29 +201,29 @@ MARK = "Zq7MarkerXv"
 """Planted in each hostile header: it must not come back in the answer or reach any log line."""
 
 PARSE_ERRORS = {
-    "bad-request-line": (f"GARBAGE{MARK}\r\n\r\n".encode(), 400, "invalid_http_request"),
-    "bad-method": (f"G@T /{MARK} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400, "invalid_http_request"),
+    "bad-request-line": (f"GARBAGE{MARK}\r\n\r\n".encode(), 400, None),
+    "bad-method": (f"G@T /{MARK} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 400, None),
     "url-too-long": (f"GET /{MARK}{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 431,
-                     "request_header_fields_too_large"),
+                     None),
     "oversized-authorization": (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-{MARK}"
-                                f"{'k' * 9000}\r\n\r\n".encode(), 431, "request_header_fields_too_large"),
+                                f"{'k' * 9000}\r\n\r\n".encode(), 431, None),
     "too-many-headers": (b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
                          + b"".join(f"X-{MARK}-{i}: y\r\n".encode() for i in range(200)) + b"\r\n", 431,
-                         "request_header_fields_too_large"),
+                         None),
     "control-bytes": (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {MARK}\x01\x02\r\n\r\n"
-                      .encode(), 400, "invalid_http_request"),
+                      .encode(), 400, None),
     "no-colon": (f"GET /healthz HTTP/1.1\r\nHost: x\r\n{MARK}NoColon\r\n\r\n".encode(), 400,
-                 "invalid_http_request"),
+                 None),
     "bad-chunk-size": (f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       f"{MARK}\r\nabc\r\n0\r\n\r\n".encode(), 400, "invalid_http_request"),
+                       f"{MARK}\r\nabc\r\n0\r\n\r\n".encode(), 400, None),
     "length-and-chunked": (b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "invalid_http_request"),
+                           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, None),
 }
 
 
 @pytest.mark.parametrize("raw,status,code", PARSE_ERRORS.values(), ids=PARSE_ERRORS.keys())
 def test_http_parse_errors_are_openai_errors_that_echo_nothing(
-        gateway: Gateway, caplog: pytest.LogCaptureFixture, raw: bytes, status: int, code: str) -> None:
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, raw: bytes, status: int, code: str | None) -> None:
     with caplog.at_level(logging.DEBUG), connect(gateway.port) as sock:
         sock.sendall(raw)
         response = read_response(sock)
@@ -246,7 +246,7 @@ def test_bad_chunk_inside_a_body_being_read_is_a_400(gateway: Gateway, engine: F
         response = read_response(sock)
         assert seconds_until_closed(sock, 2) < 2
     check_error(response.status, response.headers, response.body, expected_status=400,
-                type_="invalid_request_error", code="invalid_body", secrets=(MARK,))
+                type_="invalid_request_error", code=None, secrets=(MARK,))
     assert MARK not in caplog.text
     assert engine.requests == []
 
@@ -319,7 +319,7 @@ def test_unknown_expectation_is_417_after_auth(gateway: Gateway, engine: FakeOpe
                                                "Content-Length": str(len(SPEECH))}, SPEECH)
     response = exchange(gateway.port, raw)
     check_error(response.status, response.headers, response.body, expected_status=417,
-                type_="invalid_request_error", code="expectation_failed")
+                type_="invalid_request_error", code=None)
     no_key = exchange(gateway.port, request("POST", "/v1/audio/speech", {"Expect": "sing"}, SPEECH))
     assert no_key.status == 401
     assert engine.requests == []
