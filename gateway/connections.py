@@ -14,6 +14,7 @@ both run these protections. It swaps aiohttp's Server for `GuardedServer`, whose
   exception class: aiohttp's own answer is text/plain and its log line quotes the client's bytes.
 
 aiohttp internals relied on (each pinned by tests/test_connections.py::test_aiohttp_internals):
+`AppRunner._make_server` and `BaseRunner._kwargs` (the runner's server and its arguments),
 `Server._loop`, `Server._kwargs` (what Server.__call__ passes to RequestHandler), and
 RequestHandler's `_request_count` (bumped per parsed head), `_waiter` (set while idle between
 requests, as aiohttp's own keep-alive check reads it), `_messages` (parsed heads, `_ErrInfo` for parse

@@ -10,8 +10,8 @@
     ├── RequestTimeoutError         408 invalid_request_error   (request body stalled past body_timeout_s)
     ├── PayloadTooLargeError        413 invalid_request_error
     ├── ExpectationFailedError      417 invalid_request_error   (an Expect other than 100-continue)
-    ├── HeadersTooLargeError        431 invalid_request_error   (a request line or header over the limits)
     ├── RateLimitError              429 requests                (Retry-After)
+    ├── HeadersTooLargeError        431 invalid_request_error   (a request line or header over the limits)
     ├── UpstreamError               502 upstream_error          (backend refused, failed or spoke garbage)
     │   └── UpstreamTimeoutError    504 upstream_error
     └── ServiceUnavailableError     503 server_error            (draining; Retry-After)

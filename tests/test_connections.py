@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.connections import GuardedServer
@@ -335,4 +334,4 @@ def test_aiohttp_internals(servers: ServerThread, gateway: Gateway) -> None:
     assert isinstance(server, GuardedServer)
     assert isinstance(server._kwargs, dict) and server._loop is servers.loop
     assert "keepalive_timeout" in server._kwargs
-    assert web.AppRunner._make_server is not None
+    assert isinstance(gateway.runner._kwargs, dict) and "handler_cancellation" in gateway.runner._kwargs
