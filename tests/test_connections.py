@@ -51,7 +51,7 @@ def open_connections(servers: ServerThread, gateway: Gateway) -> int:
 def test_half_sent_head_is_closed_within_the_header_timeout(slow_gateway: Gateway, sent: bytes) -> None:
     with connect(slow_gateway.port) as sock:
         sock.sendall(sent)
-        assert 0.3 < seconds_until_closed(sock, 3) < 1.5
+        assert 0.3 < seconds_until_closed(sock, 5) < 3  # 0.5 s, with room for a loaded machine
 
 
 def test_trickled_head_is_closed_at_the_header_timeout(slow_gateway: Gateway) -> None:
@@ -62,12 +62,12 @@ def test_trickled_head_is_closed_at_the_header_timeout(slow_gateway: Gateway) ->
             for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
                 sock.sendall(bytes([byte]))
                 time.sleep(0.1)
-                if time.monotonic() - start > 3:
+                if time.monotonic() - start > 5:
                     break
             sock.settimeout(0.5)
             if not sock.recv(1):
                 raise ConnectionError("closed")
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 3  # 0.5 s; the trickle alone would last 13 s
 
 
 def test_idle_keepalive_outlives_the_header_timeout_then_closes(make_gateway: Callable[[str], Gateway],
@@ -79,7 +79,7 @@ def test_idle_keepalive_outlives_the_header_timeout_then_closes(make_gateway: Ca
         time.sleep(1.0)  # twice the header timeout: idle between requests is the keep-alive's business
         sock.sendall(request("GET", "/healthz"))
         assert read_response(sock).status == 200
-        assert 1.5 < seconds_until_closed(sock, 4) < 3.0
+        assert 1.5 < seconds_until_closed(sock, 8) < 5
 
 
 # -- body gap timeout ---------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_stalled_body_gets_408_and_is_closed(slow_gateway: Gateway, engine: Fake
         check_error(response.status, response.headers, response.body, expected_status=408,
                     type_="invalid_request_error", code="request_timeout")
         assert response.headers["Connection"].lower() == "close"
-        assert 0.4 < waited < 1.5
+        assert 0.4 < waited < 3
         assert seconds_until_closed(sock, 1) < 1
     assert engine.requests == []
 
