@@ -27,6 +27,7 @@ from gateway.errors import ExpectationFailedError, InvalidRequestError, PayloadT
 JSON_BODY_LIMIT = 1_048_576
 """Speech bodies are JSON with at most 2 x 4096 characters of text; uploads have max_upload_bytes."""
 
+
 async def defer_continue(request: web.Request) -> None:
     """Every route's expect handler: answer nothing yet (`receiving` does, once the request passed)."""
     return None
