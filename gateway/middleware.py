@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.auth import authenticate, presented_key
-from gateway.errors import GatewayError, InvalidRequestError, from_http_exception
+from gateway.errors import GatewayError, from_http_exception
 from gateway.outcome import Outcome
 from gateway.state import FAILURE, IDENTITY, OUTCOME, REQUEST_ID, TABLE
 
@@ -89,13 +89,6 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         response = err.response()
         if "Allow" in exc.headers:  # a 405 must name the allowed methods (RFC 9110 15.5.6)
             response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except web.RequestPayloadError:  # a body not in its Content-Encoding, or broken chunked framing
-        err = InvalidRequestError("The request body could not be read: it is not in the encoding its headers "
-                                  "declare.")
-        request[FAILURE] = err
-        response = err.response()
-        response.force_close()  # the rest of the body cannot be read either
         return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
