@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import DEMO_KEY, Gateway
 from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.raw_http import exchange
 from tests.support import WAV, check_error, expect_error
-from tests.test_errors import raw_request
 
 IRE = "invalid_request_error"
 OK = {"model": "tts-1", "voice": "nova", "input": "Hello."}
@@ -23,6 +23,17 @@ OK_JSON = json.dumps(OK).encode()
 
 def _json(text: str) -> bytes:
     return text.encode()
+
+
+def _raw(head: str, body: bytes) -> bytes:
+    """A request exactly as written: `head` with LF line ends (made CRLF), then `body`."""
+    return head.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + body
+
+
+def _speech(body: bytes, content_type: str = "application/json", extra: str = "") -> bytes:
+    """POST /v1/audio/speech with the demo key, this body and content type, and `extra` header lines."""
+    return _raw(f"POST /v1/audio/speech HTTP/1.1\nHost: gateway\nAuthorization: Bearer {DEMO_KEY}\nConnection: close"
+                f"\nContent-Type: {content_type}\nContent-Length: {len(body)}{extra}", body)
 
 
 # (id, content type, extra header lines, body, status, code, param)
@@ -65,22 +76,18 @@ JSON_CASES: list[tuple[str, str, str, bytes, int, str, str | None]] = [
 
 @pytest.mark.parametrize(("content_type", "extra", "body", "status", "code", "param"),
                          [c[1:] for c in JSON_CASES], ids=[c[0] for c in JSON_CASES])
-async def test_hostile_json(gateway: Gateway, engine: FakeOpenAIEngine, content_type: str, extra: str, body: bytes,
-                            status: int, code: str | None, param: str | None) -> None:
-    head = (f"POST /v1/audio/speech HTTP/1.1\nHost: gateway\nAuthorization: Bearer {DEMO_KEY}\nConnection: close\n"
-            f"Content-Type: {content_type}\nContent-Length: {len(body)}{extra}")
-    got, headers, payload = await raw_request(gateway, head, body)
-    check_error(got, headers, payload, expected_status=status, type_=IRE, code=code, param=param)
+def test_hostile_json(gateway: Gateway, engine: FakeOpenAIEngine, content_type: str, extra: str, body: bytes,
+                      status: int, code: str | None, param: str | None) -> None:
+    got = exchange(gateway.port, _speech(body, content_type, extra))
+    check_error(got.status, got.headers, got.body, expected_status=status, type_=IRE, code=code, param=param)
     assert engine.requests == []
 
 
-async def test_gzip_json_body_is_accepted(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
+def test_gzip_json_body_is_accepted(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
     """A body really in its Content-Encoding is decoded: the rows above fail for the mismatch, not the header."""
     body = gzip.compress(json.dumps({**OK, "response_format": "pcm"}).encode())
-    head = (f"POST /v1/audio/speech HTTP/1.1\nHost: gateway\nAuthorization: Bearer {DEMO_KEY}\nConnection: close\n"
-            f"Content-Type: application/json\nContent-Encoding: gzip\nContent-Length: {len(body)}")
-    status, _, payload = await raw_request(gateway, head, body)
-    assert status == 200, payload
+    got = exchange(gateway.port, _speech(body, extra="\nContent-Encoding: gzip"))
+    assert got.status == 200, got.body
     assert engine.last.json["input"] == "Hello."
 
 
@@ -126,14 +133,13 @@ ODD_REQUESTS: list[tuple[str, str, str, int]] = [
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [c[1:] for c in ODD_REQUESTS], ids=[c[0] for c in ODD_REQUESTS])
-async def test_odd_requests(gateway: Gateway, engine: FakeOpenAIEngine, method: str, path: str, status: int) -> None:
-    head = f"{method} {path} HTTP/1.1\nHost: gateway\nAuthorization: Bearer {DEMO_KEY}\nConnection: close\n" \
-           "Content-Length: 0"
-    got, headers, payload = await raw_request(gateway, head, b"")
+def test_odd_requests(gateway: Gateway, engine: FakeOpenAIEngine, method: str, path: str, status: int) -> None:
+    got = exchange(gateway.port, _raw(f"{method} {path} HTTP/1.1\nHost: gateway\nAuthorization: Bearer {DEMO_KEY}"
+                                      "\nConnection: close\nContent-Length: 0", b""))
     if method == "HEAD":
-        assert got == status and headers.get("Content-Type", "").startswith("application/json")
+        assert got.status == status and got.headers.get("Content-Type", "").startswith("application/json")
         return
-    check_error(got, headers, payload, expected_status=status, type_=IRE, code=None)
+    check_error(got.status, got.headers, got.body, expected_status=status, type_=IRE, code=None)
     assert engine.requests == []
 
 
@@ -150,15 +156,13 @@ ODD_HEADERS: list[tuple[str, str, int]] = [
 
 
 @pytest.mark.parametrize(("extra", "status"), [c[1:] for c in ODD_HEADERS], ids=[c[0] for c in ODD_HEADERS])
-async def test_odd_headers(gateway: Gateway, engine: FakeOpenAIEngine, extra: str, status: int) -> None:
+def test_odd_headers(gateway: Gateway, engine: FakeOpenAIEngine, extra: str, status: int) -> None:
     body = json.dumps({**OK, "response_format": "pcm"}).encode()
-    head = (f"POST /v1/audio/speech HTTP/1.1\nHost: gateway\nAuthorization: Bearer {DEMO_KEY}\nConnection: close\n"
-            f"Content-Type: application/json\nContent-Length: {len(body)}{extra}")
-    got, headers, payload = await raw_request(gateway, head, body)
+    got = exchange(gateway.port, _speech(body, extra=extra))
     if status == 200:
-        assert got == 200, payload
+        assert got.status == 200, got.body
         return
-    check_error(got, headers, payload, expected_status=status, type_=IRE, code=None)
+    check_error(got.status, got.headers, got.body, expected_status=status, type_=IRE, code=None)
 
 
 def test_sdk_default_headers_with_odd_values(client: openai.OpenAI, engine: FakeOpenAIEngine) -> None:
