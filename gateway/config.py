@@ -22,6 +22,7 @@ from gateway.yaml_tree import YamlTree
 
 TASKS = ("speech", "transcription")
 DEFAULT_MAX_UPLOAD = 26_214_400
+DEFAULT_MAX_AUDIO_SECONDS = 7_200.0
 
 
 class ConfigError(Exception):
@@ -99,6 +100,9 @@ class Server:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     spool_memory_bytes: int = 1_048_576
     spool_dir: str | None = None
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    """Longest upload to transcribe (2 hours; 25 MB of 32 kbit/s mp3 is under 2 hours): established
+    from headers and packets before anything is decoded, and enforced again while decoding."""
     drain_delay_s: float = 5.0
     """After SIGTERM: /readyz fails at once, new connections are still accepted this long."""
     grace_s: float = 30.0
@@ -169,6 +173,7 @@ def _server(p: YamlTree, node: dict[str, Any]) -> Server:
         max_upload_bytes=int(p.number(node, "max_upload_bytes", path, d.max_upload_bytes, 1)),
         spool_memory_bytes=int(p.number(node, "spool_memory_bytes", path, d.spool_memory_bytes)),
         spool_dir=p.str_(node, "spool_dir", path),
+        max_audio_seconds=p.number(node, "max_audio_seconds", path, d.max_audio_seconds, 1),
         drain_delay_s=p.number(node, "drain_delay_s", path, d.drain_delay_s),
         grace_s=p.number(node, "grace_s", path, d.grace_s),
         reload_interval_s=p.number(node, "reload_interval_s", path, d.reload_interval_s),

@@ -1,4 +1,5 @@
-"""gateway.audio.decode: every upload format OpenAI accepts, and the one 400 for everything that is not audio."""
+"""gateway.audio.decode and .duration: every upload format OpenAI accepts, measured and decoded in chunks,
+and the one 400 for everything that is not audio."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import BinaryIO
 import av
 import pytest
 
-from gateway.audio.decode import DecodedAudio, decode_upload, decode_upload_async, probe_duration
+from gateway.audio.decode import CHUNK_SAMPLES, PcmChunks, decode_chunks
+from gateway.audio.duration import upload_seconds
 from gateway.errors import InvalidRequestError
 
 
@@ -57,6 +59,17 @@ def video_only_webm() -> bytes:
     return buf.getvalue()
 
 
+def decode(file: BinaryIO, sample_rate: int = 16_000, max_seconds: float = 7200) -> bytes:
+    """All the chunks, checking each but the last is CHUNK_SAMPLES long."""
+    chunks = list(decode_chunks(file, sample_rate=sample_rate, max_seconds=max_seconds))
+    assert all(len(c) == CHUNK_SAMPLES * 2 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= CHUNK_SAMPLES * 2
+    return b"".join(chunks)
+
+
+def seconds(pcm: bytes, sample_rate: int = 16_000) -> float:
+    return len(pcm) / (2 * sample_rate)
+
+
 def upload(data: bytes) -> BinaryIO:
     """Like the gateway's spool: a SpooledTemporaryFile, left positioned at its end."""
     file = tempfile.SpooledTemporaryFile(max_size=16_384)
@@ -81,38 +94,43 @@ UPLOADS = {  # what OpenAI accepts, by file extension
 def test_every_accepted_format_decodes_to_16k_mono(extension: str) -> None:
     muxer, codec, rate = UPLOADS[extension]
     data = audio_file(muxer, codec, rate=rate)
-    decoded = decode_upload(upload(data))
-    assert decoded.sample_rate == 16_000 and len(decoded.pcm) % 2 == 0
-    assert decoded.duration == pytest.approx(3.0, abs=0.1)
-    assert max(array.array("h", decoded.pcm)) > 4000  # the tone survived the downmix
-    assert probe_duration(upload(data)) == pytest.approx(3.0, abs=0.1)
+    pcm = decode(upload(data))
+    assert seconds(pcm) == pytest.approx(3.0, abs=0.1)
+    assert max(array.array("h", pcm)) > 4000  # the tone survived the downmix
+    assert upload_seconds(upload(data), 7200) == pytest.approx(3.0, abs=0.1)
 
 
-async def test_async_variant_and_other_rates() -> None:
+async def test_async_chunks_and_other_rates() -> None:
     data = audio_file("wav", "pcm_s16le", rate=24_000, channels=1)
-    decoded = await decode_upload_async(upload(data), sample_rate=24_000)
-    assert decoded == DecodedAudio(decoded.pcm, 24_000)
-    assert decoded.pcm == tone(3.0, 24_000)  # same rate and layout: untouched samples
-    assert (await decode_upload_async(upload(data))).duration == pytest.approx(3.0, abs=0.01)
+    chunks = PcmChunks(upload(data), sample_rate=24_000, max_seconds=10)
+    pcm = b"".join([chunk async for chunk in chunks])
+    assert pcm == tone(3.0, 24_000) and chunks.seconds == 3.0  # same rate and layout: untouched samples
+    await chunks.aclose()
+    assert seconds(decode(upload(data))) == pytest.approx(3.0, abs=0.01)
 
 
-def test_max_seconds_keeps_the_beginning() -> None:
-    decoded = decode_upload(upload(audio_file("flac", "flac")), max_seconds=1.25)
-    assert decoded.duration == pytest.approx(1.25, abs=0.001)
+def test_decoding_stops_past_max_seconds() -> None:
+    chunks = decode_chunks(upload(audio_file("flac", "flac", seconds=5.0)), max_seconds=2.0)
+    decoded = 0
+    with pytest.raises(InvalidRequestError) as caught:
+        for chunk in chunks:
+            decoded += len(chunk)
+    assert (caught.value.param, caught.value.code) == ("file", "audio_too_long")
+    assert "2 seconds" in caught.value.message
+    assert seconds(bytes(decoded)) <= 2.0 + 1.0  # SLACK_SECONDS for codec padding
 
 
 def test_short_file_and_silence_decode() -> None:
-    short = decode_upload(upload(audio_file("wav", "pcm_s16le", seconds=0.1, rate=16_000, channels=1)))
-    assert short.duration == pytest.approx(0.1, abs=0.001)
-    silence = decode_upload(upload(audio_file("mp3", "libmp3lame", seconds=2.0, silent=True)))
-    assert silence.duration == pytest.approx(2.0, abs=0.1)
-    assert not any(array.array("h", silence.pcm))
+    short = decode(upload(audio_file("wav", "pcm_s16le", seconds=0.1, rate=16_000, channels=1)))
+    assert seconds(short) == pytest.approx(0.1, abs=0.001)
+    silence = decode(upload(audio_file("mp3", "libmp3lame", seconds=2.0, silent=True)))
+    assert seconds(silence) == pytest.approx(2.0, abs=0.1)
+    assert not any(array.array("h", silence))
 
 
 def test_truncated_mp3_decodes_what_it_can() -> None:
     data = audio_file("mp3", "libmp3lame")
-    decoded = decode_upload(upload(data[: len(data) // 2]))
-    assert decoded.duration == pytest.approx(1.5, abs=0.2)
+    assert seconds(decode(upload(data[: len(data) // 2]))) == pytest.approx(1.5, abs=0.2)
 
 
 NOT_AUDIO = {
@@ -129,7 +147,7 @@ NOT_AUDIO = {
 @pytest.mark.parametrize("name", [*sorted(NOT_AUDIO), "video only"])
 def test_anything_else_is_the_one_400(name: str) -> None:
     data = video_only_webm() if name == "video only" else NOT_AUDIO[name]
-    for call in (decode_upload, probe_duration):
+    for call in (decode, lambda file: upload_seconds(file, 7200)):
         with pytest.raises(InvalidRequestError) as caught:
             call(upload(data))
         error = caught.value

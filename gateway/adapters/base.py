@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 import aiohttp
 
 from gateway.audio.formats import AudioFormat
-from gateway.config import Backend, NativeVoice
+from gateway.config import DEFAULT_MAX_AUDIO_SECONDS, Backend, NativeVoice
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 from gateway.spool import Upload
 from gateway.transcript import Transcript
@@ -85,6 +85,8 @@ class TranscriptionJob:
     stream: bool = False
     extra: tuple[tuple[str, str], ...] = ()
     """Form fields the gateway does not know, as (name, value); forwarded by OpenAI-compatible adapters."""
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    """server.max_audio_seconds: where adapters that decode the upload stop (its headers may lie)."""
 
 
 @dataclass(slots=True)

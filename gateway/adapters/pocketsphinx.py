@@ -1,8 +1,10 @@
 """PocketSphinx inside the gateway: US-English speech to text, with word and segment timings.
 
-The upload is decoded to 16 kHz mono PCM (`gateway.audio.decode`), cut into utterances by
-PocketSphinx's voice-activity endpointer, and each utterance is recognized by one Decoder that
-lives on one dedicated worker thread (model loaded once, per adapter, on that thread).
+The upload is decoded to 16 kHz mono PCM a second at a time (`gateway.audio.decode`) on one
+dedicated worker thread, fed as it comes to PocketSphinx's voice-activity endpointer, and each
+utterance is recognized by one Decoder that lives on that thread (model loaded once, per adapter).
+So a request holds about a second of PCM plus the open utterance, never the whole upload, and
+uploads are decoded one at a time.
 
 The Cython binding holds the GIL inside every call: `Decoder()` for ~0.2 s (once, as the adapter is
 built, so at startup), `process_raw` for as long as the audio it is given. So the worker feeds the
@@ -20,13 +22,14 @@ import importlib.util
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from contextlib import closing
 from typing import Any, ClassVar
 
 import aiohttp
 
 from gateway.adapters.base import TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob, check_options
-from gateway.audio.decode import decode_upload_async
+from gateway.audio.decode import decode_chunks
 from gateway.config import Backend
 from gateway.errors import UnsupportedError, UpstreamError
 from gateway.transcript import Segment, Transcript, Word
@@ -121,12 +124,12 @@ class PocketsphinxAdapter:
                 f"Backend '{self.backend.name}' only understands English, not '{job.language}'.",
                 param="language", code="unsupported_language")
         await self._ready_or_raise()
-        audio = await decode_upload_async(job.upload.file, sample_rate=SAMPLE_RATE)
+        chunks = decode_chunks(job.upload.file, sample_rate=SAMPLE_RATE, max_seconds=job.max_audio_seconds)
         cancel = threading.Event()
         self._jobs.add(cancel)
         try:
-            utterances = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._recognize, audio.pcm, cancel)
+            utterances, duration = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._recognize, chunks, cancel)
         except RuntimeError as exc:  # shut down, or PocketSphinx refused the audio
             log.error("backend %s: PocketSphinx failed", self.backend.name, exc_info=exc)
             raise UpstreamError(f"Backend '{self.backend.name}' failed.", reason="engine") from None
@@ -137,13 +140,14 @@ class PocketsphinxAdapter:
         return Transcript(
             text=" ".join(s.text for s in segments),
             language="en",
-            duration=audio.duration,
+            duration=duration,
             segments=segments,
             words=tuple(w for s in segments for w in s.words),
         )
 
-    def _recognize(self, pcm: bytes, cancel: threading.Event) -> list[list[Word]]:
-        """Worker thread: the words of each utterance, timed from the start of `pcm`."""
+    def _recognize(self, chunks: Generator[bytes, None, None],
+                   cancel: threading.Event) -> tuple[list[list[Word]], float]:
+        """Worker thread: the words of each utterance, timed from the start of the audio, and its length."""
         from pocketsphinx import Endpointer
 
         decoder, endpointer = self._decoder, Endpointer(sample_rate=SAMPLE_RATE)
@@ -154,32 +158,33 @@ class PocketsphinxAdapter:
         resume: float | None = None  # where the next one starts when an utterance was cut at the limit
         fed = 0  # bytes of the open utterance given to the decoder
         step, limit = endpointer.frame_bytes, int(MAX_UTTERANCE_S * SAMPLE_RATE) * 2
+        total = 0
         try:
-            for offset in range(0, len(pcm), step):
-                if cancel.is_set():
-                    break
-                frame = pcm[offset:offset + step]
-                last = offset + step >= len(pcm)  # end_stream also flushes the endpointer's window
-                speech = endpointer.end_stream(frame) if last else endpointer.process(frame)
-                if speech is None:
-                    continue
-                if start is None:
-                    decoder.start_utt()
-                    start, resume, fed = endpointer.speech_start if resume is None else resume, None, 0
-                pending += speech
-                if len(pending) >= CHUNK_BYTES:
-                    decoder.process_raw(bytes(pending))
-                    fed += len(pending)
-                    pending.clear()
-                if not endpointer.in_speech or fed >= limit:
-                    if endpointer.in_speech:
-                        resume = start + (fed + len(pending)) / (2 * SAMPLE_RATE)
-                    utterances.append(self._end_utterance(pending, start))
-                    start = None
+            with closing(_frames(chunks, step)) as frames:
+                for frame, last in frames:
+                    if cancel.is_set():
+                        break
+                    total += len(frame)
+                    speech = endpointer.end_stream(frame) if last else endpointer.process(frame)
+                    if speech is None:
+                        continue
+                    if start is None:
+                        decoder.start_utt()
+                        start, resume, fed = endpointer.speech_start if resume is None else resume, None, 0
+                    pending += speech
+                    if len(pending) >= CHUNK_BYTES:
+                        decoder.process_raw(bytes(pending))
+                        fed += len(pending)
+                        pending.clear()
+                    if not endpointer.in_speech or fed >= limit:
+                        if endpointer.in_speech:
+                            resume = start + (fed + len(pending)) / (2 * SAMPLE_RATE)
+                        utterances.append(self._end_utterance(pending, start))
+                        start = None
         finally:
             if start is not None:  # the audio ended (or the caller left) mid-utterance
                 utterances.append(self._end_utterance(pending, start))
-        return utterances
+        return utterances, total / (2 * SAMPLE_RATE)
 
     def _end_utterance(self, pending: bytearray, start: float) -> list[Word]:
         if pending:
@@ -201,6 +206,21 @@ class PocketsphinxAdapter:
             cancel.set()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._decoder = None
+
+
+def _frames(chunks: Generator[bytes, None, None], step: int) -> Generator[tuple[bytes, bool], None, None]:
+    """The endpointer's frames of `step` bytes from PCM chunks, each with whether it is the last
+    (which may be shorter: end_stream also flushes the endpointer's window)."""
+    pending = b""
+    with closing(chunks):
+        for chunk in chunks:
+            pending += chunk
+            usable = (len(pending) - 1) // step * step  # keep the latest frame back: it may be the last
+            for offset in range(0, usable, step):
+                yield pending[offset:offset + step], False
+            pending = pending[usable:]
+    if pending:
+        yield pending, True
 
 
 def _segments(words: list[Word]) -> list[Segment]:

@@ -4,9 +4,10 @@ The framing is the `wyoming` package's own (`async_read_event` / `async_write_ev
 connection per request (faster-whisper hangs up after one transcript). Speech: `synthesize` with the
 voice table's `{name, speaker}`, then audio-start / audio-chunk... / audio-stop, relayed as the chunks
 arrive as raw PCM in the engine's format (the gateway encodes, resamples and time-stretches: Wyoming
-has no speed or format). Transcription: the upload decoded to 16 kHz mono s16le, sent as `transcribe`
-{name: route model, language}, audio-start, chunks, audio-stop; the `transcript` is text only, so it
-becomes one segment spanning the clip. No translation (the protocol has no such field).
+has no speed or format). Transcription: `transcribe` {name: route model, language}, audio-start, the
+upload as 16 kHz mono s16le chunks sent as they are decoded (a second at a time, so memory is bounded
+by that, not by the file), audio-stop; the `transcript` is text only, so it becomes one segment
+spanning the clip. No translation (the protocol has no such field).
 
 The engine has no status codes. A refused connection is UpstreamError "connect"; an `error` event is
 "engine" (its text redacted like every engine's), except Piper's unknown voice (code VoiceNotFoundError),
@@ -46,7 +47,7 @@ from gateway.adapters.base import (
     check_options,
 )
 from gateway.adapters.redact import redact
-from gateway.audio.decode import decode_upload_async
+from gateway.audio.decode import PcmChunks
 from gateway.audio.formats import pcm
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError, UpstreamTimeoutError
@@ -98,6 +99,11 @@ class _Connection:
         if Error.is_type(event.type):
             raise _engine_error(self.backend, event)
         return event
+
+    def spoke(self) -> bool:
+        """Whether the engine sent something (or hung up) that was not read yet. Read it before writing
+        more: a write after its hang-up resets the connection, which discards what it said."""
+        return bool(self.reader._buffer) or self.reader.at_eof()  # type: ignore[attr-defined]
 
     def close(self, *, abort: bool) -> None:
         """Close at once; `abort` drops unsent bytes (an engine that stopped reading cannot hold us)."""
@@ -242,31 +248,40 @@ class WyomingAdapter:
         if job.task == "translate":  # the core filters on capabilities first; this is the backstop
             raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
                                    param="model", code="unsupported_task")
-        decoded = await decode_upload_async(job.upload.file, sample_rate=ASR_RATE)
-        await self._require(TRANSCRIPTION)
-        conn = await self._connect()
-        done = False
+        decoded = PcmChunks(job.upload.file, sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds)
         try:
+            first = await anext(decoded)  # an undecodable upload is a 400 before the engine is contacted
+            await self._require(TRANSCRIPTION)
+            conn = await self._connect()
+            done = False
             try:
-                await self._send_audio(conn, job, decoded.pcm)
-            except UpstreamError as exc:
-                if exc.reason != "disconnect":
-                    raise
-                # the engine hung up while we were sending: it may have said why first
-            result = await self._transcript(conn)
-            done = True
+                try:
+                    await self._send_audio(conn, job, first, decoded)
+                except UpstreamError as exc:
+                    if exc.reason != "disconnect":
+                        raise
+                    # the engine hung up while we were sending: it may have said why first
+                result = await self._transcript(conn)
+                done = True
+            finally:
+                conn.close(abort=not done)
         finally:
-            conn.close(abort=not done)
+            await decoded.aclose()
         text = result.text.strip()
-        segments = (Segment(0.0, decoded.duration, text),) if text else ()
-        return Transcript(text, result.language or job.language, decoded.duration, segments)
+        segments = (Segment(0.0, decoded.seconds, text),) if text else ()
+        return Transcript(text, result.language or job.language, decoded.seconds, segments)
 
-    async def _send_audio(self, conn: _Connection, job: TranscriptionJob, audio: bytes) -> None:
+    async def _send_audio(self, conn: _Connection, job: TranscriptionJob, first: bytes, rest: PcmChunks) -> None:
         await conn.send(Transcribe(name=job.model or None, language=job.language).event())
         await conn.send(AudioStart(ASR_RATE, ASR_WIDTH, ASR_CHANNELS).event())
         step = SAMPLES_PER_CHUNK * ASR_WIDTH * ASR_CHANNELS
-        for offset in range(0, len(audio), step):
-            await conn.send(AudioChunk(ASR_RATE, ASR_WIDTH, ASR_CHANNELS, audio[offset:offset + step]).event())
+        audio = first
+        while audio:
+            for offset in range(0, len(audio), step):
+                if conn.spoke():  # before the audio ended: an error event or a hang-up raises here
+                    await conn.receive()
+                await conn.send(AudioChunk(ASR_RATE, ASR_WIDTH, ASR_CHANNELS, audio[offset:offset + step]).event())
+            audio = await anext(rest, b"")
         await conn.send(AudioStop().event())
 
     async def _transcript(self, conn: _Connection) -> WyomingTranscript:

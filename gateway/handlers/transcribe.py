@@ -1,7 +1,9 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations: one code path, the task differs.
 
-Stages: spool the multipart body, validate its fields, resolve the model, transcribe on the first
-route that answers, then answer in the client's format (relayed as is, or rendered from structure).
+Stages: spool the multipart body, validate its fields, resolve the model, measure the audio (from its
+headers and packets, refusing it past `server.max_audio_seconds` before any backend sees it),
+transcribe on the first route that answers, then answer in the client's format (relayed as is, or
+rendered from structure).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
-from gateway.audio.decode import probe_duration
+from gateway.audio.duration import upload_seconds
 from gateway.audio.transcripts import render
 from gateway.billing import sse_transcript_chars, transcript_text
 from gateway.errors import UnsupportedError
@@ -40,8 +42,6 @@ async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
     try:
         request[OUTCOME].bytes_in = form.upload.size if form.upload else 0
         req = validate_transcription(form.fields, task, form.upload is not None)
-        assert form.upload is not None
-        request[OUTCOME].input_audio_seconds = await asyncio.to_thread(probe_duration, form.upload.file)
         result = await transcribe(request, req, form)
         return await respond(request, req, result)
     finally:
@@ -57,6 +57,8 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
     if not candidates:
         raise UnsupportedError(f"The model `{req.model}` cannot answer in response_format "
                                f"'{req.response_format}'.", param="response_format", code="unsupported_format")
+    limit = table.config.server.max_audio_seconds
+    request[OUTCOME].input_audio_seconds = await asyncio.to_thread(upload_seconds, form.upload.file, limit)
 
     async def attempt(candidate: Candidate) -> Transcript | Passthrough:
         request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model)
@@ -64,7 +66,7 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
             request_id=request[REQUEST_ID], task=req.task, public_model=req.model, model=candidate.route.model,
             upload=form.upload, response_format=req.response_format, language=req.language, prompt=req.prompt,
             temperature=req.temperature, timestamp_granularities=req.timestamp_granularities,
-            include=req.include, stream=req.stream, extra=req.extra)
+            include=req.include, stream=req.stream, extra=req.extra, max_audio_seconds=limit)
         return await candidate.adapter.transcribe(job)
 
     return await first_success(request, candidates, attempt)

@@ -32,7 +32,7 @@ from wyoming.tts import Synthesize, SynthesizeVoice
 
 from gateway.adapters.base import SpeechJob
 from gateway.adapters.wyoming import WyomingAdapter
-from gateway.audio.decode import decode_upload
+from gateway.audio.decode import decode_chunks
 from gateway.config import Backend, NativeVoice
 from gateway.errors import UpstreamError
 from tests.adapters.common import serve, speech_until_cut
@@ -233,7 +233,7 @@ def test_the_upload_is_sent_as_16k_mono_pcm(client: openai.OpenAI, whisper: Fake
     assert session.first("transcribe") == {"name": ASR_MODEL, "language": "de"}
     start = session.first("audio-start") or {}
     assert (start["rate"], start["width"], start["channels"]) == (16_000, 2, 1)
-    expected = decode_upload(io.BytesIO(UPLOAD), sample_rate=16_000).pcm
+    expected = b"".join(decode_chunks(io.BytesIO(UPLOAD), sample_rate=16_000, max_seconds=60))
     assert bytes(session.pcm) == expected  # exactly the decoded upload, converted once
     assert len(expected) == pytest.approx(UPLOAD_SECONDS * 32_000, abs=64)
     closed(whisper)

@@ -1,0 +1,115 @@
+"""How long an upload is, established cheaply and before anything is decoded, so an audio bomb (a few
+KB that decode to hours) is refused for the price of reading its headers.
+
+In order of cost:
+
+1. plain PCM WAV: its `fmt ` chunk, and the data the file really holds (a header claiming 4 GiB of
+   samples in a 1 KB file counts as the bytes that are there: no trust in either direction);
+2. anything else: FFmpeg's demuxer, summing the packets' durations without decoding them (FLAC
+   block sizes, Opus TOC bytes, MP3 frame headers), stopping as soon as the sum passes the limit;
+3. packets without a duration: the decoded frames' sample counts, discarded as they come.
+
+Containers' duration fields (FLAC STREAMINFO, Xing headers, Ogg granules) are never read. The
+decoder (`gateway.audio.decode`) stops at the limit again, for streams whose packets lie low.
+Blocking: call these from a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+import av
+
+from gateway.audio.decode import OPEN_OPTIONS, audio_too_long, check_format, frames, undecodable
+from gateway.errors import InvalidRequestError
+
+PACKETS_PER_SECOND = 200
+"""Work bound: an upload may have at most this many packets per second of `max_seconds` (Opus at
+10 ms frames has 100), so measuring a file of 2.5 ms packets cannot take seconds of CPU."""
+_WAV_FORMATS = {1: (8, 16, 24, 32), 3: (32, 64)}  # format tag -> bits per sample FFmpeg reads as plain PCM
+_WAV_HEADER_BYTES = 65_536
+
+
+def upload_seconds(file: BinaryIO, max_seconds: float) -> float:
+    """Seconds of audio in the upload; a 400 on `file` if it is not audio, is out of bounds or is
+    longer than `max_seconds`."""
+    seconds = _wav_seconds(file)
+    if seconds is None:
+        seconds = _demuxed_seconds(file, max_seconds)
+    if seconds <= 0:
+        raise undecodable()
+    if seconds > max_seconds:
+        raise audio_too_long(max_seconds)
+    return seconds
+
+
+def _wav_seconds(file: BinaryIO) -> float | None:
+    """Plain PCM WAV by its header and the bytes present; None for anything else (FFmpeg measures it)."""
+    file.seek(0)
+    head = file.read(_WAV_HEADER_BYTES)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    size = file.seek(0, os.SEEK_END)
+    offset, fmt = 12, None
+    while offset + 8 <= len(head):
+        chunk, length = head[offset:offset + 4], int.from_bytes(head[offset + 4:offset + 8], "little")
+        body = head[offset + 8:offset + 8 + length]
+        if chunk == b"fmt " and len(body) >= 16:
+            tag = int.from_bytes(body[24:26] if body[:2] == b"\xfe\xff" and len(body) >= 26 else body[:2], "little")
+            channels, rate = int.from_bytes(body[2:4], "little"), int.from_bytes(body[4:8], "little")
+            bits = int.from_bytes(body[14:16], "little")
+            fmt = (channels, rate, bits) if bits in _WAV_FORMATS.get(tag, ()) else None
+            if fmt is None:
+                return None
+        elif chunk == b"data":
+            if fmt is None:
+                return None
+            channels, rate, bits = fmt
+            check_format(rate, channels)
+            present = size - offset - 8
+            data = present if length in (0, 0xFFFFFFFF) else min(length, present)  # streamed WAVs say 0 or -1
+            return data // (channels * bits // 8) / rate
+        offset += 8 + length + (length & 1)
+    return None
+
+
+def _demuxed_seconds(file: BinaryIO, max_seconds: float) -> float:
+    """The first audio stream's packet durations, summed until they pass `max_seconds`."""
+    file.seek(0)
+    budget = max(1_000, int(max_seconds * PACKETS_PER_SECOND))
+    try:
+        with av.open(file, "r", metadata_errors="ignore", options=OPEN_OPTIONS) as container:
+            if not container.streams.audio:
+                raise undecodable()
+            stream = container.streams.audio[0]
+            check_format(stream.codec_context.sample_rate, stream.codec_context.channels)
+            if not stream.time_base:
+                return _frame_clock(file, max_seconds)
+            ticks, limit = 0, max_seconds / stream.time_base
+            for count, packet in enumerate(container.demux(stream)):
+                if not packet.size:
+                    continue  # the demuxer's end-of-stream marker
+                if count > budget:
+                    raise InvalidRequestError(f"The audio file has more than {budget} packets, too many to measure.",
+                                              param="file", code="invalid_value")
+                if not packet.duration:
+                    return _frame_clock(file, max_seconds)
+                ticks += packet.duration
+                if ticks > limit:
+                    break
+            return float(ticks * stream.time_base)
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # whatever FFmpeg (or PyAV) makes of a hostile file, it is a bad upload
+        raise undecodable() from exc
+
+
+def _frame_clock(file: BinaryIO, max_seconds: float) -> float:
+    """Seconds counted from decoded frames (discarded as they come), up to just past `max_seconds`."""
+    seconds = 0.0
+    for frame in frames(file):
+        seconds += frame.samples / frame.sample_rate
+        if seconds > max_seconds:
+            break
+    return seconds
