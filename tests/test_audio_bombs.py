@@ -1,0 +1,218 @@
+"""Audio bombs: tiny uploads that decode to hours (1 Hz WAV, FLAC and Opus of silence, headers claiming huge
+lengths, packets claiming short ones). Each is refused from its headers and packets before any backend sees
+it (a 400 on `file` naming the limit), or decoded a bounded chunk at a time and stopped at the limit; a
+gateway process's peak RSS grows less than 50 MiB while it takes all of them, an hour of audio included."""
+
+from __future__ import annotations
+
+import io
+import struct
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import av
+import httpx2 as httpx
+import openai
+import pytest
+
+from gateway.adapters import pocketsphinx
+from gateway.config import ConfigError, parse_config
+from tests.conftest import DEMO_KEY, Gateway, server_yaml, sha
+from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.metering_support import scrape_settled, total
+from tests.process import GatewayProcess
+from tests.support import check_error, expect_error
+
+LIMIT = 60
+RSS_BUDGET_KIB = 50 * 1024
+needs_sphinx = pytest.mark.skipif(pocketsphinx.unavailable_reason() is not None,
+                                  reason="the embedded engines are not installed")
+
+
+# -- the bombs, made here ------------------------------------------------------------------------------------
+
+
+def wav(rate: int, seconds: float, *, channels: int = 1, claim: int | None = None) -> bytes:
+    """16-bit PCM WAV of silence, its data chunk's length field saying `claim` bytes if given."""
+    data = bytes(int(seconds * rate) * channels * 2)
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * 2, channels * 2, 16)
+    size = len(data) if claim is None else claim
+    riff = (36 + size) & 0xFFFFFFFF
+    return b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt \
+        + b"data" + struct.pack("<I", size) + data
+
+
+def encoded_silence(seconds: float, muxer: str, codec: str, rate: int, block: int,
+                    options: dict[str, str] | None = None,
+                    restamp: Callable[[av.Packet, int], None] | None = None) -> bytes:
+    """`seconds` of mono silence encoded in frames of `block` samples; `restamp(packet, n)` may rewrite
+    each packet's timestamps before it is muxed."""
+    buf, zero, count = io.BytesIO(), bytes(2 * block), 0
+    with av.open(buf, "w", format=muxer) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        stream.codec_context.options = options or {}
+
+        def mux(packets: list[av.Packet]) -> None:
+            nonlocal count
+            for packet in packets:
+                if restamp is not None:
+                    restamp(packet, count)
+                count += 1
+                out.mux(packet)
+
+        end = int(seconds * rate)
+        for start in range(0, end, block):
+            samples = min(block, end - start)
+            frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
+            frame.planes[0].update(zero[: 2 * samples])
+            frame.sample_rate, frame.pts = rate, start
+            mux(stream.encode(frame))
+        mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def flac_silence(seconds: float) -> bytes:
+    """FLAC of silence in blocks of 65535 samples at 8 kHz: three hours are about 26 KB."""
+    return encoded_silence(seconds, "flac", "flac", 8_000, 65_535, {"frame_size": "65535"})
+
+
+def opus_silence(seconds: float) -> bytes:
+    """Ogg Opus of silence in 120 ms packets (about 1.5 KB a minute)."""
+    return encoded_silence(seconds, "ogg", "libopus", 48_000, 5_760, {"frame_duration": "120"})
+
+
+def mp4_lying_low(seconds: float) -> bytes:
+    """AAC in MP4 whose packets (1024 samples each) are stamped 1 ms apart: 90 s of audio measures 1.4 s."""
+
+    def restamp(packet: av.Packet, n: int) -> None:
+        packet.pts = packet.dts = n * 16
+        packet.duration = 16
+
+    return encoded_silence(seconds, "mp4", "aac", 16_000, 1024, restamp=restamp)
+
+
+# -- in process, with a low limit: the exact errors, and no backend called -----------------------------------
+
+
+@pytest.fixture
+def bomb_gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> Gateway:
+    server = server_yaml(tmp_path / "spool").replace("server:\n", f"server:\n          max_audio_seconds: {LIMIT}\n")
+    return make_gateway(textwrap.dedent(server + f"""
+        backends:
+          speaches: {{kind: openai, url: "{engine.url}", timeout_s: 5}}
+          sphinx: {{kind: pocketsphinx}}
+        models:
+          whisper-1: {{task: transcription, routes: [{{backend: speaches, model: whisper-small}}]}}
+          sphinx-1: {{task: transcription, routes: [{{backend: sphinx, model: en-us}}]}}
+    """))
+
+
+@pytest.fixture
+def bomb_client(bomb_gateway: Gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=bomb_gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=60) as client:
+        yield client
+
+
+REFUSED = {  # name -> (upload, code, words the message has)
+    "1 Hz wav": (lambda: wav(1, 32_768), "unsupported_sample_rate", "(1 Hz)"),
+    "100 Hz wav": (lambda: wav(100, 600), "unsupported_sample_rate", "8000-192000 Hz"),
+    "384 kHz wav": (lambda: wav(384_000, 0.1), "unsupported_sample_rate", "(384000 Hz)"),
+    "64-channel wav": (lambda: wav(16_000, 0.5, channels=64), "unsupported_channels", "at most 8"),
+    "wav past the limit": (lambda: wav(8_000, LIMIT + 1), "audio_too_long", f"maximum of {LIMIT} seconds"),
+    "3 hours of flac silence": (lambda: flac_silence(3 * 3600), "audio_too_long", f"maximum of {LIMIT} seconds"),
+    "opus silence past the limit": (lambda: opus_silence(LIMIT + 30), "audio_too_long", f"{LIMIT} seconds"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+@pytest.mark.parametrize("model", ["whisper-1", pytest.param("sphinx-1", marks=needs_sphinx)])
+def test_bombs_are_refused_before_any_backend(bomb_client: openai.OpenAI, engine: FakeOpenAIEngine,
+                                              name: str, model: str) -> None:
+    make, code, words = REFUSED[name]
+    with pytest.raises(openai.BadRequestError) as caught:
+        bomb_client.audio.transcriptions.create(model=model, file=("bomb.wav", make(), "audio/wav"))
+    expect_error(caught.value, 400, "invalid_request_error", code, "file", message=words)
+    assert engine.requests == []
+
+
+def test_a_wav_header_claiming_gigabytes_counts_the_bytes_present(bomb_client: openai.OpenAI,
+                                                                  bomb_gateway: Gateway,
+                                                                  engine: FakeOpenAIEngine) -> None:
+    bomb = wav(16_000, 2.0, claim=0x7FFF_0000)  # "18 hours"; 64 KB
+    bomb_client.audio.transcriptions.create(model="whisper-1", file=("a.wav", bomb, "audio/wav"))
+    assert engine.last.files[0][3] == bomb
+    _, samples = scrape_settled(f"{bomb_gateway.url}/metrics", 1)
+    assert total(samples, "gateway_billable_audio_seconds_total", model="whisper-1") == pytest.approx(2.0)
+
+
+@needs_sphinx
+def test_packets_that_lie_low_are_stopped_while_decoding(bomb_client: openai.OpenAI) -> None:
+    bomb = mp4_lying_low(LIMIT + 30)
+    with pytest.raises(openai.BadRequestError) as caught:
+        bomb_client.audio.transcriptions.create(model="sphinx-1", file=("bomb.m4a", bomb, "audio/mp4"))
+    expect_error(caught.value, 400, "invalid_request_error", "audio_too_long", "file",
+                 message=f"maximum of {LIMIT} seconds")
+    within = bomb_client.audio.transcriptions.create(model="sphinx-1", file=("ok.m4a", mp4_lying_low(20), "audio/mp4"),
+                                                     response_format="verbose_json")
+    assert within.duration == pytest.approx(20, abs=0.2)  # the decoded length, not the packets' 0.3 s
+
+
+def test_an_unknown_model_is_a_404_before_the_file_is_looked_at(bomb_gateway: Gateway) -> None:
+    response = httpx.post(f"{bomb_gateway.base_url}/audio/transcriptions",
+                          headers={"Authorization": f"Bearer {DEMO_KEY}"},
+                          data={"model": "no-such-model"}, files={"file": ("a.mp3", b"not audio" * 100)})
+    check_error(response.status_code, response.headers, response.content, expected_status=404,
+                type_="invalid_request_error", code="model_not_found", param="model")
+
+
+def test_max_audio_seconds_default_and_checks() -> None:
+    assert parse_config("server: {}").server.max_audio_seconds == 7200
+    assert parse_config("server: {max_audio_seconds: 1500}").server.max_audio_seconds == 1500
+    with pytest.raises(ConfigError, match=r"server\.max_audio_seconds: expected a number >= 1"):
+        parse_config("server: {max_audio_seconds: 0}")
+
+
+# -- a gateway process: peak RSS while it takes every bomb, and an hour of allowed audio ----------------------
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+@needs_sphinx
+def test_bombs_leave_peak_rss_flat(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(textwrap.dedent(f"""
+        server: {{spool_dir: {tmp_path}}}
+        keys: [{{name: demo, tenant: demo, sha256: "{sha(DEMO_KEY)}"}}]
+        backends: {{sphinx: {{kind: pocketsphinx}}}}
+        models: {{whisper-1: {{task: transcription, routes: [{{backend: sphinx, model: en-us}}]}}}}
+    """))  # the embedded default's transcription side, with the default max_audio_seconds (7200)
+    gateway = GatewayProcess(config, tmp_path / "gateway.log")
+    try:
+        with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=DEMO_KEY, max_retries=0, timeout=120) as client:
+
+            def transcribe(data: bytes) -> float:
+                return client.audio.transcriptions.create(model="whisper-1", file=("a", data),
+                                                          response_format="verbose_json").duration
+
+            assert transcribe(wav(16_000, 3.0)) == pytest.approx(3.0)  # warm: codecs, decoder, first buffers
+            baseline = peak_rss_kib(gateway.proc.pid)
+            for bomb, code in ((wav(1, 32_768), "unsupported_sample_rate"),
+                               (wav(16_000, 1, channels=64), "unsupported_channels"),
+                               (flac_silence(3 * 3600), "audio_too_long"),
+                               (mp4_lying_low(7_300), "audio_too_long")):
+                with pytest.raises(openai.BadRequestError) as caught:
+                    transcribe(bomb)
+                assert caught.value.code == code
+            assert transcribe(wav(16_000, 2.0, claim=0xFFFF_0000)) == pytest.approx(2.0)
+            assert transcribe(opus_silence(600)) == pytest.approx(600, abs=0.1)
+            assert transcribe(flac_silence(3600)) == pytest.approx(3600, abs=0.1)  # 115 MB of 16 kHz PCM
+            growth = peak_rss_kib(gateway.proc.pid) - baseline
+    finally:
+        gateway.stop()
+    print(f"\npeak RSS: {baseline / 1024:.1f} MiB after warm-up, grew {growth / 1024:.1f} MiB over the bombs "
+          "and an hour of FLAC transcribed")
+    assert growth < RSS_BUDGET_KIB
