@@ -18,11 +18,13 @@ import pytest
 
 from gateway.adapters import pocketsphinx
 from gateway.config import ConfigError, parse_config
-from tests.conftest import DEMO_KEY, Gateway, server_yaml, sha
+from tests.adapters.common import serve
+from tests.conftest import DEMO_KEY, Gateway, ServerThread, server_yaml, sha
 from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.fakes.wyoming_engine import ASR_MODEL, FakeWyomingEngine
 from tests.metering_support import scrape_settled, total
 from tests.process import GatewayProcess
-from tests.support import check_error, expect_error
+from tests.support import check_error, expect_error, wait_for
 
 LIMIT = 60
 RSS_BUDGET_KIB = 50 * 1024
@@ -96,15 +98,23 @@ def mp4_lying_low(seconds: float) -> bytes:
 
 
 @pytest.fixture
-def bomb_gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> Gateway:
+def whisper(servers: ServerThread) -> Iterator[FakeWyomingEngine]:
+    yield from serve(servers, FakeWyomingEngine(("asr",)))
+
+
+@pytest.fixture
+def bomb_gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, whisper: FakeWyomingEngine,
+                 tmp_path: Path) -> Gateway:
     server = server_yaml(tmp_path / "spool").replace("server:\n", f"server:\n          max_audio_seconds: {LIMIT}\n")
     return make_gateway(textwrap.dedent(server + f"""
         backends:
           speaches: {{kind: openai, url: "{engine.url}", timeout_s: 5}}
           sphinx: {{kind: pocketsphinx}}
+          whisper: {{kind: wyoming, url: "{whisper.url}", timeout_s: 5}}
         models:
           whisper-1: {{task: transcription, routes: [{{backend: speaches, model: whisper-small}}]}}
           sphinx-1: {{task: transcription, routes: [{{backend: sphinx, model: en-us}}]}}
+          wyoming-1: {{task: transcription, routes: [{{backend: whisper, model: {ASR_MODEL}}}]}}
     """))
 
 
@@ -126,14 +136,14 @@ REFUSED = {  # name -> (upload, code, words the message has)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-@pytest.mark.parametrize("model", ["whisper-1", pytest.param("sphinx-1", marks=needs_sphinx)])
+@pytest.mark.parametrize("model", ["whisper-1", "wyoming-1", pytest.param("sphinx-1", marks=needs_sphinx)])
 def test_bombs_are_refused_before_any_backend(bomb_client: openai.OpenAI, engine: FakeOpenAIEngine,
-                                              name: str, model: str) -> None:
+                                              whisper: FakeWyomingEngine, name: str, model: str) -> None:
     make, code, words = REFUSED[name]
     with pytest.raises(openai.BadRequestError) as caught:
         bomb_client.audio.transcriptions.create(model=model, file=("bomb.wav", make(), "audio/wav"))
     expect_error(caught.value, 400, "invalid_request_error", code, "file", message=words)
-    assert engine.requests == []
+    assert engine.requests == [] and whisper.requests("transcribe") == []
 
 
 def test_a_wav_header_claiming_gigabytes_counts_the_bytes_present(bomb_client: openai.OpenAI,
@@ -156,6 +166,21 @@ def test_packets_that_lie_low_are_stopped_while_decoding(bomb_client: openai.Ope
     within = bomb_client.audio.transcriptions.create(model="sphinx-1", file=("ok.m4a", mp4_lying_low(20), "audio/mp4"),
                                                      response_format="verbose_json")
     assert within.duration == pytest.approx(20, abs=0.2)  # the decoded length, not the packets' 0.3 s
+
+
+def test_wyoming_gets_the_audio_as_it_is_decoded_and_no_more_than_the_limit(bomb_client: openai.OpenAI,
+                                                                           whisper: FakeWyomingEngine) -> None:
+    bomb = mp4_lying_low(LIMIT + 30)
+    with pytest.raises(openai.BadRequestError) as caught:
+        bomb_client.audio.transcriptions.create(model="wyoming-1", file=("bomb.m4a", bomb, "audio/mp4"))
+    expect_error(caught.value, 400, "invalid_request_error", "audio_too_long", "file")
+    wait_for(lambda: whisper.active == 0, what="the gateway to drop the Wyoming connection")
+    [session] = whisper.requests("transcribe")
+    assert "audio-stop" not in session.types  # cut off, not transcribed
+    assert 0 < len(session.pcm) <= (LIMIT + 1) * 32_000  # what was decoded up to the limit went out as it came
+    within = bomb_client.audio.transcriptions.create(model="wyoming-1", file=("ok.m4a", mp4_lying_low(20), "audio/mp4"),
+                                                     response_format="verbose_json")
+    assert within.duration == pytest.approx(20, abs=0.2)
 
 
 def test_an_unknown_model_is_a_404_before_the_file_is_looked_at(bomb_gateway: Gateway) -> None:
