@@ -132,6 +132,9 @@ REFUSED = {  # name -> (upload, code, words the message has)
     "wav past the limit": (lambda: wav(8_000, LIMIT + 1), "audio_too_long", f"maximum of {LIMIT} seconds"),
     "3 hours of flac silence": (lambda: flac_silence(3 * 3600), "audio_too_long", f"maximum of {LIMIT} seconds"),
     "opus silence past the limit": (lambda: opus_silence(LIMIT + 30), "audio_too_long", f"{LIMIT} seconds"),
+    "40 s of 2.5 ms opus packets": (  # measuring costs work per packet: 200 per second of the limit
+        lambda: encoded_silence(40, "ogg", "libopus", 48_000, 120, {"frame_duration": "2.5"}),
+        "invalid_value", f"more than {LIMIT * 200} packets"),
 }
 
 

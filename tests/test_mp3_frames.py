@@ -9,7 +9,7 @@ from array import array
 import av
 import pytest
 
-from gateway.audio.meter import encoded_seconds
+from gateway.audio.duration import encoded_seconds
 from gateway.audio.mp3_frames import Mp3Clock
 
 

@@ -11,6 +11,7 @@ In order of cost:
 
 Containers' duration fields (FLAC STREAMINFO, Xing headers, Ogg granules) are never read. The
 decoder (`gateway.audio.decode`) stops at the limit again, for streams whose packets lie low.
+`encoded_seconds` measures the audio the gateway sent (speech output) by packets the same way.
 Blocking: call these from a worker thread.
 """
 
@@ -22,6 +23,7 @@ from typing import BinaryIO
 import av
 
 from gateway.audio.decode import OPEN_OPTIONS, audio_too_long, check_format, frames, undecodable
+from gateway.audio.frames import DEMUXERS
 from gateway.errors import InvalidRequestError
 
 PACKETS_PER_SECOND = 200
@@ -113,3 +115,18 @@ def _frame_clock(file: BinaryIO, max_seconds: float) -> float:
         if seconds > max_seconds:
             break
     return seconds
+
+
+def encoded_seconds(file: BinaryIO, response_format: str) -> float:
+    """Duration of (possibly truncated) encoded audio in an OpenAI format, from its packets' durations."""
+    file.seek(0)
+    try:
+        with av.open(file, "r", format=DEMUXERS[response_format], metadata_errors="ignore",
+                     options={"analyzeduration": "0", "probesize": "32768"}) as container:
+            if not container.streams.audio:
+                return 0.0
+            stream = container.streams.audio[0]
+            ticks = sum(packet.duration or 0 for packet in container.demux(stream))  # ints: no Fractions
+            return float(ticks * stream.time_base) if stream.time_base else 0.0
+    except (av.FFmpegError, ValueError, OSError):
+        return 0.0

@@ -16,13 +16,11 @@ import tempfile
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
-import av
-
+from gateway.audio.duration import encoded_seconds
 from gateway.audio.formats import OPENAI_PCM_RATE
 from gateway.audio.mp3_frames import Mp3Clock
 
 _PCM_BYTES_PER_SECOND = OPENAI_PCM_RATE * 2
-_DEMUXERS = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
 _INLINE_BYTES = 262_144
 """Encoded output up to this size is measured on the event loop (about 0.2 ms for 256 KiB of mp3)."""
 
@@ -92,18 +90,3 @@ class AudioMeter:
             return await asyncio.to_thread(encoded_seconds, spool, self.format)
         finally:
             spool.close()
-
-
-def encoded_seconds(file: BinaryIO, response_format: str) -> float:
-    """Duration of (possibly truncated) encoded audio in an OpenAI format, from its packets' durations."""
-    file.seek(0)
-    try:
-        with av.open(file, "r", format=_DEMUXERS[response_format], metadata_errors="ignore",
-                     options={"analyzeduration": "0", "probesize": "32768"}) as container:
-            if not container.streams.audio:
-                return 0.0
-            stream = container.streams.audio[0]
-            ticks = sum(packet.duration or 0 for packet in container.demux(stream))  # ints: no Fractions
-            return float(ticks * stream.time_base) if stream.time_base else 0.0
-    except (av.FFmpegError, ValueError, OSError):
-        return 0.0

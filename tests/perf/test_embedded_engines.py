@@ -20,7 +20,7 @@ import pytest
 from gateway.adapters import espeak, pocketsphinx
 from gateway.adapters.base import SpeechJob, TranscriptionJob
 from gateway.audio.decode import probe_duration
-from gateway.audio.meter import encoded_seconds
+from gateway.audio.duration import encoded_seconds
 from gateway.config import NativeVoice
 from gateway.lifecycle import TABLES
 from gateway.spool import Upload
