@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.audio.decode import probe_duration
+from gateway.audio.duration import upload_seconds
 from gateway.handlers import transcribe as transcribe_handler
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds, synth
@@ -166,7 +166,7 @@ def test_transcription_passthrough(servers: ServerThread, engine: FakeOpenAIEngi
         base = run_load(direct, TRANSCRIPTION_REQUESTS, CONCURRENCY)
     with LoopLag(servers.loop) as lag_gateway:
         via = run_load(proxied, TRANSCRIPTION_REQUESTS, CONCURRENCY)
-    monkeypatch.setattr(transcribe_handler, "probe_duration", lambda file: 5.0)
+    monkeypatch.setattr(transcribe_handler, "upload_seconds", lambda file, limit: 5.0)
     with LoopLag(servers.loop) as lag_noprobe:
         noprobe = run_load(proxied, TRANSCRIPTION_REQUESTS, CONCURRENCY)
     monkeypatch.undo()
@@ -176,27 +176,28 @@ def test_transcription_passthrough(servers: ServerThread, engine: FakeOpenAIEngi
         [load_row("direct to engine double", base, lag_direct),
          load_row("through the gateway", via, lag_gateway, base),
          load_row("gateway, duration probe stubbed", noprobe, lag_noprobe, base)],
-        note=LOAD_NOTE + "\n'probe stubbed' replaces gateway.audio.decode.probe_duration (decoding the upload to bill\n"
-                         "its seconds) with a constant; the thread hop to run it stays. Uploads > 64 KiB spool to disk")
+        note=LOAD_NOTE + "\n'probe stubbed' replaces gateway.audio.duration.upload_seconds (measuring the\n"
+                         "upload to bill its seconds) with a constant; the thread hop to run it stays.\n"
+                         "Uploads > 64 KiB spool to disk")
 
     rows = []
     for fmt in ("wav", "flac", "mp3", "aac", "opus"):
         row: list[Any] = [fmt]
         for length in (5.0, 60.0):
             data = synth(fmt, length)
-            seconds = probe_duration(io.BytesIO(data))
+            seconds = upload_seconds(io.BytesIO(data), 7200)
             n = 20
             started = time.perf_counter()
             for _ in range(n):
-                probe_duration(io.BytesIO(data))
+                upload_seconds(io.BytesIO(data), 7200)
             per_call = (time.perf_counter() - started) / n
             row += [len(data), per_call * 1000]
             assert abs(seconds - length) < 0.2, (fmt, length, seconds)
         rows.append(row)
     print_table("Duration probe (billing) per upload, called directly in this thread, n=20",
                 ["format", "5 s bytes", "5 s ms", "60 s bytes", "60 s ms"], rows,
-                note="WAV costs ~4 ms whatever its length (FFmpeg's stream probe in av.open, not decoding);\n"
-                     "compressed formats are decoded, so their cost grows with the audio's length.")
+                note="WAV is measured by its header, whatever its length; other formats by demuxing their\n"
+                     "packets (no decoding), so their cost grows with the number of packets.")
     assert base.errors == via.errors == noprobe.errors == 0
     assert via.cpu_ms_per_request < 25 * base.cpu_ms_per_request
 
