@@ -85,7 +85,9 @@ def _demuxed_seconds(file: BinaryIO, max_seconds: float) -> float:
             if not container.streams.audio:
                 raise undecodable()
             stream = container.streams.audio[0]
-            check_format(stream.codec_context.sample_rate, stream.codec_context.channels)
+            rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+            if rate and channels:  # else not in the headers: `frames` checks the decoded ones
+                check_format(rate, channels)
             if not stream.time_base:
                 return _frame_clock(file, max_seconds)
             ticks, limit = 0, max_seconds / stream.time_base
