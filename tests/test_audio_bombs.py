@@ -85,13 +85,24 @@ def opus_silence(seconds: float) -> bytes:
 
 
 def mp4_lying_low(seconds: float) -> bytes:
-    """AAC in MP4 whose packets (1024 samples each) are stamped 1 ms apart: 90 s of audio measures 1.4 s."""
+    """AAC in MP4 whose packets (1024 samples each) are stamped 1 ms apart: its timestamps say 90 s are 1.4 s."""
 
     def restamp(packet: av.Packet, n: int) -> None:
         packet.pts = packet.dts = n * 16
         packet.duration = 16
 
     return encoded_silence(seconds, "mp4", "aac", 16_000, 1024, restamp=restamp)
+
+
+def webm_lying_low(seconds: float) -> bytes:
+    """Opus in WebM whose 120 ms packets are stamped 1 ms apart: 90 s of audio measures 0.75 s (Opus
+    frames vary in length, so only decoding tells)."""
+
+    def restamp(packet: av.Packet, n: int) -> None:
+        packet.pts = packet.dts = n * 48
+        packet.duration = 48
+
+    return encoded_silence(seconds, "webm", "libopus", 48_000, 5_760, {"frame_duration": "120"}, restamp=restamp)
 
 
 # -- in process, with a low limit: the exact errors, and no backend called -----------------------------------
@@ -135,6 +146,8 @@ REFUSED = {  # name -> (upload, code, words the message has)
     "40 s of 2.5 ms opus packets": (  # measuring costs work per packet: 200 per second of the limit
         lambda: encoded_silence(40, "ogg", "libopus", 48_000, 120, {"frame_duration": "2.5"}),
         "invalid_value", f"more than {LIMIT * 200} packets"),
+    "aac in mp4 stamped 1 ms apart": (  # AAC frames are 1024 samples whatever the timestamps say
+        lambda: mp4_lying_low(LIMIT + 30), "audio_too_long", f"{LIMIT} seconds"),
 }
 
 
@@ -160,28 +173,32 @@ def test_a_wav_header_claiming_gigabytes_counts_the_bytes_present(bomb_client: o
 
 
 @needs_sphinx
-def test_packets_that_lie_low_are_stopped_while_decoding(bomb_client: openai.OpenAI) -> None:
-    bomb = mp4_lying_low(LIMIT + 30)
+def test_packets_that_lie_low_are_stopped_while_decoding(bomb_client: openai.OpenAI, bomb_gateway: Gateway) -> None:
+    bomb = webm_lying_low(LIMIT + 30)
     with pytest.raises(openai.BadRequestError) as caught:
-        bomb_client.audio.transcriptions.create(model="sphinx-1", file=("bomb.m4a", bomb, "audio/mp4"))
+        bomb_client.audio.transcriptions.create(model="sphinx-1", file=("bomb.webm", bomb, "audio/webm"))
     expect_error(caught.value, 400, "invalid_request_error", "audio_too_long", "file",
                  message=f"maximum of {LIMIT} seconds")
-    within = bomb_client.audio.transcriptions.create(model="sphinx-1", file=("ok.m4a", mp4_lying_low(20), "audio/mp4"),
+    ok = webm_lying_low(20)
+    within = bomb_client.audio.transcriptions.create(model="sphinx-1", file=("ok.webm", ok, "audio/webm"),
                                                      response_format="verbose_json")
-    assert within.duration == pytest.approx(20, abs=0.2)  # the decoded length, not the packets' 0.3 s
+    assert within.duration == pytest.approx(20, abs=0.2)  # the decoded length, not the timestamps' 0.17 s
+    _, samples = scrape_settled(f"{bomb_gateway.url}/metrics", 2)
+    assert total(samples, "gateway_billable_audio_seconds_total", model="sphinx-1") == pytest.approx(20, abs=0.2)
 
 
 def test_wyoming_gets_the_audio_as_it_is_decoded_and_no_more_than_the_limit(bomb_client: openai.OpenAI,
                                                                            whisper: FakeWyomingEngine) -> None:
-    bomb = mp4_lying_low(LIMIT + 30)
+    bomb = webm_lying_low(LIMIT + 30)
     with pytest.raises(openai.BadRequestError) as caught:
-        bomb_client.audio.transcriptions.create(model="wyoming-1", file=("bomb.m4a", bomb, "audio/mp4"))
+        bomb_client.audio.transcriptions.create(model="wyoming-1", file=("bomb.webm", bomb, "audio/webm"))
     expect_error(caught.value, 400, "invalid_request_error", "audio_too_long", "file")
     wait_for(lambda: whisper.active == 0, what="the gateway to drop the Wyoming connection")
     [session] = whisper.requests("transcribe")
     assert "audio-stop" not in session.types  # cut off, not transcribed
     assert 0 < len(session.pcm) <= (LIMIT + 1) * 32_000  # what was decoded up to the limit went out as it came
-    within = bomb_client.audio.transcriptions.create(model="wyoming-1", file=("ok.m4a", mp4_lying_low(20), "audio/mp4"),
+    ok = webm_lying_low(20)
+    within = bomb_client.audio.transcriptions.create(model="wyoming-1", file=("ok.webm", ok, "audio/webm"),
                                                      response_format="verbose_json")
     assert within.duration == pytest.approx(20, abs=0.2)
 

@@ -92,7 +92,9 @@ class _Connection:
                 event = await async_read_event(self.reader)
         except TimeoutError:
             raise _timed_out(self.backend) from None
-        except (OSError, EOFError):  # reset, or EOF inside an event (IncompleteReadError)
+        except OSError:  # reset: what the engine said before is buffered still, but the reader refuses it
+            event = await _buffered_event(self.reader)
+        except EOFError:  # EOF inside an event (IncompleteReadError)
             event = None
         if event is None:  # EOF (or a line that is not JSON, which the package reads as EOF)
             raise _dropped(self.backend)
@@ -296,6 +298,21 @@ class WyomingAdapter:
     async def aclose(self) -> None:
         for conn in list(self._connections):
             conn.close(abort=True)
+
+
+async def _buffered_event(reader: asyncio.StreamReader) -> Event | None:
+    """The next complete event among the bytes that arrived before the connection was reset (an engine
+    that hangs up on a bad `transcribe` while audio is still coming resets it), or None."""
+    buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
+    copy = asyncio.StreamReader()
+    copy.feed_data(bytes(buffered))
+    copy.feed_eof()
+    try:
+        event = await async_read_event(copy)
+    except (EOFError, ValueError):
+        return None
+    del buffered[: len(buffered) - len(copy._buffer)]  # type: ignore[attr-defined]
+    return event
 
 
 def _address(backend: Backend) -> tuple[str, int] | str:

@@ -7,6 +7,8 @@ In order of cost:
    samples in a 1 KB file counts as the bytes that are there: no trust in either direction);
 2. anything else: FFmpeg's demuxer, summing the packets' durations without decoding them (FLAC
    block sizes, Opus TOC bytes, MP3 frame headers), stopping as soon as the sum passes the limit;
+   a codec whose frames all have one size (AAC, MP3) counts at least that per packet, whatever the
+   container's timestamps (MP4, WebM) say;
 3. packets without a duration: the decoded frames' sample counts, discarded as they come.
 
 Containers' duration fields (FLAC STREAMINFO, Xing headers, Ogg granules) are never read. The
@@ -91,6 +93,7 @@ def _demuxed_seconds(file: BinaryIO, max_seconds: float) -> float:
             if not stream.time_base:
                 return _frame_clock(file, max_seconds)
             ticks, limit = 0, max_seconds / stream.time_base
+            frame_ticks = int(stream.codec_context.frame_size / rate / stream.time_base) if rate else 0
             for count, packet in enumerate(container.demux(stream)):
                 if not packet.size:
                     continue  # the demuxer's end-of-stream marker
@@ -99,7 +102,7 @@ def _demuxed_seconds(file: BinaryIO, max_seconds: float) -> float:
                                               param="file", code="invalid_value")
                 if not packet.duration:
                     return _frame_clock(file, max_seconds)
-                ticks += packet.duration
+                ticks += max(packet.duration, frame_ticks)
                 if ticks > limit:
                     break
             return float(ticks * stream.time_base)

@@ -93,6 +93,8 @@ async def respond(request: web.Request, req: TranscriptionRequest,
                                                 charset="utf-8" if "charset" in result.content_type else None))
     if result.duration is None:
         result = replace(result, duration=outcome.input_audio_seconds)
+    elif result.duration > (outcome.input_audio_seconds or 0.0):  # container timestamps understated the audio
+        outcome.input_audio_seconds = result.duration
     if req.stream:
         return await _stream(request, result)
     rendered = render(result, req.response_format, task=req.task, granularities=req.timestamp_granularities)
