@@ -17,6 +17,9 @@ the client's 400 on `voice`; EOF before audio-stop / transcript is "disconnect";
 
 Backend settings: `url` (tcp://host:port or unix:///path), `timeout_s`, `connect_timeout_s`, and
 optionally `tasks: [speech]` or `[transcription]` so routes for the other task skip this backend.
+
+asyncio internal relied on (pinned by tests/adapters/test_wyoming.py::test_asyncio_internals):
+`StreamReader._buffer`, the bytes received and not read yet, which a reset makes `readline` refuse.
 """
 
 from __future__ import annotations

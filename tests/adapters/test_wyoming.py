@@ -478,3 +478,14 @@ async def test_both_framings_are_read_inline_data_and_data_block() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_asyncio_internals() -> None:
+    """What _Connection reads of asyncio's StreamReader: `_buffer` holds bytes received and not read yet,
+    and once the connection is reset, `readline` raises rather than return them."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(b'{"type": "error"}\n')
+    reader.set_exception(ConnectionResetError())
+    assert reader._buffer == bytearray(b'{"type": "error"}\n')
+    with pytest.raises(ConnectionResetError):
+        await reader.readline()
