@@ -37,6 +37,9 @@ class Transcript:
     duration: float | None = None
     segments: tuple[Segment, ...] = ()
     words: tuple[Word, ...] = field(default=())
+    decoded: bool = False
+    """`duration` is the gateway's own decode of the upload (the embedded engines, Wyoming), so billing may
+    trust it over the upload's packet timestamps; an engine's own figure is never billed."""
 
     def all_words(self) -> tuple[Word, ...]:
         """Words at transcript level, else gathered from the segments."""

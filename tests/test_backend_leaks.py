@@ -30,6 +30,7 @@ from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml
 from tests.fakes.echo_engine import FOREIGN_BEARER, HEX_TOKEN, SK_KEY, EchoEngine
 from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.metering_support import wait_ledger
 from tests.support import WAV, assert_settled, expect_error, table_config
 
 KINDS = ("openai", "whisper_asr", "elevenlabs", "deepgram", "azure_speech")
@@ -363,3 +364,21 @@ def test_error_events_inside_a_relayed_stream_are_redacted(client: openai.OpenAI
     assert message.startswith("failed calling") and "[redacted]" in message
     for secret in secrets(echo):
         assert secret not in response.text
+
+
+@pytest.mark.parametrize("kind", ["deepgram", "elevenlabs"])
+def test_an_engines_inflated_duration_is_never_billed(make_gateway: Callable[[str], Gateway], echo: EchoEngine,
+                                                      tmp_path: Path, kind: str) -> None:
+    """Transcription is billed by the gateway's own measure of the upload, whatever the engine claims."""
+    ledger = tmp_path / "usage.jsonl"
+    gateway = make_gateway(config(echo.url, tmp_path / "spool") + f"ledger: {{sink: file, path: {ledger}}}\n")
+    answer = json.loads(json.dumps(TRANSCRIPTS[kind]).replace("NaN", "0").replace("Infinity", "1"))
+    if kind == "deepgram":
+        answer["metadata"]["duration"] = 99_999.0
+    else:
+        answer["audio_duration_secs"] = 99_999.0
+    echo.answer = json.dumps(answer).encode()
+    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0) as client:
+        client.audio.transcriptions.create(model=f"stt-{kind}", file=("a.wav", WAV, "audio/wav"))
+    [record] = wait_ledger(ledger, 1)
+    assert record["billable"] and record["audio_seconds"] == pytest.approx(0.2, abs=1e-3), record

@@ -143,6 +143,7 @@ class PocketsphinxAdapter:
             duration=duration,
             segments=segments,
             words=tuple(w for s in segments for w in s.words),
+            decoded=True,
         )
 
     def _recognize(self, chunks: Generator[bytes, None, None],

@@ -274,7 +274,7 @@ class WyomingAdapter:
             await decoded.aclose()
         text = result.text.strip()
         segments = (Segment(0.0, decoded.seconds, text),) if text else ()
-        return Transcript(text, result.language or job.language, decoded.seconds, segments)
+        return Transcript(text, result.language or job.language, decoded.seconds, segments, decoded=True)
 
     async def _send_audio(self, conn: _Connection, job: TranscriptionJob, first: bytes, rest: PcmChunks) -> None:
         await conn.send(Transcribe(name=job.model or None, language=job.language).event())

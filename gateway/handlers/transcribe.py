@@ -93,7 +93,7 @@ async def respond(request: web.Request, req: TranscriptionRequest,
                                                 charset="utf-8" if "charset" in result.content_type else None))
     if result.duration is None:
         result = replace(result, duration=outcome.input_audio_seconds)
-    elif result.duration > (outcome.input_audio_seconds or 0.0):  # container timestamps understated the audio
+    elif result.decoded and result.duration > (outcome.input_audio_seconds or 0.0):  # timestamps understated it
         outcome.input_audio_seconds = result.duration
     if req.stream:
         return await _stream(request, result)

@@ -286,7 +286,8 @@ async def test_silence_is_an_empty_transcript(stt: pocketsphinx.PocketsphinxAdap
     hiss = b"".join(noise.randint(-30, 30).to_bytes(2, "little", signed=True) for _ in range(3 * 16_000))
     for pcm, rate in ((silence(2.0), 22_050), (hiss, 16_000)):
         transcript = await stt.transcribe(transcription(wav_upload(pcm, rate)))
-        assert transcript == Transcript(text="", language="en", duration=pytest.approx(seconds(pcm, rate)))
+        assert transcript == Transcript(text="", language="en", duration=pytest.approx(seconds(pcm, rate)),
+                                        decoded=True)
 
 
 async def test_undecodable_upload_is_a_400(stt: pocketsphinx.PocketsphinxAdapter) -> None:
