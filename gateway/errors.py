@@ -14,7 +14,7 @@
     ├── HeadersTooLargeError        431 invalid_request_error   (a request line or header over the limits)
     ├── UpstreamError               502 upstream_error          (backend refused, failed or spoke garbage)
     │   └── UpstreamTimeoutError    504 upstream_error
-    └── ServiceUnavailableError     503 server_error            (draining; Retry-After)
+    └── ServiceUnavailableError     503 server_error            (too many connections; Retry-After)
 
 Each class fixes status, type and code; an instance carries message and param. Our code raises
 these and never aiohttp's HTTPExceptions; `gateway.middleware.error_middleware` renders them,
