@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import av
 
 from gateway.audio.formats import AudioFormat
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 
 DEMUXERS = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
 PCM_SAMPLE_FORMATS = {1: "u8", 2: "s16", 4: "s32"}  # sample_width -> packed sample format; 8 bit unsigned
@@ -22,7 +22,7 @@ _FRAME_SAMPLES = 4800  # raw PCM is cut into frames of at most this many samples
 
 
 def bad_audio() -> UpstreamError:
-    return UpstreamError("Backend produced audio the gateway could not decode.", reason="bad_audio")
+    return UpstreamError("Backend produced audio the gateway could not decode.", reason=Reason.BAD_AUDIO)
 
 
 class Stopped(Exception):
