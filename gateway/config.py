@@ -337,6 +337,10 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    except RecursionError:  # PyYAML composes recursively: a few hundred levels of [[[...
+        raise ConfigError([f"{source}: not valid YAML: nested too deep"]) from None
+    except ValueError as exc:  # an integer past Python's 4300-digit conversion limit
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     root = p.mapping(p.interpolate(raw, ""), "")
     for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger"}):
         p.fail(unknown, "unknown section")
@@ -362,10 +366,27 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     )
 
 
-def load_config(path: str | Path, *, kinds: Collection[str] | None = None) -> Config:
+def unservable(config: Config) -> list[str]:
+    """Why a config that parses would still serve nobody: no keys (every request a 401) or no models
+    (every request a 404), as an empty or truncated file gives. Refused by a reload and check-config."""
+    problems = []
+    if not config.keys:
+        problems.append("keys: no gateway keys; every request would get a 401")
+    if not config.models:
+        problems.append("models: no models; every request would get a 404")
+    return problems
+
+
+def read_config_text(path: str | Path) -> str:
+    """The file's text, or a ConfigError: it cannot be read, or it is not UTF-8."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return parse_config(text, source=str(path), kinds=kinds)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"]) from None
+
+
+def load_config(path: str | Path, *, kinds: Collection[str] | None = None) -> Config:
+    return parse_config(read_config_text(path), source=str(path), kinds=kinds)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
 from aiohttp import web
 
 from gateway.adapters import build_adapters
+from gateway.adapters.base import Adapter
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.mapping import Table
@@ -21,7 +22,8 @@ log = logging.getLogger("gateway.lifecycle")
 
 class TableHolder:
     """The current mapping-table snapshot. A reload swaps it whole; each request pins the snapshot it
-    started with, and a replaced snapshot's adapters are closed once its last request has finished."""
+    started with. Snapshots share the adapters of unchanged backends, so an adapter is closed only
+    once no live snapshot (the current one, or a replaced one still serving a request) holds it."""
 
     def __init__(self) -> None:
         self._current: Table | None = None
@@ -39,6 +41,11 @@ class TableHolder:
         return self._current
 
     @property
+    def serving(self) -> bool:
+        """A snapshot is loaded: after startup and before shutdown."""
+        return self._current is not None
+
+    @property
     def in_flight(self) -> int:
         """Requests being served, on any snapshot."""
         return sum(self._pins.values())
@@ -54,7 +61,7 @@ class TableHolder:
         if left == 0:
             del self._pins[id(table)]
             if id(table) in self._retired:
-                self._close_later(self._retired.pop(id(table)))
+                self._release(self._retired.pop(id(table)))
             if not self._pins:
                 self.idle.set()
 
@@ -65,26 +72,29 @@ class TableHolder:
         if self._pins.get(id(old)):
             self._retired[id(old)] = old
         else:
-            self._close_later(old)
+            self._release(old)
 
-    def _close_later(self, table: Table) -> None:
-        task = asyncio.get_running_loop().create_task(close_adapters(table))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _release(self, table: Table) -> None:
+        """`table` serves nothing any more: close those of its adapters no live snapshot holds."""
+        live = {id(a) for t in (self._current, *self._retired.values()) if t for a in t.adapters.values()}
+        orphans = [a for a in table.adapters.values() if id(a) not in live]
+        if orphans:
+            task = asyncio.get_running_loop().create_task(close_adapters(orphans))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
-        """Close every snapshot's adapters: the current one, retired ones, and those being closed."""
+        """Close every snapshot's adapters (each once): the current one, retired ones, those being closed."""
         tables = [*self._retired.values(), *([self._current] if self._current else [])]
         self._retired.clear()
         self._current = None
-        for table in tables:
-            await close_adapters(table)
+        await close_adapters(list({id(a): a for t in tables for a in t.adapters.values()}.values()))
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-async def close_adapters(table: Table) -> None:
-    for adapter in table.adapters.values():
+async def close_adapters(adapters: Iterable[Adapter]) -> None:
+    for adapter in adapters:
         try:
             await adapter.aclose()
         except Exception:

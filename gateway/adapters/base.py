@@ -116,6 +116,8 @@ class Adapter(Protocol):
 
     kind: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    backend: Backend
+    """What it was built from: a reload keeps the adapter while this is unchanged."""
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None: ...
 
