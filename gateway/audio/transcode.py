@@ -91,18 +91,18 @@ async def _transcode(
                 while not job.done:
                     await job.arrived.wait()
                     job.arrived.clear()
-                    out = b""
                     try:
-                        out = b"" if job.input_error else await workers.run(job.step)
+                        out = await workers.run(job.step)
                     except Exception:
                         if job.input_error is None:
                             raise
-                    if job.input_error is not None:  # the engine's own error wins over what we made of its end
-                        raise job.input_error
+                        break  # the engine's own error wins over what we made of its end
                     if job.reader.ready():  # the step left input for the next one
                         job.arrived.set()
                     if out:
                         yield out
+                if job.input_error is not None:  # after the audio that came before it, as a relay would
+                    raise job.input_error
             finally:
                 job.stop.set()
                 job.reader.put(None)
@@ -255,7 +255,6 @@ class _Job:
         except BaseException as exc:
             if not self.stop.is_set():  # not our own cancellation: the engine's error, for the consumer as is
                 self.input_error = exc
-                self.stop.set()
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -299,6 +298,9 @@ class _Job:
             self.sink.armed = True
             if self._taken_in_step >= _PENDING:  # a step's output stays bounded however fast the engine is
                 return
+        if self.input_error is not None:  # the input ended in the engine's error: no trailer
+            self.done = True
+            return
         if self._encoder.input_samples == 0 and self.source.container != "pcm":
             raise bad_audio()
         self._encoder.finish()

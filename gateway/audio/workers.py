@@ -52,22 +52,40 @@ class AudioWorkers:
             self._executor.submit(started.wait)
         started.wait()
 
-    @contextlib.contextmanager
-    def job(self) -> Iterator[None]:
-        """One slot for the duration of the block; a 503 when all `size + queue` are taken."""
+    def admit(self) -> None:
+        """Take a slot for a job; a 503 when all `size + queue` are taken. Pair with `release`."""
         if self.admitted >= self.size + self.queue:
             raise ServiceUnavailableError("The server is busy with audio work; please retry shortly.",
                                           retry_after=1)
         self.admitted += 1
+
+    def release(self) -> None:
+        self.admitted -= 1
+
+    @contextlib.contextmanager
+    def job(self) -> Iterator[None]:
+        """A slot for the duration of the block (`admit`, then `release`)."""
+        self.admit()
         try:
             yield
         finally:
-            self.admitted -= 1
+            self.release()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` on a worker thread. Cancelling the caller does not stop a task already running:
         callers that share state with it wait for it (a lock, or a closing task) before reusing that state."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def finish(self, fn: Callable[..., T], *args: object) -> T:
+        """`run`, but a cancelled caller still waits for `fn` to end before the cancellation goes on, so
+        what follows (closing a file `fn` writes) never runs alongside it."""
+        future = asyncio.ensure_future(self.run(fn, *args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
 
     async def aclose(self) -> None:
         """Wait for running tasks (queued ones are dropped) and stop the threads."""
