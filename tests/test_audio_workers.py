@@ -13,15 +13,17 @@ from pathlib import Path
 
 import aiohttp
 import av
+import openai
 import pytest
 
 from gateway.audio.workers import AudioWorkers
 from gateway.errors import ServiceUnavailableError
 from gateway.lifecycle import AUDIO_WORKERS
 from tests.adapters.common import serve
-from tests.conftest import DEMO_KEY, Gateway, ServerThread, sha
+from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, sha
+from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.fakes.wyoming_engine import MULTI_VOICE, FakeWyomingEngine
-from tests.support import check_error, wait_for
+from tests.support import WAV, check_error, expect_error, wait_for
 
 WORKERS, QUEUE = 4, 60
 STREAMS = WORKERS + QUEUE
@@ -129,3 +131,20 @@ async def test_a_cancelled_finish_still_waits_for_the_task() -> None:
         assert ended.is_set()
     finally:
         await workers.aclose()
+
+
+def test_a_transcription_past_the_queue_gets_503_before_the_engine_sees_it(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine,
+        tmp_path: Path) -> None:
+    gateway = make_gateway(engine_config(engine.url, tmp_path / "spool"))
+    workers = gateway.app[AUDIO_WORKERS]
+    taken = servers.call(lambda: [workers.admit() for _ in range(workers.size + workers.queue)])
+    try:
+        with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as client:
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
+        expect_error(caught.value, 503, "server_error", "service_unavailable")
+        assert caught.value.response.headers["Retry-After"] == "1"
+        assert not engine.requests
+    finally:
+        servers.call(lambda: [workers.release() for _ in taken])
