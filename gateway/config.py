@@ -189,7 +189,8 @@ def _server(p: YamlTree, node: dict[str, Any]) -> Server:
         max_connections=int(p.number(node, "max_connections", path, d.max_connections, 1)),
         max_form_parts=int(p.number(node, "max_form_parts", path, d.max_form_parts, 1)),
         max_part_header_bytes=int(p.number(node, "max_part_header_bytes", path, d.max_part_header_bytes, 256)),
-        audio_workers=int(p.number(node, "audio_workers", path, d.audio_workers, 1)),
+        audio_workers=d.audio_workers if node.get("audio_workers") is None
+        else int(p.number(node, "audio_workers", path, d.audio_workers, 1)),
         audio_queue=int(p.number(node, "audio_queue", path, d.audio_queue)),
     )
 

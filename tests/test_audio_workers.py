@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import textwrap
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -17,6 +18,7 @@ import openai
 import pytest
 
 from gateway.audio.workers import AudioWorkers
+from gateway.config import parse_config
 from gateway.errors import ServiceUnavailableError
 from gateway.lifecycle import AUDIO_WORKERS
 from tests.adapters.common import serve
@@ -24,6 +26,7 @@ from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, sha
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.fakes.wyoming_engine import MULTI_VOICE, FakeWyomingEngine
 from tests.support import WAV, check_error, expect_error, wait_for
+from tests.test_config import KINDS, VALID, problems
 
 WORKERS, QUEUE = 4, 60
 STREAMS = WORKERS + QUEUE
@@ -148,3 +151,13 @@ def test_a_transcription_past_the_queue_gets_503_before_the_engine_sees_it(
         assert not engine.requests
     finally:
         servers.call(lambda: [workers.release() for _ in taken])
+
+
+def test_pool_size_and_queue_have_defaults_and_are_checked_by_path() -> None:
+    server = parse_config(VALID, kinds=KINDS, environ={}).server
+    assert (server.audio_workers, server.audio_queue) == ((os.cpu_count() or 1) + 2, 64)
+    server = parse_config("server: {audio_workers: null, audio_queue: 0}\n" + VALID, kinds=KINDS, environ={}).server
+    assert (server.audio_workers, server.audio_queue) == ((os.cpu_count() or 1) + 2, 0)
+    found = problems("server: {audio_workers: 0, audio_queue: many}\n" + VALID)
+    assert "server.audio_workers: expected a number >= 1, got 0" in found, found
+    assert "server.audio_queue: expected a number >= 0.0, got 'many'" in found, found
