@@ -56,8 +56,8 @@ def check_format(sample_rate: int, channels: int) -> None:
 def decode_chunks(file: BinaryIO, *, max_seconds: float, sample_rate: int = 16_000,
                   chunk_samples: int = CHUNK_SAMPLES) -> Generator[bytes, None, None]:
     """The upload as s16le mono at `sample_rate`, in chunks of `chunk_samples` (the last one shorter).
-    Blocking: iterate it in a worker thread. A damaged file yields what decodes; no audio at all, or
-    more than `max_seconds` (plus SLACK_SECONDS) of it, is a 400."""
+    Blocking: iterate it on a worker (PcmChunks, or an embedded engine's own thread). A damaged file
+    yields what decodes; no audio at all, or more than `max_seconds` (plus SLACK_SECONDS) of it, is a 400."""
     chunk = chunk_samples * 2
     limit = int((max_seconds + SLACK_SECONDS) * sample_rate) * 2
     resampler: av.AudioResampler | None = None

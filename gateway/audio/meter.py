@@ -78,7 +78,7 @@ class AudioMeter:
 
     @property
     def needs_decoding(self) -> bool:
-        """Whether `seconds()` has to demux encoded audio (maybe in a worker thread)."""
+        """Whether `seconds()` has to demux encoded audio (on the audio workers when large)."""
         return self._spool is not None
 
     def counted_seconds(self) -> float:
