@@ -127,7 +127,8 @@ class Server:
     """Longest header line of one multipart part (at most 32 header lines per part)."""
     # -- audio work (gateway/audio/workers.py) --
     audio_workers: int = field(default_factory=lambda: (os.cpu_count() or 1) + 2)
-    """Threads for decoding, measuring and transcoding audio and for spool writes (CPU count + 2)."""
+    """Threads for decoding, measuring and transcoding audio and for spool writes (CPU count + 2: the
+    FFmpeg work is CPU-bound, and two more cover spool writes waiting on the disk)."""
     audio_queue: int = 64
     """Audio jobs (a transcoded stream, a decoded or measured upload) admitted beyond `audio_workers`;
     past `audio_workers + audio_queue` a new one gets a 503 with Retry-After."""

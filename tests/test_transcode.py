@@ -100,11 +100,9 @@ WORKERS = AudioWorkers(2, 16)
 encode = functools.partial(encode_on, workers=WORKERS)
 
 
-def transcode_threads() -> list[threading.Thread]:
-    """Threads a transcoded stream left behind (none: the workers are started with the pool), or, as a
-    stand-in, a stream still holding its job on the pool."""
-    return [t for t in threading.enumerate() if t.name.startswith("transcode-")] + (
-        [threading.current_thread()] if WORKERS.admitted else [])
+def transcode_threads() -> list[str]:
+    """What a finished stream must not leave behind: a thread of its own, or its job on the pool."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("transcode-")] + ["job"] * WORKERS.admitted
 
 
 @pytest.mark.parametrize(

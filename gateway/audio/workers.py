@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,11 +31,6 @@ from typing import TypeVar
 from gateway.errors import ServiceUnavailableError
 
 T = TypeVar("T")
-
-
-def default_size() -> int:
-    """CPU count + 2: FFmpeg work is CPU-bound, and a couple more threads cover spool writes waiting on disk."""
-    return (os.cpu_count() or 1) + 2
 
 
 class AudioWorkers:
