@@ -125,6 +125,13 @@ class Server:
     """Parts in one multipart form (OpenAI's transcription form has about 15 fields)."""
     max_part_header_bytes: int = 8192
     """Longest header line of one multipart part (at most 32 header lines per part)."""
+    # -- audio work (gateway/audio/workers.py) --
+    audio_workers: int = field(default_factory=lambda: (os.cpu_count() or 1) + 2)
+    """Threads for decoding, measuring and transcoding audio and for spool writes (CPU count + 2: the
+    FFmpeg work is CPU-bound, and two more cover spool writes waiting on the disk)."""
+    audio_queue: int = 64
+    """Audio jobs (a transcoded stream, a decoded or measured upload) admitted beyond `audio_workers`;
+    past `audio_workers + audio_queue` a new one gets a 503 with Retry-After."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +190,9 @@ def _server(p: YamlTree, node: dict[str, Any]) -> Server:
         max_connections=int(p.number(node, "max_connections", path, d.max_connections, 1)),
         max_form_parts=int(p.number(node, "max_form_parts", path, d.max_form_parts, 1)),
         max_part_header_bytes=int(p.number(node, "max_part_header_bytes", path, d.max_part_header_bytes, 256)),
+        audio_workers=d.audio_workers if node.get("audio_workers") is None
+        else int(p.number(node, "audio_workers", path, d.audio_workers, 1)),
+        audio_queue=int(p.number(node, "audio_queue", path, d.audio_queue)),
     )
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from gateway.adapters import build_adapters
 from gateway.adapters.base import Adapter
+from gateway.audio.workers import AudioWorkers
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.mapping import Table
@@ -125,6 +126,20 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[TABLES].aclose()
         await http.close()
+
+
+AUDIO_WORKERS = web.AppKey("audio_workers", AudioWorkers)
+
+
+async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The app's one audio worker pool (audio/workers.py); stopped after the last request, once the
+    tasks still running have finished."""
+    server = app[CONFIG].server
+    workers = app[AUDIO_WORKERS] = AudioWorkers(server.audio_workers, server.audio_queue)
+    try:
+        yield
+    finally:
+        await workers.aclose()
 
 
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:

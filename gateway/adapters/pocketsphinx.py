@@ -124,7 +124,7 @@ class PocketsphinxAdapter:
                 f"Backend '{self.backend.name}' only understands English, not '{job.language}'.",
                 param="language", code="unsupported_language")
         await self._ready_or_raise()
-        chunks = decode_chunks(job.upload.file, sample_rate=SAMPLE_RATE, max_seconds=job.max_audio_seconds)
+        chunks = decode_chunks(job.upload.view(), sample_rate=SAMPLE_RATE, max_seconds=job.max_audio_seconds)
         cancel = threading.Event()
         self._jobs.add(cancel)
         try:

@@ -260,7 +260,8 @@ class WyomingAdapter:
         if job.task == "translate":  # the core filters on capabilities first; this is the backstop
             raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
                                    param="model", code="unsupported_task")
-        decoded = PcmChunks(job.upload.file, sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds)
+        decoded = PcmChunks(job.upload.view(), sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds,
+                            workers=job.upload.workers)
         try:
             first = await anext(decoded)  # an undecodable upload is a 400 before the engine is contacted
             await self._require(TRANSCRIPTION)
