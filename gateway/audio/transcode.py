@@ -45,7 +45,8 @@ def encode(
     Bytes already in the requested form pass through untouched. Errors raised by `chunks` reach the
     consumer unchanged; audio that cannot be decoded raises UpstreamError (reason bad_audio). No byte
     is produced before the first decoded frame. Closing the returned generator (or cancelling its
-    consumer) stops the worker thread and closes `chunks`. Bad arguments raise ValueError at once.
+    consumer) stops the worker thread and the reading of `chunks`; closing `chunks` is their owner's
+    (gateway.streaming.Stages). Bad arguments raise ValueError at once.
     """
     if response_format not in SPEECH_FORMATS:
         raise ValueError(f"unknown response_format {response_format!r}")
@@ -61,17 +62,9 @@ def encode(
     return _transcode(chunks, source, response_format, speed)
 
 
-async def _aclose(chunks: AsyncIterator[bytes]) -> None:
-    if (aclose := getattr(chunks, "aclose", None)) is not None:
-        await aclose()
-
-
 async def _passthrough(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        await _aclose(chunks)
+    async for chunk in chunks:
+        yield chunk
 
 
 async def _transcode(
@@ -105,7 +98,6 @@ async def _transcode(
             job.out_credits.release()
             done = not isinstance(await job.out.get(), bytes)
         thread.join(timeout=1.0)
-        await _aclose(chunks)
 
 
 class _Sink:
