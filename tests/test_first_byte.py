@@ -31,7 +31,7 @@ from gateway.app import build_app
 from gateway.audio.meter import AudioMeter
 from gateway.config import parse_config
 from gateway.connections import make_runner
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 from gateway.handlers.routing import first_success
 from gateway.lifecycle import TABLES
 from gateway.mapping import Candidate
@@ -85,7 +85,7 @@ async def broken_speech(request: web.Request) -> web.StreamResponse:
 
 async def explode_at_once(chunks: AsyncIterator[bytes], upstream: bool) -> AsyncIterator[bytes]:
     await anext(aiter(chunks))
-    raise UpstreamError("Backend 'speaches' failed.", reason="bad_audio") if upstream else RuntimeError(SECRET)
+    raise UpstreamError("Backend 'speaches' failed.", reason=Reason.BAD_AUDIO) if upstream else RuntimeError(SECRET)
     yield b""  # an async generator that never yields
 
 
