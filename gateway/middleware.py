@@ -5,7 +5,6 @@ Their order is set in `gateway.app.build_app`; each stage here is small and does
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -18,7 +17,8 @@ from aiohttp import web
 from gateway.auth import authenticate, presented_key
 from gateway.errors import GatewayError, from_http_exception
 from gateway.outcome import Outcome
-from gateway.state import FAILURE, IDENTITY, OUTCOME, REQUEST_ID, TABLE
+from gateway.state import FAILURE, IDENTITY, OUTCOME, PREPARED, REQUEST_ID, TABLE
+from gateway.streaming import abandon
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -75,32 +75,39 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Everything raised inside becomes an OpenAI error body with the right status."""
+    """Everything raised inside becomes an OpenAI error body with the right status, unless a response was
+    already prepared: then no second one may follow, and the first-byte rule ends it (gateway.streaming)."""
     try:
         return await handler(request)
-    except GatewayError as exc:
+    except Exception as exc:
+        if PREPARED in request:
+            return await abandon(request, exc)
+        return _error_response(request, exc)
+
+
+def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, GatewayError):
         request[FAILURE] = exc
         return exc.response()
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         err = from_http_exception(exc, request)
         request[FAILURE] = err
         response = err.response()
         if "Allow" in exc.headers:  # a 405 must name the allowed methods (RFC 9110 15.5.6)
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        rid = request.get(REQUEST_ID, "-")
-        log.exception("unhandled error in request %s", rid)
-        err = GatewayError(
-            "The server had an error processing your request. You can retry your request; "
-            f"please include the request ID {rid} if you report it."
-        )
-        request[FAILURE] = err
-        return err.response()
+    if isinstance(exc, ConnectionResetError):
+        raise exc
+    rid = request.get(REQUEST_ID, "-")
+    log.error("unhandled error in request %s", rid, exc_info=exc)
+    err = GatewayError(
+        "The server had an error processing your request. You can retry your request; "
+        f"please include the request ID {rid} if you report it."
+    )
+    request[FAILURE] = err
+    return err.response()
 
 
 @web.middleware

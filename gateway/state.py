@@ -14,5 +14,7 @@ IDENTITY = web.RequestKey("identity", Identity)
 FAILURE = web.RequestKey("failure", GatewayError)
 """The error a request ended with, for the access log and metering."""
 OUTCOME = web.RequestKey("outcome", Outcome)
+PREPARED = web.RequestKey("prepared", web.StreamResponse)
+"""The response whose status line went out (gateway.streaming): no other response may follow it."""
 TABLE = web.RequestKey("table", Table)
 """The mapping-table snapshot this request started with (a reload does not change it)."""

@@ -26,30 +26,35 @@ _INLINE_BYTES = 262_144
 
 
 class AudioMeter:
+    """One per request; `reset` before each attempt, so only the audio of the attempt that answered counts."""
+
     def __init__(self, response_format: str, workers: AudioWorkers, *, sse: bool = False,
                  memory_bytes: int = 1_048_576) -> None:
         self.format = response_format
-        self.sse = sse
         self._workers = workers
         self._memory_bytes = memory_bytes
+        self._spool: BinaryIO | None = None
+        self.reset(sse=sse)
+
+    def reset(self, *, sse: bool = False) -> None:
+        """Forget what was recorded (a failed attempt's audio; its spool is closed); `sse`: the next
+        attempt's audio arrives as OpenAI speech SSE."""
+        if self._spool is not None:
+            self._spool.close()
+        self.sse = sse
         self.raw_bytes = 0
         self._pending = b""
-        self._spool: BinaryIO | None = None
-        self._clock = Mp3Clock() if response_format == "mp3" else None
-        if response_format not in ("pcm", "mp3"):
-            self._spool = tempfile.SpooledTemporaryFile(max_size=memory_bytes)  # type: ignore[assignment]
+        self._clock = Mp3Clock() if self.format == "mp3" else None
+        self._spool = None
+        if self.format not in ("pcm", "mp3"):
+            self._spool = tempfile.SpooledTemporaryFile(max_size=self._memory_bytes)  # type: ignore[assignment]
 
     async def tap(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass `chunks` through unchanged, recording them."""
-        try:
-            async for chunk in chunks:
-                for audio in self._sse_audio(chunk) if self.sse else (chunk,):
-                    await self._record(audio)
-                yield chunk
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        """Pass `chunks` through unchanged, recording them. Closing `chunks` is its owner's (streaming.Stages)."""
+        async for chunk in chunks:
+            for audio in self._sse_audio(chunk) if self.sse else (chunk,):
+                await self._record(audio)
+            yield chunk
 
     async def _record(self, audio: bytes) -> None:
         self.raw_bytes += len(audio)

@@ -49,9 +49,10 @@ def encode(
     Bytes already in the requested form pass through untouched. Errors raised by `chunks` reach the
     consumer unchanged; audio that cannot be decoded raises UpstreamError (reason bad_audio). No byte
     is produced before the first decoded frame. Closing the returned generator (or cancelling its
-    consumer) waits for a step still running and closes `chunks`. A transcoded stream is one job on
-    `workers`: when they are saturated, the first chunk's request raises ServiceUnavailableError.
-    Bad arguments raise ValueError at once.
+    consumer) waits for a step still running and stops reading `chunks`; closing `chunks` is their
+    owner's (gateway.streaming.Stages). A transcoded stream is one job on `workers`: when they are
+    saturated, the first chunk's request raises ServiceUnavailableError. Bad arguments raise ValueError
+    at once.
     """
     if response_format not in SPEECH_FORMATS:
         raise ValueError(f"unknown response_format {response_format!r}")
@@ -67,51 +68,40 @@ def encode(
     return _transcode(chunks, source, response_format, speed, workers)
 
 
-async def _aclose(chunks: AsyncIterator[bytes]) -> None:
-    if (aclose := getattr(chunks, "aclose", None)) is not None:
-        await aclose()
-
-
 async def _passthrough(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        await _aclose(chunks)
+    async for chunk in chunks:
+        yield chunk
 
 
 async def _transcode(
     chunks: AsyncIterator[bytes], source: AudioFormat, response_format: str, speed: float, workers: AudioWorkers
 ) -> AsyncIterator[bytes]:
-    try:
-        with workers.job():  # a 503 here, at the first chunk's request, is still before the first byte
-            job = _Job(asyncio.get_running_loop(), source, response_format, speed)
-            pump = asyncio.create_task(job.pump(chunks))
-            try:
-                while not job.done:
-                    await job.arrived.wait()
-                    job.arrived.clear()
-                    try:
-                        out = await workers.run(job.step)
-                    except Exception:
-                        if job.input_error is None:
-                            raise
-                        break  # the engine's own error wins over what we made of its end
-                    if job.reader.ready():  # the step left input for the next one
-                        job.arrived.set()
-                    if out:
-                        yield out
-                if job.input_error is not None:  # after the audio that came before it, as a relay would
-                    raise job.input_error
-            finally:
-                job.stop.set()
-                job.reader.put(None)
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
-                await workers.run(job.close)  # after any step still running; no task outlives the stream
-    finally:
-        await _aclose(chunks)
+    with workers.job():  # a 503 here, at the first chunk's request, is still before the first byte
+        job = _Job(asyncio.get_running_loop(), source, response_format, speed)
+        pump = asyncio.create_task(job.pump(chunks))
+        try:
+            while not job.done:
+                await job.arrived.wait()
+                job.arrived.clear()
+                try:
+                    out = await workers.run(job.step)
+                except Exception:
+                    if job.input_error is None:
+                        raise
+                    break  # the engine's own error wins over what we made of its end
+                if job.reader.ready():  # the step left input for the next one
+                    job.arrived.set()
+                if out:
+                    yield out
+            if job.input_error is not None:  # after the audio that came before it, as a relay would
+                raise job.input_error
+        finally:
+            job.stop.set()
+            job.reader.put(None)
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            await workers.run(job.close)  # after any step still running; no task outlives the stream
 
 
 class _Sink:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from aiohttp import web
 
 from gateway import json_body
@@ -17,7 +15,7 @@ from gateway.handlers.routing import first_success
 from gateway.lifecycle import AUDIO_WORKERS, METERING
 from gateway.mapping import Candidate
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
-from gateway.streaming import first_chunk, relay, speech_sse
+from gateway.streaming import Stages, first_chunk, relay, speech_sse
 from gateway.validation import SpeechRequest, validate_speech
 
 
@@ -27,13 +25,22 @@ async def speech(request: web.Request) -> web.StreamResponse:
     model = table.model(req.model, request[IDENTITY], SPEECH)
     outcome = request[OUTCOME]
     outcome.input_chars = len(req.input)
+    workers = request.app[AUDIO_WORKERS]
+    meter = outcome.meter = AudioMeter(req.response_format, workers) if request.app[METERING] else None
 
-    async def attempt(candidate: Candidate) -> tuple[bytes, AsyncIterator[bytes]]:
+    async def attempt(candidate: Candidate) -> tuple[bytes, Stages]:
         job = speech_job(request, req, candidate)
         outcome.route(req.model, candidate.route.backend, candidate.route.model, job.voice.id)
         audio = await candidate.adapter.synthesize(job)
-        chunks = to_client_format(audio, job, req, metered(request, req, audio.sse), request.app[AUDIO_WORKERS])
-        return await first_chunk(chunks), chunks
+        stages = Stages(audio.chunks)  # from here on, every path closes the engine stream
+        try:
+            if meter is not None:
+                meter.reset(sse=audio.sse)  # this attempt's output only
+            to_client_format(stages, audio, job, req, meter, workers)
+        except BaseException:
+            await stages.aclose()
+            raise
+        return await first_chunk(stages), stages
 
     first, rest = await first_success(request, table.candidates(model, SPEECH), attempt)
     sse = req.stream_format == "sse"
@@ -63,26 +70,14 @@ def speech_job(request: web.Request, req: SpeechRequest, candidate: Candidate) -
     )
 
 
-def metered(request: web.Request, req: SpeechRequest, sse: bool) -> AudioMeter | None:
-    """A fresh meter for this attempt's output, while metering is on."""
-    if not request.app[METERING]:
-        return None
-    meter = request[OUTCOME].meter = AudioMeter(req.response_format, request.app[AUDIO_WORKERS], sse=sse)
-    return meter
-
-
-def to_client_format(audio: AudioStream, job: SpeechJob, req: SpeechRequest,
-                     meter: AudioMeter | None, workers: AudioWorkers) -> AsyncIterator[bytes]:
-    """The engine's audio as the client asked: transcoded and time-stretched only where needed,
-    measured (before any SSE framing of ours) when metering is on."""
-    if audio.sse:
-        return meter.tap(audio.chunks) if meter else audio.chunks
+def to_client_format(stages: Stages, audio: AudioStream, job: SpeechJob, req: SpeechRequest,
+                     meter: AudioMeter | None, workers: AudioWorkers) -> None:
+    """Stack on the engine's audio what the client asked for: transcoded and time-stretched only where
+    needed (on the audio workers), measured (before any SSE framing of ours) when metering is on."""
     speed = req.speed / (job.speed if audio.speed_applied else 1.0)
-    chunks = audio.chunks
-    if not audio.format.is_openai(req.response_format) or speed != 1.0:
-        chunks = encode(chunks, audio.format, req.response_format, speed, workers=workers)
+    if not audio.sse and (not audio.format.is_openai(req.response_format) or speed != 1.0):
+        stages.add(lambda chunks: encode(chunks, audio.format, req.response_format, speed, workers=workers))
     if meter is not None:
-        chunks = meter.tap(chunks)
-    if req.stream_format == "sse":
-        return speech_sse(chunks, len(req.input))
-    return chunks
+        stages.add(meter.tap)
+    if req.stream_format == "sse" and not audio.sse:
+        stages.add(lambda chunks: speech_sse(chunks, len(req.input)))
