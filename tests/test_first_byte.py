@@ -33,7 +33,7 @@ from gateway.config import parse_config
 from gateway.connections import make_runner
 from gateway.errors import Reason, UpstreamError
 from gateway.handlers.routing import first_success
-from gateway.lifecycle import TABLES
+from gateway.lifecycle import AUDIO_WORKERS, TABLES
 from gateway.mapping import Candidate
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import Stages, first_chunk, relay
@@ -73,7 +73,7 @@ async def broken_speech(request: web.Request) -> web.StreamResponse:
             stages.add(lambda chunks: explode_after_first(chunks, SSE_EVENT if sse else b"hello"))
         elif fail == "meter":
             stages.add(lambda chunks: then_not_bytes(chunks))
-            stages.add(AudioMeter("wav").tap)
+            stages.add(AudioMeter("wav", request.app[AUDIO_WORKERS]).tap)
         return await first_chunk(stages), stages
 
     first, rest = await first_success(request, [candidate, candidate], attempt)
