@@ -8,11 +8,10 @@ import logging
 import sys
 from dataclasses import replace
 
-import aiohttp
-
 from gateway import __version__, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, load_config
+from gateway.upstreams import Upstreams
 
 
 def _load(path: str) -> Config:
@@ -20,9 +19,10 @@ def _load(path: str) -> Config:
 
 
 async def _check_adapters(config: Config) -> None:
-    async with aiohttp.ClientSession() as http:
-        for adapter in (await build_adapters(config, http)).values():
-            await adapter.aclose()
+    upstreams = Upstreams()
+    for adapter in (await build_adapters(config, upstreams)).values():
+        await adapter.aclose()
+    await upstreams.aclose()
 
 
 def check_config(path: str) -> int:

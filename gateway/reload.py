@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.adapters import ADAPTERS, build_adapters
 from gateway.config import Config, ConfigError, parse_config
-from gateway.lifecycle import CONFIG, HTTP, TABLES
+from gateway.lifecycle import CONFIG, TABLES
 from gateway.mapping import Table
 from gateway.metering import METRICS
 
@@ -55,7 +55,7 @@ class Reloader:
                 return None
             try:
                 config = parse_config(text, source=str(self.path), kinds=ADAPTERS.keys())
-                adapters = await build_adapters(config, self.app[HTTP])
+                adapters = await build_adapters(config, self.app[TABLES].upstreams)
             except ConfigError as exc:
                 return self._failed(exc.problems)
             self._warn_restart_only(current, config)

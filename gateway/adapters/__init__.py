@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib
 import logging
 
-import aiohttp
-
 from gateway.adapters.base import Adapter
 from gateway.adapters.unavailable import UnavailableAdapter
 from gateway.config import Config, ConfigError
+from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway.adapters")
 
@@ -51,25 +50,33 @@ def unavailable_kinds(config: Config) -> dict[str, str]:
     return found
 
 
-async def build_adapters(config: Config, http: aiohttp.ClientSession) -> dict[str, Adapter]:
-    """One adapter per configured backend. A backend whose kind cannot run here gets a stand-in that
-    fails its requests (and its readiness), so the rest of the table still serves. If any backend's
-    options are invalid, the adapters already built are closed again and every problem is raised."""
+async def build_adapters(config: Config, upstreams: Upstreams) -> dict[str, Adapter]:
+    """One adapter per configured backend, each on a connection pool of its own (`upstreams`). A backend
+    whose kind cannot run here gets a stand-in that fails its requests (and its readiness), so the rest of
+    the table still serves. If any backend's options are invalid, the adapters already built are closed
+    again and every problem is raised."""
     unavailable = unavailable_kinds(config)
     adapters: dict[str, Adapter] = {}
     problems: list[str] = []
     for name, backend in config.backends.items():
         why = unavailable.get(f"backends.{name}.kind")
-        if why:
-            log.error("backends.%s.kind: %s", name, why)
-            adapters[name] = UnavailableAdapter(backend, http, why)
-            continue
+        http = upstreams.open(backend)
         try:
-            adapters[name] = adapter_class(backend.kind)(backend, http)
+            if why:
+                log.error("backends.%s.kind: %s", name, why)
+                adapters[name] = UnavailableAdapter(backend, http, why)
+            else:
+                adapters[name] = adapter_class(backend.kind)(backend, http)
         except ValueError as exc:
             problems.append(str(exc))
+        finally:
+            if name in adapters:
+                upstreams.attach(adapters[name], http)
+            else:
+                await http.close()
     if problems:
         for adapter in adapters.values():
             await adapter.aclose()
+            await upstreams.close(adapter)
         raise ConfigError(problems)
     return adapters
