@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from logging.handlers import QueueHandler, QueueListener
@@ -64,13 +65,14 @@ def queued_logging(level: int = logging.INFO, stream: TextIO | None = None) -> I
 
 def _stop(listener: QueueListener, timeout: float = 5.0) -> None:
     """Let the writer flush what is queued, for at most `timeout`: a writer stuck on a full stderr must not
-    keep the process from exiting (the listener's thread is a daemon). QueueListener.stop() would wait for
-    ever; `_thread` is its writer thread (CPython's attribute since 3.2)."""
+    keep the process from exiting (the listener's thread is a daemon). QueueListener.stop() could wait for
+    ever; `_sentinel` and `_thread` are its end marker and its writer thread (CPython's, since 3.2)."""
+    deadline = time.monotonic() + timeout
     try:
-        listener.enqueue_sentinel()
+        listener.queue.put(listener._sentinel, timeout=timeout)  # type: ignore[attr-defined]
     except queue.Full:
         return
     thread = listener._thread  # type: ignore[attr-defined]
     if thread is not None:
-        thread.join(timeout)
+        thread.join(max(0.0, deadline - time.monotonic()))
     listener._thread = None  # type: ignore[attr-defined]
