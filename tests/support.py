@@ -19,6 +19,7 @@ from typing import Any
 
 import openai
 
+from gateway.health import HEALTH
 from gateway.lifecycle import TABLES
 from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, open_fds_matching, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine
@@ -96,6 +97,12 @@ def _acquired(connector: Any) -> int:
     if acquired is None:  # a future aiohttp without the private set: count per host instead
         return sum(len(v) for v in getattr(connector, "_acquired_per_host", {}).values())
     return len(acquired)
+
+
+def probe_backends(servers: ServerThread, gateway: Gateway) -> None:
+    """One round of the gateway's background backend probes, now (test gateways do not probe on their own
+    unless their config sets server.probe_interval_s)."""
+    servers.run(gateway.app[HEALTH].probe())
 
 
 def spool_fds(gateway: Gateway) -> list[str]:
