@@ -10,13 +10,18 @@ from dataclasses import replace
 
 from gateway import __version__, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config, unservable
 from gateway.logs import queued_logging
 from gateway.upstreams import Upstreams
 
 
 def _load(path: str) -> Config:
-    return load_config(path, kinds=ADAPTERS.keys())
+    """The config `serve` would start with: parsed, and serving somebody (keys and models)."""
+    config = load_config(path, kinds=ADAPTERS.keys())
+    refused = unservable(config)
+    if refused:
+        raise ConfigError(refused)
+    return config
 
 
 async def _check_adapters(config: Config) -> None:
@@ -27,6 +32,7 @@ async def _check_adapters(config: Config) -> None:
 
 
 def check_config(path: str) -> int:
+    """Exit 0, or 1 listing every problem by YAML path; never a traceback, whatever the file holds."""
     try:
         config = _load(path)
         for where, why in unavailable_kinds(config).items():
@@ -35,6 +41,9 @@ def check_config(path: str) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug of ours: still one line, and a failing check
+        print(f"{path}: cannot check: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"{path}: ok ({len(config.models)} models, {len(config.backends)} backends, {len(config.keys)} keys)")
     return 0

@@ -129,6 +129,13 @@ class Server:
     """Parts in one multipart form (OpenAI's transcription form has about 15 fields)."""
     max_part_header_bytes: int = 8192
     """Longest header line of one multipart part (at most 32 header lines per part)."""
+    # -- audio work (gateway/audio/workers.py) --
+    audio_workers: int = field(default_factory=lambda: (os.cpu_count() or 1) + 2)
+    """Threads for decoding, measuring and transcoding audio and for spool writes (CPU count + 2: the
+    FFmpeg work is CPU-bound, and two more cover spool writes waiting on the disk)."""
+    audio_queue: int = 64
+    """Audio jobs (a transcoded stream, a decoded or measured upload) admitted beyond `audio_workers`;
+    past `audio_workers + audio_queue` a new one gets a 503 with Retry-After."""
     # -- backend health (gateway/health.py) --
     probe_interval_s: float = 10.0
     """Every backend is probed in the background this often (0: never; /readyz reports them unknown)."""
@@ -192,6 +199,9 @@ def _server(p: YamlTree, node: dict[str, Any]) -> Server:
         max_connections=int(p.number(node, "max_connections", path, d.max_connections, 1)),
         max_form_parts=int(p.number(node, "max_form_parts", path, d.max_form_parts, 1)),
         max_part_header_bytes=int(p.number(node, "max_part_header_bytes", path, d.max_part_header_bytes, 256)),
+        audio_workers=d.audio_workers if node.get("audio_workers") is None
+        else int(p.number(node, "audio_workers", path, d.audio_workers, 1)),
+        audio_queue=int(p.number(node, "audio_queue", path, d.audio_queue)),
         probe_interval_s=p.number(node, "probe_interval_s", path, d.probe_interval_s),
         probe_timeout_s=p.number(node, "probe_timeout_s", path, d.probe_timeout_s, 0.01),
     )
@@ -349,6 +359,10 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    except RecursionError:  # PyYAML composes recursively: a few hundred levels of [[[...
+        raise ConfigError([f"{source}: not valid YAML: nested too deep"]) from None
+    except ValueError as exc:  # an integer past Python's 4300-digit conversion limit
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     root = p.mapping(p.interpolate(raw, ""), "")
     for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger"}):
         p.fail(unknown, "unknown section")
@@ -374,10 +388,27 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     )
 
 
-def load_config(path: str | Path, *, kinds: Collection[str] | None = None) -> Config:
+def unservable(config: Config) -> list[str]:
+    """Why a config that parses would still serve nobody: no keys (every request a 401) or no models
+    (every request a 404), as an empty or truncated file gives. Refused by a reload and check-config."""
+    problems = []
+    if not config.keys:
+        problems.append("keys: no gateway keys; every request would get a 401")
+    if not config.models:
+        problems.append("models: no models; every request would get a 404")
+    return problems
+
+
+def read_config_text(path: str | Path) -> str:
+    """The file's text, or a ConfigError: it cannot be read, or it is not UTF-8."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return parse_config(text, source=str(path), kinds=kinds)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"]) from None
+
+
+def load_config(path: str | Path, *, kinds: Collection[str] | None = None) -> Config:
+    return parse_config(read_config_text(path), source=str(path), kinds=kinds)

@@ -16,7 +16,8 @@
     │   └── UpstreamTimeoutError    504 upstream_error
     └── ServiceUnavailableError     503 server_error            (too many connections; Retry-After)
 
-Each class fixes status, type and code; an instance carries message and param. Our code raises
+Each class fixes status, type and code; an instance carries message and param, and a `reason` for logs
+and metrics: a `Reason` below when a backend failed, else the error's code. Our code raises
 these and never aiohttp's HTTPExceptions; `gateway.middleware.error_middleware` renders them,
 reshapes aiohttp's own (router 404/405, oversized bodies) with `from_http_exception`, and turns
 anything else into a 500 that names the request id only.
@@ -25,9 +26,38 @@ anything else into a 500 that names the request id only.
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from aiohttp import web
+
+
+class Reason(StrEnum):
+    """Why a backend call failed: the access log's `error`, and the only values of the `reason` label of
+    `gateway_upstream_errors_total` (Envoy's response flags play this part). A client's own error is
+    named by its OpenAI `code` instead."""
+
+    CONNECT = "connect"                        # the backend could not be reached
+    TIMEOUT = "timeout"                        # the backend went silent past its timeout_s
+    DISCONNECT = "disconnect"                  # the backend closed the connection mid-answer
+    PROTOCOL = "protocol"                      # the backend's answer broke the wire protocol
+    BAD_RESPONSE = "bad_response"              # an answer that is not what was asked (garbage, oversized)
+    BAD_AUDIO = "bad_audio"                    # audio the gateway could not transcode
+    BACKEND_AUTH = "backend_auth"              # the backend refused the gateway's credential
+    BACKEND_RATE_LIMIT = "backend_rate_limit"  # the backend's 429
+    BACKEND_REJECTED = "backend_rejected"      # the backend's 400/422: the request, as the backend saw it
+    BACKEND_TIMEOUT = "backend_timeout"        # the backend's own 408/504
+    BACKEND_NOT_FOUND = "backend_not_found"    # the configured native model or path is not there
+    BACKEND_4XX = "backend_4xx"                # any other 4xx of the backend
+    BACKEND_5XX = "backend_5xx"                # the backend's 5xx
+    UNAVAILABLE_KIND = "unavailable_kind"      # the backend's kind is not installed (an extra is missing)
+    ENGINE = "engine"                          # an embedded engine failed
+    CLOSED = "closed"                          # the adapter was closed (shutdown, or retired by a reload)
+
+
+REASONS = frozenset(Reason)
+"""For membership tests of a plain string (`"x" in Reason` is an error on Python 3.11)."""
+
 
 RETRIABLE_4XX = frozenset({408, 409, 429})
 """The 4xx statuses OpenAI's SDKs retry; every other 4xx says `x-should-retry: false` explicitly."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
 
 from gateway.adapters import build_adapters
+from gateway.adapters.base import Adapter
+from gateway.audio.workers import AudioWorkers
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.mapping import Table
@@ -21,7 +23,8 @@ log = logging.getLogger("gateway.lifecycle")
 
 class TableHolder:
     """The current mapping-table snapshot. A reload swaps it whole; each request pins the snapshot it
-    started with, and a replaced snapshot's adapters are closed once its last request has finished."""
+    started with. Snapshots share the adapters of unchanged backends, so an adapter is closed only
+    once no live snapshot (the current one, or a replaced one still serving a request) holds it."""
 
     def __init__(self, upstreams: Upstreams) -> None:
         self.upstreams = upstreams
@@ -43,6 +46,11 @@ class TableHolder:
         return self._current
 
     @property
+    def serving(self) -> bool:
+        """A snapshot is loaded: after startup and before shutdown."""
+        return self._current is not None
+
+    @property
     def in_flight(self) -> int:
         """Requests being served, on any snapshot."""
         return sum(self._pins.values())
@@ -58,7 +66,7 @@ class TableHolder:
         if left == 0:
             del self._pins[id(table)]
             if id(table) in self._retired:
-                self._close_later(self._retired.pop(id(table)))
+                self._release(self._retired.pop(id(table)))
             if not self._pins:
                 self.idle.set()
 
@@ -70,27 +78,32 @@ class TableHolder:
         if self._pins.get(id(old)):
             self._retired[id(old)] = old
         else:
-            self._close_later(old)
+            self._release(old)
 
-    def _close_later(self, table: Table) -> None:
-        task = asyncio.get_running_loop().create_task(close_adapters(table, self.upstreams))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _release(self, table: Table) -> None:
+        """`table` serves nothing any more: close those of its adapters no live snapshot holds."""
+        live = {id(a) for t in (self._current, *self._retired.values()) if t for a in t.adapters.values()}
+        orphans = [a for a in table.adapters.values() if id(a) not in live]
+        if orphans:
+            task = asyncio.get_running_loop().create_task(close_adapters(orphans, self.upstreams))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
-        """Close every snapshot's adapters: the current one, retired ones, and those being closed."""
+        """Close every snapshot's adapters (each once): the current one, retired ones, those being closed."""
         tables = [*self._retired.values(), *([self._current] if self._current else [])]
         self._retired.clear()
         self._current = None
-        for table in tables:
-            await close_adapters(table, self.upstreams)
+        await close_adapters(list({id(a): a for t in tables for a in t.adapters.values()}.values()),
+                             self.upstreams)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         await self.upstreams.aclose()
 
 
-async def close_adapters(table: Table, upstreams: Upstreams) -> None:
-    for adapter in table.adapters.values():
+async def close_adapters(adapters: Iterable[Adapter], upstreams: Upstreams) -> None:
+    """Close each adapter, then its connection pool."""
+    for adapter in adapters:
         try:
             await adapter.aclose()
         except Exception:
@@ -115,6 +128,20 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await tables.aclose()
+
+
+AUDIO_WORKERS = web.AppKey("audio_workers", AudioWorkers)
+
+
+async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The app's one audio worker pool (audio/workers.py); stopped after the last request, once the
+    tasks still running have finished."""
+    server = app[CONFIG].server
+    workers = app[AUDIO_WORKERS] = AudioWorkers(server.audio_workers, server.audio_queue)
+    try:
+        yield
+    finally:
+        await workers.aclose()
 
 
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:

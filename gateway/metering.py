@@ -19,6 +19,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import __version__
 from gateway.billing import bill
+from gateway.errors import REASONS
 from gateway.ledger import LedgerWriter, UsageRecord
 from gateway.outcome import Outcome
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
@@ -26,9 +27,6 @@ from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
 ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models",
                        "/v1/models/{model}", "/openapi.json",
                        "/v1/audio/voices", "/healthz", "/readyz", "/metrics"})
-REASONS = frozenset({"timeout", "connect", "disconnect", "protocol", "bad_response", "bad_audio", "backend_auth",
-                     "backend_rate_limit", "backend_rejected", "backend_timeout", "backend_not_found",
-                     "backend_4xx", "backend_5xx", "unavailable_kind", "engine", "closed"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

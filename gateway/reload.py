@@ -1,6 +1,10 @@
 """Config reload without restart: on SIGHUP and when the config file changes (including Kubernetes'
 ConfigMap symlink swap). A new config is parsed and its adapters built in full before anything
-changes; if that fails, the old config keeps serving and every error is logged by YAML path.
+changes; if anything fails (an unreadable or non-UTF-8 file, bad YAML, a value out of range, a
+backend that cannot be built, a config with no keys or no models, even a bug of ours), the old
+config keeps serving, every error is logged by YAML path and counted as
+`gateway_config_reload_total{result="failure"}`, and the watcher goes on to the next edit.
+Backends whose settings did not change keep their adapter (and its loaded model).
 Requests in flight finish on the snapshot they started with (see lifecycle.TableHolder).
 
 Only the mapping table reloads (keys, backends, models, voices, prices). `server`, `metrics` and
@@ -20,7 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.adapters import ADAPTERS, build_adapters
-from gateway.config import Config, ConfigError, parse_config
+from gateway.config import Config, ConfigError, parse_config, read_config_text, unservable
 from gateway.lifecycle import CONFIG, TABLES
 from gateway.mapping import Table
 from gateway.metering import METRICS
@@ -34,6 +38,7 @@ class Reloader:
         self.path = Path(path)
         self._lock = asyncio.Lock()
         self._fingerprint = self._stat()
+        self._requested: set[asyncio.Task[bool | None]] = set()
 
     def _stat(self) -> tuple[int, int, int] | None:
         """What changes when the file (or the symlink chain leading to it) is replaced or edited."""
@@ -43,28 +48,42 @@ class Reloader:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
+    def request(self, why: str) -> None:
+        """Reload soon (from a signal handler); the task is kept until done and cancelled at shutdown."""
+        task = asyncio.get_running_loop().create_task(self.reload(why))
+        self._requested.add(task)
+        task.add_done_callback(self._requested.discard)
+
     async def reload(self, why: str) -> bool | None:
-        """Load the file again. True: applied; False: invalid, old config kept; None: unchanged."""
+        """Load the file again. True: applied; False: refused, old config kept; None: unchanged.
+        Never raises: whatever goes wrong reading, parsing or building, the old table keeps serving."""
         async with self._lock:
+            if not self.app[TABLES].serving:
+                return None  # not started yet, or shut down
+            current = self.app[TABLES].current
             try:
-                text = await asyncio.to_thread(self.path.read_text, encoding="utf-8")
-            except OSError as exc:
-                return self._failed([f"{self.path}: cannot read: {exc.strerror}"])
-            current = self.app[TABLES].current.config
-            if hashlib.sha256(text.encode()).hexdigest()[:16] == current.digest:
-                return None
-            try:
-                config = parse_config(text, source=str(self.path), kinds=ADAPTERS.keys())
-                adapters = await build_adapters(config, self.app[TABLES].upstreams)
+                text = await asyncio.to_thread(read_config_text, self.path)
+                if hashlib.sha256(text.encode()).hexdigest()[:16] == current.config.digest:
+                    return None
+                config = await asyncio.to_thread(parse_config, text, source=str(self.path), kinds=ADAPTERS.keys())
+                refused = unservable(config)
+                if refused:
+                    raise ConfigError(refused)
+                adapters = await build_adapters(config, self.app[TABLES].upstreams, reuse=current.adapters)
             except ConfigError as exc:
                 return self._failed(exc.problems)
-            self._warn_restart_only(current, config)
+            except Exception as exc:  # a bug of ours: logged with its traceback, and still survived
+                log.exception("config reload failed: %s: unexpected error", self.path)
+                return self._failed([f"{self.path}: {type(exc).__name__}: {exc}"])
+            self._warn_restart_only(current.config, config)
             self.app[TABLES].swap(Table(config, adapters))
             metrics = self.app.get(METRICS)
             if metrics is not None:
                 metrics.config_reloads.labels("success").inc()
                 metrics.config_loaded(config.digest)
-            log.info("config reloaded (%s): %s, digest %s", why, self.path, config.digest)
+            kept = sorted(name for name, adapter in adapters.items() if current.adapters.get(name) is adapter)
+            log.info("config reloaded (%s): %s, digest %s; backends kept: %s", why, self.path, config.digest,
+                     ", ".join(kept) or "none")
             return True
 
     def _failed(self, problems: list[str]) -> bool:
@@ -84,13 +103,21 @@ class Reloader:
                 log.warning("config reload: changes to '%s' take effect at the next restart", section)
 
     async def watch(self, interval: float) -> None:
-        """Poll the file's identity; reload when it changes."""
+        """Poll the file's identity; reload when it changes. Runs until cancelled, whatever happens."""
         while True:
             await asyncio.sleep(interval)
-            fingerprint = await asyncio.to_thread(self._stat)
-            if fingerprint != self._fingerprint:
-                self._fingerprint = fingerprint
-                await self.reload("file changed")
+            try:
+                fingerprint = await asyncio.to_thread(self._stat)
+                if fingerprint != self._fingerprint:
+                    self._fingerprint = fingerprint
+                    await self.reload("file changed")
+            except Exception:  # reload() never raises; this keeps the watcher alive should that ever break
+                log.exception("config watcher: unexpected error; still watching %s", self.path)
+
+    async def aclose(self) -> None:
+        for task in list(self._requested):
+            task.cancel()
+        await asyncio.gather(*self._requested, return_exceptions=True)
 
 
 RELOADER = web.AppKey("reloader", Reloader)
@@ -112,3 +139,4 @@ async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+        await reloader.aclose()

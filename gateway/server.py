@@ -41,7 +41,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if RELOADER in app:
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOADER].reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, app[RELOADER].request, "SIGHUP")  # keeps the task
     try:
         await stop.wait()
         app[DRAINING].set()

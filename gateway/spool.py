@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import tempfile
+import threading
 import warnings
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -13,6 +13,7 @@ from aiohttp import BodyPartReader, MultipartReader, payload, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 
+from gateway.audio.workers import AudioWorkers
 from gateway.body import check_length, receiving, too_large
 from gateway.config import Server
 from gateway.errors import GatewayError, InvalidRequestError
@@ -20,58 +21,88 @@ from gateway.errors import GatewayError, InvalidRequestError
 
 @dataclass(slots=True)
 class Upload:
-    """One uploaded file. `file` is a seekable binary file object (memory, then disk)."""
+    """One uploaded file. `file` is a seekable binary file object (memory, then disk), written only
+    while the form is read; every reader after that gets a `view()` with a position of its own."""
 
     filename: str
     content_type: str
     file: BinaryIO = field(repr=False)
+    workers: AudioWorkers = field(repr=False)
+    """Where the spool's disk I/O runs, and the decoders that read it."""
     size: int = 0
+    memory_bytes: int = 0
+    """Past this size the spool is a file on disk: writes go through `workers`."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def rewind(self) -> BinaryIO:
-        self.file.seek(0)
-        return self.file
+    async def write(self, chunk: bytes) -> None:
+        """Append `chunk`; once the spool is on disk (or this write rolls it over, copying what was in
+        memory) on a worker, finished even if the caller is cancelled, so closing never races it."""
+        rolls = self.size + len(chunk) > self.memory_bytes
+        self.size += len(chunk)
+        if rolls:
+            await self.workers.finish(self._write, chunk)
+        else:
+            self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        with self._lock:
+            self.file.write(chunk)
+
+    def view(self) -> BinaryIO:
+        """The file from the start, with a position of its own: one per failover attempt or decoder,
+        so an earlier attempt's read still in flight in some thread cannot move a later one's."""
+        return _View(self)  # type: ignore[return-value]
 
     def payload(self) -> payload.Payload:
         """The file from the start as an aiohttp body part for one upstream attempt. aiohttp closes file
         payloads after sending; this one closes only a view, so the spool stays open for the next route,
         and it knows its size, so an in-memory spool is never rolled over to disk to measure it."""
-        return _UploadPayload(_Borrowed(self.rewind()), size=self.size, filename=self.filename,
+        return _UploadPayload(_View(self), size=self.size, filename=self.filename,
                               content_type=self.content_type)
 
-    async def chunks(self, size: int = 65_536) -> AsyncIterator[bytes]:
-        """The file from the start, in chunks (for forwarding upstream without loading it whole)."""
-        f = self.rewind()
-        while chunk := f.read(size):
-            yield chunk
-
     def close(self) -> None:
-        self.file.close()
+        with self._lock:
+            self.file.close()
 
 
-class _Borrowed(io.IOBase):
-    """Reads, seeks and sizes the spooled file; closing it leaves the spooled file open."""
+class _View(io.RawIOBase):
+    """Reads, seeks and sizes the spooled file from a position of its own (each read seeks the shared
+    file under the upload's lock); closing it leaves the spooled file open."""
 
-    def __init__(self, file: BinaryIO) -> None:
-        self._file = file
+    def __init__(self, upload: Upload) -> None:
+        self._upload = upload
+        self._pos = 0
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        return self._file.read(size)
+        with self._upload._lock:
+            file = self._upload.file
+            file.seek(self._pos)
+            data = file.read(size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def seekable(self) -> bool:
         return True
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self._file.seek(offset, whence)
+        base = {0: 0, 1: self._pos, 2: self._upload.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
 
     def tell(self) -> int:
-        return self._file.tell()
+        return self._pos
 
 
 class _UploadPayload(payload.IOBasePayload):
-    def __init__(self, value: _Borrowed, *, size: int, filename: str, content_type: str) -> None:
+    def __init__(self, value: _View, *, size: int, filename: str, content_type: str) -> None:
         super().__init__(value, filename=filename, content_type=content_type)
         self._known_size = size
 
@@ -101,7 +132,7 @@ MAX_PART_HEADER_LINES = 32
 """Header lines in one part: a form-data part needs Content-Disposition and maybe Content-Type."""
 
 
-async def read_form(request: web.Request, limits: Server) -> Form:
+async def read_form(request: web.Request, limits: Server, workers: AudioWorkers) -> Form:
     """Read a multipart/form-data body part by part, spooling the `file` part.
 
     The size limit is checked from Content-Length before reading, and against the bytes received
@@ -128,7 +159,7 @@ async def read_form(request: web.Request, limits: Server) -> Form:
                     raise _invalid(f"The form has more than {limits.max_form_parts} parts.")
                 if not isinstance(part, BodyPartReader):
                     raise _invalid("Nested multipart bodies are not supported.")
-                await _read_part(request, part, form, limits)
+                await _read_part(request, part, form, limits, workers)
     except GatewayError:
         form.close()
         raise
@@ -141,7 +172,8 @@ async def read_form(request: web.Request, limits: Server) -> Form:
     return form
 
 
-async def _read_part(request: web.Request, part: BodyPartReader, form: Form, limits: Server) -> None:
+async def _read_part(request: web.Request, part: BodyPartReader, form: Form, limits: Server,
+                     workers: AudioWorkers) -> None:
     with warnings.catch_warnings(record=True) as caught:  # synchronous: no other task runs meanwhile
         warnings.simplefilter("always")
         name, filename = part.name or "", part.filename
@@ -153,11 +185,11 @@ async def _read_part(request: web.Request, part: BodyPartReader, form: Form, lim
         if form.upload is not None:
             raise InvalidRequestError("Only one file may be uploaded.", param="file")
         form.upload = Upload(filename or "upload", part.headers.get("Content-Type", "application/octet-stream"),
-                             spooled_file(limits.spool_memory_bytes, limits.spool_dir))
+                             spooled_file(limits.spool_memory_bytes, limits.spool_dir), workers,
+                             memory_bytes=limits.spool_memory_bytes)
         while chunk := await part.read_chunk(65_536):
             _check_received(request, limits.max_upload_bytes, form.upload.size + len(chunk))
-            form.upload.file.write(chunk)
-            form.upload.size += len(chunk)
+            await form.upload.write(chunk)
         return
     value = bytearray()
     while chunk := await part.read_chunk(16_384):

@@ -3,11 +3,17 @@ stopping at the first, and ${NAME} / ${NAME:-default} interpolation from the env
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_DEPTH = 32
+"""Deepest nesting a config may have (the deepest real one, an adapter's options, is about 5)."""
+MAX_VALUES = 100_000
+"""Most values a config may hold once YAML aliases are expanded (a few "billion laughs" lines would
+otherwise expand to gigabytes on every reload)."""
 
 
 class YamlTree:
@@ -16,11 +22,21 @@ class YamlTree:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
         self.problems: list[str] = []
+        self._values = 0
 
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}" if path else message)
 
-    def interpolate(self, value: Any, path: str) -> Any:
+    def interpolate(self, value: Any, path: str, depth: int = 0) -> Any:
+        """A copy of the tree with ${NAME} replaced; too deep or too large a tree is a problem, not a crash."""
+        self._values += 1
+        if self._values == MAX_VALUES + 1:
+            self.fail(path, f"more than {MAX_VALUES} values (YAML aliases expanded)")
+        if self._values > MAX_VALUES:
+            return None
+        if depth > MAX_DEPTH and isinstance(value, (dict, list)):
+            self.fail(path, f"nested more than {MAX_DEPTH} levels deep")
+            return None
         if isinstance(value, str):
             def sub(m: re.Match[str]) -> str:
                 name, default = m.group(1), m.group(2)
@@ -32,9 +48,9 @@ class YamlTree:
                 return ""
             return _ENV.sub(sub, value)
         if isinstance(value, dict):
-            return {k: self.interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+            return {k: self.interpolate(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items()}
         if isinstance(value, list):
-            return [self.interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return [self.interpolate(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
         return value
 
     def mapping(self, value: Any, path: str) -> dict[str, Any]:
@@ -65,7 +81,9 @@ class YamlTree:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (isinstance(value, float) and not math.isfinite(value)) \
+                or value < minimum:  # NaN compares false with everything, and int(inf) raises
             self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {value!r}")
             return default
         return value

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.audio.decode import CHUNK_SAMPLES, PcmChunks, decode_chunks
 from gateway.audio.duration import upload_seconds
+from gateway.audio.workers import AudioWorkers
 from gateway.errors import InvalidRequestError
 
 
@@ -102,10 +103,14 @@ def test_every_accepted_format_decodes_to_16k_mono(extension: str) -> None:
 
 async def test_async_chunks_and_other_rates() -> None:
     data = audio_file("wav", "pcm_s16le", rate=24_000, channels=1)
-    chunks = PcmChunks(upload(data), sample_rate=24_000, max_seconds=10)
+    workers = AudioWorkers(1, 0)
+    chunks = PcmChunks(upload(data), sample_rate=24_000, max_seconds=10, workers=workers)
     pcm = b"".join([chunk async for chunk in chunks])
     assert pcm == tone(3.0, 24_000) and chunks.seconds == 3.0  # same rate and layout: untouched samples
+    assert workers.admitted == 1  # one job for the whole decode
     await chunks.aclose()
+    assert workers.admitted == 0
+    await workers.aclose()
     assert seconds(decode(upload(data))) == pytest.approx(3.0, abs=0.01)
 
 

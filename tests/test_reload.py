@@ -1,10 +1,13 @@
 """Config reload on a real gateway process: SIGHUP and file changes (Kubernetes' symlink swap included);
-an invalid config keeps the old one serving; a stream in flight finishes on the config it started with."""
+an invalid config keeps the old one serving, whatever is wrong with it, and check-config names the
+problem by path; a stream in flight finishes on the config it started with."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.adapters import unavailable_reason
 from tests.conftest import DEMO_KEY, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
 from tests.process import GatewayProcess
@@ -32,11 +36,11 @@ class ConfigMapDir:
         self.update(text)
         (root / "gateway.yaml").symlink_to("..data/gateway.yaml")
 
-    def update(self, text: str) -> None:
+    def update(self, text: str | bytes) -> None:
         self.version += 1
         target = self.root / f"..2026_11_25_{self.version}"
         target.mkdir()
-        (target / "gateway.yaml").write_text(text)
+        (target / "gateway.yaml").write_bytes(text.encode() if isinstance(text, str) else text)
         tmp = self.root / "..data_tmp"
         tmp.symlink_to(target.name)
         os.replace(tmp, self.root / "..data")  # atomic, as the kubelet does
@@ -157,3 +161,67 @@ def test_sighup_reloads(tmp_path: Path, base_config: str) -> None:
         assert "config reloaded (SIGHUP)" in gw.log()
     finally:
         gw.stop()
+
+
+def bad_edits(base: str) -> list[tuple[str, str | bytes, str]]:
+    """(what, file content, the problem logged and printed by check-config): each must be refused."""
+    bomb = "".join(f"bomb{i}: &b{i} [{', '.join([f'*b{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    deep = 5000
+    return [
+        ("a NaN", base.replace("max_upload_bytes: 2000000", "max_upload_bytes: .nan"),
+         "server.max_upload_bytes: expected a number >= 1, got nan"),
+        ("an infinity", base.replace("max_upload_bytes: 2000000", "max_upload_bytes: -.inf"),
+         "server.max_upload_bytes: expected a number >= 1, got -inf"),
+        ("not UTF-8", base.encode() + b"# caf\xe9\n", "not UTF-8 text"),
+        ("YAML thousands deep", base + "deep: " + "[" * deep + "]" * deep + "\n", "not valid YAML: nested too deep"),
+        ("nested past the limit", base.replace("voices:\n", "voices:\n  deep: " + "[" * 40 + "]" * 40 + "\n"),
+         "voices.deep" + "[0]" * 31 + ": nested more than 32 levels deep"),
+        ("aliases expanding to 10^8 values", base + "bomb0: &b0 [x]\n" + bomb, "more than 100000 values"),
+        ("an integer of 5000 digits", base.replace("max_upload_bytes: 2000000", "max_upload_bytes: " + "9" * 5000),
+         "not valid YAML: Exceeds the limit"),
+        ("an empty file", "", "keys: no gateway keys; every request would get a 401"),
+        ("a file cut short", base[:base.index("  - {name: beta")], "models: no models; every request would get a 404"),
+        *([] if unavailable_reason("pocketsphinx") else [  # a constructor raising TypeError
+            ("a non-string option key",
+             base.replace("backends:\n", "backends:\n  sphinx: {kind: pocketsphinx, decoder: {1: 2}}\n"),
+             "backends.sphinx: cannot build a 'pocketsphinx' backend: TypeError")]),
+    ]
+
+
+def test_no_bad_edit_stops_the_watcher(process: GatewayProcess, configmap: ConfigMapDir, base_config: str) -> None:
+    """Each bad edit is logged by path and counted, the last good table keeps serving, and the next
+    good edit is applied; no edit is a bug of ours (no traceback in the log)."""
+    served = "tts-1"
+    for i, (what, text, expected) in enumerate(bad_edits(base_config)):
+        logged = len(process.log())
+        configmap.update(text)
+        eventually(lambda i=i: reloads(process).get("failure", 0) == i + 1)
+        assert expected in process.log()[logged:], what
+        assert model_works(process, served), what  # the last good table still serves
+        served = f"tts-ok-{i}"
+        configmap.update(with_models(base_config, f"  {served}: {{task: speech, routes: [{{backend: speaches}}]}}\n"))
+        eventually(lambda served=served: model_works(process, served))
+    assert reloads(process)["success"] == len(bad_edits(base_config))
+    assert "Traceback" not in process.log()
+
+
+def test_a_reload_keeps_the_adapters_of_unchanged_backends(process: GatewayProcess, configmap: ConfigMapDir,
+                                                           base_config: str) -> None:
+    configmap.update(with_models(base_config, TTS2))
+    eventually(lambda: model_works(process, "tts-2"))
+    assert "backends kept: speaches" in process.log()
+    configmap.update(with_models(base_config, TTS2).replace("timeout_s: 2", "timeout_s: 3"))
+    eventually(lambda: reloads(process).get("success", 0) == 2)
+    assert "backends kept: none" in process.log()
+
+
+@pytest.mark.parametrize("what", [what for what, _, _ in bad_edits(engine_config("http://127.0.0.1:9", Path("s")))])
+def test_check_config_names_each_bad_edit_by_path(tmp_path: Path, base_config: str, what: str) -> None:
+    text, expected = next((text, expected) for name, text, expected in bad_edits(base_config) if name == what)
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, what
+    assert expected in result.stderr, (what, result.stderr)
+    assert "Traceback" not in result.stderr, what

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import io
 import math
 import threading
@@ -16,7 +17,8 @@ import av
 import pytest
 
 from gateway.audio.formats import AudioFormat, pcm
-from gateway.audio.transcode import encode
+from gateway.audio.transcode import encode as encode_on
+from gateway.audio.workers import AudioWorkers
 from gateway.errors import UpstreamError, UpstreamTimeoutError
 
 
@@ -94,8 +96,13 @@ def probe(data: bytes) -> tuple[str, str, int, int, float]:
         return file.format.name, ctx.name, ctx.sample_rate, ctx.channels, seconds
 
 
-def transcode_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("transcode-")]
+WORKERS = AudioWorkers(2, 16)
+encode = functools.partial(encode_on, workers=WORKERS)
+
+
+def transcode_threads() -> list[str]:
+    """What a finished stream must not leave behind: a thread of its own, or its job on the pool."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("transcode-")] + ["job"] * WORKERS.admitted
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from gateway.adapters.base import (
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, AudioFormat, pcm
 from gateway.config import Backend
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 from gateway.transcript import Segment, Transcript, Word, seconds
 
 API_VERSION = "2024-11-15"
@@ -139,7 +139,7 @@ class AzureSpeechAdapter:
         if response.content_type.startswith(("text/", "application/json")):
             response.release()
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} "
-                                "instead of audio.", reason="bad_response")
+                                "instead of audio.", reason=Reason.BAD_RESPONSE)
         audio = pcm(OPENAI_PCM_RATE) if fmt == "pcm" else AudioFormat(fmt)
         return AudioStream(audio, stream_body(self.backend, response), speed_applied=True)
 
@@ -176,7 +176,7 @@ class AzureSpeechAdapter:
 
     def _malformed(self) -> UpstreamError:
         return UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
-                             reason="bad_response")
+                             reason=Reason.BAD_RESPONSE)
 
     def _transcript(self, body: bytes, language: str | None) -> Transcript:
         try:

@@ -18,7 +18,7 @@ import aiohttp
 
 from gateway.audio.formats import AudioFormat
 from gateway.config import DEFAULT_MAX_AUDIO_SECONDS, Backend, NativeVoice
-from gateway.errors import UpstreamError, UpstreamTimeoutError
+from gateway.errors import Reason, UpstreamError, UpstreamTimeoutError
 from gateway.spool import Upload
 from gateway.transcript import Transcript
 
@@ -117,6 +117,8 @@ class Adapter(Protocol):
 
     kind: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    backend: Backend
+    """What it was built from: a reload keeps the adapter while this is unchanged."""
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None: ...
 
@@ -147,13 +149,13 @@ def upstream_errors(backend: Backend) -> Iterator[None]:
         yield
     except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeoutError(
-            f"Backend '{backend.name}' did not answer in time.", reason="timeout"
+            f"Backend '{backend.name}' did not answer in time.", reason=Reason.TIMEOUT
         ) from None
     except aiohttp.ClientConnectorError:
-        raise UpstreamError(f"Backend '{backend.name}' is unreachable.", reason="connect") from None
+        raise UpstreamError(f"Backend '{backend.name}' is unreachable.", reason=Reason.CONNECT) from None
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
         raise UpstreamError(
-            f"Backend '{backend.name}' closed the connection unexpectedly.", reason="disconnect"
+            f"Backend '{backend.name}' closed the connection unexpectedly.", reason=Reason.DISCONNECT
         ) from None
     except aiohttp.ClientError:
-        raise UpstreamError(f"Backend '{backend.name}' failed.", reason="protocol") from None
+        raise UpstreamError(f"Backend '{backend.name}' failed.", reason=Reason.PROTOCOL) from None

@@ -40,7 +40,7 @@ from gateway.adapters.base import (
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat, pcm
 from gateway.config import Backend
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 from gateway.transcript import Segment, Transcript, Word, seconds
 
 DEFAULT_URL = "https://api.deepgram.com"
@@ -115,7 +115,7 @@ class DeepgramAdapter:
         if response.content_type.startswith(("text/", "application/json")):
             response.release()
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} "
-                                "instead of audio.", reason="bad_response")
+                                "instead of audio.", reason=Reason.BAD_RESPONSE)
         return response
 
     async def _audio(self, response: aiohttp.ClientResponse, rest: list[str],
@@ -154,7 +154,7 @@ class DeepgramAdapter:
 
     def _malformed(self) -> UpstreamError:
         return UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
-                             reason="bad_response")
+                             reason=Reason.BAD_RESPONSE)
 
     def _transcript(self, body: bytes, language: str | None) -> Transcript:
         try:

@@ -36,7 +36,7 @@ from gateway.adapters.http_engine import probe, raise_for_status, read_transcrip
 from gateway.audio.formats import AudioFormat, pcm
 from gateway.audio.transcripts import WORD_PUNCT
 from gateway.config import Backend
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, Reason, UpstreamError
 from gateway.transcript import Transcript, Word, seconds
 
 DEFAULT_URL = "https://api.elevenlabs.io"
@@ -107,7 +107,7 @@ class ElevenLabsAdapter:
         if response.content_type.startswith(("text/", "application/json")):
             response.release()
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {response.content_type} instead of "
-                                "audio.", reason="bad_response")
+                                "audio.", reason=Reason.BAD_RESPONSE)
         return AudioStream(audio_format, stream_body(self.backend, response), speed_applied=True)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
@@ -129,14 +129,14 @@ class ElevenLabsAdapter:
         transcript = _transcript(body)
         if transcript is None:
             raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
-                                reason="bad_response")
+                                reason=Reason.BAD_RESPONSE)
         return transcript
 
     def _refine(self, said: Complaint) -> GatewayError | None:
         """ElevenLabs' exhausted quota is a refused credential that no retry fixes, with its own words."""
         if said.status in (401, 403) and said.code == "quota_exceeded":
             return UpstreamError(f"Backend '{self.backend.name}' has used up its ElevenLabs quota.",
-                                 reason="backend_auth", should_retry=False)
+                                 reason=Reason.BACKEND_AUTH, should_retry=False)
         return None
 
     async def ready(self) -> bool:

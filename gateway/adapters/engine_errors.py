@@ -31,7 +31,14 @@ from typing import Any
 
 from gateway.adapters.redact import redact
 from gateway.config import Backend
-from gateway.errors import GatewayError, InvalidRequestError, RateLimitError, UpstreamError, UpstreamTimeoutError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    RateLimitError,
+    Reason,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 
 MAX_RETRY_AFTER = 300
 """Seconds: a backend's Retry-After longer than this (or `inf`) is cut to it; a client should not park for hours."""
@@ -132,19 +139,20 @@ def error_for(backend: Backend, said: Complaint, fields: Mapping[str, str] | Non
     name, status = backend.name, said.status
     if status in (401, 403):
         return UpstreamError(f"The gateway's credential for backend '{name}' was refused.",
-                             reason="backend_auth", should_retry=False)
+                             reason=Reason.BACKEND_AUTH, should_retry=False)
     if status == 429:
         return RateLimitError(f"Backend '{name}' is rate limiting the gateway; retry later.",
-                              retry_after=said.retry_after, reason="backend_rate_limit")
+                              retry_after=said.retry_after, reason=Reason.BACKEND_RATE_LIMIT)
     if status in (400, 413, 415, 422):
         return InvalidRequestError(f"Backend '{name}' rejected the request: {said.message or 'invalid request'}",
-                                   param=openai_field(said, fields), reason="backend_rejected", should_retry=False)
+                                   param=openai_field(said, fields), reason=Reason.BACKEND_REJECTED, should_retry=False)
     if status in (408, 504):
-        return UpstreamTimeoutError(f"Backend '{name}' timed out.", reason="backend_timeout")
+        return UpstreamTimeoutError(f"Backend '{name}' timed out.", reason=Reason.BACKEND_TIMEOUT)
     if status == 404:
         return UpstreamError(f"Backend '{name}' does not serve the configured model or path.",
-                             reason="backend_not_found", should_retry=False)
-    return UpstreamError(f"Backend '{name}' failed with status {status}.", reason=f"backend_{status // 100}xx")
+                             reason=Reason.BACKEND_NOT_FOUND, should_retry=False)
+    return UpstreamError(f"Backend '{name}' failed with status {status}.",
+                         reason=Reason.BACKEND_5XX if status >= 500 else Reason.BACKEND_4XX)
 
 
 def openai_field(said: Complaint, fields: Mapping[str, str] | None = None) -> str | None:

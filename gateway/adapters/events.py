@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.adapters.redact import redact
 from gateway.config import Backend
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 
 MAX_EVENT_BYTES = 1_048_576
 """An event longer than this is garbage (a speech delta of 0.5 s of audio is about 32 KiB)."""
@@ -31,7 +31,7 @@ async def whole_events(backend: Backend, chunks: AsyncIterator[bytes]) -> AsyncI
             pending += chunk
             *complete, pending = _EVENT_END.split(pending)
             if len(pending) > MAX_EVENT_BYTES:
-                raise UpstreamError(f"Backend '{backend.name}' sent an oversized event.", reason="bad_response")
+                raise UpstreamError(f"Backend '{backend.name}' sent an oversized event.", reason=Reason.BAD_RESPONSE)
             for event in complete:
                 if event.strip():
                     yield _redacted(backend, event) + b"\n\n"

@@ -11,7 +11,7 @@ import aiohttp
 from gateway.adapters.base import upstream_errors
 from gateway.adapters.engine_errors import Refine, complaint, error_for
 from gateway.config import Backend
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 
 MAX_ERROR_BODY = 65_536
 MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
@@ -58,7 +58,7 @@ async def read_transcript(backend: Backend, response: aiohttp.ClientResponse) ->
     finally:
         response.release()
     if len(body) > MAX_TRANSCRIPT_BYTES:
-        raise UpstreamError(f"Backend '{backend.name}' sent an oversized transcript.", reason="bad_response")
+        raise UpstreamError(f"Backend '{backend.name}' sent an oversized transcript.", reason=Reason.BAD_RESPONSE)
     return body
 
 
@@ -72,7 +72,8 @@ async def stream_body(backend: Backend, response: aiohttp.ClientResponse,
             async for chunk in response.content.iter_any():
                 received += len(chunk)
                 if limit is not None and received > limit:
-                    raise UpstreamError(f"Backend '{backend.name}' sent an oversized answer.", reason="bad_response")
+                    raise UpstreamError(f"Backend '{backend.name}' sent an oversized answer.",
+                                        reason=Reason.BAD_RESPONSE)
                 yield chunk
     finally:
         response.release()

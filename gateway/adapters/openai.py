@@ -34,7 +34,7 @@ from gateway.adapters.http_engine import (
 )
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 from gateway.transcript import Transcript
 
 _JSON_FORMATS = ("json", "verbose_json", "diarized_json")
@@ -84,7 +84,7 @@ class OpenAIAdapter:
         if ctype.startswith(("text/html", "application/json")) or (sse and ctype != "text/event-stream"):
             response.release()
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {ctype} instead of audio.",
-                                reason="bad_response")
+                                reason=Reason.BAD_RESPONSE)
         rate = OPENAI_PCM_RATE if job.response_format == "pcm" else None
         chunks = stream_body(self.backend, response)
         if sse:
@@ -130,11 +130,11 @@ class OpenAIAdapter:
                 parsed = None
             if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
                 raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
-                                    reason="bad_response")
+                                    reason=Reason.BAD_RESPONSE)
             return "application/json"
         if content_type.startswith("text/html") or content_type == "application/json":
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {content_type} instead of {fmt}.",
-                                reason="bad_response")
+                                reason=Reason.BAD_RESPONSE)
         return "text/plain; charset=utf-8"
 
     async def ready(self) -> bool:

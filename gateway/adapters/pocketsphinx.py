@@ -31,7 +31,7 @@ import aiohttp
 from gateway.adapters.base import TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob, check_options
 from gateway.audio.decode import decode_chunks
 from gateway.config import Backend
-from gateway.errors import UnsupportedError, UpstreamError
+from gateway.errors import Reason, UnsupportedError, UpstreamError
 from gateway.transcript import Segment, Transcript, Word
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,12 @@ class PocketsphinxAdapter:
 
     async def _ready_or_raise(self) -> None:
         if self._closed or self._loaded.cancelled():
-            raise UpstreamError(f"Backend '{self.backend.name}' is shut down.", reason="closed")
+            raise UpstreamError(f"Backend '{self.backend.name}' is shut down.", reason=Reason.CLOSED)
         try:
             await asyncio.wrap_future(self._loaded)
         except Exception as exc:
             log.error("backend %s: PocketSphinx failed to load", self.backend.name, exc_info=exc)
-            raise UpstreamError(f"Backend '{self.backend.name}' failed to start.", reason="engine") from None
+            raise UpstreamError(f"Backend '{self.backend.name}' failed to start.", reason=Reason.ENGINE) from None
 
     async def ready(self) -> bool:
         try:
@@ -124,7 +124,7 @@ class PocketsphinxAdapter:
                 f"Backend '{self.backend.name}' only understands English, not '{job.language}'.",
                 param="language", code="unsupported_language")
         await self._ready_or_raise()
-        chunks = decode_chunks(job.upload.file, sample_rate=SAMPLE_RATE, max_seconds=job.max_audio_seconds)
+        chunks = decode_chunks(job.upload.view(), sample_rate=SAMPLE_RATE, max_seconds=job.max_audio_seconds)
         cancel = threading.Event()
         self._jobs.add(cancel)
         try:
@@ -132,7 +132,7 @@ class PocketsphinxAdapter:
                 self._executor, self._recognize, chunks, cancel)
         except RuntimeError as exc:  # shut down, or PocketSphinx refused the audio
             log.error("backend %s: PocketSphinx failed", self.backend.name, exc_info=exc)
-            raise UpstreamError(f"Backend '{self.backend.name}' failed.", reason="engine") from None
+            raise UpstreamError(f"Backend '{self.backend.name}' failed.", reason=Reason.ENGINE) from None
         finally:
             cancel.set()  # also stops a decode whose caller was cancelled
             self._jobs.discard(cancel)

@@ -15,7 +15,7 @@ from gateway.adapters.base import (
     TranscriptionJob,
 )
 from gateway.config import Backend
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 
 
 class UnavailableAdapter:
@@ -28,7 +28,7 @@ class UnavailableAdapter:
 
     def _fail(self) -> NoReturn:
         raise UpstreamError(f"Backend '{self.backend.name}' cannot run on this gateway: its engine "
-                            "is not installed.", reason="unavailable_kind", should_retry=False)
+                            "is not installed.", reason=Reason.UNAVAILABLE_KIND, should_retry=False)
 
     async def synthesize(self, job: SpeechJob) -> NoReturn:
         self._fail()

@@ -38,7 +38,7 @@ from gateway.adapters.http_engine import probe, raise_for_status, read_transcrip
 from gateway.adapters.redact import redact
 from gateway.audio.transcripts import LANGUAGES
 from gateway.config import Backend
-from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestError, Reason, UnsupportedError, UpstreamError
 from gateway.transcript import Segment, Transcript, Word, seconds
 
 MAX_PROMPT_BYTES = 2048
@@ -138,10 +138,10 @@ class WhisperAsrAdapter:
         param = _CLIENT_FIELDS.get(said.field)
         if param:
             return InvalidRequestError(f"Backend '{self.backend.name}' rejected the request: {param}: {message}",
-                                       param=param, reason="backend_rejected", should_retry=False)
+                                       param=param, reason=Reason.BACKEND_REJECTED, should_retry=False)
         return UpstreamError(f"Backend '{self.backend.name}' rejected the gateway's "
                              f"'{redact(self.backend, said.field, 64)}' parameter: {message}",
-                             reason="backend_rejected", should_retry=False)
+                             reason=Reason.BACKEND_REJECTED, should_retry=False)
 
     def _transcript(self, body: bytes) -> Transcript:
         try:
@@ -154,7 +154,7 @@ class WhisperAsrAdapter:
             segments = tuple(_segment(s) for s in raw_segments)
         except (ValueError, TypeError, KeyError, IndexError, RecursionError):
             raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
-                                reason="bad_response") from None
+                                reason=Reason.BAD_RESPONSE) from None
         language = parsed.get("language")
         return Transcript(text=parsed["text"].strip(), segments=segments,
                           language=language if isinstance(language, str) and language else None)

@@ -53,7 +53,14 @@ from gateway.adapters.redact import redact
 from gateway.audio.decode import PcmChunks
 from gateway.audio.formats import pcm
 from gateway.config import Backend
-from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError, UpstreamTimeoutError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    Reason,
+    UnsupportedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
 from gateway.transcript import Segment, Transcript
 
 log = logging.getLogger(__name__)
@@ -134,7 +141,7 @@ class _Audio(AsyncIterator[bytes]):
         if self.done:
             raise StopAsyncIteration
         if self._conn.closed:  # the adapter was shut down mid-stream
-            raise UpstreamError(f"Backend '{self._conn.backend.name}' is shut down.", reason="closed")
+            raise UpstreamError(f"Backend '{self._conn.backend.name}' is shut down.", reason=Reason.CLOSED)
         try:
             while True:
                 chunk, self._pending = self._pending, None
@@ -190,7 +197,7 @@ class WyomingAdapter:
             self._offers = None  # maybe another server comes up there: ask it again
             if isinstance(exc, TimeoutError):
                 raise _timed_out(self.backend) from None
-            raise UpstreamError(f"Backend '{name}' is unreachable.", reason="connect") from None
+            raise UpstreamError(f"Backend '{name}' is unreachable.", reason=Reason.CONNECT) from None
         return _Connection(self.backend, reader, writer, event_timeout or self.backend.timeouts.read,
                            self._connections)
 
@@ -214,7 +221,7 @@ class WyomingAdapter:
         offers = self._offers if self._offers is not None else await self._describe()
         if task not in offers:
             what = "text-to-speech" if task == SPEECH else "speech-to-text"
-            raise UpstreamError(f"Backend '{self.backend.name}' offers no {what} program.", reason="engine",
+            raise UpstreamError(f"Backend '{self.backend.name}' offers no {what} program.", reason=Reason.ENGINE,
                                 should_retry=False)
 
     async def ready(self) -> bool:
@@ -253,7 +260,8 @@ class WyomingAdapter:
         if job.task == "translate":  # the core filters on capabilities first; this is the backstop
             raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
                                    param="model", code="unsupported_task")
-        decoded = PcmChunks(job.upload.file, sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds)
+        decoded = PcmChunks(job.upload.view(), sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds,
+                            workers=job.upload.workers)
         try:
             first = await anext(decoded)  # an undecodable upload is a 400 before the engine is contacted
             await self._require(TRANSCRIPTION)
@@ -366,15 +374,15 @@ def _check_format(backend: Backend, fmt: AudioStart | AudioChunk) -> None:
 
 
 def _timed_out(backend: Backend) -> UpstreamTimeoutError:
-    return UpstreamTimeoutError(f"Backend '{backend.name}' did not answer in time.", reason="timeout")
+    return UpstreamTimeoutError(f"Backend '{backend.name}' did not answer in time.", reason=Reason.TIMEOUT)
 
 
 def _dropped(backend: Backend) -> UpstreamError:
-    return UpstreamError(f"Backend '{backend.name}' closed the connection unexpectedly.", reason="disconnect")
+    return UpstreamError(f"Backend '{backend.name}' closed the connection unexpectedly.", reason=Reason.DISCONNECT)
 
 
 def _bad_response(backend: Backend, what: str) -> UpstreamError:
-    return UpstreamError(f"Backend '{backend.name}' {what}.", reason="bad_response")
+    return UpstreamError(f"Backend '{backend.name}' {what}.", reason=Reason.BAD_RESPONSE)
 
 
 def _engine_error(backend: Backend, event: Event) -> GatewayError:
@@ -386,6 +394,6 @@ def _engine_error(backend: Backend, event: Event) -> GatewayError:
     log.warning("backend %s: engine error %s: %s", backend.name, code or "-", text)
     if code in _UNKNOWN_VOICE or text.startswith(_UNKNOWN_VOICE_TEXT):
         return InvalidRequestError(f"Backend '{backend.name}' does not have the requested voice.", param="voice",
-                                   code="invalid_value", reason="backend_rejected", should_retry=False)
+                                   code="invalid_value", reason=Reason.BACKEND_REJECTED, should_retry=False)
     detail = f": {text}" if text else ""
-    return UpstreamError(f"Backend '{backend.name}' reported an error{detail}", reason="engine")
+    return UpstreamError(f"Backend '{backend.name}' reported an error{detail}", reason=Reason.ENGINE)

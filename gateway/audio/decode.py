@@ -12,13 +12,13 @@ said (`gateway.audio.duration` refuses long uploads before this, from their head
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Generator, Iterator
 from typing import BinaryIO
 
 import av
 
+from gateway.audio.workers import AudioWorkers
 from gateway.errors import InvalidRequestError
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
@@ -56,8 +56,8 @@ def check_format(sample_rate: int, channels: int) -> None:
 def decode_chunks(file: BinaryIO, *, max_seconds: float, sample_rate: int = 16_000,
                   chunk_samples: int = CHUNK_SAMPLES) -> Generator[bytes, None, None]:
     """The upload as s16le mono at `sample_rate`, in chunks of `chunk_samples` (the last one shorter).
-    Blocking: iterate it in a worker thread. A damaged file yields what decodes; no audio at all, or
-    more than `max_seconds` (plus SLACK_SECONDS) of it, is a 400."""
+    Blocking: iterate it on a worker (PcmChunks, or an embedded engine's own thread). A damaged file
+    yields what decodes; no audio at all, or more than `max_seconds` (plus SLACK_SECONDS) of it, is a 400."""
     chunk = chunk_samples * 2
     limit = int((max_seconds + SLACK_SECONDS) * sample_rate) * 2
     resampler: av.AudioResampler | None = None
@@ -116,12 +116,17 @@ def frames(file: BinaryIO) -> Iterator[av.AudioFrame]:
 
 
 class PcmChunks:
-    """`decode_chunks` for a coroutine: each chunk is decoded in a worker thread. `aclose` waits for
-    a chunk still being decoded (a few milliseconds), so the upload is not closed under FFmpeg."""
+    """`decode_chunks` for a coroutine: one job on the audio workers, each chunk decoded in a task of
+    its own. The job is taken at the first chunk (a 503 when the workers are saturated); `aclose`
+    waits for a chunk still being decoded (a few milliseconds), so the upload is not closed under
+    FFmpeg, then gives the job back."""
 
-    def __init__(self, file: BinaryIO, *, max_seconds: float, sample_rate: int = 16_000) -> None:
+    def __init__(self, file: BinaryIO, *, max_seconds: float, workers: AudioWorkers,
+                 sample_rate: int = 16_000) -> None:
         self._chunks = decode_chunks(file, max_seconds=max_seconds, sample_rate=sample_rate)
         self._lock = threading.Lock()
+        self._workers = workers
+        self._admitted = False
         self.sample_rate = sample_rate
         self.bytes = 0
         """PCM bytes produced so far."""
@@ -134,7 +139,10 @@ class PcmChunks:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await asyncio.to_thread(self._next)
+        if not self._admitted:
+            self._workers.admit()
+            self._admitted = True
+        chunk = await self._workers.run(self._next)
         if chunk is None:
             raise StopAsyncIteration
         self.bytes += len(chunk)
@@ -149,4 +157,9 @@ class PcmChunks:
             self._chunks.close()
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._close)
+        try:
+            await self._workers.finish(self._close)
+        finally:
+            if self._admitted:
+                self._workers.release()
+                self._admitted = False

@@ -1,8 +1,10 @@
-"""The transcoder's input side, in its worker thread: an engine's byte stream as PyAV audio frames.
+"""The transcoder's input side, on the audio workers: an engine's byte stream as PyAV audio frames.
 
 Raw PCM is cut into frames directly; plain PCM WAV is parsed here (FFmpeg's WAV demuxer reads 64 KiB
 before its first frame, which would delay streaming); every other container goes to FFmpeg's demuxer
-through a non-seekable, queue-fed file.
+through a non-seekable, queue-fed file. The frames iterator yields None when it is about to need
+input that has not arrived yet ("starved"): the transcoder then ends its task and resumes the same
+iterator in the next one, so no worker thread waits for an engine between chunks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterator
 import av
 
 from gateway.audio.formats import AudioFormat
-from gateway.errors import UpstreamError
+from gateway.errors import Reason, UpstreamError
 
 DEMUXERS = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
 PCM_SAMPLE_FORMATS = {1: "u8", 2: "s16", 4: "s32"}  # sample_width -> packed sample format; 8 bit unsigned
@@ -22,7 +24,7 @@ _FRAME_SAMPLES = 4800  # raw PCM is cut into frames of at most this many samples
 
 
 def bad_audio() -> UpstreamError:
-    return UpstreamError("Backend produced audio the gateway could not decode.", reason="bad_audio")
+    return UpstreamError("Backend produced audio the gateway could not decode.", reason=Reason.BAD_AUDIO)
 
 
 class Stopped(Exception):
@@ -32,14 +34,18 @@ class Stopped(Exception):
 class Reader:
     """Worker side of the input: the engine's chunks from a queue, also readable as a non-seekable file."""
 
-    def __init__(self, taken: Callable[[], None], before_wait: Callable[[], None]) -> None:
+    def __init__(self, taken: Callable[[], None]) -> None:
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._taken, self._before_wait = taken, before_wait
+        self._taken = taken
         self._buffer = b""
         self._eof = False
 
     def put(self, chunk: bytes | None) -> None:
         self._queue.put(chunk)
+
+    def ready(self) -> bool:
+        """Whether `chunk()` would answer without waiting."""
+        return bool(self._buffer) or self._eof or not self._queue.empty()
 
     def chunk(self) -> bytes | None:
         """The next bytes (pushed-back ones first), blocking; None at the end of the input."""
@@ -48,7 +54,6 @@ class Reader:
             return data
         if self._eof:
             return None
-        self._before_wait()  # what the last chunk produced goes out before we wait for the next
         data = self._queue.get()
         if data is None:
             self._eof = True
@@ -72,7 +77,7 @@ class Reader:
         return data
 
 
-def frames(reader: Reader, source: AudioFormat) -> Iterator[av.AudioFrame]:
+def frames(reader: Reader, source: AudioFormat) -> Iterator[av.AudioFrame | None]:
     if source.container == "pcm":
         assert source.sample_rate is not None
         sample_fmt = PCM_SAMPLE_FORMATS[source.sample_width]
@@ -84,10 +89,14 @@ def frames(reader: Reader, source: AudioFormat) -> Iterator[av.AudioFrame]:
 
 def _pcm_frames(
     reader: Reader, sample_fmt: str, channels: int, rate: int, limit: int | None = None
-) -> Iterator[av.AudioFrame]:
+) -> Iterator[av.AudioFrame | None]:
     block = av.AudioFormat(sample_fmt).bytes * channels
     rest = b""
-    while limit != 0 and (chunk := reader.chunk()) is not None:
+    while limit != 0:
+        while not reader.ready():
+            yield None
+        if (chunk := reader.chunk()) is None:
+            break
         if limit is not None:
             chunk, limit = chunk[:limit], limit - min(limit, len(chunk))
         data = rest + chunk
@@ -102,7 +111,7 @@ def _pcm_frames(
         rest = data[usable:]
 
 
-def _wav_frames(reader: Reader) -> Iterator[av.AudioFrame]:
+def _wav_frames(reader: Reader) -> Iterator[av.AudioFrame | None]:
     """Plain PCM WAV is read here (FFmpeg's demuxer wants 64 KiB before a frame); other WAV by FFmpeg."""
     consumed = head = reader.read_exact(12)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
@@ -132,7 +141,9 @@ def _wav_frames(reader: Reader) -> Iterator[av.AudioFrame]:
     return _demuxed_frames(reader, "wav")
 
 
-def _demuxed_frames(reader: Reader, demuxer: str) -> Iterator[av.AudioFrame]:
+def _demuxed_frames(reader: Reader, demuxer: str) -> Iterator[av.AudioFrame | None]:
+    """FFmpeg reads ahead of the packet it returns, so a packet can wait for the engine's next chunk
+    (or its end) before it is decoded; a read FFmpeg makes mid-packet waits on its worker thread."""
     options = {"probesize": "32"}  # the demuxer's header is enough; don't wait for seconds of audio
     with av.open(reader, "r", format=demuxer, options=options, metadata_errors="ignore") as container:
         if not container.streams.audio:
@@ -140,7 +151,8 @@ def _demuxed_frames(reader: Reader, demuxer: str) -> Iterator[av.AudioFrame]:
         decoder = container.streams.audio[0].codec_context
         for packet in container.demux(container.streams.audio[0]):
             try:
-                frames = decoder.decode(packet)
+                yield from decoder.decode(packet)
             except av.InvalidDataError:
-                continue  # one damaged packet; no audio at all is caught by the caller
-            yield from frames
+                pass  # one damaged packet; no audio at all is caught by the caller
+            while not reader.ready():  # the next packet may need input that has not arrived yet
+                yield None

@@ -1,9 +1,12 @@
 """Transcoding an engine's audio stream into OpenAI's response formats, with speed change, as it arrives.
 
-One worker thread per stream does the PyAV work: it reads the engine's bytes from a queue (as raw
-PCM, or as a non-seekable file for FFmpeg's demuxer), runs them through a filter graph (24 kHz mono,
-atempo for speed, the encoder's sample format) and muxes into a sink whose bytes go back to the event
-loop after each input chunk. Both directions are bounded, so a slow client slows the engine's stream.
+The PyAV work runs on the app's audio workers (audio/workers.py), a step at a time: each step reads
+the engine's bytes that have arrived from a queue (as raw PCM, or as a non-seekable file for FFmpeg's
+demuxer), runs them through a filter graph (24 kHz mono, atempo for speed, the encoder's sample
+format) and muxes into a sink whose bytes go back to the event loop when the step ends. No thread
+waits for an engine between steps, so a stream costs a worker only while it encodes. Input is bounded
+(_PENDING chunks) and the next step starts only once the consumer took the last one's bytes, so a
+slow client slows the engine's stream.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -19,6 +22,7 @@ import av
 
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.audio.frames import DEMUXERS, PCM_SAMPLE_FORMATS, Reader, Stopped, bad_audio, frames
+from gateway.audio.workers import AudioWorkers
 
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
 _RATE = OPENAI_PCM_RATE
@@ -31,21 +35,23 @@ _OUTPUTS: dict[str, tuple[str, str, dict[str, str], int | None]] = {
     "wav": ("wav", "pcm_s16le", {"fflags": "+bitexact"}, None),  # 44-byte header, sizes 0xFFFFFFFF
     "pcm": ("s16le", "pcm_s16le", {}, None),
 }
-_PENDING = 16  # chunks in flight on each side of the worker
-_SINK_FLUSH = 65_536  # flush early when one input chunk produces this much
+_PENDING = 16  # engine chunks waiting for a step
 
 
 
 
 def encode(
-    chunks: AsyncIterator[bytes], source: AudioFormat, response_format: str, speed: float = 1.0
+    chunks: AsyncIterator[bytes], source: AudioFormat, response_format: str, speed: float = 1.0, *,
+    workers: AudioWorkers,
 ) -> AsyncIterator[bytes]:
     """The engine's `chunks` (described by `source`) as OpenAI's `response_format`, `speed` times faster.
 
     Bytes already in the requested form pass through untouched. Errors raised by `chunks` reach the
     consumer unchanged; audio that cannot be decoded raises UpstreamError (reason bad_audio). No byte
     is produced before the first decoded frame. Closing the returned generator (or cancelling its
-    consumer) stops the worker thread and closes `chunks`. Bad arguments raise ValueError at once.
+    consumer) waits for a step still running and closes `chunks`. A transcoded stream is one job on
+    `workers`: when they are saturated, the first chunk's request raises ServiceUnavailableError.
+    Bad arguments raise ValueError at once.
     """
     if response_format not in SPEECH_FORMATS:
         raise ValueError(f"unknown response_format {response_format!r}")
@@ -58,7 +64,7 @@ def encode(
         raise ValueError(f"unsupported source container {source.container!r}")
     if speed == 1.0 and source.is_openai(response_format):
         return _passthrough(chunks)
-    return _transcode(chunks, source, response_format, speed)
+    return _transcode(chunks, source, response_format, speed, workers)
 
 
 async def _aclose(chunks: AsyncIterator[bytes]) -> None:
@@ -75,41 +81,41 @@ async def _passthrough(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def _transcode(
-    chunks: AsyncIterator[bytes], source: AudioFormat, response_format: str, speed: float
+    chunks: AsyncIterator[bytes], source: AudioFormat, response_format: str, speed: float, workers: AudioWorkers
 ) -> AsyncIterator[bytes]:
-    job = _Job(asyncio.get_running_loop(), source, response_format, speed)
-    thread = threading.Thread(target=job.run, name=f"transcode-{response_format}", daemon=True)
-    thread.start()
-    pump = asyncio.create_task(job.pump(chunks))
-    done = False
     try:
-        while True:
-            item = await job.out.get()
-            if isinstance(item, bytes):
-                job.out_credits.release()
-                yield item
-                continue
-            done = True
-            if job.input_error is not None:
-                raise job.input_error
-            if item is not None:
-                raise item
-            return
+        with workers.job():  # a 503 here, at the first chunk's request, is still before the first byte
+            job = _Job(asyncio.get_running_loop(), source, response_format, speed)
+            pump = asyncio.create_task(job.pump(chunks))
+            try:
+                while not job.done:
+                    await job.arrived.wait()
+                    job.arrived.clear()
+                    try:
+                        out = await workers.run(job.step)
+                    except Exception:
+                        if job.input_error is None:
+                            raise
+                        break  # the engine's own error wins over what we made of its end
+                    if job.reader.ready():  # the step left input for the next one
+                        job.arrived.set()
+                    if out:
+                        yield out
+                if job.input_error is not None:  # after the audio that came before it, as a relay would
+                    raise job.input_error
+            finally:
+                job.stop.set()
+                job.reader.put(None)
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+                await workers.run(job.close)  # after any step still running; no task outlives the stream
     finally:
-        job.stop.set()
-        job.reader.put(None)
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
-        while not done:  # the worker always posts its outcome last; wait for it so no thread outlives us
-            job.out_credits.release()
-            done = not isinstance(await job.out.get(), bytes)
-        thread.join(timeout=1.0)
         await _aclose(chunks)
 
 
 class _Sink:
-    """Where the muxer writes; bytes go to the event loop when flushed, bounded by credits.
+    """Where the muxer writes; a step's bytes go to the event loop when it ends (`take`).
 
     Nothing goes out before the first frame is encoded (`armed`), so an engine that fails before
     producing audio fails before the response has a single byte.
@@ -124,18 +130,13 @@ class _Sink:
         if self._job.stop.is_set():
             raise Stopped
         self._buffer += data
-        if len(self._buffer) >= _SINK_FLUSH:
-            self.flush()
         return len(data)
 
-    def flush(self) -> None:
-        if not self._buffer or not self.armed or self._job.stop.is_set():
-            return
-        while not self._job.out_credits.acquire(timeout=0.05):
-            if self._job.stop.is_set():
-                raise Stopped
+    def take(self) -> bytes:
+        if not self.armed:
+            return b""
         data, self._buffer = bytes(self._buffer), bytearray()
-        self._job.post(data)
+        return data
 
 
 class _Encoder:
@@ -153,6 +154,7 @@ class _Encoder:
         self.graph: av.filter.Graph | None = None
         self.graph_key: tuple[str, int, str] | None = None
         self.graph_samples = self.input_samples = self.output_samples = 0
+        self.closed = False
 
     def push(self, frame: av.AudioFrame) -> None:
         key = (frame.format.name, frame.sample_rate, frame.layout.name)
@@ -168,9 +170,11 @@ class _Encoder:
     def finish(self) -> None:
         self._drain(final=True)
         self.container.mux(self.stream.encode(None))
+        self.closed = True
         self.container.close()
 
     def abandon(self) -> None:
+        self.closed = True
         with contextlib.suppress(Exception):
             self.container.close()
 
@@ -223,17 +227,23 @@ def _tempo_steps(speed: float) -> list[float]:
 
 
 class _Job:
-    """One stream's shared state: the event loop side (pump, out) and the worker thread (run)."""
+    """One stream's state: the event loop feeds input (`pump`); its steps run on the audio workers,
+    one at a time, each encoding what input has arrived and ending when it would wait for more."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, source: AudioFormat, fmt: str, speed: float) -> None:
         self.loop, self.source, self.fmt, self.speed = loop, source, fmt, speed
         self.stop = threading.Event()
-        self.out: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()  # then the outcome
-        self.out_credits = threading.Semaphore(_PENDING)
+        self.arrived = asyncio.Event()
+        """Input (or its end, or the engine's error) arrived since the last step started."""
         self.in_credits = asyncio.Semaphore(_PENDING)
         self.input_error: BaseException | None = None
+        self.done = False
         self.sink = _Sink(self)
-        self.reader = Reader(self._taken, self.sink.flush)
+        self.reader = Reader(self._taken)
+        self._lock = threading.Lock()
+        self._encoder: _Encoder | None = None
+        self._frames: Iterator[av.AudioFrame | None] | None = None
+        self._taken_in_step = 0
 
     async def pump(self, chunks: AsyncIterator[bytes]) -> None:
         try:
@@ -241,50 +251,67 @@ class _Job:
                 if chunk:
                     await self.in_credits.acquire()
                     self.reader.put(bytes(chunk))
+                    self.arrived.set()
         except BaseException as exc:
             if not self.stop.is_set():  # not our own cancellation: the engine's error, for the consumer as is
                 self.input_error = exc
-                self.stop.set()
             if not isinstance(exc, Exception):
                 raise
         finally:
             self.reader.put(None)
-
-    def post(self, item: bytes | BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            self.arrived.set()
 
     def _taken(self) -> None:
+        self._taken_in_step += 1
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.in_credits.release)
 
-    def run(self) -> None:
-        error: BaseException | None = None
-        try:
-            self._transcode()
-        except Stopped:
-            pass
-        except av.FFmpegError as exc:
-            error = bad_audio()
-            error.__cause__ = exc
-        except BaseException as exc:  # bad_audio, or a bug: the consumer sees it
-            error = exc
-        finally:
-            self.post(None if self.stop.is_set() else error)
+    def step(self) -> bytes:
+        """Encode the input that has arrived (on a worker); the bytes ready to go out."""
+        with self._lock:
+            if self.done or self.stop.is_set():
+                return b""
+            try:
+                self._step()
+            except Stopped:
+                self.done = True
+            except av.FFmpegError as exc:
+                self.done = True
+                raise bad_audio() from exc
+            except BaseException:  # bad_audio, or a bug: the consumer sees it
+                self.done = True
+                raise
+            return self.sink.take()
 
-    def _transcode(self) -> None:
-        encoder = _Encoder(self.fmt, self.speed, self.sink)
-        try:
-            for frame in frames(self.reader, self.source):
-                if self.stop.is_set():
-                    raise Stopped
-                encoder.push(frame)
-                self.sink.armed = True
-            if encoder.input_samples == 0 and self.source.container != "pcm":
-                raise bad_audio()
-            encoder.finish()
-        except BaseException:
-            encoder.abandon()
-            raise
+    def _step(self) -> None:
+        if self._encoder is None:
+            self._encoder = _Encoder(self.fmt, self.speed, self.sink)
+            self._frames = frames(self.reader, self.source)
+        assert self._frames is not None
+        self._taken_in_step = 0
+        for frame in self._frames:
+            if frame is None:  # starved: the next step resumes here
+                return
+            if self.stop.is_set():
+                raise Stopped
+            self._encoder.push(frame)
+            self.sink.armed = True
+            if self._taken_in_step >= _PENDING:  # a step's output stays bounded however fast the engine is
+                return
+        if self.input_error is not None:  # the input ended in the engine's error: no trailer
+            self.done = True
+            return
+        if self._encoder.input_samples == 0 and self.source.container != "pcm":
+            raise bad_audio()
+        self._encoder.finish()
         self.sink.armed = True
-        self.sink.flush()
+        self.done = True
+
+    def close(self) -> None:
+        """Release FFmpeg's state (on a worker, once no step runs); an unfinished stream is abandoned."""
+        with self._lock:
+            if self._frames is not None:
+                with contextlib.suppress(Exception):
+                    self._frames.close()  # type: ignore[attr-defined]
+            if self._encoder is not None and not self._encoder.closed:
+                self._encoder.abandon()

@@ -9,9 +9,9 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, RateLimitError, UpstreamError
+from gateway.errors import REASONS, GatewayError, RateLimitError, UpstreamError
 from gateway.mapping import Candidate
-from gateway.metering import METRICS, REASONS, endpoint_of
+from gateway.metering import METRICS, endpoint_of
 from gateway.state import REQUEST_ID
 
 log = logging.getLogger("gateway.routing")
@@ -29,7 +29,7 @@ async def first_success(request: web.Request, candidates: list[Candidate],
         try:
             result = await attempt(candidate)
         except GatewayError as exc:
-            if metrics is not None and (isinstance(exc, (UpstreamError, RateLimitError)) or exc.reason in REASONS):
+            if metrics is not None and (isinstance(exc, UpstreamError | RateLimitError) or exc.reason in REASONS):
                 metrics.upstream_error(candidate.route.backend, exc.reason)
             if not _fails_over(exc) or i == len(candidates) - 1:
                 raise

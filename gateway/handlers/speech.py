@@ -11,9 +11,10 @@ from gateway.adapters.base import SPEECH, AudioStream, SpeechJob
 from gateway.audio.formats import CONTENT_TYPES
 from gateway.audio.meter import AudioMeter
 from gateway.audio.transcode import encode
+from gateway.audio.workers import AudioWorkers
 from gateway.body import JSON_BODY_LIMIT, read_body
 from gateway.handlers.routing import first_success
-from gateway.lifecycle import METERING
+from gateway.lifecycle import AUDIO_WORKERS, METERING
 from gateway.mapping import Candidate
 from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import first_chunk, relay, speech_sse
@@ -31,7 +32,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
         job = speech_job(request, req, candidate)
         outcome.route(req.model, candidate.route.backend, candidate.route.model, job.voice.id)
         audio = await candidate.adapter.synthesize(job)
-        chunks = to_client_format(audio, job, req, metered(request, req, audio.sse))
+        chunks = to_client_format(audio, job, req, metered(request, req, audio.sse), request.app[AUDIO_WORKERS])
         return await first_chunk(chunks), chunks
 
     first, rest = await first_success(request, table.candidates(model, SPEECH), attempt)
@@ -66,12 +67,12 @@ def metered(request: web.Request, req: SpeechRequest, sse: bool) -> AudioMeter |
     """A fresh meter for this attempt's output, while metering is on."""
     if not request.app[METERING]:
         return None
-    meter = request[OUTCOME].meter = AudioMeter(req.response_format, sse=sse)
+    meter = request[OUTCOME].meter = AudioMeter(req.response_format, request.app[AUDIO_WORKERS], sse=sse)
     return meter
 
 
 def to_client_format(audio: AudioStream, job: SpeechJob, req: SpeechRequest,
-                     meter: AudioMeter | None) -> AsyncIterator[bytes]:
+                     meter: AudioMeter | None, workers: AudioWorkers) -> AsyncIterator[bytes]:
     """The engine's audio as the client asked: transcoded and time-stretched only where needed,
     measured (before any SSE framing of ours) when metering is on."""
     if audio.sse:
@@ -79,7 +80,7 @@ def to_client_format(audio: AudioStream, job: SpeechJob, req: SpeechRequest,
     speed = req.speed / (job.speed if audio.speed_applied else 1.0)
     chunks = audio.chunks
     if not audio.format.is_openai(req.response_format) or speed != 1.0:
-        chunks = encode(chunks, audio.format, req.response_format, speed)
+        chunks = encode(chunks, audio.format, req.response_format, speed, workers=workers)
     if meter is not None:
         chunks = meter.tap(chunks)
     if req.stream_format == "sse":

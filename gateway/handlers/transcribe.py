@@ -8,7 +8,6 @@ rendered from structure).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -20,6 +19,7 @@ from gateway.audio.transcripts import render
 from gateway.billing import sse_transcript_chars, transcript_text
 from gateway.errors import UnsupportedError
 from gateway.handlers.routing import first_success
+from gateway.lifecycle import AUDIO_WORKERS
 from gateway.mapping import Candidate
 from gateway.outcome import Outcome
 from gateway.spool import Form, read_form
@@ -38,7 +38,7 @@ async def translations(request: web.Request) -> web.StreamResponse:
 
 
 async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
-    form = await read_form(request, request[TABLE].config.server)
+    form = await read_form(request, request[TABLE].config.server, request.app[AUDIO_WORKERS])
     try:
         request[OUTCOME].bytes_in = form.upload.size if form.upload else 0
         req = validate_transcription(form.fields, task, form.upload is not None)
@@ -58,7 +58,9 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
         raise UnsupportedError(f"The model `{req.model}` cannot answer in response_format "
                                f"'{req.response_format}'.", param="response_format", code="unsupported_format")
     limit = table.config.server.max_audio_seconds
-    request[OUTCOME].input_audio_seconds = await asyncio.to_thread(upload_seconds, form.upload.file, limit)
+    upload = form.upload
+    with upload.workers.job():  # a 503 when the audio workers are saturated
+        request[OUTCOME].input_audio_seconds = await upload.workers.finish(upload_seconds, upload.view(), limit)
 
     async def attempt(candidate: Candidate) -> Transcript | Passthrough:
         request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model)

@@ -20,6 +20,7 @@ import pytest
 from gateway.adapters import espeak, pocketsphinx
 from gateway.adapters.base import SpeechJob, TranscriptionJob
 from gateway.audio.duration import encoded_seconds, upload_seconds
+from gateway.audio.workers import AudioWorkers
 from gateway.config import NativeVoice
 from gateway.lifecycle import TABLES
 from gateway.spool import Upload
@@ -169,7 +170,7 @@ def test_pocketsphinx_real_time_factor(servers: ServerThread, embedded: Gateway)
     sphinx, n = adapter(embedded, "sphinx"), 3
 
     async def direct_once() -> tuple[float, str]:
-        upload = Upload("speech.wav", "audio/wav", io.BytesIO(wav), len(wav))
+        upload = Upload("speech.wav", "audio/wav", io.BytesIO(wav), AudioWorkers(1, 0), len(wav))
         job = TranscriptionJob(request_id="bench", task="transcribe", public_model="whisper-1", model="en-us",
                                upload=upload)
         started = time.perf_counter()
