@@ -14,11 +14,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
 import httpx2 as httpx
 import pytest
 from aiohttp import web
 
-from gateway.config import DEFAULT_MAX_CONNECTIONS, ConfigError, parse_config
+from gateway.adapters import ADAPTERS
+from gateway.app import build_app
+from gateway.config import DEFAULT_MAX_CONNECTIONS, ConfigError, load_config, parse_config
+from gateway.connections import make_runner
+from gateway.lifecycle import TABLES
+from gateway.reload import RELOADER
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml
 from tests.fakes.engine import RECORDED
 from tests.fakes.openai_engine import FakeOpenAIEngine
@@ -156,3 +162,54 @@ def test_max_connections_is_a_backend_field_with_a_default(tmp_path: Path) -> No
             parse_config(backend(f", max_connections: {bad}"))
         assert info.value.problems[0].startswith("backends.speaches.max_connections: expected a number >= 1"), \
             info.value.problems
+
+
+def test_a_kept_backend_keeps_its_pool_and_a_replaced_one_closes(servers: ServerThread, gated: GatedEngine,
+                                                                 pool: ThreadPoolExecutor, tmp_path: Path) -> None:
+    """Reload: `calm` is unchanged (same adapter, same pool); `busy` gets a new cap, so a new adapter and pool,
+    and its old pool closes once the request still on it has finished."""
+    (tmp_path / "spool").mkdir()
+    path = tmp_path / "gateway.yaml"
+
+    def write(busy_cap: int) -> None:
+        text = capped_config(tmp_path / "spool", {"busy": (gated.url, busy_cap), "calm": (gated.url, 2)})
+        path.write_text(text.replace("server:\n", "server:\n  reload_interval_s: 0\n", 1))
+
+    async def start() -> Gateway:
+        config = load_config(path, kinds=ADAPTERS.keys())
+        app = build_app(config)
+        runner = make_runner(app, config.server, shutdown_timeout=2)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return Gateway(runner, app, runner.addresses[0][1], tmp_path / "spool")
+
+    def sessions() -> dict[str, aiohttp.ClientSession]:
+        """backend -> the pool its current adapter uses (the openai adapter's `http`), one the gateway owns."""
+        tables = gateway.app[TABLES]
+
+        def by_backend() -> dict[str, aiohttp.ClientSession]:
+            found = {name: a.http for name, a in tables.current.adapters.items()}  # type: ignore[attr-defined]
+            assert all(any(s is p for p in tables.upstreams.sessions()) for s in found.values())
+            return found
+        return servers.call(by_backend)
+
+    write(1)
+    gateway = servers.run(start())
+    try:
+        before = sessions()
+        assert before["busy"] is not before["calm"]
+        assert before["busy"].connector is not None and before["busy"].connector.limit == 1
+        held = pool.submit(speak, gateway, "tts-busy")
+        wait_for(lambda: gated.held == 1, timeout=5, what="a request on busy's old pool")
+        write(3)
+        assert servers.run(gateway.app[RELOADER].reload("test")) is True
+        after = sessions()
+        assert after["calm"] is before["calm"] and not after["calm"].closed
+        assert after["busy"] is not before["busy"] and after["busy"].connector.limit == 3  # type: ignore[union-attr]
+        assert not before["busy"].closed, "closed under the request still using it"
+        servers.call(gated.let_one_go)
+        assert held.result(10).status_code == 200
+        wait_for(lambda: before["busy"].closed, timeout=5, what="the replaced pool closed")
+    finally:
+        servers.run(gateway.runner.cleanup())
+    assert all(s.closed for s in (*before.values(), *after.values()))
