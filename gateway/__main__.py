@@ -8,11 +8,11 @@ import logging
 import sys
 from dataclasses import replace
 
-import aiohttp
-
 from gateway import __version__, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, load_config, unservable
+from gateway.logs import queued_logging
+from gateway.upstreams import Upstreams
 
 
 def _load(path: str) -> Config:
@@ -25,9 +25,10 @@ def _load(path: str) -> Config:
 
 
 async def _check_adapters(config: Config) -> None:
-    async with aiohttp.ClientSession() as http:
-        for adapter in (await build_adapters(config, http)).values():
-            await adapter.aclose()
+    upstreams = Upstreams()
+    for adapter in (await build_adapters(config, upstreams)).values():
+        await adapter.aclose()
+    await upstreams.aclose()
 
 
 def check_config(path: str) -> int:
@@ -71,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file; exit 1 listing every error")
     check.add_argument("path")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.command == "check-config":
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         return check_config(args.path)
-    logging.info("gateway %s starting with %s", __version__, args.config)
-    return serve(args.config, args.host, args.port)
+    with queued_logging():  # the event loop never writes to stderr itself (gateway/logs.py)
+        logging.info("gateway %s starting with %s", __version__, args.config)
+        return serve(args.config, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from aiohttp import web
 from gateway.body import JSON_BODY_LIMIT, defer_continue
 from gateway.config import Config
 from gateway.handlers import catalog, speech, transcribe
+from gateway.health import health_ctx
 from gateway.lifecycle import TABLES, backends_ctx, init_state, ledger_ctx, metrics_port_ctx, workers_ctx
 from gateway.metering import METRICS, metering_middleware, metrics_handler
 from gateway.middleware import (
@@ -66,6 +67,7 @@ def build_app(config: Config) -> web.Application:
     init_state(app, config)
     app.cleanup_ctx.append(workers_ctx)
     app.cleanup_ctx.append(backends_ctx)
+    app.cleanup_ctx.append(health_ctx)  # after the backends: it probes their adapters
     if Path(config.source).is_file():
         app.cleanup_ctx.append(reload_ctx)
     if config.ledger.sink != "off":

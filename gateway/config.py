@@ -23,6 +23,7 @@ from gateway.yaml_tree import YamlTree
 TASKS = ("speech", "transcription")
 DEFAULT_MAX_UPLOAD = 26_214_400
 DEFAULT_MAX_AUDIO_SECONDS = 7_200.0
+DEFAULT_MAX_CONNECTIONS = 64
 
 
 class ConfigError(Exception):
@@ -49,6 +50,9 @@ class Backend:
     timeouts: Timeouts = Timeouts()
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """Kind-specific settings; each adapter reads and checks its own."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Connections open to this backend at once (its own pool); beyond it a request waits for one, for
+    at most the backend's connect timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,11 @@ class Server:
     audio_queue: int = 64
     """Audio jobs (a transcoded stream, a decoded or measured upload) admitted beyond `audio_workers`;
     past `audio_workers + audio_queue` a new one gets a 503 with Retry-After."""
+    # -- backend health (gateway/health.py) --
+    probe_interval_s: float = 10.0
+    """Every backend is probed in the background this often (0: never; /readyz reports them unknown)."""
+    probe_timeout_s: float = 2.0
+    """A probe not answered within this long marks its backend down; independent of request timeouts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +202,8 @@ def _server(p: YamlTree, node: dict[str, Any]) -> Server:
         audio_workers=d.audio_workers if node.get("audio_workers") is None
         else int(p.number(node, "audio_workers", path, d.audio_workers, 1)),
         audio_queue=int(p.number(node, "audio_queue", path, d.audio_queue)),
+        probe_interval_s=p.number(node, "probe_interval_s", path, d.probe_interval_s),
+        probe_timeout_s=p.number(node, "probe_timeout_s", path, d.probe_timeout_s, 0.01),
     )
 
 
@@ -266,7 +277,7 @@ def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, .
     return tuple(keys)
 
 
-_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s"}
+_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "max_connections"}
 
 
 def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
@@ -287,7 +298,8 @@ def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[st
         )
         options = MappingProxyType({k: v for k, v in node.items() if k not in _BACKEND_FIELDS})
         backends[name] = Backend(name, kind, url.rstrip("/") if url else None,
-                                 p.str_(node, "api_key", path) or None, timeouts, options)
+                                 p.str_(node, "api_key", path) or None, timeouts, options,
+                                 int(p.number(node, "max_connections", path, DEFAULT_MAX_CONNECTIONS, 1)))
     return backends
 
 

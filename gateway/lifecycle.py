@@ -1,4 +1,4 @@
-"""App-wide state and its paired startup/cleanup: the HTTP client session, the adapters, draining."""
+"""App-wide state and its paired startup/cleanup: the backends' connection pools, the adapters, draining."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 
-import aiohttp
 from aiohttp import web
 
 from gateway.adapters import build_adapters
@@ -17,6 +16,7 @@ from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.mapping import Table
 from gateway.metering import LEDGER, METRICS, Metrics, metrics_handler
+from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway.lifecycle")
 
@@ -26,7 +26,9 @@ class TableHolder:
     started with. Snapshots share the adapters of unchanged backends, so an adapter is closed only
     once no live snapshot (the current one, or a replaced one still serving a request) holds it."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstreams: Upstreams) -> None:
+        self.upstreams = upstreams
+        """The adapters' connection pools, each closed with its adapter."""
         self._current: Table | None = None
         self._pins: dict[int, int] = {}
         self._retired: dict[int, Table] = {}
@@ -34,6 +36,8 @@ class TableHolder:
         self.idle = asyncio.Event()
         """Set while no request is being served."""
         self.idle.set()
+        self.changed = asyncio.Event()
+        """Set by each swap (a reload), so that the health prober probes the new table at once."""
 
     @property
     def current(self) -> Table:
@@ -68,6 +72,7 @@ class TableHolder:
 
     def swap(self, table: Table) -> None:
         old, self._current = self._current, table
+        self.changed.set()
         if old is None:
             return
         if self._pins.get(id(old)):
@@ -80,7 +85,7 @@ class TableHolder:
         live = {id(a) for t in (self._current, *self._retired.values()) if t for a in t.adapters.values()}
         orphans = [a for a in table.adapters.values() if id(a) not in live]
         if orphans:
-            task = asyncio.get_running_loop().create_task(close_adapters(orphans))
+            task = asyncio.get_running_loop().create_task(close_adapters(orphans, self.upstreams))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -89,23 +94,26 @@ class TableHolder:
         tables = [*self._retired.values(), *([self._current] if self._current else [])]
         self._retired.clear()
         self._current = None
-        await close_adapters(list({id(a): a for t in tables for a in t.adapters.values()}.values()))
+        await close_adapters(list({id(a): a for t in tables for a in t.adapters.values()}.values()),
+                             self.upstreams)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        await self.upstreams.aclose()
 
 
-async def close_adapters(adapters: Iterable[Adapter]) -> None:
+async def close_adapters(adapters: Iterable[Adapter], upstreams: Upstreams) -> None:
+    """Close each adapter, then its connection pool."""
     for adapter in adapters:
         try:
             await adapter.aclose()
         except Exception:
             log.exception("closing an adapter failed")
+        await upstreams.close(adapter)
 
 
 CONFIG = web.AppKey("config", Config)
 """The config the app was built with (the first snapshot's)."""
 TABLES = web.AppKey("tables", TableHolder)
-HTTP = web.AppKey("http", aiohttp.ClientSession)
 DRAINING = web.AppKey("draining", asyncio.Event)
 STARTED_AT = web.AppKey("started_at", float)
 METERING = web.AppKey("metering", bool)
@@ -113,19 +121,13 @@ METERING = web.AppKey("metering", bool)
 
 
 async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One ClientSession for all backends (no total timeout: streams are bounded per read), and the
-    adapters built on it; both closed at shutdown."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
-    # Bodies are relayed as they arrive, never decompressed: ask backends not to compress them.
-    http = app[HTTP] = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
-                                             auto_decompress=False, trust_env=False,
-                                             headers={"Accept-Encoding": "identity"})
-    app[TABLES].swap(Table(app[CONFIG], await build_adapters(app[CONFIG], http)))
+    """The adapters, each on a connection pool of its own (gateway.upstreams); all closed at shutdown."""
+    tables = app[TABLES]
+    tables.swap(Table(app[CONFIG], await build_adapters(app[CONFIG], tables.upstreams)))
     try:
         yield
     finally:
-        await app[TABLES].aclose()
-        await http.close()
+        await tables.aclose()
 
 
 AUDIO_WORKERS = web.AppKey("audio_workers", AudioWorkers)
@@ -167,7 +169,7 @@ async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def init_state(app: web.Application, config: Config) -> None:
     app[CONFIG] = config
-    app[TABLES] = TableHolder()
+    app[TABLES] = TableHolder(Upstreams())
     app[DRAINING] = asyncio.Event()
     app[STARTED_AT] = time.time()
     app[METERING] = config.metrics.enabled or config.ledger.sink != "off"

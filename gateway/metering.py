@@ -64,7 +64,7 @@ class Metrics:
                                       ["result"], registry=r)
         self.config_info = Gauge("gateway_config_info", "1, labelled with the loaded config's hash.", ["digest"],
                                  registry=r)
-        self.backend_up = Gauge("gateway_backend_up", "1 while a backend answers its readiness probe, else 0.",
+        self.backend_up = Gauge("gateway_backend_up", "1 while a backend answers its background probe, else 0.",
                                 ["backend"], registry=r)
 
     def config_loaded(self, digest: str) -> None:

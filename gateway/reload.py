@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway.adapters import ADAPTERS, build_adapters
 from gateway.config import Config, ConfigError, parse_config, read_config_text, unservable
-from gateway.lifecycle import CONFIG, HTTP, TABLES
+from gateway.lifecycle import CONFIG, TABLES
 from gateway.mapping import Table
 from gateway.metering import METRICS
 
@@ -69,7 +69,7 @@ class Reloader:
                 refused = unservable(config)
                 if refused:
                     raise ConfigError(refused)
-                adapters = await build_adapters(config, self.app[HTTP], reuse=current.adapters)
+                adapters = await build_adapters(config, self.app[TABLES].upstreams, reuse=current.adapters)
             except ConfigError as exc:
                 return self._failed(exc.problems)
             except Exception as exc:  # a bug of ours: logged with its traceback, and still survived

@@ -13,7 +13,7 @@ import os
 import textwrap
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,6 +79,8 @@ class Gateway:
 
 async def start_gateway(config_text: str, spool_dir: Path) -> Gateway:
     config = parse_config(config_text, kinds=ADAPTERS.keys())
+    if "probe_interval_s" not in config_text:  # background probes would land in the doubles' request records
+        config = replace(config, server=replace(config.server, probe_interval_s=0.0))
     app = build_app(config)
     runner = make_runner(app, config.server, shutdown_timeout=2)
     await runner.setup()

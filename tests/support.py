@@ -19,7 +19,8 @@ from typing import Any
 
 import openai
 
-from gateway.lifecycle import HTTP
+from gateway.health import HEALTH
+from gateway.lifecycle import TABLES
 from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, open_fds_matching, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine
 
@@ -82,20 +83,26 @@ def assert_clean(text: str, secrets: tuple[str, ...] = ()) -> None:
 
 
 def acquired_connections(servers: ServerThread, gateway: Gateway) -> int:
-    """Upstream connections the gateway's ClientSession has checked out (in use) right now."""
+    """Upstream connections the gateway's backend pools (gateway.upstreams) have checked out (in use) right now."""
 
     async def count() -> int:
-        session = gateway.app.get(HTTP)
-        if session is None or session.closed:
-            return 0
-        connector = session.connector
-        acquired = getattr(connector, "_acquired", None)
-        if acquired is None:  # a future aiohttp without the private set: count per host instead
-            per_host = getattr(connector, "_acquired_per_host", {})
-            return sum(len(v) for v in per_host.values())
-        return len(acquired)
+        tables = gateway.app.get(TABLES)
+        return 0 if tables is None else sum(_acquired(s.connector) for s in tables.upstreams.sessions() if not s.closed)
 
     return servers.run(count())
+
+
+def _acquired(connector: Any) -> int:
+    acquired = getattr(connector, "_acquired", None)
+    if acquired is None:  # a future aiohttp without the private set: count per host instead
+        return sum(len(v) for v in getattr(connector, "_acquired_per_host", {}).values())
+    return len(acquired)
+
+
+def probe_backends(servers: ServerThread, gateway: Gateway) -> None:
+    """One round of the gateway's background backend probes, now (test gateways do not probe on their own
+    unless their config sets server.probe_interval_s)."""
+    servers.run(gateway.app[HEALTH].probe())
 
 
 def spool_fds(gateway: Gateway) -> list[str]:

@@ -10,9 +10,9 @@ import httpx2
 import openai
 import pytest
 
-from tests.conftest import BETA_KEY, Gateway, engine_config
+from tests.conftest import BETA_KEY, Gateway, ServerThread, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine
-from tests.support import check_error, free_port
+from tests.support import check_error, free_port, probe_backends
 
 
 def test_models_list_shape(client: openai.OpenAI) -> None:
@@ -54,7 +54,9 @@ async def test_voices_need_a_key(gateway: Gateway) -> None:
                     code=None)
 
 
-async def test_healthz_and_readyz_without_a_key(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
+async def test_healthz_and_readyz_without_a_key(servers: ServerThread, gateway: Gateway,
+                                                engine: FakeOpenAIEngine) -> None:
+    probe_backends(servers, gateway)
     async with aiohttp.ClientSession() as s:
         async with s.get(gateway.url + "/healthz") as r:
             assert r.status == 200
@@ -70,30 +72,34 @@ async def test_healthz_and_readyz_without_a_key(gateway: Gateway, engine: FakeOp
     assert engine.last.path == "/v1/models"
 
 
-async def test_readyz_503_when_the_only_backend_is_down(make_gateway: Callable[[str], Gateway],
-                                                        tmp_path: Path) -> None:
+async def test_readyz_stays_200_when_the_only_backend_is_down(servers: ServerThread,
+                                                              make_gateway: Callable[[str], Gateway],
+                                                              tmp_path: Path) -> None:
+    """Readiness is "config loaded, not draining": a backend outage is reported, it does not unready the pod
+    (tests/test_health.py has the background prober itself)."""
     gw = make_gateway(engine_config(f"http://127.0.0.1:{free_port()}/v1", tmp_path / "spool"))
+    probe_backends(servers, gw)
     async with aiohttp.ClientSession() as s:
         async with s.get(gw.url + "/readyz") as r:
-            assert r.status == 503
+            assert r.status == 200
             body = await r.json()
             assert r.headers["x-request-id"]
-        async with s.get(gw.url + "/healthz") as r:
-            assert r.status == 200  # alive, just not ready
-    assert body["status"] == "unready"
+    assert body["status"] == "ready"
     assert body["backends"] == {"speaches": "down"}
     assert sorted(body["unroutable_models"]) == ["tts-1", "tts-1-hd", "whisper-1"]
     assert "127.0.0.1" not in str(body)
 
 
-async def test_readyz_follows_the_engine(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
+async def test_readyz_follows_the_probes(servers: ServerThread, gateway: Gateway, engine: FakeOpenAIEngine) -> None:
     async with aiohttp.ClientSession() as s:
         engine.mode = "500"
+        probe_backends(servers, gateway)
         async with s.get(gateway.url + "/readyz") as r:
-            assert r.status == 503
+            assert r.status == 200 and (await r.json())["backends"] == {"speaches": "down"}
         engine.mode = "ok"
+        probe_backends(servers, gateway)
         async with s.get(gateway.url + "/readyz") as r:
-            assert r.status == 200
+            assert r.status == 200 and (await r.json())["backends"] == {"speaches": "up"}
 
 
 @pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/audio/transcriptions", "/v1/models"])

@@ -137,13 +137,15 @@ async def test_invalid_options_close_the_adapters_already_built() -> None:
     import threading
 
     from gateway.adapters import build_adapters, unavailable_reason
+    from gateway.upstreams import Upstreams
 
     if unavailable_reason("pocketsphinx"):
         pytest.skip("the embedded engines are not installed")
     config = parse_config(VALID.replace("backends: {", "backends: {early: {kind: pocketsphinx}, ")
                           .replace("timeout_s: 120", "timeout_s: 120, bogus: 1"), kinds=KINDS, environ={})
     with pytest.raises(ConfigError) as info:
-        await build_adapters(config, None)  # type: ignore[arg-type]
+        await build_adapters(config, upstreams := Upstreams())
+    assert not upstreams.sessions()
     assert info.value.problems[0].startswith("backends.speaches.bogus: unknown option for kind 'openai'")
     assert not [t.name for t in threading.enumerate() if t.name.startswith("sphinx-early")]
 

@@ -10,11 +10,10 @@ import importlib
 import logging
 from collections.abc import Mapping
 
-import aiohttp
-
 from gateway.adapters.base import Adapter
 from gateway.adapters.unavailable import UnavailableAdapter
 from gateway.config import Config, ConfigError
+from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway.adapters")
 
@@ -52,14 +51,14 @@ def unavailable_kinds(config: Config) -> dict[str, str]:
     return found
 
 
-async def build_adapters(config: Config, http: aiohttp.ClientSession,
+async def build_adapters(config: Config, upstreams: Upstreams,
                          reuse: Mapping[str, Adapter] | None = None) -> dict[str, Adapter]:
-    """One adapter per configured backend. An adapter in `reuse` (the serving table's) whose backend
-    is unchanged is kept, with its loaded model, its threads and its caches; a reload rebuilds only
-    what changed. A backend whose kind cannot run here gets a stand-in that fails its requests (and
-    its readiness), so the rest of the table still serves. If any backend cannot be built, whatever
-    its constructor raised, the adapters built here are closed again (not the reused ones) and every
-    problem is raised by path."""
+    """One adapter per configured backend, each on a connection pool of its own (`upstreams`, closed with
+    it). An adapter in `reuse` (the serving table's) whose backend is unchanged is kept, with its loaded
+    model, its threads, its caches and its pool; a reload rebuilds only what changed. A backend whose
+    kind cannot run here gets a stand-in that fails its requests (and its readiness), so the rest of
+    the table still serves. If any backend cannot be built, whatever its constructor raised, the
+    adapters built here are closed again (not the reused ones) and every problem is raised by path."""
     unavailable = unavailable_kinds(config)
     adapters: dict[str, Adapter] = {}
     built: list[Adapter] = []
@@ -70,14 +69,18 @@ async def build_adapters(config: Config, http: aiohttp.ClientSession,
             adapters[name] = kept
             continue
         why = unavailable.get(f"backends.{name}.kind")
+        http = upstreams.open(backend)
         try:
             adapter = UnavailableAdapter(backend, http, why) if why else adapter_class(backend.kind)(backend, http)
         except ValueError as exc:  # the adapter's own check of its options, already by path
             problems.append(str(exc))
+            await http.close()
             continue
         except Exception as exc:  # anything else an option can provoke (a non-string key: TypeError)
             problems.append(f"backends.{name}: cannot build a '{backend.kind}' backend: {type(exc).__name__}: {exc}")
+            await http.close()
             continue
+        upstreams.attach(adapter, http)
         if why:
             log.error("backends.%s.kind: %s", name, why)
         adapters[name] = adapter
@@ -85,5 +88,6 @@ async def build_adapters(config: Config, http: aiohttp.ClientSession,
     if problems:
         for adapter in built:
             await adapter.aclose()
+            await upstreams.close(adapter)
         raise ConfigError(problems)
     return adapters

@@ -40,7 +40,7 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
-from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import Reason, UpstreamError
@@ -119,8 +119,7 @@ class AzureSpeechAdapter:
         self.user_agent = str(opts.get("user_agent") or USER_AGENT)
         self.backend = backend
         self.http = http
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
-                                             sock_read=backend.timeouts.read)
+        self.timeout = request_timeout(backend)
 
     def _headers(self, **extra: str) -> dict[str, str]:
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity", **extra}

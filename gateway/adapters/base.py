@@ -112,7 +112,8 @@ class Passthrough:
 
 
 class Adapter(Protocol):
-    """One per engine API. Constructed once per configured backend, closed at shutdown."""
+    """One per engine API. Constructed once per configured backend, closed at shutdown. `http` is the
+    backend's own connection pool (gateway.upstreams), closed after the adapter."""
 
     kind: ClassVar[str]
     capabilities: ClassVar[Capabilities]
@@ -136,7 +137,7 @@ def check_options(backend: Backend, known: Collection[str]) -> None:
     """Refuse YAML keys a kind does not know, by path (a typo must not be silently ignored)."""
     unknown = sorted(set(backend.options) - set(known))
     if unknown:
-        listed = ", ".join(["url", "api_key", "timeout_s", "connect_timeout_s", *sorted(known)])
+        listed = ", ".join(["url", "api_key", "timeout_s", "connect_timeout_s", "max_connections", *sorted(known)])
         raise ValueError(f"backends.{backend.name}.{unknown[0]}: unknown option for kind '{backend.kind}' "
                          f"(known: {listed})")
 

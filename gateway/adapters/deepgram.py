@@ -37,7 +37,7 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
-from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import Reason, UpstreamError
@@ -84,8 +84,7 @@ class DeepgramAdapter:
         self.backend = backend
         self.http = http
         self.url = (backend.url or DEFAULT_URL).removesuffix("/v1")
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
-                                             sock_read=backend.timeouts.read)
+        self.timeout = request_timeout(backend)
 
     def _headers(self, accept: str, content_type: str | None = None) -> dict[str, str]:
         # identity: the gateway's session does not decompress, and audio is relayed byte for byte

@@ -32,7 +32,7 @@ from gateway.adapters.base import (
     upstream_errors,
 )
 from gateway.adapters.engine_errors import Complaint
-from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, stream_body
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout, stream_body
 from gateway.audio.formats import AudioFormat, pcm
 from gateway.audio.transcripts import WORD_PUNCT
 from gateway.config import Backend
@@ -81,8 +81,7 @@ class ElevenLabsAdapter:
         self.backend = backend
         self.http = http
         self.url = backend.url or DEFAULT_URL
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
-                                             sock_read=backend.timeouts.read)
+        self.timeout = request_timeout(backend)
         self.voice_settings, self.query = _options(backend)
 
     def _headers(self) -> dict[str, str]:

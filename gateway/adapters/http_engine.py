@@ -18,6 +18,14 @@ MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024
 """A transcript body or transcript event stream larger than this is garbage (an hour of speech is ~1 MB of JSON)."""
 
 
+def request_timeout(backend: Backend) -> aiohttp.ClientTimeout:
+    """No cap on a whole call (a stream lasts as long as the speech); `connect` covers the wait for a free
+    connection in the backend's pool (max_connections, gateway.upstreams) and connecting; `sock_read` is
+    the longest silence between two reads."""
+    return aiohttp.ClientTimeout(total=None, connect=backend.timeouts.connect, sock_connect=backend.timeouts.connect,
+                                 sock_read=backend.timeouts.read)
+
+
 async def raise_for_status(backend: Backend, response: aiohttp.ClientResponse, *,
                            fields: Mapping[str, str] | None = None, refine: Refine | None = None) -> None:
     """Raise the mapped error (after reading a bounded error body) unless the status is 2xx: the adapter's

@@ -29,6 +29,7 @@ from gateway.adapters.http_engine import (
     probe,
     raise_for_status,
     read_transcript,
+    request_timeout,
     stream_body,
 )
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
@@ -58,8 +59,7 @@ class OpenAIAdapter:
         check_options(backend, ())
         self.backend = backend
         self.http = http
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
-                                             sock_read=backend.timeouts.read)
+        self.timeout = request_timeout(backend)
 
     def _headers(self, request_id: str, accept: str) -> dict[str, str]:
         headers = {"X-Request-ID": request_id, "Accept": accept}

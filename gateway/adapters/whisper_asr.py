@@ -34,7 +34,7 @@ from gateway.adapters.base import (
     upstream_errors,
 )
 from gateway.adapters.engine_errors import Complaint
-from gateway.adapters.http_engine import probe, raise_for_status, read_transcript
+from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout
 from gateway.adapters.redact import redact
 from gateway.audio.transcripts import LANGUAGES
 from gateway.config import Backend
@@ -74,8 +74,7 @@ class WhisperAsrAdapter:
         self.http = http
         self.word_timestamps: bool = flags["word_timestamps"]
         self.vad_filter: bool = flags["vad_filter"]
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.timeouts.connect,
-                                             sock_read=backend.timeouts.read)
+        self.timeout = request_timeout(backend)
         self._in_flight = 0
 
     def _headers(self, request_id: str) -> dict[str, str]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from gateway.config import Model
 from gateway.errors import model_not_found
+from gateway.health import HEALTH
 from gateway.lifecycle import DRAINING, STARTED_AT
-from gateway.metering import METRICS
 from gateway.state import IDENTITY, TABLE
 
 
@@ -43,19 +41,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready while not draining and every model has at least one route whose backend answers."""
+    """Ready while the config is loaded and the gateway is not draining; answered from memory, never waiting
+    on a backend. The body reports each backend's last background probe (gateway.health) and the models
+    none of whose backends answered it: informative, not fatal (their requests fail over or get a 502)."""
     table = request[TABLE]
-    if request.app[DRAINING].is_set():
-        return web.json_response({"status": "draining"}, status=503)
-    names = list(table.adapters)
-    states = await asyncio.gather(*(table.adapters[n].ready() for n in names))
-    backends = dict(zip(names, states, strict=True))
-    metrics = request.app.get(METRICS)
-    if metrics is not None:
-        for name, up in backends.items():
-            metrics.backend_up.labels(name).set(1 if up else 0)
-    unroutable = [m.name for m in table.config.models.values() if not any(backends[r.backend] for r in m.routes)]
-    ready = not unroutable
-    body = {"status": "ready" if ready else "unready", "config": table.config.digest,
-            "backends": {n: "up" if up else "down" for n, up in backends.items()}, "unroutable_models": unroutable}
-    return web.json_response(body, status=200 if ready else 503)
+    draining = request.app[DRAINING].is_set()
+    state = request.app[HEALTH].state(table)
+    down = {name for name, (status, _) in state.items() if status == "down"}
+    unroutable = [m.name for m in table.config.models.values() if all(r.backend in down for r in m.routes)]
+    body = {"status": "draining" if draining else "ready", "config": table.config.digest,
+            "backends": {name: status for name, (status, _) in state.items()},
+            "probe_age_s": {name: age for name, (_, age) in state.items()}, "unroutable_models": unroutable}
+    return web.json_response(body, status=503 if draining else 200)

@@ -36,7 +36,7 @@ from tests.adapters.common import (
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.azure_speech_engine import FakeAzureSpeech, speech_seconds
 from tests.fakes.deepgram_engine import tone
-from tests.support import assert_settled, expect_error
+from tests.support import assert_settled, expect_error, probe_backends
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 SENTENCE = "Hello from the gateway. This sentence is spoken by an Azure neural voice."
@@ -308,12 +308,14 @@ def test_drop_mid_transcript_is_502(client: openai.OpenAI, engine: FakeAzureSpee
 # -- readiness and configuration ------------------------------------------------------------------------------
 
 
-def test_readiness_gets_the_voice_list(gateway: Gateway, engine: FakeAzureSpeech) -> None:
+def test_readiness_gets_the_voice_list(servers: ServerThread, gateway: Gateway, engine: FakeAzureSpeech) -> None:
     with httpx2.Client() as http:
+        probe_backends(servers, gateway)
         assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"azure": "up"}
         assert [(r.method, r.path) for r in engine.requests] == [("GET", "/cognitiveservices/voices/list")]
         assert engine.last.headers["Ocp-Apim-Subscription-Key"] == ENGINE_KEY
         engine.mode = "401"
+        probe_backends(servers, gateway)
         assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"azure": "down"}
 
 

@@ -35,7 +35,7 @@ from tests.adapters.common import (
 )
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.deepgram_engine import FakeDeepgram, speech_seconds, tone
-from tests.support import assert_settled, expect_error
+from tests.support import assert_settled, expect_error, probe_backends
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 SENTENCE = "Hello from the gateway. This sentence is spoken by Deepgram's Aura."
@@ -293,14 +293,18 @@ def test_drop_mid_transcript_is_502(client: openai.OpenAI, engine: FakeDeepgram)
 # -- readiness and configuration ------------------------------------------------------------------------------
 
 
-def test_readiness_is_an_authenticated_get_that_never_bills(gateway: Gateway, engine: FakeDeepgram) -> None:
+def test_readiness_is_an_authenticated_get_that_never_bills(servers: ServerThread, gateway: Gateway,
+                                                            engine: FakeDeepgram) -> None:
     with httpx2.Client() as http:
+        probe_backends(servers, gateway)
         assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"deepgram": "up"}
         assert [(r.method, r.path) for r in engine.requests] == [("GET", "/v1/projects")]
         assert engine.last.headers["Authorization"] == f"Token {ENGINE_KEY}"
         engine.mode = "401"
+        probe_backends(servers, gateway)
         assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"deepgram": "down"}
         engine.mode = "403"  # a key without management scope still transcribes and speaks
+        probe_backends(servers, gateway)
         assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"deepgram": "up"}
 
 

@@ -26,6 +26,7 @@ from openai.types.audio import TranscriptionVerbose
 from gateway.adapters import ADAPTERS, build_adapters
 from gateway.adapters.elevenlabs import ElevenLabsAdapter
 from gateway.config import Backend, ConfigError, parse_config
+from gateway.upstreams import Upstreams
 from tests.adapters.common import (
     expect_bad_gateway,
     expect_rate_limited,
@@ -36,7 +37,7 @@ from tests.adapters.common import (
 )
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.elevenlabs_engine import FakeElevenLabs, speech_seconds, synth
-from tests.support import assert_settled, expect_error
+from tests.support import assert_settled, expect_error, probe_backends
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The gateway speaks through ElevenLabs, one sentence at a time."  # 62 chars: 3.1 s of audio
@@ -358,14 +359,17 @@ def test_hanging_engine_is_504(servers: ServerThread, client: openai.OpenAI, gat
 # -- readiness and configuration ---------------------------------------------------------------------------
 
 
-def test_readiness_lists_voices_and_never_synthesizes(gateway: Gateway, engine: FakeElevenLabs) -> None:
+def test_readiness_lists_voices_and_never_synthesizes(servers: ServerThread, gateway: Gateway,
+                                                      engine: FakeElevenLabs) -> None:
+    probe_backends(servers, gateway)
     ready = httpx2.get(f"{gateway.url}/readyz")
     assert ready.status_code == 200 and ready.json()["backends"] == {"eleven": "up"}
     assert [(r.method, r.path, r.headers["xi-api-key"]) for r in engine.requests] == [
         ("GET", "/v1/voices", ENGINE_KEY)]
     engine.api_key = "rotated"
+    probe_backends(servers, gateway)
     down = httpx2.get(f"{gateway.url}/readyz")
-    assert down.status_code == 503 and down.json()["backends"] == {"eleven": "down"}
+    assert down.status_code == 200 and down.json()["backends"] == {"eleven": "down"}
     assert {r.path for r in engine.requests} == {"/v1/voices"}
 
 
@@ -380,8 +384,9 @@ def test_readiness_lists_voices_and_never_synthesizes(gateway: Gateway, engine: 
 async def test_bad_options_are_config_errors_by_path(tmp_path: Path, extra: str, problem: str) -> None:
     parsed = parse_config(config("http://127.0.0.1:9", tmp_path, extra), kinds=ADAPTERS.keys())
     with pytest.raises(ConfigError) as info:
-        await build_adapters(parsed, None)  # type: ignore[arg-type]
+        await build_adapters(parsed, upstreams := Upstreams())
     assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+    assert not upstreams.sessions()  # the refused backend's pool is closed again
 
 
 def test_default_url_is_elevenlabs() -> None:
