@@ -18,6 +18,7 @@ import logging
 import socket
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,7 @@ def broken(servers: ServerThread, engine: FakeOpenAIEngine, tmp_path: Path, ledg
     (tmp_path / "spool").mkdir()
     config = parse_config(metered_config(engine.url, tmp_path / "spool", ledger_path=ledger_path),
                           kinds=ADAPTERS.keys())
+    config = replace(config, server=replace(config.server, probe_interval_s=0.0))  # only the test's requests
     app = build_app(config)
     app.router.add_put("/v1/audio/speech", broken_speech)
 
