@@ -2,9 +2,9 @@
 
 A request passes, in order:
   1. request_id_middleware  (middleware.py)  adopt or mint x-request-id
-  2. table_middleware       (app.py)         pin the mapping-table snapshot for the whole request
+  2. table_middleware       (table.py)       pin the mapping-table snapshot for the whole request
   3. access_log_middleware  (middleware.py)  one JSON line when it finishes, also on disconnect
-  4. metering_middleware    (metering.py)    bill it once: metrics and one usage-ledger record
+  4. metering_middleware    (middleware.py)  bill it once (usage.py): metrics and one usage-ledger record
   5. error_middleware       (middleware.py)  anything raised inside becomes an OpenAI error body
   6. auth_middleware        (middleware.py)  /v1 only: gateway key -> tenant identity
   7. the handler            (handlers/)      validate -> resolve model -> adapter -> relay or render
@@ -26,29 +26,20 @@ from gateway.body import JSON_BODY_LIMIT, defer_continue
 from gateway.config import Config
 from gateway.handlers import catalog, speech, transcribe
 from gateway.health import health_ctx
-from gateway.lifecycle import TABLES, backends_ctx, init_state, ledger_ctx, metrics_port_ctx, workers_ctx
-from gateway.metering import METRICS, metering_middleware, metrics_handler
+from gateway.lifecycle import backends_ctx, init_state, ledger_ctx, metrics_port_ctx, workers_ctx
+from gateway.metering import metrics_handler
 from gateway.middleware import (
     access_log_middleware,
     add_request_id_header,
     auth_middleware,
     error_middleware,
+    metering_middleware,
     request_id_middleware,
 )
 from gateway.openapi import openapi_json
 from gateway.reload import reload_ctx
-from gateway.state import TABLE
-
-
-@web.middleware
-async def table_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Pin the current mapping-table snapshot for the whole request."""
-    tables = request.app[TABLES]
-    table = request[TABLE] = tables.pin()
-    try:
-        return await handler(request)
-    finally:
-        tables.unpin(table)
+from gateway.state import METRICS
+from gateway.table import table_middleware
 
 
 def build_app(config: Config) -> web.Application:

@@ -21,8 +21,9 @@ from contextlib import asynccontextmanager
 from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
-from gateway.connections import CONTINUED, GuardedHandler, awaits_continue
+from gateway.connections import GuardedHandler, awaits_continue
 from gateway.errors import ExpectationFailedError, InvalidRequestError, PayloadTooLargeError, RequestTimeoutError
+from gateway.state import CONTINUED
 
 JSON_BODY_LIMIT = 1_048_576
 """Speech bodies are JSON with at most 2 x 4096 characters of text; uploads have max_upload_bytes."""

@@ -36,11 +36,10 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from gateway.config import Server
 from gateway.errors import GatewayError, HeadersTooLargeError, InvalidRequestError, ServiceUnavailableError
+from gateway.state import CONTINUED
 
 log = logging.getLogger("gateway")
 
-CONTINUED = web.RequestKey("continued", bool)
-"""Set by gateway.body once "100 Continue" has been written for this request."""
 
 
 def awaits_continue(request: web.BaseRequest) -> bool:

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from gateway.adapters.base import Adapter
 from gateway.config import Backend
-from gateway.lifecycle import CONFIG, TABLES, TableHolder
-from gateway.mapping import Table
-from gateway.metering import METRICS, Metrics
+from gateway.metering import Metrics
+from gateway.state import CONFIG, HEALTH, METRICS, TABLES
+from gateway.table import Table, TableHolder
 
 log = logging.getLogger("gateway.health")
 
@@ -100,7 +100,6 @@ class Health:
                 pass
 
 
-HEALTH = web.AppKey("health", Health)
 
 
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:

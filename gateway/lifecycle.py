@@ -5,119 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from gateway.adapters import build_adapters
-from gateway.adapters.base import Adapter
 from gateway.audio.workers import AudioWorkers
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
-from gateway.mapping import Table
-from gateway.metering import LEDGER, METRICS, Metrics, metrics_handler
+from gateway.metering import Metrics, metrics_handler
+from gateway.state import AUDIO_WORKERS, CONFIG, DRAINING, LEDGER, METERING, METRICS, STARTED_AT, TABLES
+from gateway.table import Table, TableHolder
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway.lifecycle")
 
 
-class TableHolder:
-    """The current mapping-table snapshot. A reload swaps it whole; each request pins the snapshot it
-    started with. Snapshots share the adapters of unchanged backends, so an adapter is closed only
-    once no live snapshot (the current one, or a replaced one still serving a request) holds it."""
-
-    def __init__(self, upstreams: Upstreams) -> None:
-        self.upstreams = upstreams
-        """The adapters' connection pools, each closed with its adapter."""
-        self._current: Table | None = None
-        self._pins: dict[int, int] = {}
-        self._retired: dict[int, Table] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-        self.idle = asyncio.Event()
-        """Set while no request is being served."""
-        self.idle.set()
-        self.changed = asyncio.Event()
-        """Set by each swap (a reload), so that the health prober probes the new table at once."""
-
-    @property
-    def current(self) -> Table:
-        if self._current is None:
-            raise RuntimeError("the gateway has not started")
-        return self._current
-
-    @property
-    def serving(self) -> bool:
-        """A snapshot is loaded: after startup and before shutdown."""
-        return self._current is not None
-
-    @property
-    def in_flight(self) -> int:
-        """Requests being served, on any snapshot."""
-        return sum(self._pins.values())
-
-    def pin(self) -> Table:
-        table = self.current
-        self._pins[id(table)] = self._pins.get(id(table), 0) + 1
-        self.idle.clear()
-        return table
-
-    def unpin(self, table: Table) -> None:
-        left = self._pins[id(table)] = self._pins[id(table)] - 1
-        if left == 0:
-            del self._pins[id(table)]
-            if id(table) in self._retired:
-                self._release(self._retired.pop(id(table)))
-            if not self._pins:
-                self.idle.set()
-
-    def swap(self, table: Table) -> None:
-        old, self._current = self._current, table
-        self.changed.set()
-        if old is None:
-            return
-        if self._pins.get(id(old)):
-            self._retired[id(old)] = old
-        else:
-            self._release(old)
-
-    def _release(self, table: Table) -> None:
-        """`table` serves nothing any more: close those of its adapters no live snapshot holds."""
-        live = {id(a) for t in (self._current, *self._retired.values()) if t for a in t.adapters.values()}
-        orphans = [a for a in table.adapters.values() if id(a) not in live]
-        if orphans:
-            task = asyncio.get_running_loop().create_task(close_adapters(orphans, self.upstreams))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    async def aclose(self) -> None:
-        """Close every snapshot's adapters (each once): the current one, retired ones, those being closed."""
-        tables = [*self._retired.values(), *([self._current] if self._current else [])]
-        self._retired.clear()
-        self._current = None
-        await close_adapters(list({id(a): a for t in tables for a in t.adapters.values()}.values()),
-                             self.upstreams)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-        await self.upstreams.aclose()
-
-
-async def close_adapters(adapters: Iterable[Adapter], upstreams: Upstreams) -> None:
-    """Close each adapter, then its connection pool."""
-    for adapter in adapters:
-        try:
-            await adapter.aclose()
-        except Exception:
-            log.exception("closing an adapter failed")
-        await upstreams.close(adapter)
-
-
-CONFIG = web.AppKey("config", Config)
-"""The config the app was built with (the first snapshot's)."""
-TABLES = web.AppKey("tables", TableHolder)
-DRAINING = web.AppKey("draining", asyncio.Event)
-STARTED_AT = web.AppKey("started_at", float)
-METERING = web.AppKey("metering", bool)
-"""Whether requests are metered at all (metrics or a ledger on)."""
 
 
 async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -130,7 +33,6 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
         await tables.aclose()
 
 
-AUDIO_WORKERS = web.AppKey("audio_workers", AudioWorkers)
 
 
 async def workers_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,5 +1,5 @@
-"""Prometheus metrics (declared once, bounded labels) and the metering middleware that bills and
-records every finished request exactly once: metrics, then one usage-ledger record.
+"""Prometheus metrics, declared once with bounded labels. What they count is recorded once per request
+by `gateway.usage.record` (from `gateway.middleware.metering_middleware`).
 
 Label values only ever come from bounded sets: configured model, backend and tenant names, the
 gateway's own routes, status codes and the adapters' fixed failure reasons. A model or voice a
@@ -8,9 +8,6 @@ client invents never creates a time series.
 
 from __future__ import annotations
 
-import asyncio
-import datetime
-import time
 from typing import Any
 
 from aiohttp import web
@@ -18,11 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway import __version__
-from gateway.billing import bill
 from gateway.errors import REASONS
-from gateway.ledger import LedgerWriter, UsageRecord
-from gateway.outcome import Outcome
-from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
 
 ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models",
                        "/v1/models/{model}", "/openapi.json",
@@ -75,83 +68,12 @@ class Metrics:
         self.upstream_errors.labels(backend, reason if reason in REASONS else "other").inc()
 
 
-METRICS = web.AppKey("metrics", Metrics)
-LEDGER = web.AppKey("ledger", LedgerWriter)
 
 
 def endpoint_of(request: web.Request) -> str:
     resource = request.match_info.route.resource
     canonical = resource.canonical if resource is not None else ""
     return canonical if canonical in ENDPOINTS else "other"
-
-
-@web.middleware
-async def metering_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Counts the request in flight, then bills and records it once it is over, whatever happened.
-    Measuring encoded speech output takes a worker thread; that wait is shielded, so a client
-    disconnect cannot cut the recording short or skip it. Everything else records synchronously."""
-    endpoint = endpoint_of(request)
-    metrics = request.app.get(METRICS)
-    if metrics is not None:
-        metrics.in_flight.labels(endpoint).inc()
-    outcome = request[OUTCOME]
-    try:
-        response = await handler(request)
-        outcome.sent(response)
-        return response
-    finally:
-        if metrics is not None:
-            metrics.in_flight.labels(endpoint).dec()
-        meter = outcome.meter
-        if meter is not None and meter.needs_decoding:
-            await asyncio.shield(measure_then_record(request, endpoint, outcome.status or 499))
-        else:
-            if meter is not None:
-                outcome.output_audio_seconds = meter.counted_seconds()
-            record(request, endpoint, outcome.status or 499)
-
-
-async def measure_then_record(request: web.Request, endpoint: str, status: int) -> None:
-    outcome: Outcome = request[OUTCOME]
-    assert outcome.meter is not None
-    outcome.output_audio_seconds = await outcome.meter.seconds()
-    record(request, endpoint, status)
-
-
-def record(request: web.Request, endpoint: str, status: int) -> None:
-    """Bill the finished request once, then count it in the metrics and write its ledger record."""
-    outcome: Outcome = request[OUTCOME]
-    identity = request.get(IDENTITY)
-    tenant = identity.tenant if identity else ""
-    model = outcome.public_model or ""
-    backend = outcome.backend or ""
-    config = request[TABLE].config
-    price = config.models[model].price if model in config.models else None
-    billed = bill(outcome, status, price)
-    metrics = request.app.get(METRICS)
-    if metrics is not None:
-        metrics.requests.labels(endpoint, model, backend, tenant, str(status)).inc()
-        metrics.duration.labels(endpoint, model, backend).observe(time.monotonic() - outcome.started)
-        metrics.request_bytes.labels(endpoint).inc(outcome.bytes_in or request.content_length or 0)
-        metrics.response_bytes.labels(endpoint).inc(outcome.bytes_out)
-        if outcome.first_byte_at is not None and endpoint == "/v1/audio/speech":
-            metrics.first_byte.labels(model).observe(outcome.first_byte_at - outcome.started)
-        if billed.billable:
-            metrics.characters.labels(tenant, model).inc(billed.characters)
-            metrics.audio_seconds.labels(tenant, model, endpoint).inc(billed.audio_seconds)
-            if billed.cost_usd is not None:
-                metrics.cost.labels(tenant, model).inc(billed.cost_usd)
-    ledger = request.app.get(LEDGER)
-    if ledger is not None and endpoint in BILLED_ENDPOINTS and identity is not None:  # no key, no ledger line
-        ledger.write(UsageRecord(
-            request_id=request[REQUEST_ID], time=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-            tenant=identity.tenant if identity else None, key=identity.key_name if identity else None,
-            endpoint=endpoint, model=outcome.public_model, backend=outcome.backend, native_model=outcome.native_model,
-            voice=outcome.voice, characters=billed.characters, audio_seconds=billed.audio_seconds,
-            cost_usd=billed.cost_usd, status=status, billable=billed.billable, completed=billed.completed))
-
-
-BILLED_ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations"})
 
 
 def metrics_handler(metrics: Metrics) -> Any:

@@ -1,10 +1,11 @@
-"""The request pipeline's stages: request id, access log, OpenAI errors, authentication.
+"""The request pipeline's stages: request id, access log, metering, OpenAI errors, authentication.
 
 Their order is set in `gateway.app.build_app`; each stage here is small and does one thing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,9 +17,10 @@ from aiohttp import web
 
 from gateway.auth import authenticate, presented_key
 from gateway.errors import GatewayError, from_http_exception
-from gateway.outcome import Outcome
-from gateway.state import FAILURE, IDENTITY, OUTCOME, PREPARED, REQUEST_ID, TABLE
+from gateway.metering import endpoint_of
+from gateway.state import FAILURE, IDENTITY, METRICS, OUTCOME, PREPARED, REQUEST_ID, TABLE
 from gateway.streaming import abandon
+from gateway.usage import Outcome, measure_then_record, record
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -116,3 +118,29 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     if request.path.startswith("/v1/") and request.method != "OPTIONS":
         request[IDENTITY] = authenticate(request[TABLE].config, presented_key(request))
     return await handler(request)
+
+
+@web.middleware
+async def metering_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Counts the request in flight, then bills and records it once it is over, whatever happened.
+    Measuring encoded speech output takes a worker thread; that wait is shielded, so a client
+    disconnect cannot cut the recording short or skip it. Everything else records synchronously."""
+    endpoint = endpoint_of(request)
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.in_flight.labels(endpoint).inc()
+    outcome = request[OUTCOME]
+    try:
+        response = await handler(request)
+        outcome.sent(response)
+        return response
+    finally:
+        if metrics is not None:
+            metrics.in_flight.labels(endpoint).dec()
+        meter = outcome.meter
+        if meter is not None and meter.needs_decoding:
+            await asyncio.shield(measure_then_record(request, endpoint, outcome.status or 499))
+        else:
+            if meter is not None:
+                outcome.output_audio_seconds = meter.counted_seconds()
+            record(request, endpoint, outcome.status or 499)

@@ -25,9 +25,8 @@ from aiohttp import web
 
 from gateway.adapters import ADAPTERS, build_adapters
 from gateway.config import Config, ConfigError, parse_config, read_config_text, unservable
-from gateway.lifecycle import CONFIG, TABLES
-from gateway.mapping import Table
-from gateway.metering import METRICS
+from gateway.state import CONFIG, METRICS, RELOADER, TABLES
+from gateway.table import Table
 
 log = logging.getLogger("gateway.reload")
 
@@ -120,7 +119,6 @@ class Reloader:
         await asyncio.gather(*self._requested, return_exceptions=True)
 
 
-RELOADER = web.AppKey("reloader", Reloader)
 
 
 async def reload_ctx(app: web.Application) -> AsyncIterator[None]:

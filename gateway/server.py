@@ -22,8 +22,7 @@ from aiohttp import web
 from gateway.app import build_app
 from gateway.config import Config
 from gateway.connections import make_runner
-from gateway.lifecycle import DRAINING, TABLES
-from gateway.reload import RELOADER
+from gateway.state import DRAINING, RELOADER, TABLES
 
 log = logging.getLogger("gateway")
 

@@ -1,20 +1,54 @@
-"""Typed per-request state shared by middlewares and handlers (aiohttp RequestKeys)."""
+"""Every key of the gateway's shared state, in one place: per app (AppKey) and per request (RequestKey).
+
+The types are imported for type checkers only, so that any module can import its keys from here
+without an import cycle.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
-from gateway.auth import Identity
-from gateway.errors import GatewayError
-from gateway.mapping import Table
-from gateway.outcome import Outcome
+if TYPE_CHECKING:
+    from gateway.audio.workers import AudioWorkers
+    from gateway.auth import Identity
+    from gateway.config import Config
+    from gateway.errors import GatewayError
+    from gateway.health import Health
+    from gateway.ledger import LedgerWriter
+    from gateway.metering import Metrics
+    from gateway.reload import Reloader
+    from gateway.table import Table, TableHolder
+    from gateway.usage import Outcome
 
-REQUEST_ID = web.RequestKey("request_id", str)
-IDENTITY = web.RequestKey("identity", Identity)
-FAILURE = web.RequestKey("failure", GatewayError)
+# -- per app (gateway.lifecycle sets most of them up) ---------------------------------------------------------
+
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+"""The config the app was built with (the first snapshot's)."""
+TABLES: web.AppKey[TableHolder] = web.AppKey("tables")
+"""The current mapping-table snapshot, swapped whole by a reload."""
+DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
+STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
+METERING: web.AppKey[bool] = web.AppKey("metering")
+"""Whether requests are metered at all (metrics or a ledger on)."""
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+LEDGER: web.AppKey[LedgerWriter] = web.AppKey("ledger")
+AUDIO_WORKERS: web.AppKey[AudioWorkers] = web.AppKey("audio_workers")
+HEALTH: web.AppKey[Health] = web.AppKey("health")
+RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
+
+# -- per request -----------------------------------------------------------------------------------------------
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
+IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
+FAILURE: web.RequestKey[GatewayError] = web.RequestKey("failure")
 """The error a request ended with, for the access log and metering."""
-OUTCOME = web.RequestKey("outcome", Outcome)
-PREPARED = web.RequestKey("prepared", web.StreamResponse)
+OUTCOME: web.RequestKey[Outcome] = web.RequestKey("outcome")
+PREPARED: web.RequestKey[web.StreamResponse] = web.RequestKey("prepared")
 """The response whose status line went out (gateway.streaming): no other response may follow it."""
-TABLE = web.RequestKey("table", Table)
+TABLE: web.RequestKey[Table] = web.RequestKey("table")
 """The mapping-table snapshot this request started with (a reload does not change it)."""
+CONTINUED: web.RequestKey[bool] = web.RequestKey("continued")
+"""Set by gateway.body once "100 Continue" has been written for this request."""

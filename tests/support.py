@@ -19,8 +19,7 @@ from typing import Any
 
 import openai
 
-from gateway.health import HEALTH
-from gateway.lifecycle import TABLES
+from gateway.state import HEALTH, TABLES
 from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, open_fds_matching, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine
 

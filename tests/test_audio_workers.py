@@ -20,7 +20,7 @@ import pytest
 from gateway.audio.workers import AudioWorkers
 from gateway.config import parse_config
 from gateway.errors import ServiceUnavailableError
-from gateway.lifecycle import AUDIO_WORKERS
+from gateway.state import AUDIO_WORKERS
 from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, sha
 from tests.fakes.openai_engine import FakeOpenAIEngine

@@ -34,10 +34,9 @@ from gateway.config import parse_config
 from gateway.connections import make_runner
 from gateway.errors import Reason, UpstreamError
 from gateway.handlers.routing import first_success
-from gateway.lifecycle import AUDIO_WORKERS, TABLES
-from gateway.mapping import Candidate
-from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
+from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, TABLE, TABLES
 from gateway.streaming import Stages, first_chunk, relay
+from gateway.table import Candidate
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml
 from tests.fakes.echo_engine import EchoEngine
 from tests.fakes.openai_engine import FakeOpenAIEngine

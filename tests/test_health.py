@@ -21,8 +21,7 @@ from aiohttp import web
 from gateway.app import build_app
 from gateway.config import parse_config
 from gateway.connections import make_runner
-from gateway.lifecycle import DRAINING
-from gateway.reload import RELOADER
+from gateway.state import DRAINING, RELOADER
 from tests.conftest import ENGINE_KEY, Gateway, ServerThread, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import scrape

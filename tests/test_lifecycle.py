@@ -17,8 +17,8 @@ from gateway.adapters.base import Adapter
 from gateway.app import build_app
 from gateway.config import load_config
 from gateway.connections import make_runner
-from gateway.lifecycle import TABLES, TableHolder
-from gateway.reload import RELOADER
+from gateway.state import RELOADER, TABLES
+from gateway.table import TableHolder
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
 from tests.support import _wav, wait_for

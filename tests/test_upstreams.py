@@ -23,8 +23,7 @@ from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import DEFAULT_MAX_CONNECTIONS, ConfigError, load_config, parse_config
 from gateway.connections import make_runner
-from gateway.lifecycle import TABLES
-from gateway.reload import RELOADER
+from gateway.state import RELOADER, TABLES
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml
 from tests.fakes.engine import RECORDED
 from tests.fakes.openai_engine import FakeOpenAIEngine

@@ -295,3 +295,36 @@ def _ts(ms: int, sep: str) -> str:
 
 def _vtt_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# -- the text of a transcript an engine answered in a client format (for billing) ------------------------------
+
+_SUBTITLE_NOISE = re.compile(r"^(WEBVTT.*|\d+|[\d:.,]+ --> [\d:.,]+.*)$")
+
+
+def transcript_text(body: bytes, response_format: str) -> str:
+    """The transcript text in a body an upstream answered in `response_format`."""
+    text = body.decode("utf-8", errors="replace")
+    if response_format in ("json", "verbose_json", "diarized_json"):
+        try:
+            value = json.loads(text).get("text", "")
+        except (ValueError, AttributeError, RecursionError):
+            return ""
+        return value if isinstance(value, str) else ""
+    if response_format in ("srt", "vtt"):
+        lines = [line.strip() for line in text.splitlines()]
+        return " ".join(line for line in lines if line and not _SUBTITLE_NOISE.match(line))
+    return text
+
+
+def sse_transcript_chars(event: bytes) -> int | None:
+    """Characters of the final text in a `transcript.text.done` SSE event, if `event` is one."""
+    for line in event.splitlines():
+        if line.startswith(b"data: "):
+            try:
+                data = json.loads(line[6:])
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(data, dict) and data.get("type") == "transcript.text.done":
+                return len(str(data.get("text", "")).strip())
+    return None

@@ -6,9 +6,7 @@ from aiohttp import web
 
 from gateway.config import Model
 from gateway.errors import model_not_found
-from gateway.health import HEALTH
-from gateway.lifecycle import DRAINING, STARTED_AT
-from gateway.state import IDENTITY, TABLE
+from gateway.state import DRAINING, HEALTH, IDENTITY, STARTED_AT, TABLE
 
 
 async def models(request: web.Request) -> web.Response:

@@ -10,9 +10,9 @@ from typing import TypeVar
 from aiohttp import web
 
 from gateway.errors import REASONS, GatewayError, RateLimitError, UpstreamError
-from gateway.mapping import Candidate
-from gateway.metering import METRICS, endpoint_of
-from gateway.state import REQUEST_ID
+from gateway.metering import endpoint_of
+from gateway.state import METRICS, REQUEST_ID
+from gateway.table import Candidate
 
 log = logging.getLogger("gateway.routing")
 T = TypeVar("T")

@@ -12,10 +12,9 @@ from gateway.audio.transcode import encode
 from gateway.audio.workers import AudioWorkers
 from gateway.body import JSON_BODY_LIMIT, read_body
 from gateway.handlers.routing import first_success
-from gateway.lifecycle import AUDIO_WORKERS, METERING
-from gateway.mapping import Candidate
-from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
+from gateway.state import AUDIO_WORKERS, IDENTITY, METERING, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import Stages, first_chunk, relay, speech_sse
+from gateway.table import Candidate
 from gateway.validation import SpeechRequest, validate_speech
 
 

@@ -15,17 +15,15 @@ from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
 from gateway.audio.duration import upload_seconds
-from gateway.audio.transcripts import render
-from gateway.billing import sse_transcript_chars, transcript_text
+from gateway.audio.transcripts import render, sse_transcript_chars, transcript_text
 from gateway.errors import UnsupportedError
 from gateway.handlers.routing import first_success
-from gateway.lifecycle import AUDIO_WORKERS
-from gateway.mapping import Candidate
-from gateway.outcome import Outcome
 from gateway.spool import Form, read_form
-from gateway.state import IDENTITY, OUTCOME, REQUEST_ID, TABLE
+from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import first_chunk, relay, send, transcript_sse
+from gateway.table import Candidate
 from gateway.transcript import Transcript
+from gateway.usage import Outcome
 from gateway.validation import TRANSCRIPT_FORMATS, TranscriptionRequest, validate_transcription
 
 

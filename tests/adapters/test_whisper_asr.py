@@ -23,7 +23,7 @@ from openai.types.audio import Transcription, TranscriptionVerbose, Translation,
 from gateway.adapters.whisper_asr import WhisperAsrAdapter, prompt_tail
 from gateway.config import Backend
 from gateway.errors import UpstreamError
-from gateway.health import HEALTH
+from gateway.state import HEALTH
 from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha, start_gateway
 from tests.fakes.openai_engine import synth

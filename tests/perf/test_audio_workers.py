@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.lifecycle import AUDIO_WORKERS
+from gateway.state import AUDIO_WORKERS
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config
 from tests.perf.perfkit import MB, LoopLag, RssSampler, environment, print_table
 from tests.perf.test_proxy_overhead import _upload, engine_process, write_wav

@@ -22,8 +22,8 @@ from gateway.adapters.base import SpeechJob, TranscriptionJob
 from gateway.audio.duration import encoded_seconds, upload_seconds
 from gateway.audio.workers import AudioWorkers
 from gateway.config import NativeVoice
-from gateway.lifecycle import TABLES
 from gateway.spool import Upload
+from gateway.state import TABLES
 from tests.conftest import Gateway, ServerThread, start_gateway
 from tests.perf.perfkit import LoopLag, environment, median, pct, print_table, run_load
 

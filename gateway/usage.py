@@ -1,0 +1,142 @@
+"""What a request consumed and what it is billed, in one place: the request's `Outcome` (filled by the
+handlers and the relay as the request runs), its `Bill` (computed once, when it is over), and `record`,
+which counts it in the metrics and writes its usage-ledger line.
+
+    speech         characters of `input` (Unicode code points) + seconds of audio produced
+    transcription  seconds of input audio (measured from the upload) + characters of text returned
+    translation    the same as transcription
+
+Only a request that completed successfully is billable. A speech stream the client abandoned
+midway is recorded with the units actually delivered and `completed: false`, and is not billed.
+A request without a valid key writes no ledger line (the metrics still count it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.audio.meter import AudioMeter
+from gateway.config import Price
+from gateway.ledger import UsageRecord
+from gateway.state import IDENTITY, LEDGER, METRICS, OUTCOME, REQUEST_ID, TABLE
+
+SPEECH_ENDPOINT = "/v1/audio/speech"
+TRANSCRIPT_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+BILLED_ENDPOINTS = frozenset({SPEECH_ENDPOINT, *TRANSCRIPT_ENDPOINTS})
+
+
+@dataclass(slots=True)
+class Outcome:
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    public_model: str | None = None
+    backend: str | None = None
+    native_model: str | None = None
+    voice: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    input_chars: int = 0
+    """Speech: characters (code points) of `input`."""
+    input_audio_seconds: float | None = None
+    """Transcription: seconds of uploaded audio, measured once from the decoded file."""
+    output_audio_seconds: float = 0.0
+    """Speech: seconds of audio delivered to the client."""
+    output_text_chars: int = 0
+    """Transcription: characters of transcript text returned."""
+    first_byte_at: float | None = None
+    status: int | None = None
+    """The response's status, once a handler produced one (a later disconnect does not change it)."""
+    completed: bool = False
+    """The answer reached the client whole (for streams: the last chunk was written)."""
+    client_gone: bool = False
+    """The client went away while its answer was being sent (recorded as 499, as nginx does)."""
+    failed_after_first_byte: str | None = None
+    """Why a stream was cut after its status had been sent, if it was."""
+    meter: AudioMeter | None = None
+    """Speech: measures the audio that went out (set only while metering is on)."""
+
+    def route(self, public_model: str, backend: str, native_model: str, voice: str | None = None) -> None:
+        self.public_model, self.backend, self.native_model, self.voice = (
+            public_model, backend, native_model, voice)
+
+    def sent(self, response: web.StreamResponse) -> None:
+        """Note the status, and the body bytes of a response not streamed by its handler (those are sent
+        after the middlewares)."""
+        self.status = 499 if self.client_gone else response.status
+        if self.bytes_out == 0:
+            body = response.body if isinstance(response, web.Response) else None
+            self.bytes_out = response.body_length or (len(body) if isinstance(body, bytes) else 0)
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Bill:
+    characters: int
+    audio_seconds: float
+    cost_usd: float | None
+    billable: bool
+    completed: bool
+
+
+def bill(outcome: Outcome, status: int, price: Price | None) -> Bill:
+    if outcome.endpoint == SPEECH_ENDPOINT:
+        characters, seconds = outcome.input_chars, outcome.output_audio_seconds
+    elif outcome.endpoint in TRANSCRIPT_ENDPOINTS:
+        characters, seconds = outcome.output_text_chars, outcome.input_audio_seconds or 0.0
+    else:
+        return Bill(0, 0.0, None, billable=False, completed=status < 400)
+    completed = outcome.completed and 200 <= status < 300 and outcome.failed_after_first_byte is None
+    if not completed and outcome.first_byte_at is None:
+        characters, seconds = 0, 0.0  # nothing reached the client
+    cost = None
+    if price is not None:
+        cost = characters / 1_000_000 * price.per_million_characters + seconds / 60 * price.per_audio_minute
+    return Bill(characters, round(seconds, 3), cost, billable=completed, completed=completed)
+
+
+async def measure_then_record(request: web.Request, endpoint: str, status: int) -> None:
+    outcome: Outcome = request[OUTCOME]
+    assert outcome.meter is not None
+    outcome.output_audio_seconds = await outcome.meter.seconds()
+    record(request, endpoint, status)
+
+
+def record(request: web.Request, endpoint: str, status: int) -> None:
+    """Bill the finished request once, then count it in the metrics and write its ledger record."""
+    outcome: Outcome = request[OUTCOME]
+    identity = request.get(IDENTITY)
+    tenant = identity.tenant if identity else ""
+    model = outcome.public_model or ""
+    backend = outcome.backend or ""
+    config = request[TABLE].config
+    price = config.models[model].price if model in config.models else None
+    billed = bill(outcome, status, price)
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.requests.labels(endpoint, model, backend, tenant, str(status)).inc()
+        metrics.duration.labels(endpoint, model, backend).observe(time.monotonic() - outcome.started)
+        metrics.request_bytes.labels(endpoint).inc(outcome.bytes_in or request.content_length or 0)
+        metrics.response_bytes.labels(endpoint).inc(outcome.bytes_out)
+        if outcome.first_byte_at is not None and endpoint == "/v1/audio/speech":
+            metrics.first_byte.labels(model).observe(outcome.first_byte_at - outcome.started)
+        if billed.billable:
+            metrics.characters.labels(tenant, model).inc(billed.characters)
+            metrics.audio_seconds.labels(tenant, model, endpoint).inc(billed.audio_seconds)
+            if billed.cost_usd is not None:
+                metrics.cost.labels(tenant, model).inc(billed.cost_usd)
+    ledger = request.app.get(LEDGER)
+    if ledger is not None and endpoint in BILLED_ENDPOINTS and identity is not None:  # no key, no ledger line
+        ledger.write(UsageRecord(
+            request_id=request[REQUEST_ID], time=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            tenant=identity.tenant if identity else None, key=identity.key_name if identity else None,
+            endpoint=endpoint, model=outcome.public_model, backend=outcome.backend, native_model=outcome.native_model,
+            voice=outcome.voice, characters=billed.characters, audio_seconds=billed.audio_seconds,
+            cost_usd=billed.cost_usd, status=status, billable=billed.billable, completed=billed.completed))
+
