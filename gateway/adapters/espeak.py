@@ -134,6 +134,10 @@ class _Engine:
         self.lib = lib
         self.active: _PcmStream | None = None
         self.voices = self._list_voices()
+        variants = self.data / "voices" / "!v"
+        listed = variants.iterdir() if variants.is_dir() else ()
+        self.variants = frozenset(p.name for p in listed if p.is_file())
+        """Voice variants ("m3", "f2", "klatt"), listed once at load: no file system call per request."""
 
     def _list_voices(self) -> dict[str, str]:
         """Lower-cased identifier ("gmw/en-us"), file name ("en-us") or language ("en-gb") -> identifier."""
@@ -165,7 +169,7 @@ class _Engine:
         if ident is None or not variant:
             return ident
         variant = f"m{variant}" if variant.isdigit() else variant
-        return f"{ident}+{variant}" if (self.data / "voices" / "!v" / variant).is_file() else None
+        return f"{ident}+{variant}" if variant in self.variants else None
 
     def _on_audio(self, wav: _C._Pointer[_C.c_short], samples: int, events: int | None) -> int:
         try:
