@@ -142,5 +142,5 @@ async def metering_middleware(request: web.Request, handler: Any) -> web.StreamR
             await asyncio.shield(measure_then_record(request, endpoint, outcome.status or 499))
         else:
             if meter is not None:
-                outcome.output_audio_seconds = meter.counted_seconds()
+                outcome.audio_delivered(meter.counted_seconds())
             record(request, endpoint, outcome.status or 499)

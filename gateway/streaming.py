@@ -86,7 +86,7 @@ async def relay(request: web.Request, first: bytes, rest: Closable, content_type
     async def write(chunk: bytes) -> None:
         nonlocal tail
         await response.write(chunk)
-        outcome.bytes_out += len(chunk)  # what went out, also when the stream is cut later
+        outcome.wrote(len(chunk))  # what went out, also when the stream is cut later
         tail = (tail + chunk)[-2:]
 
     async def write_sse_error(event: bytes) -> None:
@@ -101,7 +101,7 @@ async def relay(request: web.Request, first: bytes, rest: Closable, content_type
             if chunk:
                 await write(chunk)
         await response.write_eof()
-        outcome.completed = True
+        outcome.finished()
     except Exception as exc:
         failure = exc
     finally:
@@ -121,8 +121,7 @@ async def send(request: web.Request, response: web.Response) -> web.Response:
     outcome = request[OUTCOME]
     await _prepare(request, response)
     await response.write_eof()
-    outcome.bytes_out = response.body_length
-    outcome.completed = True
+    outcome.finished(response.body_length)
     return response
 
 
@@ -143,7 +142,7 @@ async def abandon(request: web.Request, exc: Exception,
     the connection so the chunked body is never terminated."""
     response, outcome, rid = request[PREPARED], request[OUTCOME], request.get(REQUEST_ID)
     if isinstance(exc, ConnectionError):
-        outcome.client_gone = not outcome.completed
+        outcome.client_left()
         return response
     if outcome.completed:
         log.error("request %s: failed after its response was sent whole", rid, exc_info=exc)
@@ -151,7 +150,7 @@ async def abandon(request: web.Request, exc: Exception,
     error = exc if isinstance(exc, GatewayError) else GatewayError(
         f"The server had an error while streaming the response. Please include the request ID {rid} "
         "if you report it.", reason="server_error")
-    outcome.failed_after_first_byte = error.reason
+    outcome.cut(error.reason)
     if error is exc:
         log.warning("request %s: stream failed after the first byte (%s): %s", rid, error.reason, error.message)
     else:

@@ -31,6 +31,10 @@ BILLED_ENDPOINTS = frozenset({SPEECH_ENDPOINT, *TRANSCRIPT_ENDPOINTS})
 
 @dataclass(slots=True)
 class Outcome:
+    """What one request did: the route it took, the bytes, and the billable units. Created by the access-log
+    stage, written only through the methods below (each by the one place that knows the fact), read once
+    it is over by `bill` and `record` and by the access log."""
+
     endpoint: str
     started: float = field(default_factory=time.monotonic)
     public_model: str | None = None
@@ -75,6 +79,54 @@ class Outcome:
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
 
+    # -- what a request consumed, each written by the one place that knows it --------------------------------
+
+    def speech_input(self, text: str, meter: AudioMeter | None) -> None:
+        """Speech: the input's characters, and the meter of the audio that goes out (metering on)."""
+        self.input_chars, self.meter = len(text), meter
+
+    def upload_received(self, size: int) -> None:
+        self.bytes_in = size
+
+    def upload_measured(self, seconds: float) -> None:
+        """Transcription: the upload's seconds, measured by the gateway before any backend call."""
+        self.input_audio_seconds = seconds
+
+    def upload_decoded(self, seconds: float) -> None:
+        """The gateway's own decode of the upload found more audio than its packets said: bill that."""
+        if seconds > (self.input_audio_seconds or 0.0):
+            self.input_audio_seconds = seconds
+
+    def text_returned(self, text: str) -> None:
+        """Transcription: the transcript text the client gets (billed in characters)."""
+        self.output_text_chars = len(text.strip())
+
+    def text_returned_chars(self, chars: int) -> None:
+        """Transcription relayed as events: the final event's text length."""
+        self.output_text_chars = chars
+
+    def audio_delivered(self, seconds: float) -> None:
+        """Speech: seconds of audio that went out, measured from the bytes."""
+        self.output_audio_seconds = seconds
+
+    def wrote(self, size: int) -> None:
+        """Body bytes that went out (a stream's, chunk by chunk, so a cut one counts what it sent)."""
+        self.bytes_out += size
+
+    def finished(self, body_bytes: int | None = None) -> None:
+        """The client got the whole answer (`body_bytes`: a whole response's size, sent at once)."""
+        if body_bytes is not None:
+            self.bytes_out = body_bytes
+        self.completed = True
+
+    def client_left(self) -> None:
+        """The client went away before it had the whole answer: recorded as 499, as nginx does."""
+        self.client_gone = not self.completed
+
+    def cut(self, reason: str) -> None:
+        """The stream broke after its status line went out."""
+        self.failed_after_first_byte = reason
+
 
 @dataclass(frozen=True, slots=True)
 class Bill:
@@ -104,7 +156,7 @@ def bill(outcome: Outcome, status: int, price: Price | None) -> Bill:
 async def measure_then_record(request: web.Request, endpoint: str, status: int) -> None:
     outcome: Outcome = request[OUTCOME]
     assert outcome.meter is not None
-    outcome.output_audio_seconds = await outcome.meter.seconds()
+    outcome.audio_delivered(await outcome.meter.seconds())
     record(request, endpoint, status)
 
 

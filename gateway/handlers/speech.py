@@ -23,9 +23,9 @@ async def speech(request: web.Request) -> web.StreamResponse:
     table = request[TABLE]
     model = table.model(req.model, request[IDENTITY], SPEECH)
     outcome = request[OUTCOME]
-    outcome.input_chars = len(req.input)
     workers = request.app[AUDIO_WORKERS]
-    meter = outcome.meter = AudioMeter(req.response_format, workers) if request.app[METERING] else None
+    meter = AudioMeter(req.response_format, workers) if request.app[METERING] else None
+    outcome.speech_input(req.input, meter)
 
     async def attempt(candidate: Candidate) -> tuple[bytes, Stages]:
         job = speech_job(request, req, candidate)

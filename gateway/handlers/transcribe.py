@@ -38,7 +38,7 @@ async def translations(request: web.Request) -> web.StreamResponse:
 async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
     form = await read_form(request, request[TABLE].config.server, request.app[AUDIO_WORKERS])
     try:
-        request[OUTCOME].bytes_in = form.upload.size if form.upload else 0
+        request[OUTCOME].upload_received(form.upload.size if form.upload else 0)
         req = validate_transcription(form.fields, task, form.upload is not None)
         result = await transcribe(request, req, form)
         return await respond(request, req, result)
@@ -58,7 +58,7 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
     limit = table.config.server.max_audio_seconds
     upload = form.upload
     with upload.workers.job():  # a 503 when the audio workers are saturated
-        request[OUTCOME].input_audio_seconds = await upload.workers.finish(upload_seconds, upload.view(), limit)
+        request[OUTCOME].upload_measured(await upload.workers.finish(upload_seconds, upload.view(), limit))
 
     async def attempt(candidate: Candidate) -> Transcript | Passthrough:
         request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model)
@@ -88,24 +88,24 @@ async def respond(request: web.Request, req: TranscriptionRequest,
         body = result.body or b""
         if req.stream:  # the backend answered with a finished transcript: stream it as OpenAI's events
             return await _stream(request, Transcript(transcript_text(body, req.response_format)))
-        outcome.output_text_chars = len(transcript_text(body, req.response_format).strip())
+        outcome.text_returned(transcript_text(body, req.response_format))
         return await send(request, web.Response(body=body, content_type=result.content_type.split(";")[0],
                                                 charset="utf-8" if "charset" in result.content_type else None))
     if result.duration is None:
         result = replace(result, duration=outcome.input_audio_seconds)
-    elif result.decoded and result.duration > (outcome.input_audio_seconds or 0.0):  # timestamps understated it
-        outcome.input_audio_seconds = result.duration
+    elif result.decoded:  # the gateway's own decode: more audio than the packets said is billed
+        outcome.upload_decoded(result.duration)
     if req.stream:
         return await _stream(request, result)
     rendered = render(result, req.response_format, task=req.task, granularities=req.timestamp_granularities)
-    outcome.output_text_chars = len(rendered.text.strip())
+    outcome.text_returned(rendered.text)
     ctype, _, params = rendered.content_type.partition(";")
     return await send(request, web.Response(body=rendered.body, content_type=ctype,
                                             charset="utf-8" if "charset" in params else None))
 
 
 async def _stream(request: web.Request, transcript: Transcript) -> web.StreamResponse:
-    request[OUTCOME].output_text_chars = len(transcript.text.strip())
+    request[OUTCOME].text_returned(transcript.text)
     events = transcript_sse(transcript)
     return await relay(request, await first_chunk(events), events, "text/event-stream", sse=True)
 
@@ -117,7 +117,7 @@ async def count_done_text(events: AsyncIterator[bytes], outcome: Outcome) -> Asy
         async for event in events:
             chars = sse_transcript_chars(event)
             if chars is not None:
-                outcome.output_text_chars = chars
+                outcome.text_returned_chars(chars)
             yield event
     finally:
         await events.aclose()  # type: ignore[attr-defined]
