@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import socket
 import textwrap
 import time
@@ -172,3 +173,19 @@ def table_config(backends: dict[str, str], models: dict[str, tuple[str, list[tup
         backends:{backend_yaml}
         models:{model_yaml}
     """) + textwrap.dedent(voices)
+
+
+HANG_TIMEOUT_S = 0.3
+"""The backends' read timeout in hang tests: what they wait for is the timeout itself, so keep it short."""
+
+
+def quick_timeouts(config_text: str, seconds: float = HANG_TIMEOUT_S) -> str:
+    """`config_text` with every backend's `timeout_s` (not `connect_timeout_s`) set to `seconds`."""
+    changed, count = re.subn(r"(?<!connect_)timeout_s: [0-9.]+", f"timeout_s: {seconds}", config_text)
+    assert count, "no timeout_s in the config"
+    return changed
+
+
+def sdk(gateway: Gateway) -> openai.OpenAI:
+    """The official client for `gateway`, with the demo key and no retries."""
+    return openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20)

@@ -35,7 +35,7 @@ from tests.adapters.common import (
 )
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.deepgram_engine import FakeDeepgram, speech_seconds, tone
-from tests.support import assert_settled, expect_error, probe_backends
+from tests.support import assert_settled, expect_error, probe_backends, quick_timeouts, sdk
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 SENTENCE = "Hello from the gateway. This sentence is spoken by Deepgram's Aura."
@@ -269,10 +269,12 @@ def test_server_error_and_garbage_are_502(servers: ServerThread, client: openai.
 
 
 @pytest.mark.parametrize("call", CALLS)
-def test_hanging_engine_is_504(servers: ServerThread, client: openai.OpenAI, gateway: Gateway, engine: FakeDeepgram,
-                               call: str) -> None:
+def test_hanging_engine_is_504(servers: ServerThread, make_gateway: Callable[[str], Gateway], engine: FakeDeepgram,
+                               tmp_path: Path, call: str) -> None:
+    gateway = make_gateway(quick_timeouts(config(engine.url, tmp_path / "spool")))
     engine.mode = "hang"
-    expect_timeout(servers, gateway, engine, lambda: CALLS[call](client))
+    with sdk(gateway) as client:
+        expect_timeout(servers, gateway, engine, lambda: CALLS[call](client))
 
 
 def test_drop_mid_audio_breaks_the_client_stream(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
