@@ -132,10 +132,11 @@ def test_first_bytes_reach_the_client_before_deepgram_finishes(servers: ServerTh
                                                             response_format="pcm") as response:
         chunks = response.iter_bytes()
         first = next(chunks)
-        ttfb = time.monotonic() - started
+        first_at = time.monotonic()
+        ttfb = first_at - started
         total = len(first) + sum(len(c) for c in chunks)
     finished = engine.finished[-1] - started
-    assert first and ttfb < finished / 5
+    assert first and first_at < engine.finished[-1]  # before the engine wrote its last chunk: an order
     assert total == len(engine.sent[-1])
 
     async def direct() -> float:

@@ -104,7 +104,7 @@ class FakeHttpEngine:
         self.hang_seconds = 3600.0
         self.requests: list[Recorded] = []
         self.finished: list[float] = []
-        """time.monotonic() when each answer sent with `_send` had its last byte written."""
+        """time.monotonic() when each streamed answer (`_write`, `_send`) had its last piece written."""
         self.active = 0
         self.cancelled = 0
         self.port = 0
@@ -178,6 +178,7 @@ class FakeHttpEngine:
             if i and self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
             await resp.write(piece)
+        self.finished.append(time.monotonic())
         return resp
 
     async def _send(self, request: web.Request, headers: dict[str, str], body: bytes) -> web.StreamResponse:
@@ -187,7 +188,6 @@ class FakeHttpEngine:
         if dropping:
             pieces = pieces[: max(1, min(2, len(pieces) - 1))] if len(pieces) > 1 else [body[: len(body) // 2]]
         resp = await self._write(request, headers, pieces)
-        self.finished.append(time.monotonic())
         if dropping:
             await cut(request)
             return resp
