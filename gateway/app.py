@@ -43,13 +43,12 @@ from gateway.table import table_middleware
 
 
 def build_app(config: Config) -> web.Application:
-    metering = config.metrics.enabled or config.ledger.sink != "off"
     app = web.Application(
         middlewares=[
             request_id_middleware,  # first, so even a 500 from a later stage carries x-request-id
             table_middleware,       # the snapshot every later stage reads
             access_log_middleware,  # sees the final status and byte counts
-            *([metering_middleware] if metering else []),  # bills and records the final outcome, once
+            *([metering_middleware] if config.metered else []),  # bills and records the final outcome, once
             error_middleware,       # everything inside becomes OpenAI JSON
             auth_middleware,        # last before the handler; /v1 only
         ],

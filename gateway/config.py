@@ -178,6 +178,11 @@ class Config:
     source: str = "<memory>"
     digest: str = ""
 
+    @property
+    def metered(self) -> bool:
+        """Whether requests are metered at all: metrics or a ledger on."""
+        return self.metrics.enabled or self.ledger.sink != "off"
+
 
 def _server(p: YamlTree, node: dict[str, Any]) -> Server:
     path = "server"

@@ -74,6 +74,6 @@ def init_state(app: web.Application, config: Config) -> None:
     app[TABLES] = TableHolder(Upstreams())
     app[DRAINING] = asyncio.Event()
     app[STARTED_AT] = time.time()
-    app[METERING] = config.metrics.enabled or config.ledger.sink != "off"
+    app[METERING] = config.metered
     if config.metrics.enabled:
         app[METRICS] = Metrics()
