@@ -1,4 +1,4 @@
-"""Rendering transcripts as OpenAI's json, text, verbose_json, srt and vtt (gateway.audio.transcripts)."""
+"""Rendering transcripts as OpenAI's json, text, verbose_json, srt and vtt (gateway.transcript_formats)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import srt
 import webvtt
 from openai.types.audio import Transcription, TranscriptionVerbose, Translation, TranslationVerbose
 
-from gateway.audio.transcripts import Rendered, language_name, make_cues, render, segments
+from gateway.languages import language_name
 from gateway.transcript import Segment, Transcript, Word
+from gateway.transcript_formats import Rendered, make_cues, render, segments
 
 
 def whisper_words(text: str, start: float, step: float = 0.32) -> tuple[Word, ...]:

@@ -34,10 +34,9 @@ from gateway.adapters.base import (
 from gateway.adapters.engine_errors import Complaint
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout, stream_body
 from gateway.audio.formats import AudioFormat, pcm
-from gateway.audio.transcripts import WORD_PUNCT
 from gateway.config import Backend
 from gateway.errors import GatewayError, Reason, UpstreamError
-from gateway.transcript import Transcript, Word, seconds
+from gateway.transcript import WORD_PUNCT, Transcript, Word, seconds
 
 DEFAULT_URL = "https://api.elevenlabs.io"
 SPEED_RANGE = (0.7, 1.2)

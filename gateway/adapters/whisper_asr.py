@@ -36,9 +36,9 @@ from gateway.adapters.base import (
 from gateway.adapters.engine_errors import Complaint
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout
 from gateway.adapters.redact import redact
-from gateway.audio.transcripts import LANGUAGES
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, Reason, UnsupportedError, UpstreamError
+from gateway.languages import LANGUAGES
 from gateway.transcript import Segment, Transcript, Word, seconds
 
 MAX_PROMPT_BYTES = 2048

@@ -15,7 +15,6 @@ from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
 from gateway.audio.duration import upload_seconds
-from gateway.audio.transcripts import render, sse_transcript_chars, transcript_text
 from gateway.errors import UnsupportedError
 from gateway.handlers.routing import first_success
 from gateway.spool import Form, read_form
@@ -23,6 +22,7 @@ from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import first_chunk, relay, send, transcript_sse
 from gateway.table import Candidate
 from gateway.transcript import Transcript
+from gateway.transcript_formats import render, sse_transcript_chars, transcript_text
 from gateway.usage import Outcome
 from gateway.validation import TRANSCRIPT_FORMATS, TranscriptionRequest, validate_transcription
 

@@ -12,39 +12,16 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.transcript import Segment, Transcript, Word
+from gateway.languages import language_name
+from gateway.transcript import WORD_PUNCT, Segment, Transcript, Word
 
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
 
-# Whisper's languages (openai/whisper tokenizer.py), ISO-639-1 code (or Whisper's own) -> English name.
-LANGUAGES = {
-    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian", "ko": "korean",
-    "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish", "pl": "polish", "ca": "catalan",
-    "nl": "dutch", "ar": "arabic", "sv": "swedish", "it": "italian", "id": "indonesian", "hi": "hindi",
-    "fi": "finnish", "vi": "vietnamese", "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay",
-    "cs": "czech", "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
-    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian", "la": "latin",
-    "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak", "te": "telugu", "fa": "persian",
-    "lv": "latvian", "bn": "bengali", "sr": "serbian", "az": "azerbaijani", "sl": "slovenian",
-    "kn": "kannada", "et": "estonian", "mk": "macedonian", "br": "breton", "eu": "basque",
-    "is": "icelandic", "hy": "armenian", "ne": "nepali", "mn": "mongolian", "bs": "bosnian",
-    "kk": "kazakh", "sq": "albanian", "sw": "swahili", "gl": "galician", "mr": "marathi", "pa": "punjabi",
-    "si": "sinhala", "km": "khmer", "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans",
-    "oc": "occitan", "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
-    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese", "ht": "haitian creole",
-    "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese", "sa": "sanskrit",
-    "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog", "mg": "malagasy",
-    "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala", "ha": "hausa", "ba": "bashkir",
-    "jw": "javanese", "su": "sundanese", "yue": "cantonese",
-    "jv": "javanese", "iw": "hebrew", "nb": "norwegian", "fil": "tagalog",  # other spellings of Whisper's
-}  # fmt: skip
 
 SENTENCE_END = ".?!\u3002\uff1f\uff01\u2026"  # . ? ! and the CJK full stop, question and exclamation marks, …
 CLOSERS = "\"'\u201d\u2019\u00bb)]"  # closing quotes and brackets after a sentence's end
-# Trimmed off the words estimated from text.
-WORD_PUNCT = ".,;:!?\"'()[]\u201c\u201d\u2018\u2019\u00ab\u00bb\u00bf\u00a1\u2026"
 PAUSE_S, MAX_SEGMENT_S, MAX_SEGMENT_WORDS = 0.8, 15.0, 40
 LINE_CHARS, CUE_LINES = 42, 2
 CHARS_PER_S = 15.0  # speaking-rate guess for a text-only transcript with no duration
@@ -86,15 +63,6 @@ def render(
                        for s, e, t in make_cues(transcript))
         return Rendered(("WEBVTT\n\n" + cues).encode(), TEXT_TYPE, text)
     raise ValueError(f"unknown response_format {response_format!r}")
-
-
-def language_name(language: str | None) -> str:
-    """OpenAI's spelling of a language: a lowercase English name ("english"). Codes ("en", "pt-BR")
-    map through Whisper's table; names pass through lowercased; unknown (None) is "english"."""
-    if not language or not language.strip():
-        return "english"
-    lang = language.strip().lower()
-    return LANGUAGES.get(lang) or LANGUAGES.get(re.split(r"[-_]", lang)[0]) or lang
 
 
 def full_text(transcript: Transcript) -> str:
