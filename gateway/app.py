@@ -10,7 +10,8 @@ A request passes, in order:
   7. the handler            (handlers/)      validate -> resolve model -> adapter -> relay or render
      adapters/              native engine calls, errors mapped at that boundary
      streaming.py           relays chunks; the "after the first byte" rule
-     audio/                 transcoding, speed, transcript rendering
+     audio/                 decoding, transcoding, speed, output metering (on audio/workers.py)
+     transcript_formats.py  rendering transcripts in every OpenAI format
 The x-request-id header is added to every response on prepare (on_response_prepare), so streamed
 responses carry it too.
 """
