@@ -36,15 +36,10 @@ class Capabilities:
     """OpenAI response_formats the engine produces itself (bytes pass through untouched)."""
     native_speed: tuple[float, float] | None = None
     """The speed range the engine honours itself; outside it the gateway time-stretches."""
-    streams_audio: bool = False
-    """Audio arrives as the engine produces it (vs. all at the end)."""
     speech_sse: bool = False
     """The engine speaks OpenAI's `stream_format: sse` itself."""
     transcript_formats: frozenset[str] = frozenset()
     """OpenAI transcript response_formats the engine answers in itself (bytes relayed as they are)."""
-    word_timestamps: bool = False
-    segment_timestamps: bool = False
-    max_input_chars: int = 4096
     languages: frozenset[str] | None = None
     """ISO-639-1 codes of the speech the engine understands; None for any."""
 

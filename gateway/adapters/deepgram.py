@@ -64,10 +64,6 @@ class DeepgramAdapter:
     capabilities: ClassVar[Capabilities] = Capabilities(
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(SPEECH_FORMATS),
-        streams_audio=True,
-        word_timestamps=True,
-        segment_timestamps=True,
-        max_input_chars=4096,  # longer than one /v1/speak request: the adapter cuts it into pieces
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

@@ -214,7 +214,7 @@ class EspeakAdapter:
 
     kind: ClassVar[str] = "espeak"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        tasks=frozenset({SPEECH}), native_speed=(0.5, 2.5), streams_audio=True  # 87..437 of 80..450 wpm
+        tasks=frozenset({SPEECH}), native_speed=(0.5, 2.5)  # 87..437 of 80..450 wpm
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

@@ -46,11 +46,8 @@ class OpenAIAdapter:
         tasks=frozenset({SPEECH, TRANSCRIPTION, TRANSLATION}),
         speech_formats=frozenset(SPEECH_FORMATS),
         native_speed=(0.25, 4.0),
-        streams_audio=True,
         speech_sse=True,
         transcript_formats=frozenset({"json", "text", "srt", "verbose_json", "vtt", "diarized_json"}),
-        word_timestamps=True,
-        segment_timestamps=True,
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

@@ -66,7 +66,7 @@ class PocketsphinxAdapter:
 
     kind: ClassVar[str] = "pocketsphinx"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        tasks=frozenset({TRANSCRIPTION}), word_timestamps=True, segment_timestamps=True,
+        tasks=frozenset({TRANSCRIPTION}),
         languages=frozenset({"en"}),
     )
 

@@ -56,8 +56,6 @@ class WhisperAsrAdapter:
     kind: ClassVar[str] = "whisper_asr"
     capabilities: ClassVar[Capabilities] = Capabilities(
         tasks=frozenset({TRANSCRIPTION, TRANSLATION}),
-        word_timestamps=True,
-        segment_timestamps=True,
         languages=WHISPER_LANGUAGES,
     )
 

@@ -173,7 +173,7 @@ class _Audio(AsyncIterator[bytes]):
 
 class WyomingAdapter:
     kind: ClassVar[str] = "wyoming"
-    capabilities: ClassVar[Capabilities] = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION}), streams_audio=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION}))
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         self.backend = backend
