@@ -71,7 +71,7 @@ def config(url: str, spool: Path, backend_extra: str = "") -> str:
 
 @pytest.fixture
 def engine(servers: ServerThread) -> Iterator[FakeElevenLabs]:
-    yield from serve(servers, FakeElevenLabs(api_key=ENGINE_KEY))
+    yield from serve(servers, FakeElevenLabs(expected_api_key=ENGINE_KEY))
 
 
 @pytest.fixture
@@ -280,7 +280,7 @@ def test_refused_gateway_credential_is_502(servers: ServerThread, client: openai
 
 def test_wrong_configured_key_is_refused_by_the_engine(make_gateway: Callable[[str], Gateway],
                                                        engine: FakeElevenLabs, tmp_path: Path) -> None:
-    engine.api_key = "some-other-key"
+    engine.expected_api_key = "some-other-key"
     gw = make_gateway(config(engine.url, tmp_path / "spool"))
     with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
         with pytest.raises(openai.InternalServerError) as info:
@@ -367,7 +367,7 @@ def test_readiness_lists_voices_and_never_synthesizes(servers: ServerThread, gat
     assert ready.status_code == 200 and ready.json()["backends"] == {"eleven": "up"}
     assert [(r.method, r.path, r.headers["xi-api-key"]) for r in engine.requests] == [
         ("GET", "/v1/voices", ENGINE_KEY)]
-    engine.api_key = "rotated"
+    engine.expected_api_key = "rotated"
     probe_backends(servers, gateway)
     down = httpx2.get(f"{gateway.url}/readyz")
     assert down.status_code == 200 and down.json()["backends"] == {"eleven": "down"}
