@@ -139,8 +139,8 @@ ENGINES = [
 def cases(*extra: Callable[[Engine], Iterable[tuple[Any, ...]]]) -> list[Any]:
     """pytest params (engine row, *values) for every engine and every tuple `extra` yields for it."""
     select = extra[0] if extra else (lambda e: [()])
-    return [pytest.param(e, *values, id="-".join([e.backend, *map(str, values)])) for e in ENGINES
-            for values in select(e)]
+    return [pytest.param(e, *values, id="-".join([e.backend, *(str(v) for v in values if " " not in str(v))]))
+            for e in ENGINES for values in select(e)]
 
 
 def per_call(e: Engine) -> Iterable[tuple[str]]:
