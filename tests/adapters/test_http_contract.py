@@ -78,6 +78,8 @@ class Engine:
     config: Callable[[str, Path], str]
     calls: Mapping[str, Callable[[openai.OpenAI], object]]
     """"speech" and/or "transcription": the SDK call that reaches this engine."""
+    paths: Mapping[str, str]
+    """call -> the engine's path that call reaches (the contract's calls all POST)."""
     secrets: tuple[str, ...]
     """What the engine says in its failures that no client may see."""
     probe: tuple[str, str]
@@ -103,6 +105,7 @@ class Engine:
 ENGINES = [
     Engine("azure", lambda: FakeAzureSpeech(expected_api_key=ENGINE_KEY), azure_config,
            {"speech": speak("mp3"), "transcription": transcribe()},
+           {"speech": "/cognitiveservices/v1", "transcription": "/speechtotext/transcriptions:transcribe"},
            secrets=("subscription key", "Access denied", "<html>"),
            probe=("GET", "/cognitiveservices/voices/list"), probe_header=("Ocp-Apim-Subscription-Key", ENGINE_KEY),
            readiness=((mode("401"), "down"),),
@@ -111,6 +114,7 @@ ENGINES = [
                      ("transcription", "400", "Invalid audio (fake mode 400)."))),
     Engine("deepgram", lambda: FakeDeepgram(expected_api_key=ENGINE_KEY), deepgram_config,
            {"speech": speak("mp3"), "transcription": transcribe()},
+           {"speech": "/v1/speak", "transcription": "/v1/listen"},
            secrets=(ENGINE_KEY, "INVALID_AUTH", "Invalid credentials", "<html>"),
            probe=("GET", "/v1/projects"), probe_header=("Authorization", f"Token {ENGINE_KEY}"),
            readiness=((mode("401"), "down"), (mode("403"), "up")),  # a key without management scope still works
@@ -120,12 +124,13 @@ ENGINES = [
                ("400_category", "Invalid JSON submitted (fake mode 400_category).")))),
     Engine("eleven", lambda: FakeElevenLabs(expected_api_key=ENGINE_KEY), elevenlabs_config,
            {"speech": speak("pcm"), "transcription": transcribe()},
+           {"speech": "/v1/text-to-speech/21m00Tcm4TlvDq8ikWAM/stream", "transcription": "/v1/speech-to-text"},
            secrets=(ENGINE_KEY, "Invalid API key", "credits remaining", "<html>"),
            probe=("GET", "/v1/voices"), probe_header=("xi-api-key", ENGINE_KEY),
            readiness=((key("rotated"), "down"),),
            refused=("401",), rate_limits=((None, "1"), ("7", "7")), audio_chunk=8_000),
     Engine("whisper", FakeWhisperAsr, whisper_config,
-           {"transcription": transcribe(response_format="verbose_json")},
+           {"transcription": transcribe(response_format="verbose_json")}, {"transcription": "/asr"},
            secrets=("<html>", "nginx", "Internal Server Error"),
            probe=("GET", "/openapi.json"), probe_header=None,
            readiness=((mode("500"), "down"), (stopped, "down")),
@@ -208,7 +213,7 @@ def test_engine_failure_is_502_after_one_request(servers: ServerThread, client: 
     message = spec.messages.get(failure)
     expect_bad_gateway(servers, gateway, engine, lambda: spec.calls[call](client), spec.secrets,
                        message=message and f"Backend '{spec.backend}' {message}")
-    assert len(engine.requests) == 1  # not retried
+    assert [(r.method, r.path) for r in engine.requests] == [("POST", spec.paths[call])]  # once, not retried
 
 
 @pytest.mark.parametrize(("spec", "call"), cases(per_call))
@@ -236,7 +241,7 @@ def test_drop_mid_transcript_is_502(servers: ServerThread, client: openai.OpenAI
     message = spec.messages.get("drop_midstream")
     expect_bad_gateway(servers, gateway, engine, lambda: spec.calls["transcription"](client), spec.secrets,
                        message=message and f"Backend '{spec.backend}' {message}")
-    assert len(engine.requests) == 1
+    assert [(r.method, r.path) for r in engine.requests] == [("POST", spec.paths["transcription"])]
 
 
 # -- readiness ----------------------------------------------------------------------------------------------
