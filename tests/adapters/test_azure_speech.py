@@ -1,8 +1,9 @@
 """The Azure AI Speech adapter through the gateway with the official SDK, against a double of Azure's REST APIs:
 the exact requests sent (SSML with the escaped input, voice and prosody; output format; key header;
 multipart fast transcription with its definition), every speech format, native and stretched speed,
-streaming, every transcript format and no translation (the contract every HTTP engine keeps
--- refusals, rate limits, failures, hangs, drops, readiness -- is tests/adapters/test_http_contract.py)."""
+streaming, every transcript format and no translation.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The Deepgram adapter through the gateway with the official SDK, against a double of Deepgram's REST API:
 the exact requests sent (raw upload body, query options, `Token` credential), every speech format,
-speed, streaming, long inputs, every transcript format and no translation (the contract every HTTP engine keeps
--- refusals, rate limits, failures, hangs, drops, readiness -- is tests/adapters/test_http_contract.py)."""
+speed, streaming, long inputs, every transcript format and no translation.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 

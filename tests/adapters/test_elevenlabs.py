@@ -1,8 +1,9 @@
 """ElevenLabs through the gateway with the official SDK, against a double speaking ElevenLabs' wire format:
 the exact native requests, every speech format, native and stretched speed, streaming, Scribe transcripts
 in every format, the refused translation, ElevenLabs' own errors (quota, validation, voices) and the shipped
-example config (the contract every HTTP engine keeps
--- refusals, rate limits, failures, hangs, drops, readiness -- is tests/adapters/test_http_contract.py)."""
+example config.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 

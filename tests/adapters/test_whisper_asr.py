@@ -1,7 +1,8 @@
 """whisper-asr-webservice behind the gateway, driven with the official SDK against a double of `POST /asr`:
 the exact request, every transcript format rendered from its JSON, translations, its own errors and a busy
-engine's readiness (the contract every HTTP engine keeps
--- refusals, rate limits, failures, hangs, drops, readiness -- is tests/adapters/test_http_contract.py)."""
+engine's readiness.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 
