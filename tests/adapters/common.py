@@ -8,6 +8,7 @@ The SDK client fixture is tests.conftest's `client`: it uses each module's own `
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -18,7 +19,7 @@ import pytest
 
 from tests.conftest import ENGINE_KEY, Gateway, ServerThread
 from tests.fakes.engine import FakeHttpEngine
-from tests.support import assert_settled, expect_error
+from tests.support import HANG_TIMEOUT_S, assert_settled, expect_error
 
 
 class Served(Protocol):
@@ -59,20 +60,24 @@ def speech_until_cut(client: openai.OpenAI, text: str) -> bytes:
 
 
 def expect_bad_gateway(servers: ServerThread, gateway: Gateway, engine: FakeHttpEngine, call: Callable[[], object],
-                       secrets: tuple[str, ...]) -> None:
-    """`call` fails with 502 bad_gateway, naming none of `secrets`, and the gateway settles."""
+                       secrets: tuple[str, ...], message: str | None = None) -> None:
+    """`call` fails with 502 bad_gateway (its message containing `message`), naming none of `secrets`, and the
+    gateway settles."""
     with pytest.raises(openai.InternalServerError) as info:
         call()
-    expect_error(info.value, 502, "upstream_error", "bad_gateway", secrets=secrets)
+    expect_error(info.value, 502, "upstream_error", "bad_gateway", message=message, secrets=secrets)
     assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
 
 
 def expect_timeout(servers: ServerThread, gateway: Gateway, engine: FakeHttpEngine, call: Callable[[], object]) -> None:
-    """`call` to a hanging engine fails with 504 upstream_timeout, and the engine's handler was cancelled."""
+    """`call` to a hanging engine fails with 504 upstream_timeout once the backends' timeout_s (HANG_TIMEOUT_S) is
+    waited out, not before; the gateway settles and the engine's handler was cancelled."""
+    started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
         call()
+    assert time.monotonic() - started >= HANG_TIMEOUT_S  # it waited out the backend's timeout_s
     expect_error(info.value, 504, "upstream_error", "upstream_timeout")
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
+    assert_settled(servers, gateway, engine, timeout=1.0)  # type: ignore[arg-type]
     assert engine.cancelled == 1
 
 

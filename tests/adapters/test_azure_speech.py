@@ -1,7 +1,9 @@
 """The Azure AI Speech adapter through the gateway with the official SDK, against a double of Azure's REST APIs:
 the exact requests sent (SSML with the escaped input, voice and prosody; output format; key header;
 multipart fast transcription with its definition), every speech format, native and stretched speed,
-streaming, every transcript format, no translation, and the engine's failures."""
+streaming, every transcript format and no translation.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx2
 import openai
 import pytest
 import srt
@@ -24,19 +25,13 @@ from openai.types.audio import TranscriptionVerbose
 from gateway.adapters.azure_speech import OUTPUT_FORMATS, AzureSpeechAdapter, ssml
 from gateway.config import Backend
 from tests.adapters.common import (
-    expect_bad_gateway,
-    expect_rate_limited,
-    expect_refused_credential,
-    expect_rejected,
-    expect_timeout,
     probe,
     serve,
-    speech_until_cut,
 )
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.azure_speech_engine import FakeAzureSpeech, speech_seconds
 from tests.fakes.deepgram_engine import tone
-from tests.support import assert_settled, expect_error, probe_backends, quick_timeouts, sdk
+from tests.support import expect_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 SENTENCE = "Hello from the gateway. This sentence is spoken by an Azure neural voice."
@@ -249,77 +244,7 @@ def test_translation_is_a_clean_400(client: openai.OpenAI, engine: FakeAzureSpee
     assert engine.requests == []
 
 
-# -- failures ---------------------------------------------------------------------------------------------------
-
-
-CALLS: dict[str, Callable[[openai.OpenAI], Any]] = {"speech": speak, "transcription": transcribe}
-
-
-@pytest.mark.parametrize("call", CALLS)
-def test_refused_key_is_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway, engine: FakeAzureSpeech,
-                            call: str) -> None:
-    engine.mode = "401"
-    expect_refused_credential(servers, gateway, engine, lambda: CALLS[call](client), "azure",
-                              secrets=("subscription key",))
-
-
-@pytest.mark.parametrize("call", CALLS)
-def test_rate_limit_is_429_with_retry_after(client: openai.OpenAI, engine: FakeAzureSpeech, call: str) -> None:
-    engine.mode = "429"
-    expect_rate_limited(lambda: CALLS[call](client), "7")
-
-
-@pytest.mark.parametrize(("call", "message"), [("speech", "invalid request"),
-                                               ("transcription", "Invalid audio (fake mode 400).")])
-def test_rejected_request_is_400(client: openai.OpenAI, engine: FakeAzureSpeech, call: str, message: str) -> None:
-    engine.mode = "400"
-    expect_rejected(lambda: CALLS[call](client), "azure", message)
-
-
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("mode", ["500", "garbage"])
-def test_server_error_and_garbage_are_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                          engine: FakeAzureSpeech, call: str, mode: str) -> None:
-    engine.mode = mode
-    expect_bad_gateway(servers, gateway, engine, lambda: CALLS[call](client), secrets=("<html>",))
-
-
-@pytest.mark.parametrize("call", CALLS)
-def test_hanging_engine_is_504(servers: ServerThread, make_gateway: Callable[[str], Gateway], engine: FakeAzureSpeech,
-                               tmp_path: Path, call: str) -> None:
-    gateway = make_gateway(quick_timeouts(config(engine.url, tmp_path / "spool")))
-    engine.mode = "hang"
-    with sdk(gateway) as client:
-        expect_timeout(servers, gateway, engine, lambda: CALLS[call](client))
-
-
-def test_drop_mid_audio_breaks_the_client_stream(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                                 engine: FakeAzureSpeech) -> None:
-    engine.mode, engine.chunk_size = "drop_midstream", 2048
-    received = speech_until_cut(client, SENTENCE)
-    assert len(received) >= 2048
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
-
-
-def test_drop_mid_transcript_is_502(client: openai.OpenAI, engine: FakeAzureSpeech) -> None:
-    engine.mode, engine.chunk_size = "drop_midstream", 256
-    with pytest.raises(openai.InternalServerError) as info:
-        transcribe(client)
-    expect_error(info.value, 502, "upstream_error", "bad_gateway")
-
-
 # -- readiness and configuration ------------------------------------------------------------------------------
-
-
-def test_readiness_gets_the_voice_list(servers: ServerThread, gateway: Gateway, engine: FakeAzureSpeech) -> None:
-    with httpx2.Client() as http:
-        probe_backends(servers, gateway)
-        assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"azure": "up"}
-        assert [(r.method, r.path) for r in engine.requests] == [("GET", "/cognitiveservices/voices/list")]
-        assert engine.last.headers["Ocp-Apim-Subscription-Key"] == ENGINE_KEY
-        engine.mode = "401"
-        probe_backends(servers, gateway)
-        assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"azure": "down"}
 
 
 def test_region_and_url_options() -> None:

@@ -1,6 +1,8 @@
 """The Deepgram adapter through the gateway with the official SDK, against a double of Deepgram's REST API:
 the exact requests sent (raw upload body, query options, `Token` credential), every speech format,
-speed, streaming, long inputs, every transcript format, no translation, and the engine's failures."""
+speed, streaming, long inputs, every transcript format and no translation.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx2
 import openai
 import pytest
 import srt
@@ -24,25 +25,18 @@ from gateway.adapters.base import SPEECH, TRANSCRIPTION
 from gateway.adapters.deepgram import SPEAK_FORMATS, DeepgramAdapter, split_text
 from gateway.config import Backend
 from tests.adapters.common import (
-    expect_bad_gateway,
-    expect_rate_limited,
-    expect_refused_credential,
-    expect_rejected,
-    expect_timeout,
     probe,
     serve,
-    speech_until_cut,
 )
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.deepgram_engine import FakeDeepgram, speech_seconds, tone
-from tests.support import assert_settled, expect_error, probe_backends, quick_timeouts, sdk
+from tests.support import expect_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 SENTENCE = "Hello from the gateway. This sentence is spoken by Deepgram's Aura."
 CODECS = {"mp3": ("mp3", "mp3"), "opus": ("ogg", "opus"), "aac": ("aac", "aac"), "flac": ("flac", "flac"),
           "wav": ("wav", "pcm_s16le")}
 UPLOAD = tone(2.0, 16_000, "wav", "pcm_s16le")
-SECRETS = (ENGINE_KEY, "INVALID_AUTH", "Invalid credentials")
 
 
 def config(url: str, spool: Path) -> str:
@@ -232,83 +226,7 @@ def test_translation_is_a_clean_400(client: openai.OpenAI, engine: FakeDeepgram)
     assert engine.requests == []
 
 
-# -- failures ---------------------------------------------------------------------------------------------------
-
-
-CALLS: dict[str, Callable[[openai.OpenAI], Any]] = {"speech": speak, "transcription": transcribe}
-
-
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("mode", ["401", "403"])
-def test_refused_credential_is_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                   engine: FakeDeepgram, call: str, mode: str) -> None:
-    engine.mode = mode
-    expect_refused_credential(servers, gateway, engine, lambda: CALLS[call](client), "deepgram", secrets=SECRETS)
-
-
-@pytest.mark.parametrize("call", CALLS)
-def test_rate_limit_is_429_with_retry_after(client: openai.OpenAI, engine: FakeDeepgram, call: str) -> None:
-    engine.mode = "429"
-    expect_rate_limited(lambda: CALLS[call](client), "7", secrets=SECRETS)
-
-
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize(("mode", "message"), [("400", "Invalid query parameter (fake mode 400)."),
-                                               ("400_category", "Invalid JSON submitted (fake mode 400_category).")])
-def test_rejected_request_is_400_with_deepgrams_message(client: openai.OpenAI, engine: FakeDeepgram, call: str,
-                                                        mode: str, message: str) -> None:
-    engine.mode = mode
-    expect_rejected(lambda: CALLS[call](client), "deepgram", message)
-
-
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("mode", ["500", "garbage"])
-def test_server_error_and_garbage_are_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                          engine: FakeDeepgram, call: str, mode: str) -> None:
-    engine.mode = mode
-    expect_bad_gateway(servers, gateway, engine, lambda: CALLS[call](client), secrets=("<html>",))
-
-
-@pytest.mark.parametrize("call", CALLS)
-def test_hanging_engine_is_504(servers: ServerThread, make_gateway: Callable[[str], Gateway], engine: FakeDeepgram,
-                               tmp_path: Path, call: str) -> None:
-    gateway = make_gateway(quick_timeouts(config(engine.url, tmp_path / "spool")))
-    engine.mode = "hang"
-    with sdk(gateway) as client:
-        expect_timeout(servers, gateway, engine, lambda: CALLS[call](client))
-
-
-def test_drop_mid_audio_breaks_the_client_stream(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                                 engine: FakeDeepgram) -> None:
-    engine.mode, engine.chunk_size = "drop_midstream", 2048
-    received = speech_until_cut(client, SENTENCE)
-    assert len(received) >= 2048
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
-
-
-def test_drop_mid_transcript_is_502(client: openai.OpenAI, engine: FakeDeepgram) -> None:
-    engine.mode, engine.chunk_size = "drop_midstream", 256
-    with pytest.raises(openai.InternalServerError) as info:
-        transcribe(client)
-    expect_error(info.value, 502, "upstream_error", "bad_gateway")
-
-
 # -- readiness and configuration ------------------------------------------------------------------------------
-
-
-def test_readiness_is_an_authenticated_get_that_never_bills(servers: ServerThread, gateway: Gateway,
-                                                            engine: FakeDeepgram) -> None:
-    with httpx2.Client() as http:
-        probe_backends(servers, gateway)
-        assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"deepgram": "up"}
-        assert [(r.method, r.path) for r in engine.requests] == [("GET", "/v1/projects")]
-        assert engine.last.headers["Authorization"] == f"Token {ENGINE_KEY}"
-        engine.mode = "401"
-        probe_backends(servers, gateway)
-        assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"deepgram": "down"}
-        engine.mode = "403"  # a key without management scope still transcribes and speaks
-        probe_backends(servers, gateway)
-        assert http.get(f"{gateway.url}/readyz").json()["backends"] == {"deepgram": "up"}
 
 
 def test_capabilities() -> None:

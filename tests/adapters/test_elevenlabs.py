@@ -1,6 +1,9 @@
 """ElevenLabs through the gateway with the official SDK, against a double speaking ElevenLabs' wire format:
 the exact native requests, every speech format, native and stretched speed, streaming, Scribe transcripts
-in every format, the refused translation, error mapping, readiness and the shipped example config."""
+in every format, the refused translation, ElevenLabs' own errors (quota, validation, voices) and the shipped
+example config.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 
@@ -28,16 +31,12 @@ from gateway.adapters.elevenlabs import ElevenLabsAdapter
 from gateway.config import Backend, ConfigError, parse_config
 from gateway.upstreams import Upstreams
 from tests.adapters.common import (
-    expect_bad_gateway,
-    expect_rate_limited,
-    expect_refused_credential,
     probe,
     serve,
-    speech_until_cut,
 )
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
 from tests.fakes.elevenlabs_engine import FakeElevenLabs, speech_seconds, synth
-from tests.support import HANG_TIMEOUT_S, assert_settled, expect_error, probe_backends, quick_timeouts, sdk
+from tests.support import expect_error
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The gateway speaks through ElevenLabs, one sentence at a time."  # 62 chars: 3.1 s of audio
@@ -71,7 +70,7 @@ def config(url: str, spool: Path, backend_extra: str = "") -> str:
 
 @pytest.fixture
 def engine(servers: ServerThread) -> Iterator[FakeElevenLabs]:
-    yield from serve(servers, FakeElevenLabs(api_key=ENGINE_KEY))
+    yield from serve(servers, FakeElevenLabs(expected_api_key=ENGINE_KEY))
 
 
 @pytest.fixture
@@ -272,23 +271,6 @@ def call(client: openai.OpenAI, task: str) -> object:
 
 
 @pytest.mark.parametrize("task", ["speech", "transcription"])
-def test_refused_gateway_credential_is_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                           engine: FakeElevenLabs, task: str) -> None:
-    engine.mode = "401"
-    expect_refused_credential(servers, gateway, engine, lambda: call(client, task), "eleven", secrets=SECRETS)
-
-
-def test_wrong_configured_key_is_refused_by_the_engine(make_gateway: Callable[[str], Gateway],
-                                                       engine: FakeElevenLabs, tmp_path: Path) -> None:
-    engine.api_key = "some-other-key"
-    gw = make_gateway(config(engine.url, tmp_path / "spool"))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
-        with pytest.raises(openai.InternalServerError) as info:
-            speak(c)
-    expect_error(info.value, 502, "upstream_error", "bad_gateway", message="credential", secrets=SECRETS)
-
-
-@pytest.mark.parametrize("task", ["speech", "transcription"])
 def test_exhausted_quota_is_502_naming_the_quota(client: openai.OpenAI, engine: FakeElevenLabs, task: str) -> None:
     engine.mode = "quota"
     with pytest.raises(openai.InternalServerError) as info:
@@ -296,14 +278,6 @@ def test_exhausted_quota_is_502_naming_the_quota(client: openai.OpenAI, engine: 
     error = expect_error(info.value, 502, "upstream_error", "bad_gateway", secrets=SECRETS)
     assert error["message"] == "Backend 'eleven' has used up its ElevenLabs quota."
     assert info.value.response.headers["x-should-retry"] == "false"
-
-
-@pytest.mark.parametrize(("task", "retry_after", "expected"), [("speech", None, "1"), ("transcription", None, "1"),
-                                                                ("speech", "7", "7")])
-def test_rate_limit_is_429_with_retry_after(client: openai.OpenAI, engine: FakeElevenLabs, task: str,
-                                            retry_after: str | None, expected: str) -> None:
-    engine.mode, engine.retry_after = "429", retry_after
-    expect_rate_limited(lambda: call(client, task), expected, secrets=SECRETS)
 
 
 @pytest.mark.parametrize(("task", "mode", "param", "message"), [
@@ -327,51 +301,7 @@ def test_unknown_voice_is_400_naming_voice(client: openai.OpenAI) -> None:
     expect_error(info.value, 400, "invalid_request_error", None, "voice", message="alloy was not found")
 
 
-@pytest.mark.parametrize(("task", "mode"), [("speech", "500"), ("transcription", "500"), ("speech", "garbage"),
-                                           ("transcription", "garbage"), ("transcription", "drop_midstream")])
-def test_engine_failure_is_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                               engine: FakeElevenLabs, task: str, mode: str) -> None:
-    engine.mode = mode
-    expect_bad_gateway(servers, gateway, engine, lambda: call(client, task), secrets=SECRETS)
-
-
-def test_dropped_connection_cuts_the_stream(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                            engine: FakeElevenLabs) -> None:
-    engine.mode, engine.chunk_size = "drop_midstream", 8_000
-    received = speech_until_cut(client, TEXT)
-    assert 8_000 <= len(received) < len(engine.sent[-1])
-    assert_settled(servers, gateway, engine)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("task", ["speech", "transcription"])
-def test_hanging_engine_is_504(servers: ServerThread, make_gateway: Callable[[str], Gateway], engine: FakeElevenLabs,
-                               tmp_path: Path, task: str) -> None:
-    gateway = make_gateway(quick_timeouts(config(engine.url, tmp_path / "spool")))
-    engine.mode = "hang"
-    started = time.monotonic()
-    with sdk(gateway) as client, pytest.raises(openai.APIStatusError) as info:
-        call(client, task)
-    assert time.monotonic() - started >= HANG_TIMEOUT_S  # it waited out the backend's timeout_s
-    expect_error(info.value, 504, "upstream_error", "upstream_timeout")
-    assert_settled(servers, gateway, engine, timeout=1.0)  # type: ignore[arg-type]
-    assert engine.cancelled == 1
-
-
 # -- readiness and configuration ---------------------------------------------------------------------------
-
-
-def test_readiness_lists_voices_and_never_synthesizes(servers: ServerThread, gateway: Gateway,
-                                                      engine: FakeElevenLabs) -> None:
-    probe_backends(servers, gateway)
-    ready = httpx2.get(f"{gateway.url}/readyz")
-    assert ready.status_code == 200 and ready.json()["backends"] == {"eleven": "up"}
-    assert [(r.method, r.path, r.headers["xi-api-key"]) for r in engine.requests] == [
-        ("GET", "/v1/voices", ENGINE_KEY)]
-    engine.api_key = "rotated"
-    probe_backends(servers, gateway)
-    down = httpx2.get(f"{gateway.url}/readyz")
-    assert down.status_code == 200 and down.json()["backends"] == {"eleven": "down"}
-    assert {r.path for r in engine.requests} == {"/v1/voices"}
 
 
 @pytest.mark.parametrize(("extra", "problem"), [

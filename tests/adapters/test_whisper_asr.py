@@ -1,5 +1,8 @@
 """whisper-asr-webservice behind the gateway, driven with the official SDK against a double of `POST /asr`:
-the exact request, every transcript format rendered from its JSON, translations, errors, readiness."""
+the exact request, every transcript format rendered from its JSON, translations, its own errors and a busy
+engine's readiness.
+The contract every HTTP engine keeps (refusals, rate limits, failures, hangs, drops, readiness) is
+tests/adapters/test_http_contract.py."""
 
 from __future__ import annotations
 
@@ -28,12 +31,11 @@ from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha, start_gateway
 from tests.fakes.openai_engine import synth
 from tests.fakes.whisper_asr_engine import TRANSCRIPT, TRANSLATION, FakeWhisperAsr
-from tests.support import HANG_TIMEOUT_S, assert_settled, expect_error, free_port, probe_backends, quick_timeouts, sdk
+from tests.support import assert_settled, expect_error, free_port
 
 AUDIO = synth("wav", 3.0)
 """A 3 s tone as WAV (24 kHz mono): the double lays its words out over the decoded duration."""
 WORDS = TRANSCRIPT.split()
-SECRETS = ("<html>", "nginx", "Internal Server Error")
 
 
 def config(url: str, spool: Path, backend_extra: str = "") -> str:
@@ -220,21 +222,6 @@ def test_fastapi_422_for_language_is_400_naming_it(servers: ServerThread, client
     assert_settled(servers, gateway, asr)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("mode", "message"), [
-    ("500", "failed with status 500"), ("json_bug", "failed with status 500"),
-    ("garbage", "answered with a malformed transcript"), ("drop", "closed the connection unexpectedly"),
-    ("drop_midstream", "closed the connection unexpectedly")])
-def test_engine_failures_are_502(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,
-                                 asr: FakeWhisperAsr, mode: str, message: str) -> None:
-    asr.mode = mode
-    with pytest.raises(openai.InternalServerError) as info:
-        transcribe(client, response_format="verbose_json")
-    expect_error(info.value, 502, "upstream_error", "bad_gateway", message=f"Backend 'whisper' {message}",
-                 secrets=SECRETS)
-    assert len(asr.asr_requests) == 1
-    assert_settled(servers, gateway, asr)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("body", [b'{"text": 3}', b'{"text": "a", "segments": [{"start": "x"}]}', b"[]",
                                   b'{"text": "a", "segments": [{"start": NaN, "end": 1, "text": "a"}]}'])
 def test_malformed_json_is_502(body: bytes) -> None:
@@ -252,40 +239,12 @@ def test_refused_connection_is_502(make_gateway: Callable[[str], Gateway], tmp_p
     expect_error(info.value, 502, "upstream_error", "bad_gateway")
 
 
-def test_hanging_engine_is_504(servers: ServerThread, make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr,
-                               tmp_path: Path) -> None:
-    gateway = make_gateway(quick_timeouts(config(asr.url, tmp_path / "spool")))
-    asr.mode = "hang"
-    started = time.monotonic()
-    with sdk(gateway) as client, pytest.raises(openai.APIStatusError) as info:
-        transcribe(client)
-    assert time.monotonic() - started >= HANG_TIMEOUT_S  # it waited out the backend's timeout_s
-    expect_error(info.value, 504, "upstream_error", "upstream_timeout")
-    assert_settled(servers, gateway, asr, timeout=1.0)  # type: ignore[arg-type]
-    assert asr.cancelled == 1
-
-
 # -- readiness and configuration -----------------------------------------------------------------------
 
 
 async def _readyz(gateway: Gateway) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as s, s.get(gateway.url + "/readyz") as r:
         return r.status, await r.json()
-
-
-def test_readiness_probes_openapi_and_never_transcribes(servers: ServerThread, gateway: Gateway,
-                                                        asr: FakeWhisperAsr) -> None:
-    probe_backends(servers, gateway)
-    status, body = servers.run(_readyz(gateway))
-    assert status == 200 and body["backends"] == {"whisper": "up"}
-    assert [(r.method, r.path) for r in asr.requests] == [("GET", "/openapi.json")]
-    asr.mode = "500"
-    probe_backends(servers, gateway)
-    status, body = servers.run(_readyz(gateway))
-    assert status == 200 and body["backends"] == {"whisper": "down"}
-    servers.run(asr.stop())
-    probe_backends(servers, gateway)
-    assert servers.run(_readyz(gateway))[1]["backends"] == {"whisper": "down"}
 
 
 def test_busy_engine_stays_ready(servers: ServerThread, client: openai.OpenAI, gateway: Gateway,

@@ -81,12 +81,9 @@ def prosody_rate(value: str | None) -> float:
 class FakeAzureSpeech(FakeHttpEngine):
     MODES = MODES
 
-    def __init__(self, *, expected_api_key: str | None = None,
-                 transcript_text: str = "Hello there. The quick brown fox jumps over the lazy dog.",
-                 chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
-        super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
-        self.expected_api_key = expected_api_key
-        self.transcript_text = transcript_text
+    def __init__(self, *, expected_api_key: str | None = None, chunk_size: int = 4096,
+                 chunk_delay: float = 0.0) -> None:
+        super().__init__(expected_api_key=expected_api_key, chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.spoken: list[tuple[str, str, float]] = []
         """(voice, text, rate) of each synthesis, as parsed from the SSML."""
         self.sent: list[bytes] = []
@@ -110,7 +107,8 @@ class FakeAzureSpeech(FakeHttpEngine):
             return self._error(request, 401, "401", "Access denied due to invalid subscription key or wrong "
                                "API endpoint.")
         if self.mode == "429":
-            return self._error(request, 429, "TooManyRequests", "Too many requests.", {"Retry-After": "7"})
+            return self._error(request, 429, "TooManyRequests", "Too many requests.",
+                               {"Retry-After": self.retry_after or "7"})
         if self.mode == "400":
             return self._error(request, 400, "InvalidArgument", "Invalid audio (fake mode 400).")
         if self.mode == "500":

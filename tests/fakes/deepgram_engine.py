@@ -78,12 +78,9 @@ def _error(status: int, code: str, message: str, request_id: str, headers: dict[
 class FakeDeepgram(FakeHttpEngine):
     MODES = MODES
 
-    def __init__(self, *, expected_api_key: str | None = None,
-                 transcript_text: str = "Hello there. The quick brown fox jumps over the lazy dog.",
-                 chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
-        super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
-        self.expected_api_key = expected_api_key
-        self.transcript_text = transcript_text
+    def __init__(self, *, expected_api_key: str | None = None, chunk_size: int = 4096,
+                 chunk_delay: float = 0.0) -> None:
+        super().__init__(expected_api_key=expected_api_key, chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.sent: list[bytes] = []
         """The audio body of each /v1/speak answer, as sent."""
         self.app.router.add_post("/v1/listen", self._listen)
@@ -111,7 +108,7 @@ class FakeDeepgram(FakeHttpEngine):
                           rid)
         if self.mode == "429":
             return _error(429, "TOO_MANY_REQUESTS", "Too many requests. Please try again later.", rid,
-                          headers={"Retry-After": "7"})
+                          headers={"Retry-After": self.retry_after or "7"})
         if self.mode == "400":
             return _error(400, "Bad Request", "Invalid query parameter (fake mode 400).", rid)
         if self.mode == "400_category":

@@ -6,9 +6,9 @@ in that format (a 300 Hz tone, `SECONDS_PER_CHAR` per character, divided by `voi
 streamed in `chunk_size` pieces `chunk_delay` apart; `POST /v1/speech-to-text` (multipart `file` +
 `model_id`, ...) answering Scribe's JSON with `word`, `spacing` and `audio_event` entries and the
 duration of the decoded upload; `GET /v1/voices`. Auth is the `xi-api-key` header (checked against
-`api_key`), errors are `{"detail": {"status", "message"}}` or FastAPI's 422 `{"detail": [{loc, msg}]}`.
+`expected_api_key`), errors are `{"detail": {"status", "message"}}` or FastAPI's 422 `{"detail": [{loc, msg}]}`.
 
-    async with FakeElevenLabs(api_key="k") as engine:   # engine.url == "http://127.0.0.1:<port>"
+    async with FakeElevenLabs(expected_api_key="k") as engine:   # engine.url == "http://127.0.0.1:<port>"
         engine.mode = "429"
 
 Every request is kept in `requests` (see tests.fakes.engine.Recorded); `finished` holds the
@@ -86,10 +86,9 @@ def validation(field: str, msg: str) -> web.Response:
 class FakeElevenLabs(FakeHttpEngine):
     MODES = MODES
 
-    def __init__(self, *, api_key: str | None = None, chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
-        super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
-        self.api_key = api_key
-        self.retry_after: str | None = None
+    def __init__(self, *, expected_api_key: str | None = None, chunk_size: int = 4096,
+                 chunk_delay: float = 0.0) -> None:
+        super().__init__(expected_api_key=expected_api_key, chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.sent: list[bytes] = []
         """The audio of each speech answer, whole."""
         self.finished: list[float] = []
@@ -104,7 +103,7 @@ class FakeElevenLabs(FakeHttpEngine):
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         key = request.headers.get("xi-api-key")
-        if self.api_key is not None and key != self.api_key:
+        if self.expected_api_key is not None and key != self.expected_api_key:
             return detail(401, "invalid_api_key", "Invalid API key" if key else "Missing xi-api-key header")
         if request.match_info.http_exception is not None:
             return web.json_response({"detail": "Not Found"}, status=404)

@@ -90,6 +90,9 @@ async def cut(request: web.Request) -> None:
     request.transport.close()
 
 
+TRANSCRIPT_TEXT = "Hello there. The quick brown fox jumps over the lazy dog."
+
+
 class FakeHttpEngine:
     """The lifecycle, recording and counting of an engine double; subclasses add routes and `_answer`."""
 
@@ -97,7 +100,14 @@ class FakeHttpEngine:
     url_path: ClassVar[str] = ""
     """Appended to `http://127.0.0.1:<port>` to make `url`."""
 
-    def __init__(self, *, chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
+    def __init__(self, *, expected_api_key: str | None = None, transcript_text: str = TRANSCRIPT_TEXT,
+                 chunk_size: int = 4096, chunk_delay: float = 0.0) -> None:
+        self.expected_api_key = expected_api_key
+        """The credential the engine accepts (each double reads it from its own header); None: any."""
+        self.transcript_text = transcript_text
+        """What the double hears in any upload (doubles with a fixed transcript of their own ignore it)."""
+        self.retry_after: str | None = None
+        """Retry-After of the double's 429 answer; None: the double's own default."""
         self.chunk_size = chunk_size
         self.chunk_delay = chunk_delay
         self._mode = "ok"
