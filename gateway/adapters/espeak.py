@@ -17,7 +17,6 @@ characters are at most a few minutes (~10 MB) of audio.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ctypes
 import importlib.util
 import logging
@@ -31,9 +30,10 @@ from typing import ClassVar
 import aiohttp
 
 from gateway.adapters.base import SPEECH, AudioStream, Capabilities, SpeechJob, TranscriptionJob, check_options
+from gateway.adapters.engine_thread import EngineThread
 from gateway.audio.formats import pcm
 from gateway.config import Backend
-from gateway.errors import GatewayError, InvalidRequestError, UnsupportedError, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestError, Reason, UnsupportedError
 from gateway.transcript import Transcript
 
 log = logging.getLogger(__name__)
@@ -223,31 +223,14 @@ class EspeakAdapter:
             raise RuntimeError(reason)
         check_options(backend, ())
         self.backend = backend
-        self._closed = False
         self._streams: set[_PcmStream] = set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"espeak-{backend.name}")
-        self._engine = self._executor.submit(_load_engine)  # the library loads in a few ms, off the loop
-
-    def _error(self, what: str, reason: str) -> UpstreamError:
-        return UpstreamError(f"Backend '{self.backend.name}' {what}.", reason=reason)
-
-    async def _loaded(self) -> _Engine:
-        if self._closed or self._engine.cancelled():
-            raise self._error("is shut down", "closed")
-        try:
-            return await asyncio.wrap_future(self._engine)
-        except Exception as exc:
-            log.error("backend %s: eSpeak NG failed to load", self.backend.name, exc_info=exc)
-            raise self._error("failed to start", "engine") from None
+        self._thread = EngineThread(backend, "espeak", _load_engine)  # the library loads in a few ms, off the loop
 
     async def ready(self) -> bool:
-        try:
-            return bool(await self._loaded())
-        except UpstreamError:
-            return False
+        return await self._thread.ready()
 
     async def synthesize(self, job: SpeechJob) -> AudioStream:
-        engine = await self._loaded()
+        engine = await self._thread.loaded()
         voice = engine.resolve(job.voice.id)
         if voice is None:
             raise InvalidRequestError(f"Voice '{job.voice.id}' is not available on this backend.",
@@ -257,11 +240,7 @@ class EspeakAdapter:
         rate = min(MAX_RATE, max(MIN_RATE, round(DEFAULT_RATE * (job.speed if applied else 1.0))))
         loop = asyncio.get_running_loop()
         stream = _PcmStream(loop)
-        try:
-            stream.worker = loop.run_in_executor(self._executor, engine.speak, stream,
-                                                 job.input.translate(_CONTROL), voice, rate)
-        except RuntimeError:  # the executor is shut down
-            raise self._error("is shut down", "closed") from None
+        stream.worker = self._thread.submit(engine.speak, stream, job.input.translate(_CONTROL), voice, rate)
         self._streams.add(stream)
         stream.worker.add_done_callback(partial(self._finished, stream))
         return AudioStream(format=pcm(engine.sample_rate), chunks=stream, speed_applied=applied)
@@ -269,10 +248,10 @@ class EspeakAdapter:
     def _finished(self, stream: _PcmStream, worker: asyncio.Future[None]) -> None:
         """On the loop, after the worker's last chunk: end the stream, with the error if there was one."""
         self._streams.discard(stream)
-        error = self._error("is shut down", "closed") if worker.cancelled() else worker.exception()
+        error = self._thread.error("is shut down", Reason.CLOSED) if worker.cancelled() else worker.exception()
         if error is not None and not isinstance(error, GatewayError):
             log.error("backend %s: eSpeak NG synthesis failed", self.backend.name, exc_info=error)
-            error = self._error("failed", "engine")
+            error = self._thread.error("failed", Reason.ENGINE)
         stream.end(error)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
@@ -280,7 +259,6 @@ class EspeakAdapter:
                                param="model", code="unsupported_task")
 
     async def aclose(self) -> None:
-        self._closed = True
         for stream in list(self._streams):
             stream.cancelled = True
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await self._thread.aclose()

@@ -16,8 +16,6 @@ one. A cancelled request stops its decode at the next chunk.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import importlib.util
 import logging
 import re
@@ -29,6 +27,7 @@ from typing import Any, ClassVar
 import aiohttp
 
 from gateway.adapters.base import TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob, check_options
+from gateway.adapters.engine_thread import EngineThread
 from gateway.audio.decode import decode_chunks
 from gateway.config import Backend
 from gateway.errors import Reason, UnsupportedError, UpstreamError
@@ -85,11 +84,9 @@ class PocketsphinxAdapter:
         except (KeyError, ValueError) as exc:
             raise ValueError(f"backends.{backend.name}.decoder: {exc}") from None
         self.backend = backend
-        self._closed = False
         self._jobs: set[threading.Event] = set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sphinx-{backend.name}")
         self._decoder: Any = None
-        self._loaded = self._executor.submit(self._load)
+        self._thread = EngineThread(backend, "sphinx", self._load)
 
     def _load(self) -> None:
         from pocketsphinx import Decoder
@@ -98,21 +95,8 @@ class PocketsphinxAdapter:
         self._cmn = self._decoder.get_cmn()
         self._frame_rate = float(self._config["frate"])
 
-    async def _ready_or_raise(self) -> None:
-        if self._closed or self._loaded.cancelled():
-            raise UpstreamError(f"Backend '{self.backend.name}' is shut down.", reason=Reason.CLOSED)
-        try:
-            await asyncio.wrap_future(self._loaded)
-        except Exception as exc:
-            log.error("backend %s: PocketSphinx failed to load", self.backend.name, exc_info=exc)
-            raise UpstreamError(f"Backend '{self.backend.name}' failed to start.", reason=Reason.ENGINE) from None
-
     async def ready(self) -> bool:
-        try:
-            await self._ready_or_raise()
-        except UpstreamError:
-            return False
-        return True
+        return await self._thread.ready()
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
         if job.task == "translate" and not is_english(job.language):
@@ -123,14 +107,13 @@ class PocketsphinxAdapter:
             raise UnsupportedError(
                 f"Backend '{self.backend.name}' only understands English, not '{job.language}'.",
                 param="language", code="unsupported_language")
-        await self._ready_or_raise()
+        await self._thread.loaded()
         chunks = decode_chunks(job.upload.view(), sample_rate=SAMPLE_RATE, max_seconds=job.max_audio_seconds)
         cancel = threading.Event()
         self._jobs.add(cancel)
         try:
-            utterances, duration = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._recognize, chunks, cancel)
-        except RuntimeError as exc:  # shut down, or PocketSphinx refused the audio
+            utterances, duration = await self._thread.submit(self._recognize, chunks, cancel)
+        except RuntimeError as exc:  # PocketSphinx refused the audio
             log.error("backend %s: PocketSphinx failed", self.backend.name, exc_info=exc)
             raise UpstreamError(f"Backend '{self.backend.name}' failed.", reason=Reason.ENGINE) from None
         finally:
@@ -202,10 +185,9 @@ class PocketsphinxAdapter:
                                param="model", code="unsupported_task")
 
     async def aclose(self) -> None:
-        self._closed = True
         for cancel in list(self._jobs):
             cancel.set()
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await self._thread.aclose()
         self._decoder = None
 
 
