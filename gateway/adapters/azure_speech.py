@@ -81,7 +81,7 @@ def ssml(text: str, voice: str, speed: float = 1.0) -> str:
 
 class AzureSpeechAdapter:
     kind: ClassVar[str] = "azure_speech"
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(OUTPUT_FORMATS),
         native_speed=(0.5, 2.0),  # SSML prosody: "rate changes should be within 0.5 to 2 times"

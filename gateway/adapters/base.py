@@ -111,7 +111,8 @@ class Adapter(Protocol):
     backend's own connection pool (gateway.upstreams), closed after the adapter."""
 
     kind: ClassVar[str]
-    capabilities: ClassVar[Capabilities]
+    capabilities: Capabilities
+    """What this backend does itself: the kind's defaults, refined by the backend's options."""
     backend: Backend
     """What it was built from: a reload keeps the adapter while this is unchanged."""
 

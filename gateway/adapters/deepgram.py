@@ -61,7 +61,7 @@ _SENTENCE_END = re.compile(r"[.!?;:\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]
 
 class DeepgramAdapter:
     kind: ClassVar[str] = "deepgram"
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(SPEECH_FORMATS),
     )

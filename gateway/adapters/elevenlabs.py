@@ -68,7 +68,7 @@ _ISO1 = dict(pair.split(":") for pair in """
 
 class ElevenLabsAdapter:
     kind: ClassVar[str] = "elevenlabs"
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(OUTPUT_FORMATS),
         native_speed=SPEED_RANGE,

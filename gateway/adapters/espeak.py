@@ -213,7 +213,7 @@ class EspeakAdapter:
     """Speech with eSpeak NG; `job.voice.id` is an eSpeak voice or language, optionally +variant."""
 
     kind: ClassVar[str] = "espeak"
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         tasks=frozenset({SPEECH}), native_speed=(0.5, 2.5)  # 87..437 of 80..450 wpm
     )
 

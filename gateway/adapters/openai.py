@@ -42,7 +42,7 @@ _JSON_FORMATS = ("json", "verbose_json", "diarized_json")
 
 class OpenAIAdapter:
     kind: ClassVar[str] = "openai"
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         tasks=frozenset({SPEECH, TRANSCRIPTION, TRANSLATION}),
         speech_formats=frozenset(SPEECH_FORMATS),
         native_speed=(0.25, 4.0),

@@ -22,6 +22,7 @@ import re
 import threading
 from collections.abc import Generator, Mapping
 from contextlib import closing
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import aiohttp
@@ -42,6 +43,8 @@ MAX_UTTERANCE_S = 30.0
 """Utterances are cut here even without a pause, to bound the search's memory and end-of-utterance work."""
 SEGMENT_GAP_S = 0.5
 DEFAULT_DECODER: Mapping[str, Any] = {"loglevel": "FATAL", "fwdflat": False}
+_CUSTOM_MODEL = frozenset({"hmm", "lm", "dict", "jsgf", "kws", "keyphrase"})
+"""Decoder settings that replace the bundled US-English models: the backend then claims no language."""
 _FILLER = re.compile(r"<.*>|\[.*\]|\+\+.*\+\+")
 _ALTERNATE = re.compile(r"\(\d+\)$")
 
@@ -64,7 +67,7 @@ class PocketsphinxAdapter:
     PocketSphinx config parameters (hmm, lm, dict, fwdflat, beam, ...) over DEFAULT_DECODER."""
 
     kind: ClassVar[str] = "pocketsphinx"
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         tasks=frozenset({TRANSCRIPTION}),
         languages=frozenset({"en"}),
     )
@@ -84,6 +87,8 @@ class PocketsphinxAdapter:
         except (KeyError, ValueError) as exc:
             raise ValueError(f"backends.{backend.name}.decoder: {exc}") from None
         self.backend = backend
+        if _CUSTOM_MODEL & set(options):  # another acoustic or language model may hear another language
+            self.capabilities = replace(type(self).capabilities, languages=None)
         self._jobs: set[threading.Event] = set()
         self._decoder: Any = None
         self._thread = EngineThread(backend, "sphinx", self._load)
@@ -99,11 +104,12 @@ class PocketsphinxAdapter:
         return await self._thread.ready()
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
-        if job.task == "translate" and not is_english(job.language):
+        english_only = self.capabilities.languages == frozenset({"en"})
+        if job.task == "translate" and not (english_only and is_english(job.language)):
             raise UnsupportedError(
                 f"Backend '{self.backend.name}' cannot translate; it only transcribes English audio.",
                 param="model", code="unsupported_task")
-        if not is_english(job.language):
+        if english_only and not is_english(job.language):
             raise UnsupportedError(
                 f"Backend '{self.backend.name}' only understands English, not '{job.language}'.",
                 param="language", code="unsupported_language")
@@ -122,7 +128,7 @@ class PocketsphinxAdapter:
         segments = tuple(s for words in utterances for s in _segments(words))
         return Transcript(
             text=" ".join(s.text for s in segments),
-            language="en",
+            language="en" if self.capabilities.languages == frozenset({"en"}) else job.language,
             duration=duration,
             segments=segments,
             words=tuple(w for s in segments for w in s.words),

@@ -20,7 +20,7 @@ from gateway.errors import Reason, UpstreamError
 
 class UnavailableAdapter:
     kind: ClassVar[str] = "unavailable"
-    capabilities: ClassVar[Capabilities] = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION, TRANSLATION}))
+    capabilities = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION, TRANSLATION}))
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession, reason: str = "") -> None:
         self.backend = backend

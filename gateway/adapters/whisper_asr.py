@@ -54,7 +54,7 @@ _OPTIONS = {"word_timestamps": True, "vad_filter": False}
 
 class WhisperAsrAdapter:
     kind: ClassVar[str] = "whisper_asr"
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities = Capabilities(
         tasks=frozenset({TRANSCRIPTION, TRANSLATION}),
         languages=WHISPER_LANGUAGES,
     )

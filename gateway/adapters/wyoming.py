@@ -173,14 +173,14 @@ class _Audio(AsyncIterator[bytes]):
 
 class WyomingAdapter:
     kind: ClassVar[str] = "wyoming"
-    capabilities: ClassVar[Capabilities] = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION}))
+    capabilities = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION}))
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         self.backend = backend
         self._address = _address(backend)
         tasks = _tasks(backend)
         if tasks != type(self).capabilities.tasks:  # this backend only: routes for other tasks skip it
-            self.capabilities = replace(type(self).capabilities, tasks=tasks)  # type: ignore[misc]
+            self.capabilities = replace(type(self).capabilities, tasks=tasks)
         self._offers: frozenset[str] | None = None
         """Tasks the server has a program for, from its last `info`; None until asked."""
         self._connections: set[_Connection] = set()

@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 
 from gateway.adapters import espeak, pocketsphinx
-from gateway.adapters.base import SpeechJob, TranscriptionJob
+from gateway.adapters.base import TRANSLATION, SpeechJob, TranscriptionJob
 from gateway.audio.formats import AudioFormat
 from gateway.audio.workers import AudioWorkers
 from gateway.config import Backend, NativeVoice, parse_config
-from gateway.errors import InvalidRequestError, UnsupportedError
+from gateway.errors import InvalidRequestError, UnsupportedError, UpstreamError
 from gateway.spool import Upload
 from gateway.transcript import Transcript
 
@@ -320,6 +320,25 @@ async def test_a_cancelled_transcription_frees_the_worker(tts: espeak.EspeakAdap
     transcript = await stt.transcribe(transcription(short))
     assert isinstance(transcript, Transcript) and transcript.text
     assert time.perf_counter() - started < 2 * alone + 0.5
+
+
+async def test_capabilities_follow_the_backends_own_models() -> None:
+    """The bundled models hear US English only (so they can "translate" English audio); a backend with a
+    model of its own claims no language, and is given the request's."""
+    bundled = pocketsphinx.PocketsphinxAdapter(Backend(name="a", kind="pocketsphinx"), HTTP)
+    custom = pocketsphinx.PocketsphinxAdapter(
+        Backend(name="b", kind="pocketsphinx", options={"decoder": {"hmm": "/no/such/model"}}), HTTP)
+    try:
+        assert bundled.capabilities.languages == frozenset({"en"}) and bundled.capabilities.can(TRANSLATION)
+        assert custom.capabilities.languages is None and not custom.capabilities.can(TRANSLATION)
+        assert pocketsphinx.PocketsphinxAdapter.capabilities.languages == frozenset({"en"})  # the kind's default
+        with pytest.raises(UnsupportedError, match="only understands English"):
+            await bundled.transcribe(transcription(wav_upload(silence(0.5)), language="de"))
+        with pytest.raises(UpstreamError, match="failed to start"):  # past the language check: loads the model
+            await custom.transcribe(transcription(wav_upload(silence(0.5)), language="de"))
+    finally:
+        await bundled.aclose()
+        await custom.aclose()
 
 
 def test_bad_decoder_options_are_config_errors() -> None:
