@@ -87,7 +87,7 @@ async def relay(request: web.Request, first: bytes, rest: Closable, content_type
         nonlocal tail
         await response.write(chunk)
         outcome.wrote(len(chunk))  # what went out, also when the stream is cut later
-        tail = (tail + chunk)[-2:]
+        tail = (tail + chunk[-2:])[-2:]
 
     async def write_sse_error(event: bytes) -> None:
         # A relayed event may have been cut mid-way: end it first, so the error is an event of its own.

@@ -285,8 +285,8 @@ def transcript_text(body: bytes, response_format: str) -> str:
     return text
 
 
-def sse_transcript_chars(event: bytes) -> int | None:
-    """Characters of the final text in a `transcript.text.done` SSE event, if `event` is one."""
+def sse_transcript_text(event: bytes) -> str | None:
+    """The final text of a `transcript.text.done` SSE event, if `event` is one."""
     for line in event.splitlines():
         if line.startswith(b"data: "):
             try:
@@ -294,5 +294,5 @@ def sse_transcript_chars(event: bytes) -> int | None:
             except (ValueError, RecursionError):
                 continue
             if isinstance(data, dict) and data.get("type") == "transcript.text.done":
-                return len(str(data.get("text", "")).strip())
+                return str(data.get("text", ""))
     return None

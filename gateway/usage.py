@@ -101,10 +101,6 @@ class Outcome:
         """Transcription: the transcript text the client gets (billed in characters)."""
         self.output_text_chars = len(text.strip())
 
-    def text_returned_chars(self, chars: int) -> None:
-        """Transcription relayed as events: the final event's text length."""
-        self.output_text_chars = chars
-
     def audio_delivered(self, seconds: float) -> None:
         """Speech: seconds of audio that went out, measured from the bytes."""
         self.output_audio_seconds = seconds

@@ -145,7 +145,7 @@ def error_for(backend: Backend, said: Complaint, fields: Mapping[str, str] | Non
                               retry_after=said.retry_after, reason=Reason.BACKEND_RATE_LIMIT)
     if status in (400, 413, 415, 422):
         return InvalidRequestError(f"Backend '{name}' rejected the request: {said.message or 'invalid request'}",
-                                   param=openai_field(said, fields), reason=Reason.BACKEND_REJECTED, should_retry=False)
+                                   param=openai_field(said, fields), reason=Reason.BACKEND_REJECTED)
     if status in (408, 504):
         return UpstreamTimeoutError(f"Backend '{name}' timed out.", reason=Reason.BACKEND_TIMEOUT)
     if status == 404:

@@ -29,7 +29,9 @@ async def whole_events(backend: Backend, chunks: AsyncIterator[bytes]) -> AsyncI
     try:
         async for chunk in chunks:
             pending += chunk
-            *complete, pending = _EVENT_END.split(pending)
+            complete: list[bytes] = []
+            if _EVENT_END.search(pending, max(0, len(pending) - len(chunk) - 3)):  # only new bytes can end an event
+                *complete, pending = _EVENT_END.split(pending)
             if len(pending) > MAX_EVENT_BYTES:
                 raise UpstreamError(f"Backend '{backend.name}' sent an oversized event.", reason=Reason.BAD_RESPONSE)
             for event in complete:

@@ -136,7 +136,7 @@ class WhisperAsrAdapter:
         param = _CLIENT_FIELDS.get(said.field)
         if param:
             return InvalidRequestError(f"Backend '{self.backend.name}' rejected the request: {param}: {message}",
-                                       param=param, reason=Reason.BACKEND_REJECTED, should_retry=False)
+                                       param=param, reason=Reason.BACKEND_REJECTED)
         return UpstreamError(f"Backend '{self.backend.name}' rejected the gateway's "
                              f"'{redact(self.backend, said.field, 64)}' parameter: {message}",
                              reason=Reason.BACKEND_REJECTED, should_retry=False)

@@ -394,6 +394,6 @@ def _engine_error(backend: Backend, event: Event) -> GatewayError:
     log.warning("backend %s: engine error %s: %s", backend.name, code or "-", text)
     if code in _UNKNOWN_VOICE or text.startswith(_UNKNOWN_VOICE_TEXT):
         return InvalidRequestError(f"Backend '{backend.name}' does not have the requested voice.", param="voice",
-                                   code="invalid_value", reason=Reason.BACKEND_REJECTED, should_retry=False)
+                                   code="invalid_value", reason=Reason.BACKEND_REJECTED)
     detail = f": {text}" if text else ""
     return UpstreamError(f"Backend '{backend.name}' reported an error{detail}", reason=Reason.ENGINE)

@@ -22,7 +22,7 @@ from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import first_chunk, relay, send, transcript_sse
 from gateway.table import Candidate
 from gateway.transcript import Transcript
-from gateway.transcript_formats import render, sse_transcript_chars, transcript_text
+from gateway.transcript_formats import render, sse_transcript_text, transcript_text
 from gateway.usage import Outcome
 from gateway.validation import TRANSCRIPT_FORMATS, TranscriptionRequest, validate_transcription
 
@@ -115,9 +115,9 @@ async def count_done_text(events: AsyncIterator[bytes], outcome: Outcome) -> Asy
     for billing."""
     try:
         async for event in events:
-            chars = sse_transcript_chars(event)
-            if chars is not None:
-                outcome.text_returned_chars(chars)
+            text = sse_transcript_text(event)
+            if text is not None:
+                outcome.text_returned(text)
             yield event
     finally:
         await events.aclose()  # type: ignore[attr-defined]
