@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
-from gateway.config import parse_config
+from gateway.config import Config, parse_config
 from gateway.connections import make_runner
 from tests.fakes.openai_engine import FakeOpenAIEngine
 
@@ -81,13 +81,15 @@ async def start_gateway(config_text: str, spool_dir: Path) -> Gateway:
     config = parse_config(config_text, kinds=ADAPTERS.keys())
     if "probe_interval_s" not in config_text:  # background probes would land in the doubles' request records
         config = replace(config, server=replace(config.server, probe_interval_s=0.0))
-    app = build_app(config)
+    return await serve_app(build_app(config), config, spool_dir)
+
+
+async def serve_app(app: web.Application, config: Config, spool_dir: Path) -> Gateway:
+    """`app`, built from `config`, on a loopback port behind the gateway's own runner (gateway.connections)."""
     runner = make_runner(app, config.server, shutdown_timeout=2)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return Gateway(runner, app, port, spool_dir)
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return Gateway(runner, app, runner.addresses[0][1], spool_dir)
 
 
 def sha(key: str) -> str:

@@ -31,13 +31,13 @@ from gateway.adapters.base import SPEECH, AudioStream, SpeechJob
 from gateway.app import build_app
 from gateway.audio.meter import AudioMeter
 from gateway.config import parse_config
-from gateway.connections import make_runner
 from gateway.errors import Reason, UpstreamError
 from gateway.handlers.routing import first_success
 from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, TABLE, TABLES
 from gateway.streaming import Stages, first_chunk, relay
 from gateway.table import Candidate
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml
+from tests.adapters.common import serve
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, serve_app, server_yaml
 from tests.fakes.echo_engine import EchoEngine
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import metered_config, scrape_settled, total, wait_ledger
@@ -135,14 +135,7 @@ def broken(servers: ServerThread, engine: FakeOpenAIEngine, tmp_path: Path, ledg
     app = build_app(config)
     app.router.add_put("/v1/audio/speech", broken_speech)
 
-    async def start() -> Gateway:
-        runner = make_runner(app, config.server, shutdown_timeout=2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return Gateway(runner, app, site._server.sockets[0].getsockname()[1], tmp_path / "spool")  # type: ignore[union-attr]
-
-    gateway = servers.run(start())
+    gateway = servers.run(serve_app(app, config, tmp_path / "spool"))
     kept(gateway)
     yield gateway
     servers.run(gateway.runner.cleanup())
@@ -308,10 +301,7 @@ def test_failover_closes_the_failed_attempts_stream(servers: ServerThread, broke
 
 @pytest.fixture
 def echo(servers: ServerThread) -> Iterator[EchoEngine]:
-    eng = EchoEngine()
-    servers.run(eng.start())
-    yield eng
-    servers.run(eng.stop())
+    yield from serve(servers, EchoEngine())
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from gateway.app import build_app
 from gateway.config import parse_config
-from gateway.connections import make_runner
 from gateway.state import DRAINING, RELOADER
-from tests.conftest import ENGINE_KEY, Gateway, ServerThread, server_yaml
+from tests.adapters.common import serve
+from tests.conftest import ENGINE_KEY, Gateway, ServerThread, serve_app, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import scrape
 from tests.support import wait_for
@@ -57,10 +57,7 @@ class SilentBackend:
 
 @pytest.fixture
 def silent(servers: ServerThread) -> Iterator[SilentBackend]:
-    backend = SilentBackend()
-    servers.run(backend.start())
-    yield backend
-    servers.run(backend.stop())
+    yield from serve(servers, SilentBackend())
 
 
 def health_config(spool_dir: Path, backends: dict[str, str], *, interval: float = 0.2, timeout: float = 0.3) -> str:
@@ -177,13 +174,9 @@ def file_gateway(servers: ServerThread, tmp_path: Path) -> Iterator[Callable[[st
     async def start(text: str) -> Gateway:
         path = write_config(tmp_path, text)
         config = parse_config(path.read_text(), source=str(path))
-        app = build_app(config)
-        runner = make_runner(app, config.server, shutdown_timeout=2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        return Gateway(runner, app, runner.addresses[0][1], tmp_path / "spool")
+        gateway = await serve_app(build_app(config), config, tmp_path / "spool")
+        runners.append(gateway.runner)
+        return gateway
 
     (tmp_path / "spool").mkdir()
     yield lambda text: servers.run(start(text))

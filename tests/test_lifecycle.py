@@ -10,16 +10,14 @@ from pathlib import Path
 
 import openai
 import pytest
-from aiohttp import web
 
 from gateway.adapters import ADAPTERS, unavailable_reason
 from gateway.adapters.base import Adapter
 from gateway.app import build_app
 from gateway.config import load_config
-from gateway.connections import make_runner
 from gateway.state import RELOADER, TABLES
 from gateway.table import TableHolder
-from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config
+from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, serve_app
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
 from tests.support import _wav, wait_for
 
@@ -47,12 +45,7 @@ class Edits:
 
 async def start(path: Path) -> Gateway:
     config = load_config(path, kinds=ADAPTERS.keys())
-    app = build_app(config)
-    runner = make_runner(app, config.server, shutdown_timeout=2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return Gateway(runner, app, site._server.sockets[0].getsockname()[1], path.parent)  # type: ignore[union-attr]
+    return await serve_app(build_app(config), config, path.parent)
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from aiohttp import web
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import parse_config
-from gateway.connections import make_runner
-from tests.conftest import DEMO_KEY, ServerThread, engine_config
+from tests.conftest import DEMO_KEY, ServerThread, engine_config, serve_app
 
 
 async def explode(request: web.Request) -> web.Response:
@@ -28,16 +27,9 @@ def gateway_url(servers: ServerThread, tmp_path: Path) -> Iterator[str]:
     app = build_app(config)
     app.router.add_post("/v1/audio/explode", explode)
 
-    async def start() -> tuple[web.AppRunner, int]:
-        runner = make_runner(app, config.server, shutdown_timeout=2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    runner, port = servers.run(start())
-    yield f"http://127.0.0.1:{port}/v1"
-    servers.run(runner.cleanup())
+    gateway = servers.run(serve_app(app, config, tmp_path))
+    yield gateway.base_url
+    servers.run(gateway.runner.cleanup())
 
 
 def test_unexpected_exception_is_a_clean_500(gateway_url: str, caplog: pytest.LogCaptureFixture) -> None:

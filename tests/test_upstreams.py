@@ -22,9 +22,9 @@ from aiohttp import web
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import DEFAULT_MAX_CONNECTIONS, ConfigError, load_config, parse_config
-from gateway.connections import make_runner
 from gateway.state import RELOADER, TABLES
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml
+from tests.adapters.common import serve
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, serve_app, server_yaml
 from tests.fakes.engine import RECORDED
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import assert_settled, check_error, wait_for
@@ -60,10 +60,7 @@ class GatedEngine(FakeOpenAIEngine):
 
 @pytest.fixture
 def gated(servers: ServerThread) -> Iterator[GatedEngine]:
-    engine = GatedEngine()
-    servers.run(engine.start())
-    yield engine
-    servers.run(engine.stop())
+    yield from serve(servers, GatedEngine())
 
 
 def capped_config(spool_dir: Path, backends: dict[str, tuple[str, int]], connect_timeout: float = 5) -> str:
@@ -176,11 +173,7 @@ def test_a_kept_backend_keeps_its_pool_and_a_replaced_one_closes(servers: Server
 
     async def start() -> Gateway:
         config = load_config(path, kinds=ADAPTERS.keys())
-        app = build_app(config)
-        runner = make_runner(app, config.server, shutdown_timeout=2)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return Gateway(runner, app, runner.addresses[0][1], tmp_path / "spool")
+        return await serve_app(build_app(config), config, tmp_path / "spool")
 
     def sessions() -> dict[str, aiohttp.ClientSession]:
         """backend -> the pool its current adapter uses (the openai adapter's `http`), one the gateway owns."""
