@@ -34,7 +34,7 @@ def parse(body: bytes, charset: str | None) -> Any:
     except UnicodeDecodeError:
         raise invalid_json("It is not valid text in its charset.") from None
     try:
-        document = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        document = json.loads(text, parse_constant=not_json, parse_float=_finite)
     except (ValueError, RecursionError):
         raise invalid_json() from None
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(document) > MAX_DEPTH:
@@ -54,7 +54,8 @@ def _depth(document: Any) -> int:
     return deepest
 
 
-def _no_constant(name: str) -> float:
+def not_json(name: str) -> float:
+    """For `json.loads(parse_constant=...)`: NaN and Infinity are Python's, not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 

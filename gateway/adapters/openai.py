@@ -35,6 +35,7 @@ from gateway.adapters.http_engine import (
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
 from gateway.errors import Reason, UpstreamError
+from gateway.json_body import not_json
 from gateway.transcript import Transcript
 
 _JSON_FORMATS = ("json", "verbose_json", "diarized_json")
@@ -122,7 +123,7 @@ class OpenAIAdapter:
         read: Python's `NaN`/`Infinity` are not JSON)."""
         if fmt in _JSON_FORMATS:
             try:
-                parsed = json.loads(body, parse_constant=_not_json)
+                parsed = json.loads(body, parse_constant=not_json)
             except (ValueError, RecursionError):
                 parsed = None
             if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
@@ -140,7 +141,3 @@ class OpenAIAdapter:
 
     async def aclose(self) -> None:
         return None
-
-
-def _not_json(constant: str) -> None:
-    raise ValueError(f"{constant} is not JSON")
