@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Test workers: twice the cores, as most tests wait on sockets, timers and subprocesses; at most 8.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n * 2 > 8 ? 8 : n * 2 )))
 
 .PHONY: run test lint bench install
 
@@ -18,7 +20,7 @@ run: install
 
 test: install
 	$(BIN)/ruff check gateway tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: install
 	$(BIN)/python -m pytest -q tests/perf -s

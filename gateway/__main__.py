@@ -1,4 +1,4 @@
-"""The command line: `gateway serve --config PATH` and `gateway check-config PATH`. Parsing only."""
+"""The command line: `gateway serve --config PATH` and `gateway check-config PATH...`. Parsing only."""
 
 from __future__ import annotations
 
@@ -31,19 +31,27 @@ async def _check_adapters(config: Config) -> None:
     await upstreams.aclose()
 
 
-def check_config(path: str) -> int:
-    """Exit 0, or 1 listing every problem by YAML path; never a traceback, whatever the file holds."""
+def check_config(paths: list[str]) -> int:
+    """Exit 0 if every file would serve, else 1; each problem on a line of its own, by file and YAML path;
+    never a traceback, whatever a file holds. Every file is checked, whatever the ones before it hold."""
+    return max([_check(path) for path in paths])
+
+
+def _check(path: str) -> int:
+    def report(line: str) -> None:
+        print(line if line.startswith(f"{path}: ") else f"{path}: {line}", file=sys.stderr)
+
     try:
         config = _load(path)
         for where, why in unavailable_kinds(config).items():
-            print(f"warning: {where}: {why}", file=sys.stderr)
+            report(f"warning: {where}: {why}")
         asyncio.run(_check_adapters(config))
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            report(problem)
         return 1
     except Exception as exc:  # a bug of ours: still one line, and a failing check
-        print(f"{path}: cannot check: {type(exc).__name__}: {exc}", file=sys.stderr)
+        report(f"cannot check: {type(exc).__name__}: {exc}")
         return 1
     print(f"{path}: ok ({len(config.models)} models, {len(config.backends)} backends, {len(config.keys)} keys)")
     return 0
@@ -69,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="path to the YAML mapping table")
     run.add_argument("--host", help="listen address (default: server.host in the config)")
     run.add_argument("--port", type=int, help="listen port (default: server.port in the config)")
-    check = sub.add_parser("check-config", help="validate a config file; exit 1 listing every error")
-    check.add_argument("path")
+    check = sub.add_parser("check-config", help="validate config files; exit 1 listing every error")
+    check.add_argument("paths", nargs="+", metavar="PATH")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-        return check_config(args.path)
+        return check_config(args.paths)
     with queued_logging():  # the event loop never writes to stderr itself (gateway/logs.py)
         logging.info("gateway %s starting with %s", __version__, args.config)
         return serve(args.config, args.host, args.port)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 
+from tests.conftest import LOOPBACK_TLS
 from tests.support import free_port
 
 
@@ -35,7 +36,7 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=1, verify=LOOPBACK_TLS).status_code == 200:
                     return
             except httpx.TransportError:
                 pass

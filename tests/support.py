@@ -185,7 +185,3 @@ def quick_timeouts(config_text: str, seconds: float = HANG_TIMEOUT_S) -> str:
     assert count, "no timeout_s in the config"
     return changed
 
-
-def sdk(gateway: Gateway) -> openai.OpenAI:
-    """The official client for `gateway`, with the demo key and no retries."""
-    return openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20)

@@ -5,11 +5,13 @@ gateway process's peak RSS grows less than 50 MiB while it takes all of them, an
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import httpx2 as httpx
@@ -19,7 +21,7 @@ import pytest
 from gateway.adapters import pocketsphinx
 from gateway.config import ConfigError, parse_config
 from tests.adapters.common import serve
-from tests.conftest import DEMO_KEY, Gateway, ServerThread, server_yaml, sha
+from tests.conftest import DEMO_KEY, LOOPBACK_TLS, Gateway, ServerThread, sdk, server_yaml, sha, start_gateway
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.fakes.wyoming_engine import ASR_MODEL, FakeWyomingEngine
 from tests.metering_support import scrape_settled, total
@@ -47,24 +49,33 @@ def wav(rate: int, seconds: float, *, channels: int = 1, claim: int | None = Non
 
 def encoded_silence(seconds: float, muxer: str, codec: str, rate: int, block: int,
                     options: dict[str, str] | None = None,
-                    restamp: Callable[[av.Packet, int], None] | None = None) -> bytes:
+                    restamp: Callable[[av.Packet, int], None] | None = None, copies_after: int = 0) -> bytes:
     """`seconds` of mono silence encoded in frames of `block` samples; `restamp(packet, n)` may rewrite
-    each packet's timestamps before it is muxed."""
+    each packet's timestamps before it is muxed. Past `copies_after` packets (if given), the last one is
+    muxed again for each further frame instead of encoding it: a settled encoder turns silence into the same
+    packet every time, and two hours of AAC take milliseconds instead of seconds."""
     buf, zero, count = io.BytesIO(), bytes(2 * block), 0
     with av.open(buf, "w", format=muxer) as out:
         stream = out.add_stream(codec, rate=rate, layout="mono")
         stream.codec_context.options = options or {}
+        last: av.Packet | None = None
 
         def mux(packets: list[av.Packet]) -> None:
-            nonlocal count
+            nonlocal count, last
             for packet in packets:
                 if restamp is not None:
                     restamp(packet, count)
                 count += 1
                 out.mux(packet)
+                last = packet
 
         end = int(seconds * rate)
         for start in range(0, end, block):
+            if copies_after and count >= copies_after and last is not None:
+                copy = av.Packet(bytes(last))
+                copy.stream, copy.time_base = stream, last.time_base
+                mux([copy])
+                continue
             samples = min(block, end - start)
             frame = av.AudioFrame(format="s16", layout="mono", samples=samples)
             frame.planes[0].update(zero[: 2 * samples])
@@ -91,7 +102,7 @@ def mp4_lying_low(seconds: float) -> bytes:
         packet.pts = packet.dts = n * 16
         packet.duration = 16
 
-    return encoded_silence(seconds, "mp4", "aac", 16_000, 1024, restamp=restamp)
+    return encoded_silence(seconds, "mp4", "aac", 16_000, 1024, restamp=restamp, copies_after=16)
 
 
 def webm_lying_low(seconds: float) -> bytes:
@@ -105,6 +116,12 @@ def webm_lying_low(seconds: float) -> bytes:
     return encoded_silence(seconds, "webm", "libopus", 48_000, 5_760, {"frame_duration": "120"}, restamp=restamp)
 
 
+class Refusing(NamedTuple):
+    client: openai.OpenAI
+    engine: FakeOpenAIEngine
+    whisper: FakeWyomingEngine
+
+
 # -- in process, with a low limit: the exact errors, and no backend called -----------------------------------
 
 
@@ -113,26 +130,46 @@ def whisper(servers: ServerThread) -> Iterator[FakeWyomingEngine]:
     yield from serve(servers, FakeWyomingEngine(("asr",)))
 
 
-@pytest.fixture
-def bomb_gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, whisper: FakeWyomingEngine,
-                 tmp_path: Path) -> Gateway:
-    server = server_yaml(tmp_path / "spool").replace("server:\n", f"server:\n          max_audio_seconds: {LIMIT}\n")
-    return make_gateway(textwrap.dedent(server + f"""
+def bomb_table(engine_url: str, whisper_url: str, spool_dir: Path) -> str:
+    server = server_yaml(spool_dir).replace("server:\n", f"server:\n          max_audio_seconds: {LIMIT}\n")
+    return textwrap.dedent(server + f"""
         backends:
-          speaches: {{kind: openai, url: "{engine.url}", timeout_s: 5}}
+          speaches: {{kind: openai, url: "{engine_url}", timeout_s: 5}}
           sphinx: {{kind: pocketsphinx}}
-          whisper: {{kind: wyoming, url: "{whisper.url}", timeout_s: 5}}
+          whisper: {{kind: wyoming, url: "{whisper_url}", timeout_s: 5}}
         models:
           whisper-1: {{task: transcription, routes: [{{backend: speaches, model: whisper-small}}]}}
           sphinx-1: {{task: transcription, routes: [{{backend: sphinx, model: en-us}}]}}
           wyoming-1: {{task: transcription, routes: [{{backend: whisper, model: {ASR_MODEL}}}]}}
-    """))
+    """)
+
+
+@pytest.fixture
+def bomb_gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, whisper: FakeWyomingEngine,
+                 tmp_path: Path) -> Gateway:
+    return make_gateway(bomb_table(engine.url, whisper.url, tmp_path / "spool"))
 
 
 @pytest.fixture
 def bomb_client(bomb_gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=bomb_gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=60) as client:
+    with sdk(bomb_gateway, timeout=60) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def refusing(servers: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Refusing]:
+    """One gateway and one pair of doubles for every refused bomb: building the gateway's PocketSphinx
+    decoder takes 0.3 s, and as no bomb may reach a double, what the doubles record is checked across all."""
+    spool = tmp_path_factory.mktemp("spool")
+    engine, whisper = FakeOpenAIEngine(), FakeWyomingEngine(("asr",))
+    servers.run(engine.start())
+    servers.run(whisper.start())
+    gateway = servers.run(start_gateway(bomb_table(engine.url, whisper.url, spool), spool))
+    with sdk(gateway, timeout=60) as client:
+        yield Refusing(client, engine, whisper)
+    servers.run(gateway.runner.cleanup())
+    servers.run(whisper.stop())
+    servers.run(engine.stop())
 
 
 REFUSED = {  # name -> (upload, code, words the message has)
@@ -151,15 +188,20 @@ REFUSED = {  # name -> (upload, code, words the message has)
 }
 
 
+@functools.cache
+def made(name: str) -> bytes:
+    """Each bomb of REFUSED, made once for all the models it is tried on."""
+    return REFUSED[name][0]()
+
+
 @pytest.mark.parametrize("name", sorted(REFUSED))
 @pytest.mark.parametrize("model", ["whisper-1", "wyoming-1", pytest.param("sphinx-1", marks=needs_sphinx)])
-def test_bombs_are_refused_before_any_backend(bomb_client: openai.OpenAI, engine: FakeOpenAIEngine,
-                                              whisper: FakeWyomingEngine, name: str, model: str) -> None:
-    make, code, words = REFUSED[name]
+def test_bombs_are_refused_before_any_backend(refusing: Refusing, name: str, model: str) -> None:
+    _, code, words = REFUSED[name]
     with pytest.raises(openai.BadRequestError) as caught:
-        bomb_client.audio.transcriptions.create(model=model, file=("bomb.wav", make(), "audio/wav"))
+        refusing.client.audio.transcriptions.create(model=model, file=("bomb.wav", made(name), "audio/wav"))
     expect_error(caught.value, 400, "invalid_request_error", code, "file", message=words)
-    assert engine.requests == [] and whisper.requests("transcribe") == []
+    assert refusing.engine.requests == [] and refusing.whisper.requests("transcribe") == []
 
 
 def test_a_wav_header_claiming_gigabytes_counts_the_bytes_present(bomb_client: openai.OpenAI,
@@ -206,7 +248,8 @@ def test_wyoming_gets_the_audio_as_it_is_decoded_and_no_more_than_the_limit(bomb
 def test_an_unknown_model_is_a_404_before_the_file_is_looked_at(bomb_gateway: Gateway) -> None:
     response = httpx.post(f"{bomb_gateway.base_url}/audio/transcriptions",
                           headers={"Authorization": f"Bearer {DEMO_KEY}"},
-                          data={"model": "no-such-model"}, files={"file": ("a.mp3", b"not audio" * 100)})
+                          data={"model": "no-such-model"}, files={"file": ("a.mp3", b"not audio" * 100)},
+                          verify=LOOPBACK_TLS)
     check_error(response.status_code, response.headers, response.content, expected_status=404,
                 type_="invalid_request_error", code="model_not_found", param="model")
 
@@ -237,7 +280,7 @@ def test_bombs_leave_peak_rss_flat(tmp_path: Path) -> None:
     """))  # the embedded default's transcription side, with the default max_audio_seconds (7200)
     gateway = GatewayProcess(config, tmp_path / "gateway.log")
     try:
-        with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=DEMO_KEY, max_retries=0, timeout=120) as client:
+        with sdk(f"{gateway.url}/v1", timeout=120) as client:
 
             def transcribe(data: bytes) -> float:
                 return client.audio.transcriptions.create(model="whisper-1", file=("a", data),

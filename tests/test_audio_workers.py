@@ -22,7 +22,7 @@ from gateway.config import parse_config
 from gateway.errors import ServiceUnavailableError
 from gateway.state import AUDIO_WORKERS
 from tests.adapters.common import serve
-from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, sha
+from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, sdk, sha
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.fakes.wyoming_engine import MULTI_VOICE, FakeWyomingEngine
 from tests.support import WAV, check_error, expect_error, wait_for
@@ -143,7 +143,7 @@ def test_a_transcription_past_the_queue_gets_503_before_the_engine_sees_it(
     workers = gateway.app[AUDIO_WORKERS]
     taken = servers.call(lambda: [workers.admit() for _ in range(workers.size + workers.queue)])
     try:
-        with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as client:
+        with sdk(gateway.base_url, timeout=20) as client:
             with pytest.raises(openai.InternalServerError) as caught:
                 client.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
         expect_error(caught.value, 503, "server_error", "service_unavailable")

@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread
+from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import WAV, assert_settled, check_error, expect_error
 
@@ -51,7 +51,7 @@ async def test_no_key_checked_before_the_body(gateway: Gateway, engine: FakeOpen
 
 def test_wrong_key_is_401_invalid_api_key(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
     wrong = "sk-test-wrong-key-55555"
-    with openai.OpenAI(base_url=gateway.base_url, api_key=wrong, max_retries=0) as c:
+    with sdk(gateway.base_url, wrong) as c:
         with pytest.raises(openai.AuthenticationError) as info:
             c.audio.speech.create(model="tts-1", voice="nova", input="Hi.")
     expect_error(info.value, 401, "invalid_request_error", "invalid_api_key", secrets=(wrong, "55555"))
@@ -59,7 +59,7 @@ def test_wrong_key_is_401_invalid_api_key(gateway: Gateway, engine: FakeOpenAIEn
 
 
 def test_wrong_key_on_transcriptions_and_models(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key="sk-nope", max_retries=0) as c:
+    with sdk(gateway.base_url, "sk-nope") as c:
         with pytest.raises(openai.AuthenticationError) as info:
             c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
         expect_error(info.value, 401, "invalid_request_error", "invalid_api_key", secrets=("sk-nope",))
@@ -70,8 +70,8 @@ def test_wrong_key_on_transcriptions_and_models(gateway: Gateway, engine: FakeOp
 
 
 def test_x_api_key_header_accepted_for_transcriptions(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0,
-                       default_headers={"Authorization": "", "X-API-Key": DEMO_KEY}) as c:
+    with sdk(gateway.base_url, "unused",
+             default_headers={"Authorization": "", "X-API-Key": DEMO_KEY}) as c:
         result = c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
         models = c.models.list()
     assert result.text == engine.transcript_text
@@ -82,15 +82,15 @@ def test_x_api_key_header_accepted_for_transcriptions(gateway: Gateway, engine: 
 
 
 def test_wrong_x_api_key_is_invalid_api_key(gateway: Gateway) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0,
-                       default_headers={"Authorization": "", "X-API-Key": "sk-other"}) as c:
+    with sdk(gateway.base_url, "unused",
+             default_headers={"Authorization": "", "X-API-Key": "sk-other"}) as c:
         with pytest.raises(openai.AuthenticationError) as info:
             c.audio.speech.create(model="tts-1", voice="nova", input="Hi.")
     expect_error(info.value, 401, "invalid_request_error", "invalid_api_key", secrets=("sk-other",))
 
 
 def test_key_restricted_to_its_models(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=BETA_KEY, max_retries=0) as c:
+    with sdk(gateway.base_url, BETA_KEY) as c:
         audio = c.audio.speech.create(model="tts-1", voice="nova", input="Allowed.")
         assert len(audio.content) > 100
         with pytest.raises(openai.PermissionDeniedError) as info:
@@ -104,7 +104,7 @@ def test_key_restricted_to_its_models(gateway: Gateway, engine: FakeOpenAIEngine
 
 @pytest.mark.parametrize("key", [DEMO_KEY, BETA_KEY])
 def test_unknown_model_is_404_for_every_key(gateway: Gateway, key: str) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0) as c:
+    with sdk(gateway.base_url, key) as c:
         with pytest.raises(openai.NotFoundError) as info:
             c.audio.speech.create(model="tts-9000", voice="nova", input="Hi.")
     error = expect_error(info.value, 404, "invalid_request_error", "model_not_found", "model")
@@ -151,7 +151,7 @@ async def test_unauthenticated_errors_carry_request_id(gateway: Gateway) -> None
 
 
 def test_auth_failures_leave_nothing_behind(servers: ServerThread, gateway: Gateway, engine: FakeOpenAIEngine) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key="sk-bad", max_retries=0) as c:
+    with sdk(gateway.base_url, "sk-bad") as c:
         for _ in range(3):
             with pytest.raises(openai.AuthenticationError):
                 c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV * 40, "audio/wav"))

@@ -27,7 +27,7 @@ from gateway.adapters.engine_errors import MAX_RETRY_AFTER, retry_after
 from gateway.adapters.redact import MAX_TEXT, redact
 from gateway.config import Backend
 from tests.adapters.common import serve
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, server_yaml
 from tests.fakes.echo_engine import FOREIGN_BEARER, HEX_TOKEN, SK_KEY, EchoEngine
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import wait_ledger
@@ -212,7 +212,7 @@ def test_a_backends_429_fails_over_to_the_next_route(make_gateway: Callable[[str
                                                      spare: FakeOpenAIEngine, tmp_path: Path) -> None:
     gw = two_routes(make_gateway, echo.url + "/v1", spare.url, tmp_path)
     echo.status, echo.retry_after = 429, "30"
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         result = c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
     assert result.text == spare.transcript_text
     assert len(echo.requests) == 1 and spare.last.form_value("model") == "m2"
@@ -223,7 +223,7 @@ def test_the_last_routes_429_reaches_the_client_with_retry_after(make_gateway: C
                                                                  tmp_path: Path) -> None:
     gw = two_routes(make_gateway, spare.url, echo.url + "/v1", tmp_path)
     spare.mode, echo.status, echo.retry_after = "500", 429, "30"
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.RateLimitError) as info:
             c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
     expect_error(info.value, 429, "requests", "rate_limit_exceeded", secrets=(SK_KEY,))
@@ -236,7 +236,7 @@ def test_the_clients_own_4xx_never_fails_over(make_gateway: Callable[[str], Gate
                                               spare: FakeOpenAIEngine, tmp_path: Path, status: int) -> None:
     gw = two_routes(make_gateway, echo.url + "/v1", spare.url, tmp_path)
     echo.status = status
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.BadRequestError):
             c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
     assert len(echo.requests) == 1 and spare.requests == []
@@ -378,7 +378,7 @@ def test_an_engines_inflated_duration_is_never_billed(make_gateway: Callable[[st
     else:
         answer["audio_duration_secs"] = 99_999.0
     echo.answer = json.dumps(answer).encode()
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0) as client:
+    with sdk(gateway.base_url) as client:
         client.audio.transcriptions.create(model=f"stt-{kind}", file=("a.wav", WAV, "audio/wav"))
     [record] = wait_ledger(ledger, 1)
     assert record["billable"] and record["audio_seconds"] == pytest.approx(0.2, abs=1e-3), record

@@ -10,7 +10,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.conftest import BETA_KEY, Gateway, ServerThread, engine_config
+from tests.conftest import BETA_KEY, Gateway, ServerThread, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import check_error, free_port, probe_backends
 
@@ -30,7 +30,7 @@ def test_models_list_shape(client: openai.OpenAI) -> None:
 
 
 def test_models_for_restricted_key(gateway: Gateway) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=BETA_KEY, max_retries=0) as c:
+    with sdk(gateway.base_url, BETA_KEY) as c:
         assert [m.id for m in c.models.list()] == ["tts-1"]
 
 

@@ -116,11 +116,12 @@ def test_check_config_ok_and_failing(tmp_path: Path) -> None:
 
 def test_shipped_configs_are_valid() -> None:
     root = Path(__file__).parent.parent / "config"
-    for path in [root / "gateway.yaml", *sorted((root / "examples").glob("*.yaml"))]:
-        result = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(path)], capture_output=True,
-                                text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "x",
-                                                            "DEMO_KEY": "y"})
-        assert result.returncode == 0, (path, result.stderr)
+    paths = [root / "gateway.yaml", *sorted((root / "examples").glob("*.yaml"))]
+    env = {"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "x", "DEMO_KEY": "y"}
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", *map(str, paths)], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(": ok (")[0] for line in result.stdout.splitlines()] == list(map(str, paths))
 
 
 def test_unknown_backend_option_is_refused_by_path(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.conftest import BETA_KEY, DEMO_KEY, Gateway, ServerThread
+from tests.conftest import BETA_KEY, DEMO_KEY, Gateway, ServerThread, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import metered_config, scrape_settled, total, wait_ledger
 from tests.support import WAV, expect_error
@@ -33,7 +33,7 @@ def test_retrieve_model(client: openai.OpenAI, gateway: Gateway) -> None:
 @pytest.mark.parametrize(("key", "name"), [(DEMO_KEY, "tts-42"), (BETA_KEY, "whisper-1"), (DEMO_KEY, "a/b/c")],
                          ids=["unknown", "not-for-this-key", "with-slashes"])
 def test_retrieve_model_not_found(gateway: Gateway, key: str, name: str) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0) as client, \
+    with sdk(gateway.base_url, key) as client, \
             pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve(name)
     expect_error(info.value, 404, IRE, "model_not_found", "model", message=name)
@@ -70,7 +70,7 @@ def test_sse_with_crlf_line_ends_is_billed(servers: ServerThread, make_gateway: 
     ledger = tmp_path / "usage.jsonl"
     gateway = make_gateway(metered_config(engine.url, tmp_path / "spool", ledger_path=ledger))
     engine.sse_crlf = True
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0) as client:
+    with sdk(gateway.base_url) as client:
         events = list(client.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"),
                                                          stream=True))
     assert events[-1].type == "transcript.text.done"
@@ -90,10 +90,10 @@ def test_client_errors_say_not_to_retry(client: openai.OpenAI, gateway: Gateway)
         with pytest.raises(openai.APIStatusError) as info:
             call()
         failures.append(info.value)
-    with openai.OpenAI(base_url=gateway.base_url, api_key="sk-wrong", max_retries=0) as stranger, \
+    with sdk(gateway.base_url, "sk-wrong") as stranger, \
             pytest.raises(openai.AuthenticationError) as auth:
         stranger.models.list()
-    with openai.OpenAI(base_url=gateway.base_url, api_key=BETA_KEY, max_retries=0) as beta, \
+    with sdk(gateway.base_url, BETA_KEY) as beta, \
             pytest.raises(openai.PermissionDeniedError) as denied:
         beta.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV))
     failures += [auth.value, denied.value]

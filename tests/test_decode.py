@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import io
-import math
 import tempfile
 from fractions import Fraction
 from typing import BinaryIO
@@ -17,18 +16,13 @@ from gateway.audio.decode import CHUNK_SAMPLES, PcmChunks, decode_chunks
 from gateway.audio.duration import upload_seconds
 from gateway.audio.workers import AudioWorkers
 from gateway.errors import InvalidRequestError
-
-
-def tone(seconds: float, rate: int, channels: int = 1, amplitude: int = 8000) -> bytes:
-    """A 440 Hz sine as interleaved s16le."""
-    samples = (int(amplitude * math.sin(2 * math.pi * 440 * i / rate)) for i in range(int(seconds * rate)))
-    return array.array("h", (s for s in samples for _ in range(channels))).tobytes()
+from tests.tones import tone
 
 
 def audio_file(muxer: str, codec: str, *, seconds: float = 3.0, rate: int = 44_100, channels: int = 2,
                silent: bool = False) -> bytes:
     """A `muxer` file holding `seconds` of tone (or silence) encoded with `codec`."""
-    data = tone(seconds, 24_000, channels, amplitude=0 if silent else 8000)
+    data = tone(seconds, 24_000, channels=channels, amplitude=0 if silent else 8000)
     layout = "mono" if channels == 1 else "stereo"
     buf = io.BytesIO()
     with av.open(buf, "w", format=muxer) as out:

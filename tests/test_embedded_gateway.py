@@ -21,10 +21,10 @@ import webvtt
 from openai.types.audio import TranscriptionVerbose
 
 from gateway.adapters import espeak, pocketsphinx
-from tests.conftest import Gateway, ServerThread, start_gateway
+from tests.conftest import LOOPBACK_TLS, Gateway, ServerThread, sdk, start_gateway
 
 ROOT = Path(__file__).parent.parent
-DEMO_KEY = "sk-gateway-demo"
+EMBEDDED_KEY = "sk-gateway-demo"  # config/gateway.yaml's demo key
 SENTENCE = ("Hello world, this is a test of the speech system. The weather today is sunny and warm. "
             "Please call me back when you get home.")
 MIN_OVERLAP = 0.6
@@ -43,7 +43,7 @@ def embedded(servers: ServerThread, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def client(embedded: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=embedded.base_url, api_key=DEMO_KEY, max_retries=0, timeout=60) as c:
+    with sdk(embedded, EMBEDDED_KEY, timeout=60) as c:
         yield c
 
 
@@ -266,7 +266,7 @@ def test_without_the_embedded_extra_the_gateway_serves_and_reports_them_down(tmp
         deadline = time.monotonic() + 20
         while True:
             try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1, verify=LOOPBACK_TLS)
                 break
             except httpx.TransportError:
                 assert proc.poll() is None and time.monotonic() < deadline
@@ -276,8 +276,8 @@ def test_without_the_embedded_extra_the_gateway_serves_and_reports_them_down(tmp
         while ready.json()["backends"] != {"espeak": "down", "sphinx": "down"}:  # once the first probes ran
             assert time.monotonic() < deadline, ready.json()
             time.sleep(0.05)
-            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=DEMO_KEY, max_retries=0) as c:
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1, verify=LOOPBACK_TLS)
+        with sdk(f"http://127.0.0.1:{port}/v1", EMBEDDED_KEY) as c:
             with pytest.raises(openai.InternalServerError) as info:
                 c.audio.speech.create(model="tts-1", voice="nova", input="hi")
         assert "engine is not installed" in info.value.message

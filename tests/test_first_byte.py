@@ -37,7 +37,7 @@ from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, TABLE, T
 from gateway.streaming import Stages, first_chunk, relay
 from gateway.table import Candidate
 from tests.adapters.common import serve
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, serve_app, server_yaml
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, serve_app, server_yaml
 from tests.fakes.echo_engine import EchoEngine
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import metered_config, scrape_settled, total, wait_ledger
@@ -330,7 +330,7 @@ def routes(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, ech
 
 def test_a_transcoder_failure_before_the_first_byte_closes_the_engine_stream(servers: ServerThread, routes: Gateway,
                                                                             echo: EchoEngine) -> None:
-    with openai.OpenAI(base_url=routes.base_url, api_key=DEMO_KEY, max_retries=0) as client, \
+    with sdk(routes.base_url) as client, \
             pytest.raises(openai.APIStatusError) as info:
         client.audio.speech.create(model="tts-dg", voice="nova", input="Hello.", response_format="wav", speed=1.5)
     assert info.value.status_code == 502 and "could not decode" in info.value.message
@@ -341,7 +341,7 @@ def test_a_transcoder_failure_before_the_first_byte_closes_the_engine_stream(ser
 def test_failover_after_a_failed_first_chunk_closes_the_first_stream(servers: ServerThread, routes: Gateway,
                                                                      echo: EchoEngine,
                                                                      engine: FakeOpenAIEngine) -> None:
-    with openai.OpenAI(base_url=routes.base_url, api_key=DEMO_KEY, max_retries=0) as client:
+    with sdk(routes.base_url) as client:
         audio = client.audio.speech.create(model="tts-fo", voice="nova", input="Hello.", response_format="wav",
                                            speed=1.5).content
     assert len(echo.requests) == 1 and len(engine.requests) == 1

@@ -22,7 +22,7 @@ from gateway.app import build_app
 from gateway.config import parse_config
 from gateway.state import DRAINING, RELOADER
 from tests.adapters.common import serve
-from tests.conftest import ENGINE_KEY, Gateway, ServerThread, serve_app, server_yaml
+from tests.conftest import ENGINE_KEY, LOOPBACK_TLS, Gateway, ServerThread, serve_app, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import scrape
 from tests.support import wait_for
@@ -78,7 +78,7 @@ def health_config(spool_dir: Path, backends: dict[str, str], *, interval: float 
     """)
 
 
-HTTP = httpx.Client(timeout=5)
+HTTP = httpx.Client(verify=LOOPBACK_TLS, timeout=5)
 """One keep-alive client, so that a timing is /readyz's and not a new connection's."""
 
 
@@ -128,7 +128,7 @@ def test_draining_is_what_makes_readyz_fail(servers: ServerThread, make_gateway:
     status, body, took = readyz(gateway)
     assert status == 503 and body["status"] == "draining", body
     assert took < 0.1
-    assert httpx.get(f"{gateway.url}/healthz").status_code == 200  # alive, just leaving
+    assert httpx.get(f"{gateway.url}/healthz", verify=LOOPBACK_TLS).status_code == 200  # alive, just leaving
 
 
 def _backend_up(gateway: Gateway) -> dict[str, float]:

@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import openai
 import pytest
 
-from tests.conftest import DEMO_KEY, Gateway, engine_config
+from tests.conftest import DEMO_KEY, Gateway, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import LEDGER_FIELDS, http_get, metered_config, read_ledger
 from tests.support import free_port
@@ -46,7 +45,7 @@ def test_stdout_ledger_from_a_gateway_process(engine: FakeOpenAIEngine, tmp_path
             assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
             assert time.monotonic() < deadline, "the gateway did not start"
             time.sleep(0.05)
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=DEMO_KEY, max_retries=0) as client:
+        with sdk(f"http://127.0.0.1:{port}/v1") as client:
             client.audio.speech.create(model="tts-1", voice="nova", input="On stdout.", response_format="pcm",
                                        extra_headers={"X-Request-ID": "stdout-ledger-1"})
             client.models.list()  # not an audio request: no ledger record
@@ -75,7 +74,7 @@ def test_ledger_file_rotates_by_size(make_gateway: Callable[[str], Gateway], eng
                                          extra=f"ledger: {{sink: file, path: {path}, max_bytes: 1500, backups: 20}}\n"
                                                "metrics: {enabled: false}\n"))
     ids = [f"rotate-{i:03d}" for i in range(30)]
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0) as client:
+    with sdk(gateway.base_url) as client:
         for rid in ids:
             client.audio.speech.create(model="tts-1", voice="nova", input="Rotate me.", response_format="pcm",
                                        extra_headers={"X-Request-ID": rid})
@@ -110,7 +109,7 @@ def test_ledger_appends_to_an_existing_file_and_counts_its_size(make_gateway: Ca
     assert 1300 < path.stat().st_size < 1500
     gateway = make_gateway(engine_config(engine.url, tmp_path / "spool",
                                          extra=f"ledger: {{sink: file, path: {path}, max_bytes: 1500, backups: 2}}\n"))
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0) as client:
+    with sdk(gateway.base_url) as client:
         client.audio.speech.create(model="tts-1", voice="nova", input="After a restart.", response_format="pcm",
                                    extra_headers={"X-Request-ID": "after-restart"})
     deadline = time.monotonic() + 5

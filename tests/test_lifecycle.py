@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import openai
 import pytest
 
 from gateway.adapters import ADAPTERS, unavailable_reason
@@ -17,7 +16,7 @@ from gateway.app import build_app
 from gateway.config import load_config
 from gateway.state import RELOADER, TABLES
 from gateway.table import TableHolder
-from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, serve_app
+from tests.conftest import Gateway, ServerThread, engine_config, sdk, serve_app
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
 from tests.support import _wav, wait_for
 
@@ -77,7 +76,7 @@ def is_open(servers: ServerThread, adapter: Adapter) -> Callable[[], bool]:
 
 
 def transcribe(gw: Gateway) -> str:
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as client:
+    with sdk(gw.base_url, timeout=20) as client:
         return client.audio.transcriptions.create(model="local-1", file=("a.wav", _wav(bytes(32_000)))).text
 
 
@@ -108,7 +107,7 @@ def test_an_adapter_is_closed_only_when_no_snapshot_serving_a_request_holds_it(
     got: dict[str, int] = {}
 
     def stream() -> None:
-        with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as client:
+        with sdk(gw.base_url, timeout=20) as client:
             got["bytes"] = len(client.audio.speech.create(model="tts-1", voice="nova", input=text,
                                                           response_format="pcm").content)
 

@@ -1,11 +1,12 @@
 """The log writer (gateway/logs.py): records are written to stderr by a listener thread, never by the event loop.
 
-A gateway whose stderr nobody reads (a stuck log collector: the pipe fills at 64 KiB) keeps answering;
+A gateway whose stderr nobody reads (a stuck log collector: a pipe fills at 64 KiB, here at 4 KiB) keeps answering;
 the access-log lines it queued meanwhile are all written once the pipe is read again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -18,9 +19,11 @@ from pathlib import Path
 import httpx2 as httpx
 
 from gateway.logs import LOG_QUEUE, queued_logging
-from tests.conftest import engine_config
+from tests.conftest import LOOPBACK_TLS, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import free_port, wait_for
+
+PIPE_BYTES = 4096
 
 
 class ThreadRecordingStream(io.StringIO):
@@ -79,23 +82,26 @@ def test_a_gateway_whose_stderr_is_not_read_keeps_answering(engine: FakeOpenAIEn
     spool = tmp_path / "spool"
     spool.mkdir()
     config = tmp_path / "gateway.yaml"
-    config.write_text(engine_config(engine.url, spool).replace("server:\n", "server:\n  probe_interval_s: 0\n", 1))
+    config.write_text(engine_config(engine.url, spool).replace(
+        "server:\n", "server:\n  probe_interval_s: 0\n  drain_delay_s: 0\n", 1))  # SIGTERM: exit at once
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    assert proc.stdout is not None
+    fcntl.fcntl(proc.stdout, fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # Linux's smallest pipe: full after ~27 lines
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
         while True:
             try:
-                httpx.get(f"{url}/healthz", timeout=1)
+                httpx.get(f"{url}/healthz", timeout=1, verify=LOOPBACK_TLS)
                 break
             except httpx.TransportError:
                 assert time.monotonic() < deadline and proc.poll() is None, "gateway did not start"
                 time.sleep(0.05)
-        requests = 1500  # ~150 bytes of access log each: several times what a pipe buffers
+        requests = 300  # ~150 bytes of access log each: ten times what the pipe buffers
         slowest = 0.0
-        with httpx.Client(timeout=5) as client:
+        with httpx.Client(verify=LOOPBACK_TLS, timeout=5) as client:
             for _ in range(requests):
                 started = time.monotonic()
                 assert client.get(f"{url}/healthz").status_code == 200

@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from gateway import __version__
-from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, engine_config
+from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, engine_config, sdk
 from tests.fakes.openai_engine import RATE, FakeOpenAIEngine, speech_seconds
 from tests.metering_support import (
     LEDGER_FIELDS,
@@ -59,10 +59,6 @@ def pcm_seconds(text: str) -> float:
 
 def tts1_cost(characters: int, seconds: float) -> float:
     return characters / 1_000_000 * TTS1_PRICE["per_million_characters"] + seconds / 60 * TTS1_PRICE["per_audio_minute"]
-
-
-def sdk(gateway: Gateway, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=20)
 
 
 BILLING_FAMILIES = ("gateway_billable_characters", "gateway_billable_audio_seconds", "gateway_cost_usd")

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import io
-import math
-from array import array
 
 import av
 import pytest
 
 from gateway.audio.duration import encoded_seconds
 from gateway.audio.mp3_frames import Mp3Clock
+from tests.tones import tone
 
 
 def mp3(rate: int, bit_rate: int, seconds: float = 2.3, id3: bool = False) -> bytes:
-    samples = array("h", (int(8000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(int(rate * seconds))))
-    frame = av.AudioFrame(format="s16", layout="mono", samples=len(samples))
-    frame.planes[0].update(samples.tobytes())
+    samples = tone(seconds, rate)
+    frame = av.AudioFrame(format="s16", layout="mono", samples=len(samples) // 2)
+    frame.planes[0].update(samples)
     frame.sample_rate = rate
     out = io.BytesIO()
     with av.open(out, "w", format="mp3", options={} if id3 else {"id3v2_version": "0"}) as container:

@@ -9,15 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2 as httpx
-import openai
 import pytest
 
-from tests.conftest import DEMO_KEY, ServerThread, engine_config
+from tests.conftest import DEMO_KEY, LOOPBACK_TLS, ServerThread, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
 from tests.process import GatewayProcess
 from tests.support import WAV
 
-DRAIN_DELAY, GRACE = 1.0, 15.0
+DRAIN_DELAY, GRACE = 0.5, 15.0
 
 
 @pytest.fixture
@@ -49,20 +48,21 @@ def slow_upload(url: str, seconds: float) -> Iterator[bytes]:
 def test_sigterm_drains_then_exits_zero(process: GatewayProcess, engine: FakeOpenAIEngine,
                                         servers: ServerThread) -> None:
     text = "A long sentence to stream slowly. " * 3
-    engine.chunk_size, engine.chunk_delay = 4096, 0.1  # ~12 s of pcm takes ~3 s to stream
+    engine.chunk_size, engine.chunk_delay = 4096, 0.06  # ~12 s of pcm takes ~2 s to stream
     expected = int(speech_seconds(text) * 24_000) * 2
     results: dict[str, object] = {}
 
     def stream() -> None:
-        with openai.OpenAI(base_url=f"{process.url}/v1", api_key=DEMO_KEY, max_retries=0) as client, \
+        with sdk(f"{process.url}/v1") as client, \
                 client.audio.speech.with_streaming_response.create(
                     model="tts-1", voice="nova", input=text, response_format="pcm") as response:
             results["stream"] = len(b"".join(response.iter_bytes()))
 
     def upload() -> None:
-        response = httpx.post(f"{process.url}/v1/audio/transcriptions", content=slow_upload(process.url, 3.0),
+        response = httpx.post(f"{process.url}/v1/audio/transcriptions", content=slow_upload(process.url, 2.0),
                               headers={"Authorization": f"Bearer {DEMO_KEY}",
-                                       "Content-Type": "multipart/form-data; boundary=B"}, timeout=30)
+                                       "Content-Type": "multipart/form-data; boundary=B"},
+                              timeout=30, verify=LOOPBACK_TLS)
         results["upload"] = (response.status_code, response.json())
 
     workers = [threading.Thread(target=stream), threading.Thread(target=upload)]
@@ -73,10 +73,11 @@ def test_sigterm_drains_then_exits_zero(process: GatewayProcess, engine: FakeOpe
     process.signal(signal.SIGTERM)
     sent = time.monotonic()
     time.sleep(0.2)
-    assert httpx.get(f"{process.url}/readyz").status_code == 503  # at once; still accepting for now
+    readyz = httpx.get(f"{process.url}/readyz", verify=LOOPBACK_TLS)
+    assert readyz.status_code == 503  # at once; still accepting for now
     time.sleep(DRAIN_DELAY + 0.5)
     with pytest.raises(httpx.ConnectError):  # after the drain delay, new connections are refused
-        httpx.get(f"{process.url}/healthz", timeout=2)
+        httpx.get(f"{process.url}/healthz", timeout=2, verify=LOOPBACK_TLS)
     for w in workers:
         w.join(GRACE)
     assert results["stream"] == expected  # the stream finished intact

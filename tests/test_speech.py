@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, sdk
 from tests.fakes.openai_engine import CONTENT_TYPES, FakeOpenAIEngine, speech_seconds, synth
 
 
@@ -87,8 +87,8 @@ def test_sse_relayed_from_engine(client: openai.OpenAI, engine: FakeOpenAIEngine
 
 
 def test_x_api_key_header_accepted(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0,
-                       default_headers={"Authorization": "", "X-API-Key": DEMO_KEY}) as c:
+    with sdk(gateway.base_url, "unused",
+             default_headers={"Authorization": "", "X-API-Key": DEMO_KEY}) as c:
         audio = c.audio.speech.create(model="tts-1", voice="nova", input="Key in a header.")
     assert len(audio.content) > 100
     assert DEMO_KEY not in json.dumps(dict(engine.last.headers))

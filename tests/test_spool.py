@@ -12,13 +12,12 @@ import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import openai
 import pytest
 from aiohttp import web
 
 from gateway.audio.workers import AudioWorkers
 from gateway.spool import Upload
-from tests.conftest import DEMO_KEY, Gateway, ServerThread
+from tests.conftest import Gateway, ServerThread, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import table_config
 
@@ -116,7 +115,7 @@ def gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, ea
 def test_a_failover_attempt_gets_the_whole_upload(gateway: Gateway, engine: FakeOpenAIEngine) -> None:
     upload = tone_wav(30)  # ~1 MB: past spool_memory_bytes, so spooled to disk
     FAILED.clear()
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20) as client:
+    with sdk(gateway.base_url, timeout=20) as client:
         result = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", upload, "audio/wav"))
     assert result.text and FAILED == ["/v1/audio/transcriptions"]  # the first route was tried, and failed
     (name, filename, _, received), = engine.requests[-1].files

@@ -6,7 +6,6 @@ import array
 import asyncio
 import functools
 import io
-import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,12 +19,7 @@ from gateway.audio.formats import AudioFormat, pcm
 from gateway.audio.transcode import encode as encode_on
 from gateway.audio.workers import AudioWorkers
 from gateway.errors import UpstreamError, UpstreamTimeoutError
-
-
-def tone(seconds: float, rate: int = 24_000, channels: int = 1, freq: float = 440.0) -> bytes:
-    """A sine tone as interleaved s16le."""
-    samples = (int(8000 * math.sin(2 * math.pi * freq * i / rate)) for i in range(int(seconds * rate)))
-    return array.array("h", (s for s in samples for _ in range(channels))).tobytes()
+from tests.tones import tone
 
 
 def container(pcm_bytes: bytes, rate: int, channels: int, muxer: str, codec: str, out_rate: int | None = None) -> bytes:

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import parse_config
-from tests.conftest import DEMO_KEY, ServerThread, engine_config, serve_app
+from tests.conftest import ServerThread, engine_config, sdk, serve_app
 
 
 async def explode(request: web.Request) -> web.Response:
@@ -34,7 +34,7 @@ def gateway_url(servers: ServerThread, tmp_path: Path) -> Iterator[str]:
 
 def test_unexpected_exception_is_a_clean_500(gateway_url: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="gateway"), \
-            openai.OpenAI(base_url=gateway_url, api_key=DEMO_KEY, max_retries=0) as client, \
+            sdk(gateway_url) as client, \
             pytest.raises(openai.InternalServerError) as info:
         client.post("/audio/explode", cast_to=object, body={})
     response = info.value.response

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from gateway.errors import RateLimitError, ServiceUnavailableError
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, engine_config
+from tests.conftest import ENGINE_KEY, LOOPBACK_TLS, Gateway, ServerThread, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import (
     HANG_TIMEOUT_S,
@@ -23,7 +23,6 @@ from tests.support import (
     expect_error,
     free_port,
     quick_timeouts,
-    sdk,
     table_config,
 )
 
@@ -55,7 +54,7 @@ def dead_gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path) -> Gate
 
 @pytest.mark.parametrize("call", CALLS)
 def test_refused_connection_is_502(servers: ServerThread, dead_gateway: Gateway, call: str) -> None:
-    with openai.OpenAI(base_url=dead_gateway.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(dead_gateway.base_url) as c:
         with pytest.raises(openai.InternalServerError) as info:
             CALLS[call](c)
     error = expect_error(info.value, 502, "upstream_error", "bad_gateway")
@@ -174,8 +173,8 @@ def test_upstream_errors_carry_and_forward_the_request_id(client: openai.OpenAI,
 def counted(gateway: Gateway) -> Iterator[tuple[openai.OpenAI, list[str]]]:
     """An SDK client with its default retry budget (2) that records every attempt it sends."""
     attempts: list[str] = []
-    http = httpx2.Client(event_hooks={"request": [lambda r: attempts.append(r.url.path)]})
-    with openai.OpenAI(base_url=gateway.base_url, api_key=DEMO_KEY, max_retries=2, http_client=http) as c:
+    http = httpx2.Client(verify=LOOPBACK_TLS, event_hooks={"request": [lambda r: attempts.append(r.url.path)]})
+    with sdk(gateway, max_retries=2, http_client=http) as c:
         yield c, attempts
 
 
@@ -197,8 +196,8 @@ def test_sdk_does_not_retry_client_errors(counted: tuple[openai.OpenAI, list[str
 
 def test_sdk_does_not_retry_a_bad_key(gateway: Gateway) -> None:
     attempts: list[str] = []
-    http = httpx2.Client(event_hooks={"request": [lambda r: attempts.append(r.url.path)]})
-    with openai.OpenAI(base_url=gateway.base_url, api_key="sk-wrong", max_retries=2, http_client=http) as c:
+    http = httpx2.Client(verify=LOOPBACK_TLS, event_hooks={"request": [lambda r: attempts.append(r.url.path)]})
+    with sdk(gateway, "sk-wrong", max_retries=2, http_client=http) as c:
         with pytest.raises(openai.AuthenticationError):
             speech(c)
     assert len(attempts) == 1
@@ -327,7 +326,7 @@ def _failover_gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path, fi
 def test_failover_past_a_dead_backend(servers: ServerThread, make_gateway: Callable[[str], Gateway],
                                       tmp_path: Path, engine: FakeOpenAIEngine) -> None:
     gw = _failover_gateway(make_gateway, tmp_path, f"http://127.0.0.1:{free_port()}/v1", engine.url)
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         assert len(speech(c)) > 100
         assert engine.last.json["model"] == "kokoro-b"
         assert engine.last.json["voice"] == "af_nova_b"
@@ -344,7 +343,7 @@ def test_failover_after_a_500_resends_the_whole_upload(servers: ServerThread, ma
     engine.mode = "500"
     gw = _failover_gateway(make_gateway, tmp_path, engine.url, second_engine.url)
     data = WAV + bytes(range(256)) * 1000  # spooled to disk
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         result = transcribe(c, file=("long.wav", data, "audio/wav"), response_format="verbose_json")
         assert result.text == "Answered by the second engine."
         assert len(speech(c)) > 100
@@ -360,7 +359,7 @@ def test_no_failover_on_a_client_error(make_gateway: Callable[[str], Gateway], t
                                        engine: FakeOpenAIEngine, second_engine: FakeOpenAIEngine) -> None:
     engine.mode = "400"
     gw = _failover_gateway(make_gateway, tmp_path, engine.url, second_engine.url)
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.BadRequestError):
             speech(c)
         with pytest.raises(openai.BadRequestError):
@@ -372,7 +371,7 @@ def test_no_failover_after_the_first_byte(make_gateway: Callable[[str], Gateway]
                                           engine: FakeOpenAIEngine, second_engine: FakeOpenAIEngine) -> None:
     engine.mode, engine.chunk_size = "drop_midstream", 2048
     gw = _failover_gateway(make_gateway, tmp_path, engine.url, second_engine.url)
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.APIConnectionError):  # the SDK read a body that broke off
             speech(c, input="Long enough for a few chunks of audio, surely.")
     assert second_engine.requests == []
@@ -382,7 +381,7 @@ def test_all_routes_failing_is_one_502(make_gateway: Callable[[str], Gateway], t
                                        engine: FakeOpenAIEngine) -> None:
     engine.mode = "500"
     gw = _failover_gateway(make_gateway, tmp_path, f"http://127.0.0.1:{free_port()}/v1", engine.url)
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.InternalServerError) as info:
             transcribe(c)
     error = expect_error(info.value, 502, "upstream_error", "bad_gateway")

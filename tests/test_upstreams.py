@@ -24,7 +24,7 @@ from gateway.app import build_app
 from gateway.config import DEFAULT_MAX_CONNECTIONS, ConfigError, load_config, parse_config
 from gateway.state import RELOADER, TABLES
 from tests.adapters.common import serve
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, serve_app, server_yaml
+from tests.conftest import DEMO_KEY, ENGINE_KEY, LOOPBACK_TLS, Gateway, ServerThread, serve_app, server_yaml
 from tests.fakes.engine import RECORDED
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import assert_settled, check_error, wait_for
@@ -81,7 +81,8 @@ def capped_config(spool_dir: Path, backends: dict[str, tuple[str, int]], connect
 
 def speak(gateway: Gateway, model: str) -> httpx.Response:
     return httpx.post(f"{gateway.base_url}/audio/speech", timeout=30, headers={"Authorization": f"Bearer {DEMO_KEY}"},
-                      json={"model": model, "input": "Hello there.", "voice": "nova", "response_format": "pcm"})
+                      json={"model": model, "input": "Hello there.", "voice": "nova", "response_format": "pcm"},
+                      verify=LOOPBACK_TLS)
 
 
 @pytest.fixture

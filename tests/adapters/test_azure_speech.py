@@ -28,7 +28,7 @@ from tests.adapters.common import (
     probe,
     serve,
 )
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, sha
 from tests.fakes.azure_speech_engine import FakeAzureSpeech, speech_seconds
 from tests.fakes.deepgram_engine import tone
 from tests.support import expect_error
@@ -201,7 +201,7 @@ def test_language_becomes_a_locale(client: openai.OpenAI, engine: FakeAzureSpeec
 def test_locale_options(make_gateway: Callable[[str], Gateway], engine: FakeAzureSpeech, tmp_path: Path) -> None:
     extra = ", locales: {en: en-GB}, default_locales: [en-US, de-DE], definition: {profanityFilterMode: None}"
     gw = make_gateway(config(engine.url, tmp_path / "spool", extra))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         transcribe(c, language="en")
         assert json.loads(engine.last.form_value("definition") or "") == {"profanityFilterMode": "None",
                                                                           "locales": ["en-GB"]}

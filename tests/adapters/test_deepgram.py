@@ -28,7 +28,7 @@ from tests.adapters.common import (
     probe,
     serve,
 )
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, sha
 from tests.fakes.deepgram_engine import FakeDeepgram, speech_seconds, tone
 from tests.support import expect_error
 
@@ -250,6 +250,6 @@ def test_listen_params_are_added(make_gateway: Callable[[str], Gateway], engine:
     text = config(engine.url, tmp_path / "spool").replace(
         "connect_timeout_s: 1}", "connect_timeout_s: 1, listen_params: {diarize: true, keyterm: Aura}}")
     gw = make_gateway(text)
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         transcribe(c)
     assert engine.last.query["diarize"] == "true" and engine.last.query["keyterm"] == "Aura"

@@ -34,7 +34,7 @@ from tests.adapters.common import (
     probe,
     serve,
 )
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, sha
 from tests.fakes.elevenlabs_engine import FakeElevenLabs, speech_seconds, synth
 from tests.support import expect_error
 
@@ -164,7 +164,7 @@ def test_configured_voice_settings_go_with_every_request(make_gateway: Callable[
         optimize_streaming_latency: 2
         enable_logging: false
     """))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         speak(c, "mp3")
         speak(c, "mp3", speed=1.15)
         transcribe(c)

@@ -195,9 +195,9 @@ async def test_aclose_mid_stream_aborts_the_engine(tts: espeak.EspeakAdapter) ->
     print(f"\naborted after {chunks.produced / full:.1%} of the audio")
     assert chunks.produced < full / 4
     assert [chunk async for chunk in chunks] == []
-    started = time.perf_counter()
+    cpu = time.process_time()  # this process's CPU time: what an abort that did not stop the engine would add to
     assert seconds(await say(tts, SENTENCE)) > 2.0
-    assert time.perf_counter() - started < 0.5
+    assert time.process_time() - cpu < 0.5
 
 
 async def test_concurrent_requests_take_turns_on_the_engine(tts: espeak.EspeakAdapter) -> None:
@@ -227,17 +227,17 @@ async def test_round_trip_recognizes_most_words(tts: espeak.EspeakAdapter,
     first, second = PASSAGE.split(" Please")
     pcm = b"".join([silence(0.5), await say(tts, first, ROUND_TRIP_VOICE), silence(1.5),
                     await say(tts, "Please" + second, ROUND_TRIP_VOICE), silence(0.5)])
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     transcript, lag = await with_loop_lag(stt.transcribe(transcription(wav_upload(pcm))))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert isinstance(transcript, Transcript)
     ratio = overlap(PASSAGE, transcript.text)
-    print(f"\nword overlap {ratio:.2f}; real-time factor {elapsed / seconds(pcm):.3f} "
+    print(f"\nword overlap {ratio:.2f}; real-time factor {cpu / seconds(pcm):.3f} in CPU time "
           f"({elapsed:.2f} s for {seconds(pcm):.1f} s); longest event-loop stall {lag * 1000:.0f} ms\n"
           f"heard: {transcript.text}")
     assert ratio >= MIN_OVERLAP
-    assert elapsed / seconds(pcm) < 1.0
-    assert lag < 0.25
+    assert cpu / seconds(pcm) < 1.0  # CPU time, which other processes' load does not stretch
+    assert lag < elapsed / 4  # a decode on the loop would stall it for all of `elapsed`
     assert transcript.language == "en"
     assert transcript.duration == pytest.approx(seconds(pcm), abs=0.01)
     assert transcript.text == " ".join(s.text for s in transcript.segments)
@@ -304,22 +304,23 @@ async def test_undecodable_upload_is_a_400(stt: pocketsphinx.PocketsphinxAdapter
 
 async def test_a_cancelled_transcription_frees_the_worker(tts: espeak.EspeakAdapter,
                                                           stt: pocketsphinx.PocketsphinxAdapter) -> None:
-    """Against the same short transcription timed first on this machine, under whatever load it has: after the
-    cancel it takes about as long, not the seconds the abandoned ~50 s of audio would still need."""
+    """Against the same short transcription measured first, in this process's CPU time (which other processes'
+    load does not stretch): after the cancel it costs about as much, not the seconds of decoding the abandoned
+    ~50 s of audio would still need."""
     short = wav_upload(await say(tts, SENTENCE, ROUND_TRIP_VOICE))
-    started = time.perf_counter()
+    cpu = time.process_time()
     await stt.transcribe(transcription(short))
-    alone = time.perf_counter() - started
+    alone = time.process_time() - cpu
     long = await say(tts, " ".join([PASSAGE] * 4), ROUND_TRIP_VOICE)  # ~50 s: several seconds of decoding
     task = asyncio.create_task(stt.transcribe(transcription(wav_upload(long))))
     await asyncio.sleep(0.5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    started = time.perf_counter()
+    cpu = time.process_time()
     transcript = await stt.transcribe(transcription(short))
     assert isinstance(transcript, Transcript) and transcript.text
-    assert time.perf_counter() - started < 2 * alone + 0.5
+    assert time.process_time() - cpu < 2 * alone + 0.5
 
 
 async def test_capabilities_follow_the_backends_own_models() -> None:

@@ -30,13 +30,13 @@ from tests.adapters.test_azure_speech import config as azure_config
 from tests.adapters.test_deepgram import config as deepgram_config
 from tests.adapters.test_elevenlabs import config as elevenlabs_config
 from tests.adapters.test_whisper_asr import config as whisper_config
-from tests.conftest import ENGINE_KEY, Gateway, ServerThread
+from tests.conftest import ENGINE_KEY, Gateway, ServerThread, sdk
 from tests.fakes.azure_speech_engine import FakeAzureSpeech
 from tests.fakes.deepgram_engine import FakeDeepgram, tone
 from tests.fakes.elevenlabs_engine import FakeElevenLabs
 from tests.fakes.engine import FakeHttpEngine
 from tests.fakes.whisper_asr_engine import FakeWhisperAsr
-from tests.support import assert_settled, probe_backends, quick_timeouts, sdk
+from tests.support import assert_settled, probe_backends, quick_timeouts
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 SENTENCE = "Hello from the gateway. This sentence is spoken by an engine double."

@@ -28,7 +28,7 @@ from gateway.config import Backend
 from gateway.errors import UpstreamError
 from gateway.state import HEALTH
 from tests.adapters.common import serve
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sha, start_gateway
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, sha, start_gateway
 from tests.fakes.openai_engine import synth
 from tests.fakes.whisper_asr_engine import TRANSCRIPT, TRANSLATION, FakeWhisperAsr
 from tests.support import assert_settled, expect_error, free_port
@@ -125,7 +125,7 @@ def test_a_long_prompt_keeps_its_end(client: openai.OpenAI, asr: FakeWhisperAsr)
 def test_api_key_is_sent_for_a_proxy(make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr,
                                      tmp_path: Path) -> None:
     gw = make_gateway(config(asr.url, tmp_path / "spool", f'api_key: "{ENGINE_KEY}"\n'))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         transcribe(c)
     assert asr.last.headers["Authorization"] == f"Bearer {ENGINE_KEY}"
 
@@ -233,7 +233,7 @@ def test_malformed_json_is_502(body: bytes) -> None:
 
 def test_refused_connection_is_502(make_gateway: Callable[[str], Gateway], tmp_path: Path) -> None:
     gw = make_gateway(config(f"http://127.0.0.1:{free_port()}", tmp_path / "spool"))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.InternalServerError) as info:
             transcribe(c)
     expect_error(info.value, 502, "upstream_error", "bad_gateway")
@@ -284,7 +284,7 @@ def test_bad_options_are_config_errors(options: dict[str, Any], problem: str) ->
 
 def test_options_reach_the_query(make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr, tmp_path: Path) -> None:
     gw = make_gateway(config(asr.url, tmp_path / "spool", "word_timestamps: false\nvad_filter: true\n"))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         result = transcribe(c, response_format="verbose_json", timestamp_granularities=["word"])
     assert asr.last.query == {"task": "transcribe", "output": "json", "encode": "true", "vad_filter": "true"}
     assert result.words and [w.word for w in result.words] == [w.strip(".") for w in WORDS]  # estimated from text
@@ -298,7 +298,7 @@ def test_shipped_example_fails_over_to_the_second_deployment(servers: ServerThre
             .replace("spool_dir: /tmp", f"spool_dir: {tmp_path}"))
     gw = servers.run(start_gateway(text, tmp_path))
     try:
-        with openai.OpenAI(base_url=gw.base_url, api_key="change-me", max_retries=0) as c:
+        with sdk(gw.base_url, "change-me") as c:
             assert transcribe(c).text == TRANSCRIPT.strip()
         assert asr.last.query["word_timestamps"] == "true"
     finally:

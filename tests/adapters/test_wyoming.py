@@ -36,7 +36,7 @@ from gateway.audio.decode import decode_chunks
 from gateway.config import Backend, NativeVoice
 from gateway.errors import UpstreamError
 from tests.adapters.common import serve, speech_until_cut
-from tests.conftest import DEMO_KEY, Gateway, ServerThread, sha
+from tests.conftest import DEMO_KEY, Gateway, ServerThread, sdk, sha
 from tests.fakes.wyoming_engine import (
     ASR_MODEL,
     MULTI_VOICE,
@@ -296,7 +296,7 @@ def test_translation_is_refused_before_any_engine_call(client: openai.OpenAI, wh
 def test_refused_connection_is_502(make_gateway: Callable[[str], Gateway], tmp_path: Path, task: str) -> None:
     dead = f"tcp://127.0.0.1:{free_port()}"
     gw = make_gateway(wyoming_config(tmp_path / "spool", dead, dead))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.InternalServerError) as info:
             speak(c) if task == "speech" else transcribe(c)
     name = "piper" if task == "speech" else "whisper"
@@ -391,11 +391,11 @@ def test_a_server_without_tts_fails_over_without_being_asked_to_speak(
         make_gateway: Callable[[str], Gateway], tmp_path: Path, piper: FakeWyomingEngine,
         whisper: FakeWyomingEngine) -> None:
     gw = make_gateway(wyoming_config(tmp_path / "spool", piper.url, whisper.url, tts_routes="whisper,piper"))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         assert len(speak(c)) > 10_000
     assert [s.types for s in whisper.sessions] == [["describe"]]  # asked what it offers, never sent `synthesize`
     gw = make_gateway(wyoming_config(tmp_path / "spool", piper.url, whisper.url, tts_routes="whisper"))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.InternalServerError) as info:
             speak(c)
     expect_error(info.value, 502, "upstream_error", "bad_gateway",
@@ -407,7 +407,7 @@ def test_tasks_setting_keeps_other_tasks_off_a_backend(make_gateway: Callable[[s
                                                        piper: FakeWyomingEngine) -> None:
     gw = make_gateway(wyoming_config(tmp_path / "spool", piper.url, piper.url, asr_routes="piper",
                                      piper_extra=", tasks: [speech]"))
-    with openai.OpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0) as c:
+    with sdk(gw.base_url) as c:
         with pytest.raises(openai.BadRequestError) as info:
             transcribe(c)
         assert len(speak(c)) > 10_000

@@ -1,0 +1,1 @@
+"""The gateway's tests: one package, so conftest is imported once, as tests.conftest."""
