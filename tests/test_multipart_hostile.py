@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import threading
 import time
 import warnings
@@ -143,5 +144,8 @@ def test_30000_part_form_rejected_while_healthz_stays_fast(gateway: Gateway) -> 
                 type_="invalid_request_error", code="invalid_multipart")
     assert len(latencies) >= 10 and len(result) >= 2
     assert all(r.status == 400 for r in result)
-    assert max(latencies) < 0.1, f"/healthz took up to {max(latencies) * 1000:.0f} ms ({len(latencies)} probes)"
+    # Measured 2-7 ms median, 10-14 ms at most; forms parsed on the loop would hold every probe for all of a form.
+    # Bounds loose enough for 4 test workers on 2 cores: the median shows a stalled loop, the max a stuck one.
+    said = f"/healthz took {statistics.median(latencies) * 1000:.0f} ms median, {max(latencies) * 1000:.0f} ms at most"
+    assert statistics.median(latencies) < 0.05 and max(latencies) < 0.5, said
     assert json.loads(result[0].body)["error"]["message"].startswith("The form has more than 64 parts")
