@@ -1,10 +1,11 @@
-"""The command line: `gateway serve --config PATH` and `gateway check-config PATH...`. Parsing only."""
+"""The command line: `gateway serve --config PATH [--workers N]` and `gateway check-config PATH...`. Parsing only."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from gateway import __version__, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, load_config, unservable
 from gateway.logs import queued_logging
+from gateway.supervisor import WorkerLink, supervise, usable_cpus
 from gateway.upstreams import Upstreams
 
 
@@ -57,7 +59,10 @@ def _check(path: str) -> int:
     return 0
 
 
-def serve(path: str, host: str | None, port: int | None) -> int:
+def serve(path: str, host: str | None, port: int | None, workers: int = 1, link: WorkerLink | None = None) -> int:
+    """One process (workers 1), a supervisor of `workers` processes, or one of them (`link`)."""
+    if link is not None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until it serves: it then checks the file itself
     try:
         config = _load(path)
     except ConfigError as exc:
@@ -65,8 +70,24 @@ def serve(path: str, host: str | None, port: int | None) -> int:
             logging.error("%s", problem)
         return 1
     listen = replace(config.server, host=host or config.server.host, port=port or config.server.port)
-    asyncio.run(server.serve(replace(config, server=listen)))
+    config = replace(config, server=listen)
+    if workers > 1 and link is None:
+        return supervise(config, workers)
+    asyncio.run(server.serve(config, link))
     return 0
+
+
+def worker_count(text: str) -> int:
+    """`--workers`: a positive number, or `auto` for one per usable CPU."""
+    if text == "auto":
+        return usable_cpus()
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got '{text}'")
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="path to the YAML mapping table")
     run.add_argument("--host", help="listen address (default: server.host in the config)")
     run.add_argument("--port", type=int, help="listen port (default: server.port in the config)")
+    run.add_argument("--workers", type=worker_count, default=1, metavar="N",
+                     help="worker processes sharing the port, or 'auto' for one per usable CPU (default: 1)")
+    run.add_argument("--worker", type=WorkerLink.decode, help=argparse.SUPPRESS)  # set by the parent only
     check = sub.add_parser("check-config", help="validate config files; exit 1 listing every error")
     check.add_argument("paths", nargs="+", metavar="PATH")
     args = parser.parse_args(argv)
@@ -84,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         return check_config(args.paths)
     with queued_logging():  # the event loop never writes to stderr itself (gateway/logs.py)
-        logging.info("gateway %s starting with %s", __version__, args.config)
-        return serve(args.config, args.host, args.port)
+        if args.worker is None:
+            logging.info("gateway %s starting with %s", __version__, args.config)
+        return serve(args.config, args.host, args.port, args.workers, args.worker)
 
 
 if __name__ == "__main__":

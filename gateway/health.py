@@ -79,14 +79,14 @@ class Health:
             log.warning("backend %s is %s", backend.name, "up" if up else "down")
         self._probes[backend.name] = Probe(backend, up, time.monotonic())
         if self.metrics is not None:
-            self.metrics.backend_up.labels(backend.name).set(1 if up else 0)
+            self.metrics.view.backends[backend.name] = up
 
     def _forget(self, table: Table) -> None:
         """Drop what is known of backends the table no longer has (their gauge too)."""
         for name in [n for n in self._probes if n not in table.config.backends]:
             del self._probes[name]
             if self.metrics is not None:
-                self.metrics.backend_up.remove(name)
+                self.metrics.view.backends.pop(name, None)
 
     async def run(self, interval: float) -> None:
         """Probe now, then every `interval` seconds, and at once after a reload swaps the table."""

@@ -11,6 +11,7 @@ requests; see tests/perf/test_metering_overhead.py).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from gateway.config import Ledger
 
@@ -52,12 +54,15 @@ class LedgerWriter:
     FLUSH_INTERVAL = 0.1
     """Seconds between two writes of the accumulated records (also the most a record waits)."""
 
-    def __init__(self, config: Ledger) -> None:
+    def __init__(self, config: Ledger, stream: TextIO | None = None) -> None:
+        """`stream`: write there instead of the configured sink, never rotated (a worker's channel to its
+        parent, gateway/supervisor.py, whose own writer has the sink)."""
+        self._stream = stream
         self._lines: collections.deque[str] = collections.deque()  # append/popleft are thread-safe
         self._file: logging.handlers.RotatingFileHandler | None = None
         self._max_bytes = config.max_bytes if config.backups > 0 else 0  # no backups: never rotate
         self._size = 0
-        if config.sink == "file":
+        if config.sink == "file" and stream is None:
             path = Path(config.path)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = logging.handlers.RotatingFileHandler(path, maxBytes=config.max_bytes,
@@ -71,6 +76,10 @@ class LedgerWriter:
         # The fields are all scalars: a plain dict, not dataclasses.asdict's recursive deep copy. ASCII
         # only (json.dumps' default), so a line's length in characters is its length in bytes.
         self._lines.append(json.dumps({f: getattr(record, f) for f in _FIELDS}, separators=(",", ":")) + "\n")
+
+    def write_line(self, line: str) -> None:
+        """One record already serialized by a worker, ending in a newline."""
+        self._lines.append(line)
 
     def _run(self) -> None:
         while not self._stop.wait(self.FLUSH_INTERVAL):
@@ -97,7 +106,7 @@ class LedgerWriter:
     def _flush(self, batch: list[str]) -> None:
         if not batch:
             return
-        stream = self._file.stream if self._file is not None else sys.stdout
+        stream = self._file.stream if self._file is not None else self._stream or sys.stdout
         stream.write("".join(batch))
         stream.flush()
         batch.clear()
@@ -108,3 +117,6 @@ class LedgerWriter:
         self._thread.join()
         if self._file is not None:
             self._file.close()
+        if self._stream is not None:
+            with contextlib.suppress(OSError):  # a parent already gone: what is left cannot be sent anyway
+                self._stream.close()

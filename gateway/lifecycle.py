@@ -14,7 +14,7 @@ from gateway.audio.workers import AudioWorkers
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.metering import Metrics, metrics_handler
-from gateway.state import AUDIO_WORKERS, CONFIG, DRAINING, LEDGER, METERING, METRICS, STARTED_AT, TABLES
+from gateway.state import AUDIO_WORKERS, CONFIG, DRAINING, LEDGER, METERING, METRICS, STARTED_AT, TABLES, WORKER
 from gateway.table import Table, TableHolder
 from gateway.upstreams import Upstreams
 
@@ -47,8 +47,9 @@ async def workers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The usage ledger's writer thread, flushed and stopped at shutdown."""
-    writer = app[LEDGER] = LedgerWriter(app[CONFIG].ledger)
+    """The usage ledger's writer thread, flushed and stopped at shutdown. A worker's writes to its parent."""
+    link = app.get(WORKER)
+    writer = app[LEDGER] = LedgerWriter(app[CONFIG].ledger, link.ledger_stream() if link else None)
     try:
         yield
     finally:
@@ -56,13 +57,21 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
-    """/metrics on a port of its own, so that the public ingress cannot reach it."""
+    """/metrics on a port of its own, so that the public ingress cannot reach it. A worker serves it on
+    the socket its parent bound (gateway/supervisor.py)."""
     config = app[CONFIG]
     metrics_app = web.Application()
     metrics_app.router.add_get("/metrics", metrics_handler(app[METRICS]))
     runner = web.AppRunner(metrics_app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, config.metrics.host or config.server.host, config.metrics.port).start()
+    link = app.get(WORKER)
+    sock = link.metrics_socket() if link else None
+    if sock is not None:
+        await web.SockSite(runner, sock).start()
+    elif link is None:
+        await web.TCPSite(runner, config.metrics.host or config.server.host, config.metrics.port).start()
+    else:
+        log.warning("metrics.port was set after the gateway started: it takes effect at the next restart")
     try:
         yield
     finally:

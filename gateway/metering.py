@@ -4,15 +4,28 @@ by `gateway.usage.record` (from `gateway.middleware.metering_middleware`).
 Label values only ever come from bounded sets: configured model, backend and tenant names, the
 gateway's own routes, status codes and the adapters' fixed failure reasons. A model or voice a
 client invents never creates a time series.
+
+In a worker of `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set by its parent, gateway/supervisor.py),
+prometheus_client keeps every value in a file per process, and /metrics answers from all of them:
+counters and histograms summed over every worker that ever ran in this parent's life (a restarted
+worker's counts stay, its replacement starts from zero) and `gateway_in_flight_requests` summed over
+the live workers. The three gauges that describe state rather than count work (`gateway_build_info`,
+`gateway_config_info`, `gateway_backend_up`) are the answering worker's own view (`ProcessView`):
+every worker loads the same config and probes the same backends, so any one answers for all, and a
+series of a replaced config or a dropped backend goes, which multiprocess files cannot do.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.errors import REASONS
@@ -29,6 +42,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter("gateway_requests", "Finished requests.",
                                 ["endpoint", "model", "backend", "tenant", "code"], registry=r)
         self.duration = Histogram("gateway_request_duration_seconds", "Request latency, to the last byte.",
@@ -48,26 +62,47 @@ class Metrics:
                                      registry=r)
         self.response_bytes = Counter("gateway_response_bytes", "Response body bytes sent.", ["endpoint"],
                                       registry=r)
-        self.in_flight = Gauge("gateway_in_flight_requests", "Requests being served.", ["endpoint"], registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Requests being served.", ["endpoint"], registry=r,
+                               multiprocess_mode="livesum")
         self.upstream_errors = Counter("gateway_upstream_errors", "Backend failures, by reason.",
                                        ["backend", "reason"], registry=r)
-        self.build_info = Gauge("gateway_build_info", "The running gateway's version.", ["version"], registry=r)
-        self.build_info.labels(__version__).set(1)
         self.config_reloads = Counter("gateway_config_reload", "Config reloads, by result (success, failure).",
                                       ["result"], registry=r)
-        self.config_info = Gauge("gateway_config_info", "1, labelled with the loaded config's hash.", ["digest"],
-                                 registry=r)
-        self.backend_up = Gauge("gateway_backend_up", "1 while a backend answers its background probe, else 0.",
-                                ["backend"], registry=r)
+        self.view = ProcessView()
+        if self.multiprocess:  # what /metrics exposes: every worker's files, not this process's registry
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry)
+        self.registry.register(self.view)
 
     def config_loaded(self, digest: str) -> None:
-        self.config_info.clear()
-        self.config_info.labels(digest).set(1)
+        self.view.digest = digest
 
     def upstream_error(self, backend: str, reason: str) -> None:
         self.upstream_errors.labels(backend, reason if reason in REASONS else "other").inc()
 
 
+
+
+class ProcessView(Collector):
+    """This process's build, loaded config and last backend probes, as gauges computed at scrape time."""
+
+    def __init__(self) -> None:
+        self.digest: str | None = None
+        self.backends: dict[str, bool] = {}
+        """backend name -> up, as its last background probe found it (gateway/health.py)."""
+
+    def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily("gateway_build_info", "The running gateway's version.", labels=["version"])
+        build.add_metric([__version__], 1)
+        config = GaugeMetricFamily("gateway_config_info", "1, labelled with the loaded config's hash.",
+                                   labels=["digest"])
+        if self.digest is not None:
+            config.add_metric([self.digest], 1)
+        up = GaugeMetricFamily("gateway_backend_up", "1 while a backend answers its background probe, else 0.",
+                               labels=["backend"])
+        for name, is_up in sorted(self.backends.items()):
+            up.add_metric([name], 1 if is_up else 0)
+        return iter((build, config, up))
 
 
 def endpoint_of(request: web.Request) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -25,6 +26,8 @@ from gateway.usage import Outcome, measure_then_record, record
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 
+PID = os.getpid()
+"""In the access log: which process served (`serve --workers N` spawns each worker afresh, never forks)."""
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -67,6 +70,7 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
             "bytes_in": outcome.bytes_in or request.content_length or 0,
             "bytes_out": outcome.bytes_out,
             "latency_ms": round((time.monotonic() - outcome.started) * 1000, 1),
+            "pid": PID,
         }
         if failure is not None:
             record["error"] = failure.reason

@@ -25,10 +25,19 @@ from aiohttp import web
 
 from gateway.adapters import ADAPTERS, build_adapters
 from gateway.config import Config, ConfigError, parse_config, read_config_text, unservable
-from gateway.state import CONFIG, METRICS, RELOADER, TABLES
+from gateway.state import CONFIG, METRICS, RELOADER, TABLES, WORKER
 from gateway.table import Table
 
 log = logging.getLogger("gateway.reload")
+
+
+def fingerprint(path: str | Path) -> tuple[int, int, int] | None:
+    """What changes when the file (or the symlink chain leading to it) is replaced or edited."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class Reloader:
@@ -40,12 +49,7 @@ class Reloader:
         self._requested: set[asyncio.Task[bool | None]] = set()
 
     def _stat(self) -> tuple[int, int, int] | None:
-        """What changes when the file (or the symlink chain leading to it) is replaced or edited."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+        return fingerprint(self.path)
 
     def request(self, why: str) -> None:
         """Reload soon (from a signal handler); the task is kept until done and cancelled at shutdown."""
@@ -122,14 +126,15 @@ class Reloader:
 
 
 async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The reloader for the app's config file, and its file watcher while the app runs."""
+    """The reloader for the app's config file, and its file watcher while the app runs (in a worker of
+    `serve --workers N` the parent watches, once for all, and SIGHUPs the workers: gateway/supervisor.py)."""
     config = app[CONFIG]
     reloader = app[RELOADER] = Reloader(app, config.source)
     metrics = app.get(METRICS)
     if metrics is not None:
         metrics.config_loaded(config.digest)
     watcher = None
-    if config.server.reload_interval_s > 0:
+    if config.server.reload_interval_s > 0 and WORKER not in app:
         watcher = asyncio.get_running_loop().create_task(reloader.watch(config.server.reload_interval_s))
     try:
         yield

@@ -9,12 +9,14 @@ Shutdown, in order (Kubernetes removes a pod from its endpoints while it still a
      close, and the process exits 0.
 Step 3 is ours, not aiohttp's: aiohttp's own shutdown stops reading from connections at once,
 which would cut an upload whose body is still arriving.
+A worker of `serve --workers N` runs the same, on sockets its parent bound (gateway/supervisor.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from aiohttp import web
@@ -22,32 +24,43 @@ from aiohttp import web
 from gateway.app import build_app
 from gateway.config import Config
 from gateway.connections import make_runner
-from gateway.state import DRAINING, RELOADER, TABLES
+from gateway.state import DRAINING, RELOADER, TABLES, WORKER
+from gateway.supervisor import WorkerLink
 
 log = logging.getLogger("gateway")
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, link: WorkerLink | None = None) -> None:
+    """Serve until SIGTERM; as one of `serve --workers N` (gateway/supervisor.py) when `link` is given."""
     host, port = config.server.host, config.server.port
     app = build_app(config)
+    if link is not None:
+        app[WORKER] = link
     runner = make_runner(app, config.server, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    log.info("gateway listening on http://%s:%d with %s (config %s)", host, port, config.source, config.digest)
+    sites = link.sites(runner) if link else [web.TCPSite(runner, host, port, reuse_address=True)]
+    for site in sites:
+        await site.start()
+    who = f"worker {link.slot} (pid {os.getpid()})" if link else "gateway"
+    log.info("%s listening on http://%s:%d with %s (config %s)", who, host, port, config.source, config.digest)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if RELOADER in app:
         loop.add_signal_handler(signal.SIGHUP, app[RELOADER].request, "SIGHUP")  # keeps the task
+    if link is not None:
+        link.serving(loop, stop.set)
+        if RELOADER in app:
+            app[RELOADER].request("worker started")  # an edit made while this worker started, SIGHUP or not
     try:
         await stop.wait()
         app[DRAINING].set()
         log.info("draining: /readyz fails now; still accepting for %.1f s, then %.1f s for requests in flight",
                  config.server.drain_delay_s, config.server.grace_s)
         await asyncio.sleep(config.server.drain_delay_s)
-        await site.stop()
+        for site in sites:
+            await site.stop()
         tables = app[TABLES]
         log.info("no longer accepting connections; waiting for %d requests in flight", tables.in_flight)
         try:
@@ -56,4 +69,4 @@ async def serve(config: Config) -> None:
             log.warning("grace period over: cancelling %d requests in flight", tables.in_flight)
     finally:
         await runner.cleanup()
-    log.info("gateway stopped")
+    log.info("%s stopped", who)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gateway.ledger import LedgerWriter
     from gateway.metering import Metrics
     from gateway.reload import Reloader
+    from gateway.supervisor import WorkerLink
     from gateway.table import Table, TableHolder
     from gateway.usage import Outcome
 
@@ -38,6 +39,8 @@ LEDGER: web.AppKey[LedgerWriter] = web.AppKey("ledger")
 AUDIO_WORKERS: web.AppKey[AudioWorkers] = web.AppKey("audio_workers")
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
+WORKER: web.AppKey[WorkerLink] = web.AppKey("worker")
+"""Set in a worker of `serve --workers N`: its inherited sockets and its channel to the parent."""
 
 # -- per request -----------------------------------------------------------------------------------------------
 

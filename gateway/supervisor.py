@@ -1,0 +1,287 @@
+"""`gateway serve --workers N`: N worker processes on one port, and the small parent that keeps them.
+
+The parent binds the listen sockets (and the metrics port's) once and starts each worker as a fresh
+interpreter (`python -m gateway serve ... --worker LINK`; no fork of a process that has threads),
+passing the sockets by file descriptor. Every worker accepts on the same socket with its own event
+loop, app, adapters, audio pool and backend probes. What is process-wide is owned once, by the parent:
+
+- the usage ledger: each worker sends its records, one JSON line each, over a socket pair (its
+  channel) from the ledger's writer thread; the parent's one `LedgerWriter` appends and rotates. A
+  record is never lost on a clean drain: a worker flushes before it exits, and the parent reads each
+  channel to its end. A worker killed outright loses what it had not sent yet (at most
+  `LedgerWriter.FLUSH_INTERVAL` of records); a partial last line is dropped, never written;
+- the config file watcher: the parent polls the file every `server.reload_interval_s` and SIGHUPs the
+  workers, which each load it (a worker's own watcher is off); SIGHUP to the parent does the same;
+- metrics: workers record into prometheus_client's multiprocess files, in a fresh directory per
+  parent run (PROMETHEUS_MULTIPROC_DIR, set before a worker imports prometheus_client), and every
+  worker's /metrics answers the sum over all of them (gateway/metering.py). The parent marks a worker
+  dead when it exits, so its live gauges go; its counters stay, and its replacement counts from zero.
+
+SIGTERM or SIGINT to the parent: it closes its own copy of the listen socket and SIGTERMs every
+worker at once, each of which drains by the single-process contract (gateway/server.py), so /readyz
+fails on every worker at once; then the parent exits 0. A worker still running `drain_delay_s +
+grace_s + KILL_AFTER_S` later is killed. A worker that exits untold is logged and restarted, after
+a backoff that doubles while workers die young. A worker whose parent is gone sees its channel
+close and drains too.
+
+The channel carries lines from worker to parent: `ready` once the worker serves (only then does it
+get SIGHUPs; it then checks the file once itself, so an edit made while it started is not missed)
+and ledger records (JSON objects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from aiohttp import web
+from prometheus_client import multiprocess
+
+from gateway.config import Config
+from gateway.ledger import LedgerWriter
+from gateway.reload import fingerprint
+
+log = logging.getLogger("gateway.supervisor")
+
+RESTART_BACKOFF_S = (0.5, 30.0)
+"""First and longest wait before a crashed worker is started again (doubling while workers die young)."""
+STABLE_S = 30.0
+"""A worker that ran this long before dying restarts after the shortest backoff again."""
+KILL_AFTER_S = 5.0
+"""After drain_delay_s + grace_s + this, a worker still running is killed."""
+BACKLOG = 1024
+READY = b"ready"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as a container's cpuset sets it)."""
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLink:
+    """What a worker gets from its parent: inherited descriptors, by number (the same in both processes)."""
+
+    slot: int
+    listen: tuple[int, ...]
+    metrics: int | None
+    channel: int
+    ledger: bool
+    """Send ledger records to the parent (it has a ledger on)."""
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str) -> WorkerLink:
+        raw = json.loads(text)
+        return cls(raw["slot"], tuple(raw["listen"]), raw["metrics"], raw["channel"], raw["ledger"])
+
+    def sites(self, runner: web.BaseRunner) -> list[web.BaseSite]:
+        return [web.SockSite(runner, socket.socket(fileno=fd)) for fd in self.listen]
+
+    def metrics_socket(self) -> socket.socket | None:
+        return None if self.metrics is None else socket.socket(fileno=self.metrics)
+
+    def ledger_stream(self):  # type: ignore[no-untyped-def]
+        """The worker's ledger writer's stream: its own descriptor of the channel."""
+        return os.fdopen(os.dup(self.channel), "w", encoding="utf-8")
+
+    def serving(self, loop: asyncio.AbstractEventLoop, orphaned: Callable[[], None]) -> None:
+        """Tell the parent this worker serves; call `orphaned` if the parent goes away (its end closes)."""
+        os.write(self.channel, READY + b"\n")
+
+        def gone() -> None:
+            loop.remove_reader(self.channel)
+            log.error("worker %d: the parent process is gone; draining", self.slot)
+            orphaned()
+
+        loop.add_reader(self.channel, gone)  # the parent never writes: readable means closed
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listen sockets for every address `host` resolves to, as asyncio's create_server would bind."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks = []
+    for family, kind, proto, _, address in dict.fromkeys(found):
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        socks.append(sock)
+    return socks
+
+
+@dataclass(slots=True)
+class Worker:
+    slot: int
+    proc: asyncio.subprocess.Process
+    ready: bool = False
+
+
+class Supervisor:
+    def __init__(self, config: Config, count: int) -> None:
+        self.config = config
+        self.count = count
+        self.draining = asyncio.Event()
+        self.workers: dict[int, Worker] = {}
+        self.listen = bind(config.server.host, config.server.port)
+        self.metrics_sock = None
+        if config.metrics.enabled and config.metrics.port is not None:
+            self.metrics_sock = bind(config.metrics.host or config.server.host, config.metrics.port)[0]
+        self.metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-") if config.metrics.enabled else None
+        self.ledger = LedgerWriter(config.ledger) if config.ledger.sink != "off" else None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain)
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        server = self.config.server
+        log.info("gateway listening on http://%s:%d with %s (config %s): %d workers", server.host, server.port,
+                 self.config.source, self.config.digest, self.count)
+        keepers = [loop.create_task(self._keep(slot)) for slot in range(1, self.count + 1)]
+        watcher = loop.create_task(self._watch()) if server.reload_interval_s > 0 else None
+        try:
+            await self.draining.wait()
+            budget = server.drain_delay_s + server.grace_s + KILL_AFTER_S
+            _, late = await asyncio.wait(keepers, timeout=budget)
+            for worker in list(self.workers.values()):
+                log.error("worker %d (pid %d) still running %.1f s after SIGTERM: killed", worker.slot,
+                          worker.proc.pid, budget)
+                worker.proc.kill()
+            await asyncio.gather(*late, return_exceptions=True)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            for task in keepers:
+                task.cancel()
+            await asyncio.gather(*keepers, *([watcher] if watcher else []), return_exceptions=True)
+            self.close_sockets()
+            if self.ledger is not None:
+                await asyncio.to_thread(self.ledger.close)
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        log.info("gateway stopped")
+
+    def close_sockets(self) -> None:
+        for sock in [*self.listen, *([self.metrics_sock] if self.metrics_sock else [])]:
+            sock.close()
+
+    def drain(self) -> None:
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        server = self.config.server
+        log.info("draining %d workers: /readyz fails now; still accepting for %.1f s, then %.1f s for requests "
+                 "in flight", len(self.workers), server.drain_delay_s, server.grace_s)
+        for sock in self.listen:  # the workers' copies close after drain_delay_s; then the port is closed
+            sock.close()
+        for worker in self.workers.values():
+            worker.proc.send_signal(signal.SIGTERM)
+
+    def reload(self, why: str) -> None:
+        ready = [w for w in self.workers.values() if w.ready]
+        log.info("config reload (%s): telling %d workers", why, len(ready))
+        for worker in ready:
+            worker.proc.send_signal(signal.SIGHUP)
+
+    async def _watch(self) -> None:
+        """The one config file watcher (workers run none): a changed file means SIGHUP to every worker."""
+        path = self.config.source
+        seen = await asyncio.to_thread(fingerprint, path)
+        while True:
+            await asyncio.sleep(self.config.server.reload_interval_s)
+            now = await asyncio.to_thread(fingerprint, path)
+            if now != seen:
+                seen = now
+                self.reload("file changed")
+
+    async def _keep(self, slot: int) -> None:
+        """Run worker `slot` until the drain; start it again whenever it exits untold."""
+        backoff = RESTART_BACKOFF_S[0]
+        while not self.draining.is_set():
+            started = time.monotonic()
+            mine, theirs = socket.socketpair()
+            try:
+                proc = await self._spawn(slot, theirs)
+            finally:
+                theirs.close()
+            worker = self.workers[slot] = Worker(slot, proc)
+            if self.draining.is_set():
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await self._read(worker, mine)
+                code = await proc.wait()
+            finally:
+                del self.workers[slot]
+                if self.metrics_dir is not None:
+                    multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
+            if self.draining.is_set():
+                log.info("worker %d (pid %d) stopped (exit %d)", slot, proc.pid, code)
+                return
+            if time.monotonic() - started >= STABLE_S:
+                backoff = RESTART_BACKOFF_S[0]
+            log.error("worker %d (pid %d) exited untold (%s); restarting it in %.1f s", slot, proc.pid,
+                      f"signal {-code}" if code < 0 else f"exit {code}", backoff)
+            try:
+                await asyncio.wait_for(self.draining.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+
+    async def _spawn(self, slot: int, channel: socket.socket) -> asyncio.subprocess.Process:
+        link = WorkerLink(slot, tuple(s.fileno() for s in self.listen),
+                          self.metrics_sock.fileno() if self.metrics_sock else None, channel.fileno(),
+                          self.ledger is not None)
+        env = dict(os.environ)
+        if self.metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        server = self.config.server
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", self.config.source,
+                "--host", server.host, "--port", str(server.port), "--worker", link.encode()]
+        fds = (*link.listen, *([link.metrics] if link.metrics is not None else []), link.channel)
+        return await asyncio.create_subprocess_exec(*argv, pass_fds=fds, env=env)
+
+    async def _read(self, worker: Worker, channel: socket.socket) -> None:
+        """Read a worker's channel to its end: `ready`, then ledger records for the parent's writer."""
+        reader, writer = await asyncio.open_unix_connection(sock=channel)
+        tail = b""
+        try:
+            while chunk := await reader.read(1 << 16):
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                for line in lines:
+                    if line == READY:
+                        worker.ready = True
+                        log.info("worker %d (pid %d) serving", worker.slot, worker.proc.pid)
+                    elif line and self.ledger is not None:
+                        self.ledger.write_line(line.decode("utf-8", "replace") + "\n")
+        finally:
+            writer.close()
+        if tail:
+            log.warning("worker %d (pid %d) died while sending a ledger record: the partial record was dropped",
+                        worker.slot, worker.proc.pid)
+
+
+def supervise(config: Config, count: int) -> int:
+    """Serve with `count` worker processes until SIGTERM; 0 once every worker has drained."""
+    try:
+        supervisor = Supervisor(config, count)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, exc.strerror or exc)
+        return 1
+    asyncio.run(supervisor.run())
+    return 0
