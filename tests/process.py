@@ -1,8 +1,10 @@
-"""A gateway in a process of its own (`python -m gateway serve`), for signal, shutdown and reload tests."""
+"""A gateway in a process of its own (`python -m gateway serve [--workers N]`), for signal, shutdown and reload
+tests."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,15 +18,33 @@ from tests.support import free_port
 
 
 class GatewayProcess:
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, workers: int = 1) -> None:
         self.port = free_port()
         self.log_path = log_path
+        self.workers = workers
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(self.port)],
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(self.port),
+             "--workers", str(workers)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.wait_ready()
+        if workers > 1:
+            self.wait_serving(workers)
+
+    def serving(self) -> dict[int, int]:
+        """worker slot -> pid of its latest process that told the parent it serves (from the parent's log)."""
+        return {int(slot): int(pid) for slot, pid in re.findall(r"^worker (\d+) \(pid (\d+)\) serving$", self.log(),
+                                                                 re.MULTILINE)}
+
+    def wait_serving(self, count: int, timeout: float = 20) -> dict[int, int]:
+        """The workers' pids once `count` processes have served (restarts included)."""
+        deadline = time.monotonic() + timeout
+        while (found := len(re.findall(r"^worker \d+ \(pid \d+\) serving$", self.log(), re.MULTILINE))) < count:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{found} worker processes served, expected {count}:\n{self.log()}")
+            time.sleep(0.05)
+        return self.serving()
 
     @property
     def url(self) -> str:
