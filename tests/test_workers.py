@@ -135,7 +135,7 @@ def test_both_workers_serve_and_every_request_counts_once(engine: FakeOpenAIEngi
                                                          servers: ServerThread,
                                                          stopping: list[GatewayProcess]) -> None:
     ledger = tmp_path / "usage.jsonl"
-    gw = start(engine, tmp_path, extra=f"ledger: {{sink: file, path: {ledger}}}\n")
+    gw = start(engine, tmp_path, server="  drain_delay_s: 0\n", extra=f"ledger: {{sink: file, path: {ledger}}}\n")
     stopping.append(gw)
     workers = gw.serving()
     clients = pinned(gw, set(workers.values()))
