@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from gateway.__main__ import main, worker_count
 from tests.conftest import DEMO_KEY, LOOPBACK_TLS, ServerThread, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
 from tests.metering_support import per_label, read_ledger, scrape, total, wait_ledger
@@ -266,3 +267,34 @@ def test_file_watcher_and_sighup_reload_every_worker(engine: FakeOpenAIEngine, t
     wait_for(lambda: reloads() == 4, timeout=5, what="both workers reloaded on SIGHUP")
     works_everywhere("tts-3")
     assert {pid: speak(c, f"gone-{pid}", model="tts-2") for pid, c in clients.items()} == dict.fromkeys(pids, 404)
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's reaping is up to whatever adopted it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_workers_drain_and_exit_when_the_parent_dies(engine: FakeOpenAIEngine, tmp_path: Path,
+                                                     servers: ServerThread, stopping: list[GatewayProcess]) -> None:
+    gw = start(engine, tmp_path, server="  drain_delay_s: 0\n")
+    stopping.append(gw)
+    pids = set(gw.serving().values())
+    gw.proc.kill()
+    gw.proc.wait(5)
+    wait_for(lambda: not any(running(pid) for pid in pids), timeout=10, what="the orphaned workers to exit")
+    assert gw.log().count("the parent process is gone; draining") == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_workers_must_be_a_positive_number_or_auto(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--config", "config/gateway.yaml", "--workers", value])
+    assert exit_.value.code == 2
+    assert f"expected a positive number or 'auto', got '{value}'" in capsys.readouterr().err
+
+
+def test_workers_auto_is_the_usable_cpus() -> None:
+    assert worker_count("auto") == len(os.sched_getaffinity(0)) and worker_count("3") == 3
