@@ -338,6 +338,8 @@ def exported_metrics() -> dict[str, set[str]]:
         labels = set(metric._labelnames)
         for suffix in suffixes:
             out[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    for family in metrics.view.collect():  # the gauges computed at scrape time (gateway.metering.ProcessView)
+        out[family.name] = set(family._labelnames)
     return out
 
 
