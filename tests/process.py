@@ -3,6 +3,7 @@ tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -23,11 +24,14 @@ class GatewayProcess:
         self.log_path = log_path
         self.workers = workers
         self._log = open(log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if workers > 1:  # the parent's metrics directory goes there: gone with the test's tmp dir if left over
+            env["TMPDIR"] = str(log_path.parent)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--port", str(self.port),
              "--workers", str(workers)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, env=env,
+            start_new_session=workers > 1)  # its own process group: stop() ends the workers with it
         self.wait_ready()
         if workers > 1:
             self.wait_serving(workers)
@@ -70,7 +74,10 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        if self.workers > 1:
+            with contextlib.suppress(ProcessLookupError):  # the parent and any worker still running
+                os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(10)
+        self.proc.wait(10)
         self._log.close()

@@ -194,7 +194,7 @@ def test_sigterm_drains_both_workers(engine: FakeOpenAIEngine, tmp_path: Path, s
     stopping.append(gw)
     pids = set(gw.serving().values())
     streams, probes = pinned(gw, pids), pinned(gw, pids)
-    engine.chunk_size, engine.chunk_delay = 4096, 0.06  # ~12 s of pcm takes ~2 s to stream
+    engine.chunk_size, engine.chunk_delay = 4096, 0.03  # ~6 s of pcm takes ~2 s to stream
     expected = int(speech_seconds(SLOW_TEXT) * 24_000) * 2
     received: dict[int, int] = {}
 
@@ -277,17 +277,6 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_workers_drain_and_exit_when_the_parent_dies(engine: FakeOpenAIEngine, tmp_path: Path,
-                                                     servers: ServerThread, stopping: list[GatewayProcess]) -> None:
-    gw = start(engine, tmp_path, server="  drain_delay_s: 0\n")
-    stopping.append(gw)
-    pids = set(gw.serving().values())
-    gw.proc.kill()
-    gw.proc.wait(5)
-    wait_for(lambda: not any(running(pid) for pid in pids), timeout=10, what="the orphaned workers to exit")
-    assert gw.log().count("the parent process is gone; draining") == 2
-
-
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
 def test_workers_must_be_a_positive_number_or_auto(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -298,3 +287,24 @@ def test_workers_must_be_a_positive_number_or_auto(value: str, capsys: pytest.Ca
 
 def test_workers_auto_is_the_usable_cpus() -> None:
     assert worker_count("auto") == len(os.sched_getaffinity(0)) and worker_count("3") == 3
+
+
+def test_a_dead_worker_restarts_with_a_growing_backoff_and_orphans_exit(
+        engine: FakeOpenAIEngine, tmp_path: Path, servers: ServerThread, stopping: list[GatewayProcess]) -> None:
+    gw = start(engine, tmp_path, server="  reload_interval_s: 0\n  drain_delay_s: 0\n")
+    stopping.append(gw)
+    workers = gw.serving()
+    (tmp_path / "gateway.yaml").write_text("keys: [")  # from now on a worker cannot start
+    (victim_slot, victim), (_, survivor) = sorted(workers.items())
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: "restarting it in 2.0 s" in gw.log(), timeout=15, what="two failed restarts")
+    log = gw.log()
+    assert f"worker {victim_slot} (pid {victim}) exited untold (signal 9); restarting it in 0.5 s" in log
+    assert log.count("exited untold (exit 1)") == 2 and "restarting it in 1.0 s" in log  # no spinning
+    assert speak(pinned(gw, {survivor})[survivor], "still-serving") == 200  # the other worker serves on
+
+    # the parent dies (no drain of its own): the survivor sees its channel close, drains and exits
+    gw.proc.kill()
+    gw.proc.wait(5)
+    wait_for(lambda: not running(survivor), timeout=10, what="the orphaned worker to exit")
+    assert f"worker {3 - victim_slot}: the parent process is gone; draining" in gw.log()
