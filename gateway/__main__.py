@@ -13,8 +13,9 @@ from gateway import __version__, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, load_config, unservable
 from gateway.logs import queued_logging
-from gateway.supervisor import WorkerLink, supervise, usable_cpus
+from gateway.supervisor import supervise, usable_cpus
 from gateway.upstreams import Upstreams
+from gateway.worker_link import WorkerLink
 
 
 def _load(path: str) -> Config:

@@ -25,7 +25,7 @@ from gateway.app import build_app
 from gateway.config import Config
 from gateway.connections import make_runner
 from gateway.state import DRAINING, RELOADER, TABLES, WORKER
-from gateway.supervisor import WorkerLink
+from gateway.worker_link import WorkerLink
 
 log = logging.getLogger("gateway")
 

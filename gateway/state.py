@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from gateway.ledger import LedgerWriter
     from gateway.metering import Metrics
     from gateway.reload import Reloader
-    from gateway.supervisor import WorkerLink
     from gateway.table import Table, TableHolder
     from gateway.usage import Outcome
+    from gateway.worker_link import WorkerLink
 
 # -- per app (gateway.lifecycle sets most of them up) ---------------------------------------------------------
 

@@ -24,15 +24,14 @@ grace_s + KILL_AFTER_S` later is killed. A worker that exits untold is logged an
 a backoff that doubles while workers die young. A worker whose parent is gone sees its channel
 close and drains too.
 
-The channel carries lines from worker to parent: `ready` once the worker serves (only then does it
-get SIGHUPs; it then checks the file once itself, so an edit made while it started is not missed)
-and ledger records (JSON objects).
+The channel (gateway/worker_link.py) carries lines from worker to parent: `ready` once the worker
+serves (only then does it get SIGHUPs; it then checks the file once itself, so an edit made while it
+started is not missed) and ledger records.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -41,15 +40,14 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from aiohttp import web
 from prometheus_client import multiprocess
 
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.reload import fingerprint
+from gateway.worker_link import READY, WorkerLink
 
 log = logging.getLogger("gateway.supervisor")
 
@@ -59,54 +57,11 @@ STABLE_S = 30.0
 """A worker that ran this long before dying restarts after the shortest backoff again."""
 KILL_AFTER_S = 5.0
 """After drain_delay_s + grace_s + this, a worker still running is killed."""
-BACKLOG = 1024
-READY = b"ready"
 
 
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, as a container's cpuset sets it)."""
     return len(os.sched_getaffinity(0))
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLink:
-    """What a worker gets from its parent: inherited descriptors, by number (the same in both processes)."""
-
-    slot: int
-    listen: tuple[int, ...]
-    metrics: int | None
-    channel: int
-    ledger: bool
-    """Send ledger records to the parent (it has a ledger on)."""
-
-    def encode(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def decode(cls, text: str) -> WorkerLink:
-        raw = json.loads(text)
-        return cls(raw["slot"], tuple(raw["listen"]), raw["metrics"], raw["channel"], raw["ledger"])
-
-    def sites(self, runner: web.BaseRunner) -> list[web.BaseSite]:
-        return [web.SockSite(runner, socket.socket(fileno=fd)) for fd in self.listen]
-
-    def metrics_socket(self) -> socket.socket | None:
-        return None if self.metrics is None else socket.socket(fileno=self.metrics)
-
-    def ledger_stream(self):  # type: ignore[no-untyped-def]
-        """The worker's ledger writer's stream: its own descriptor of the channel."""
-        return os.fdopen(os.dup(self.channel), "w", encoding="utf-8")
-
-    def serving(self, loop: asyncio.AbstractEventLoop, orphaned: Callable[[], None]) -> None:
-        """Tell the parent this worker serves; call `orphaned` if the parent goes away (its end closes)."""
-        os.write(self.channel, READY + b"\n")
-
-        def gone() -> None:
-            loop.remove_reader(self.channel)
-            log.error("worker %d: the parent process is gone; draining", self.slot)
-            orphaned()
-
-        loop.add_reader(self.channel, gone)  # the parent never writes: readable means closed
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -119,7 +74,7 @@ def bind(host: str, port: int) -> list[socket.socket]:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
-        sock.listen(BACKLOG)
+        sock.listen()  # each worker's SockSite listens again with aiohttp's backlog (128), as TCPSite does
         socks.append(sock)
     return socks
 
@@ -214,38 +169,48 @@ class Supervisor:
         backoff = RESTART_BACKOFF_S[0]
         while not self.draining.is_set():
             started = time.monotonic()
-            mine, theirs = socket.socketpair()
             try:
-                proc = await self._spawn(slot, theirs)
-            finally:
-                theirs.close()
-            worker = self.workers[slot] = Worker(slot, proc)
+                pid, code = await self._run(slot)
+            except OSError as exc:  # could not even start one (no memory, no descriptors left)
+                pid, code, why = 0, 0, f"could not be started ({exc})"
+            else:
+                why = f"(pid {pid}) exited untold ({f'signal {-code}' if code < 0 else f'exit {code}'})"
             if self.draining.is_set():
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await self._read(worker, mine)
-                code = await proc.wait()
-            finally:
-                del self.workers[slot]
-                if self.metrics_dir is not None:
-                    multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
-            if self.draining.is_set():
-                log.info("worker %d (pid %d) stopped (exit %d)", slot, proc.pid, code)
+                log.info("worker %d (pid %d) stopped (exit %d)", slot, pid, code)
                 return
             if time.monotonic() - started >= STABLE_S:
                 backoff = RESTART_BACKOFF_S[0]
-            log.error("worker %d (pid %d) exited untold (%s); restarting it in %.1f s", slot, proc.pid,
-                      f"signal {-code}" if code < 0 else f"exit {code}", backoff)
+            log.error("worker %d %s; restarting it in %.1f s", slot, why, backoff)
             try:
                 await asyncio.wait_for(self.draining.wait(), backoff)
             except TimeoutError:
                 pass
             backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
 
+    async def _run(self, slot: int) -> tuple[int, int]:
+        """Start worker `slot` and read its channel until it exits: its pid and exit code."""
+        mine, theirs = socket.socketpair()
+        try:
+            proc = await self._spawn(slot, theirs)
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        worker = self.workers[slot] = Worker(slot, proc)
+        if self.draining.is_set():
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await self._read(worker, mine)
+            return proc.pid, await proc.wait()
+        finally:
+            del self.workers[slot]
+            if self.metrics_dir is not None:
+                multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
+
     async def _spawn(self, slot: int, channel: socket.socket) -> asyncio.subprocess.Process:
         link = WorkerLink(slot, tuple(s.fileno() for s in self.listen),
-                          self.metrics_sock.fileno() if self.metrics_sock else None, channel.fileno(),
-                          self.ledger is not None)
+                          self.metrics_sock.fileno() if self.metrics_sock else None, channel.fileno())
         env = dict(os.environ)
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
@@ -267,7 +232,7 @@ class Supervisor:
                     if line == READY:
                         worker.ready = True
                         log.info("worker %d (pid %d) serving", worker.slot, worker.proc.pid)
-                    elif line and self.ledger is not None:
+                    elif line and self.ledger is not None:  # none: `ledger` was turned on after the start
                         self.ledger.write_line(line.decode("utf-8", "replace") + "\n")
         finally:
             writer.close()
