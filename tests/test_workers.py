@@ -178,6 +178,11 @@ def test_both_workers_serve_and_every_request_counts_once(engine: FakeOpenAIEngi
     assert audio_totals(gw) == expected_totals(everything)  # the killed stream was never recorded
     _, samples = scrape(f"{gw.url}/metrics")
     assert per_label(samples, "gateway_in_flight_requests", "endpoint").get("/v1/audio/speech", 0) == 0
+    speech = sum(1 for rid in everything if "-asr-" not in rid)
+    assert total(samples, "gateway_request_duration_seconds_count", endpoint="/v1/audio/speech") == speech
+    assert total(samples, "gateway_request_duration_seconds_bucket", endpoint="/v1/audio/speech", le="+Inf") == speech
+    assert [n for (n, _) in samples].count("gateway_build_info") == 1  # not one per worker
+    assert total(samples, "gateway_build_info") == 1 and total(samples, "gateway_config_info") == 1
     billed_all = sorted(rid for rid, status in everything.items() if status != 401)
     records = wait_ledger(ledger, len(billed_all))
     assert sorted(r["request_id"] for r in records if r["request_id"] in everything) == billed_all
