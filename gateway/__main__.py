@@ -63,7 +63,9 @@ def _check(path: str) -> int:
 def serve(path: str, host: str | None, port: int | None, workers: int = 1, link: WorkerLink | None = None) -> int:
     """One process (workers 1), a supervisor of `workers` processes, or one of them (`link`)."""
     if link is not None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until it serves: it then checks the file itself
+        # A SIGHUP before it serves must not end it (it checks the file itself then). A handler, not SIG_IGN,
+        # which a process it starts would inherit.
+        signal.signal(signal.SIGHUP, lambda *_: None)
     try:
         config = _load(path)
     except ConfigError as exc:
