@@ -188,9 +188,14 @@ def test_both_workers_serve_and_every_request_counts_once(engine: FakeOpenAIEngi
     assert sorted(r["request_id"] for r in records if r["request_id"] in everything) == billed_all
     lines = ledger.read_text().splitlines()
     assert all(json.loads(line) for line in lines)  # whole lines only, never interleaved
+    # the last records, still in the workers' queues at SIGTERM, reach the file before the parent exits
+    last = pinned(gw, set(workers_after.values()))
+    final = [f"last-{pid}" for pid in last]
+    assert [speak(last[pid], f"last-{pid}") for pid in last] == [200, 200]
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(20) == 0
-    assert len(read_ledger(ledger)) == len(lines)
+    records = read_ledger(ledger)
+    assert sorted(r["request_id"] for r in records) == sorted([*billed_all, *final])
 
 
 def test_sigterm_drains_both_workers(engine: FakeOpenAIEngine, tmp_path: Path, servers: ServerThread,
