@@ -1,9 +1,10 @@
 """`gateway serve --workers N`: N worker processes on one port, and the small parent that keeps them.
 
 The parent binds the listen sockets (and the metrics port's) once and starts each worker as a fresh
-interpreter (`python -m gateway serve ... --worker LINK`; no fork of a process that has threads),
-passing the sockets by file descriptor. Every worker accepts on the same socket with its own event
-loop, app, adapters, audio pool and backend probes. What is process-wide is owned once, by the parent:
+interpreter (`python -m gateway serve ... --worker LINK`, fork and exec at once: never a fork that
+goes on running a copy of a parent with threads), passing the sockets by file descriptor. Every
+worker accepts on the same socket with its own event loop, app, adapters, audio pool and backend
+probes. What is process-wide is owned once, by the parent:
 
 - the usage ledger: each worker sends its records, one JSON line each, over a socket pair (its
   channel) from the ledger's writer thread; the parent's one `LedgerWriter` appends and rotates. A
@@ -245,8 +246,8 @@ def supervise(config: Config, count: int) -> int:
     """Serve with `count` worker processes until SIGTERM; 0 once every worker has drained."""
     try:
         supervisor = Supervisor(config, count)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port, exc.strerror or exc)
+    except OSError as exc:  # the port taken, the host unknown, no TMPDIR to write to
+        log.error("cannot start %d workers on %s:%d: %s", count, config.server.host, config.server.port, exc)
         return 1
     asyncio.run(supervisor.run())
     return 0
