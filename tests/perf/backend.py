@@ -40,8 +40,11 @@ def build(speech: bytes, chunk: int) -> web.Application:
 
     async def transcription_route(request: web.Request) -> web.Response:
         received = 0
-        while piece := await request.content.readany():
-            received += len(piece)
+        try:
+            while piece := await request.content.readany():
+                received += len(piece)
+        except ConnectionResetError:  # as above
+            return web.Response(status=499)
         if not received:
             return web.json_response({"error": {"message": "no body", "type": "invalid_request_error",
                                                  "param": "file", "code": None}}, status=400)
