@@ -29,8 +29,8 @@ def build(speech: bytes, chunk: int) -> web.Application:
     async def speech_route(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             for piece in pieces:
                 await response.write(piece)
             await response.write_eof()
