@@ -1,8 +1,9 @@
 """Which event loop `gateway serve` runs on: uvloop when it is installed (the `fast` extra), else asyncio's own.
 
 uvloop is libuv behind asyncio's API, so the gateway's code does not change; what changes is the cost of
-every socket read, write and timer, which is most of a pass-through's CPU. Measured in tests/perf/
-test_cpu_per_request.py (docs/deploy.md has the figures), it is worth having, hence the default.
+every socket read, write and timer, which is much of a pass-through's CPU. Measured with tests/perf/
+test_cpu_per_request.py it gave 3-25% more requests per CPU-second and never clearly fewer (docs/deploy.md
+has the figures), hence the default.
 `GATEWAY_EVENT_LOOP` overrides the choice: `asyncio` turns uvloop off (to rule it out when chasing a bug,
 or on a platform it does not support), `uvloop` insists on it (startup fails if it is missing), `auto` is
 the default. It is an environment variable rather than a config key because the loop exists before the
