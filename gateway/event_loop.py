@@ -2,8 +2,8 @@
 
 uvloop is libuv behind asyncio's API, so the gateway's code does not change; what changes is the cost of
 every socket read, write and timer, which is much of a pass-through's CPU. Measured with tests/perf/
-test_cpu_per_request.py it gave 3-25% more requests per CPU-second and never clearly fewer (docs/deploy.md
-has the figures), hence the default.
+test_cpu_per_request.py it gave about 5% more requests per CPU-second on speech, 0.2 ms less p50 at one
+connection, and never clearly less (docs/deploy.md has the figures), hence the default.
 `GATEWAY_EVENT_LOOP` overrides the choice: `asyncio` turns uvloop off (to rule it out when chasing a bug,
 or on a platform it does not support), `uvloop` insists on it (startup fails if it is missing), `auto` is
 the default. It is an environment variable rather than a config key because the loop exists before the
