@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import replace
 
-from gateway import __version__, server
+from gateway import __version__, event_loop, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, load_config, unservable
 from gateway.logs import queued_logging
@@ -60,12 +60,13 @@ def _check(path: str) -> int:
 def serve(path: str, host: str | None, port: int | None) -> int:
     try:
         config = _load(path)
+        new_loop = event_loop.loop_factory()
     except ConfigError as exc:
         for problem in exc.problems:
             logging.error("%s", problem)
         return 1
     listen = replace(config.server, host=host or config.server.host, port=port or config.server.port)
-    asyncio.run(server.serve(replace(config, server=listen)))
+    event_loop.run(server.serve(replace(config, server=listen)), new_loop)
     return 0
 
 
