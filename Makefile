@@ -10,7 +10,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n * 2 > 8 ?
 $(BIN)/gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[embedded,test]'
+	$(BIN)/pip install --quiet -e '.[embedded,fast,test]'
 	touch $@
 
 install: $(BIN)/gateway
@@ -23,4 +23,4 @@ test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: install
-	$(BIN)/python -m pytest -q tests/perf -s
+	$(BIN)/python -m pytest -q -rs tests/perf -s

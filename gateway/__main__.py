@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from gateway import __version__, server
+from gateway import __version__, event_loop, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, load_config, unservable
 from gateway.logs import queued_logging
@@ -68,6 +68,7 @@ def serve(path: str, host: str | None, port: int | None, workers: int = 1, link:
         signal.signal(signal.SIGHUP, lambda *_: None)
     try:
         config = _load(path)
+        new_loop = event_loop.loop_factory()
     except ConfigError as exc:
         for problem in exc.problems:
             logging.error("%s", problem)
@@ -75,8 +76,8 @@ def serve(path: str, host: str | None, port: int | None, workers: int = 1, link:
     listen = replace(config.server, host=host or config.server.host, port=port or config.server.port)
     config = replace(config, server=listen)
     if workers > 1 and link is None:
-        return supervise(config, workers)
-    asyncio.run(server.serve(config, link))
+        return supervise(config, workers)  # each worker runs on the loop GATEWAY_EVENT_LOOP picks
+    event_loop.run(server.serve(config, link), new_loop)
     return 0
 
 
