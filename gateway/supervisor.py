@@ -243,7 +243,8 @@ class Supervisor:
 
 
 def supervise(config: Config, count: int) -> int:
-    """Serve with `count` worker processes until SIGTERM; 0 once every worker has drained."""
+    """Serve with `count` worker processes until SIGTERM; 0 once every worker has drained. The parent runs
+    on asyncio's own loop (it serves no requests); each worker on the one gateway/event_loop.py picks."""
     try:
         supervisor = Supervisor(config, count)
     except OSError as exc:  # the port taken, the host unknown, no TMPDIR to write to
