@@ -5,6 +5,7 @@ In order of cost:
 
 1. plain PCM WAV: its `fmt ` chunk, and the data the file really holds (a header claiming 4 GiB of
    samples in a 1 KB file counts as the bytes that are there: no trust in either direction);
+   `header_seconds` does only this, cheap enough for the event loop;
 2. anything else: FFmpeg's demuxer, summing the packets' durations without decoding them (FLAC
    block sizes, Opus TOC bytes, MP3 frame headers), stopping as soon as the sum passes the limit;
    a codec whose frames all have one size (AAC, MP3) counts at least that per packet, whatever the
@@ -14,7 +15,7 @@ In order of cost:
 Containers' duration fields (FLAC STREAMINFO, Xing headers, Ogg granules) are never read. The
 decoder (`gateway.audio.decode`) stops at the limit again, for streams whose packets lie low.
 `encoded_seconds` measures the audio the gateway sent (speech output) by packets the same way.
-Blocking: call these from a worker thread.
+Blocking (but `header_seconds` on an upload in memory): call these from a worker thread.
 """
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ def upload_seconds(file: BinaryIO, max_seconds: float) -> float:
     """Seconds of audio in the upload; a 400 on `file` if it is not audio, is out of bounds or is
     longer than `max_seconds`."""
     seconds = _wav_seconds(file)
-    if seconds is None:
-        seconds = _demuxed_seconds(file, max_seconds)
+    return _checked(_demuxed_seconds(file, max_seconds) if seconds is None else seconds, max_seconds)
+
+
+def header_seconds(file: BinaryIO, max_seconds: float) -> float | None:
+    """`upload_seconds` of a plain PCM WAV, from its header (a few microseconds: the one measurement that
+    may run on the event loop, cheaper there than a thread hand-off); None for anything FFmpeg must read."""
+    seconds = _wav_seconds(file)
+    return None if seconds is None else _checked(seconds, max_seconds)
+
+
+def _checked(seconds: float, max_seconds: float) -> float:
     if seconds <= 0:
         raise undecodable()
     if seconds > max_seconds:
