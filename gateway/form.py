@@ -30,7 +30,9 @@ class Form:
 
 
 READ_BYTES = 65_536
-"""The file part is read this much at a time (measured: 256 KiB or 1 MiB reads cost no less CPU per upload)."""
+"""The file part is read this much at a time. Measured on a 1.2 MB form: aiohttp's part reader joins and
+rescans what is buffered, so 128 KiB reads cost 1.3-1.8 times the CPU of 64 KiB and 256 KiB 1.6-2.6 times;
+32 KiB is no cheaper."""
 MAX_FIELD_BYTES = 65_536
 MAX_PART_HEADER_LINES = 32
 """Header lines in one part: a form-data part needs Content-Disposition and maybe Content-Type."""

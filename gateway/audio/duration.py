@@ -3,8 +3,9 @@ KB that decode to hours) is refused for the price of reading its headers.
 
 In order of cost:
 
-1. plain PCM WAV: its `fmt ` chunk, and the data the file really holds (a header claiming 4 GiB of
-   samples in a 1 KB file counts as the bytes that are there: no trust in either direction);
+1. plain PCM WAV: its `fmt ` chunk, and the bytes from the data chunk to the end of the file, whatever
+   the data chunk's length field says (4 GiB claimed in a 1 KB file, or 1 s claimed in a minute: no
+   trust in either direction; a metadata chunk after the data, rare and a few hundred bytes, counts);
    `header_seconds` does only this, cheap enough for the event loop;
 2. anything else: FFmpeg's demuxer, summing the packets' durations without decoding them (FLAC
    block sizes, Opus TOC bytes, MP3 frame headers), stopping as soon as the sum passes the limit;
@@ -81,9 +82,7 @@ def _wav_seconds(file: BinaryIO) -> float | None:
                 return None
             channels, rate, bits = fmt
             check_format(rate, channels)
-            present = size - offset - 8
-            data = present if length in (0, 0xFFFFFFFF) else min(length, present)  # streamed WAVs say 0 or -1
-            return data // (channels * bits // 8) / rate
+            return (size - offset - 8) // (channels * bits // 8) / rate  # the bytes there, whatever `length` says
         offset += 8 + length + (length & 1)
     return None
 
