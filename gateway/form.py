@@ -97,7 +97,6 @@ async def _read_part(request: web.Request, part: BodyPartReader, form: Form, lim
         while chunk := await part.read_chunk(READ_BYTES):
             _check_received(request, limits.max_upload_bytes, upload.size + len(chunk))
             await upload.write(chunk)
-        await upload.finish()
         return
     value = bytearray()
     while chunk := await part.read_chunk(16_384):

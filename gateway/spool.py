@@ -4,8 +4,7 @@ Memory is bounded twice: one upload keeps at most `server.spool_memory_bytes` in
 `server.spool_memory_uploads` uploads are in memory at once (`SpoolMemory`); an upload that finds
 every slot taken goes to disk from its first byte, and one that grows past the size moves there
 (copying what it held once). So the spools of a process hold at most the product of the two in
-memory, whatever the traffic. Writes to disk run on the audio workers (never on the event loop),
-gathered to `DISK_WRITE_BYTES`.
+memory, whatever the traffic. Writes to disk run on the audio workers, never on the event loop.
 
 Readers never share a file position: a decoder or a failover attempt gets a `view()`, and a
 backend gets `payload()`, which sends the bytes without copying them when they are in memory and
@@ -31,9 +30,6 @@ from aiohttp.abc import AbstractStreamWriter
 from gateway.audio.workers import AudioWorkers
 
 SPOOL_PREFIX = "gateway-upload-"
-DISK_WRITE_BYTES = 262_144
-"""Writes to a spool on disk are gathered to this size: a 1 MB upload on disk took 2.2 times the CPU of one
-in memory when each 64 KiB read was a worker hand-off of its own."""
 SEND_BYTES = 262_144
 """A payload sends (and, from disk, reads) this much at a time (measured: larger gains nothing)."""
 
@@ -72,7 +68,6 @@ class Upload:
     measurement: asyncio.Future[float] | None = field(default=None, repr=False)
     """The upload's duration being established (the handler's); payloads wait for it before their last bytes."""
     _buffer: bytearray | None = field(default=None, repr=False)
-    _pending: bytearray = field(default_factory=bytearray, repr=False)
     _file: BinaryIO | None = field(default=None, repr=False)
     _closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -95,9 +90,8 @@ class Upload:
         return self._buffer is not None
 
     async def write(self, chunk: bytes) -> None:
-        """Append `chunk`: to memory while it fits, else to disk on a worker, gathered to DISK_WRITE_BYTES
-        (a write is finished even if the caller is cancelled, so closing never races it). Moving to disk
-        copies what memory held, once."""
+        """Append `chunk`: to memory while it fits, else to disk on a worker (finished even if the caller is
+        cancelled, so closing never races it). Moving to disk copies what memory held, once."""
         self.size += len(chunk)
         buffer = self._buffer
         if buffer is not None and self.size <= self.memory_bytes:
@@ -107,16 +101,8 @@ class Upload:
             self._buffer = None
             self._give_memory()
             await self.workers.finish(self._write_disk, buffer, chunk)
-            return
-        self._pending += chunk
-        if len(self._pending) >= DISK_WRITE_BYTES:
-            await self.finish()
-
-    async def finish(self) -> None:
-        """Write what is gathered for the disk; the form calls this when the file part has ended."""
-        if self._pending:
-            pending, self._pending = self._pending, bytearray()
-            await self.workers.finish(self._write_disk, pending)
+        else:
+            await self.workers.finish(self._write_disk, chunk)
 
     def _write_disk(self, *chunks: bytes | bytearray) -> None:
         with self._lock:
@@ -163,7 +149,6 @@ class Upload:
             if self._file is not None:
                 self._file.close()
         self._buffer = None
-        self._pending = bytearray()
         self._give_memory()
 
     def _give_memory(self) -> None:

@@ -37,7 +37,6 @@ async def _spooled(data: bytes, workers: AudioWorkers, memory: SpoolMemory, memo
     upload = Upload("a.wav", "audio/wav", workers, memory, memory_bytes, str(directory))
     for start in range(0, len(data), 65_536):
         await upload.write(data[start:start + 65_536])
-    await upload.finish()
     return upload
 
 
@@ -69,8 +68,7 @@ async def test_past_its_size_an_upload_moves_to_disk_and_gives_its_memory_back(t
         assert upload.in_memory and memory.held == 1 and not _files(tmp_path)
         for i in range(2, 4):
             await upload.write(bytes([i]) * 40_000)
-        await upload.finish()
-        assert not upload.in_memory and memory.held == 0 and len(_files(tmp_path)) == 1
+            assert not upload.in_memory and memory.held == 0 and len(_files(tmp_path)) == 1
         assert upload.view().read() == b"".join(bytes([i]) * 40_000 for i in range(4))
     finally:
         upload.close()

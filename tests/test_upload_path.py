@@ -21,9 +21,10 @@ from gateway.state import AUDIO_WORKERS, SPOOL_MEMORY
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine, synth
 from tests.metering_support import scrape_settled, total
+from tests.process import GatewayProcess
 from tests.raw_http import connect, read_response
 from tests.support import assert_settled, expect_error, spool_fds, wait_for
-from tests.test_audio_bombs import wav
+from tests.test_audio_bombs import peak_rss_kib, wav
 
 MP3 = synth("mp3", 2.0)  # not a WAV, so measured on the audio workers (by FFmpeg's demuxer)
 
@@ -149,3 +150,56 @@ def test_an_unauthorized_upload_is_answered_before_its_body_and_never_measured(g
             response = read_response(sock)  # no byte of the 25 MB sent
         assert response.status == 401
     assert gateway.app[AUDIO_WORKERS].jobs == 0 and engine.started == 0 and not spool_fds(gateway)
+
+
+def _peak_rss_growth_kib(config: Path, engine: FakeOpenAIEngine, tmp_path: Path, uploads: int,
+                         upload: bytes) -> int:
+    """A gateway process's peak RSS growth while `uploads` copies of `upload` are all held at once."""
+    gateway = GatewayProcess(config, tmp_path / f"{config.stem}.log")
+    engine.requests.clear()
+    try:
+        async def held_at_once() -> int:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {DEMO_KEY}"}) as session:
+                async def send() -> None:
+                    form = aiohttp.FormData()
+                    form.add_field("model", "whisper-1")
+                    form.add_field("file", upload, filename="a.wav", content_type="audio/wav")
+                    async with session.post(f"{gateway.url}/v1/audio/transcriptions", data=form) as response:
+                        await response.read()
+
+                await asyncio.wait_for(session.get(f"{gateway.url}/healthz"), 10)
+                baseline = peak_rss_kib(gateway.proc.pid)
+                sending = [asyncio.ensure_future(send()) for _ in range(uploads)]
+                for _ in range(1500):
+                    if len(engine.requests) == uploads:
+                        break
+                    await asyncio.sleep(0.02)
+                assert len(engine.requests) == uploads
+                growth = peak_rss_kib(gateway.proc.pid) - baseline
+                for task in sending:
+                    task.cancel()
+                await asyncio.gather(*sending, return_exceptions=True)
+                return growth
+
+        return asyncio.run(held_at_once())
+    finally:
+        gateway.stop()
+
+
+def test_peak_rss_stays_within_the_memory_bound(engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    """16 uploads of 2 MiB held at once: with 2 of them allowed in memory the gateway grows by far less than
+    with all of them in memory. (Either way each upload being received and sent costs about 1 MiB more of
+    socket and parser buffers for a while: 16 uploads going straight to disk grew it by 15-19 MiB.)"""
+    engine.mode = "hang"
+    upload = wav(16_000, 64.0)  # 2 MiB
+    growth = {}
+    for bound in (2, 64):
+        config = tmp_path / f"bound{bound}.yaml"
+        config.write_text(engine_config(engine.url, tmp_path).replace(
+            "spool_memory_bytes: 65536", f"spool_memory_bytes: 3000000\n  spool_memory_uploads: {bound}").replace(
+            "max_upload_bytes: 2000000", "max_upload_bytes: 26214400").replace("timeout_s: 2", "timeout_s: 60"))
+        growth[bound] = _peak_rss_growth_kib(config, engine, tmp_path, 16, upload)
+    print(f"\npeak RSS growth with 16 x 2 MiB uploads held: {growth[2] / 1024:.1f} MiB with 2 in memory, "
+          f"{growth[64] / 1024:.1f} MiB with all in memory")
+    assert growth[64] > 30 * 1024  # the uploads themselves, so the figure measures what it should
+    assert growth[2] < growth[64] - 8 * 1024, growth  # measured: 18-22 MiB against 36-38
