@@ -121,7 +121,8 @@ class Upload:
         size = max(0, min(size, self.size - offset))
         buffer = self._buffer
         if buffer is not None:
-            return bytes(buffer[offset:offset + size])
+            with memoryview(buffer) as whole:
+                return bytes(whole[offset:offset + size])  # one copy (a bytearray slice would be two)
         with self._lock:
             if self._closed:
                 raise ValueError("read from a closed upload")
@@ -211,6 +212,8 @@ class _UploadPayload(payload.Payload):
         buffer = upload._buffer
         whole = memoryview(buffer) if buffer is not None else None
         try:
+            if not end:
+                await upload.measured()  # nothing to hold back: the request ends only once it passed
             offset = 0
             while offset < end:
                 size = min(SEND_BYTES, end - offset)

@@ -87,6 +87,9 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
             request[OUTCOME].upload_measured(await measuring)
         except BaseException:
             await _settle(answering)  # a refused upload: the backend call is aborted before its last bytes
+            answer = None if answering.cancelled() or answering.exception() else answering.result()
+            if isinstance(answer, Passthrough) and answer.chunks is not None:  # it streamed before the body ended
+                await answer.chunks.aclose()  # type: ignore[attr-defined]
             raise
         return await answering
     finally:
