@@ -15,10 +15,12 @@ import pytest
 from aiohttp import web
 
 from gateway.audio.workers import AudioWorkers
+from gateway.config import parse_config
 from gateway.spool import SpoolMemory, Upload
 from tests.conftest import Gateway, ServerThread, open_fds_matching, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import table_config
+from tests.test_config import KINDS, VALID, problems
 
 
 def tone_wav(seconds: float, rate: int = 16_000) -> bytes:
@@ -140,3 +142,13 @@ def test_a_failover_attempt_gets_the_whole_upload(gateway: Gateway, engine: Fake
     (name, filename, _, received), = engine.requests[-1].files
     assert (name, filename) == ("file", "a.wav")
     assert received == upload
+
+
+def test_memory_size_and_bound_have_defaults_and_are_checked_by_path() -> None:
+    server = parse_config(VALID, kinds=KINDS, environ={}).server
+    assert (server.spool_memory_bytes, server.spool_memory_uploads) == (4 * 1024 * 1024, 16)
+    server = parse_config("server: {spool_memory_bytes: 0, spool_memory_uploads: 0}\n" + VALID, kinds=KINDS,
+                          environ={}).server
+    assert (server.spool_memory_bytes, server.spool_memory_uploads) == (0, 0)  # every upload on disk
+    found = problems("server: {spool_memory_uploads: -1}\n" + VALID)
+    assert "server.spool_memory_uploads: expected a number >= 0.0, got -1" in found, found
