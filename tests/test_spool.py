@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
+import threading
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -61,9 +64,18 @@ async def test_each_view_reads_the_whole_file_from_its_own_offset(tmp_path: Path
         await workers.aclose()
 
 
-async def test_past_its_size_an_upload_moves_to_disk_and_gives_its_memory_back(tmp_path: Path) -> None:
+async def test_past_its_size_an_upload_moves_to_disk_and_gives_its_memory_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     workers, memory = AudioWorkers(1, 0), SpoolMemory(1)
     upload = Upload("a.wav", "audio/wav", workers, memory, 100_000, str(tmp_path))
+    writers: list[str] = []
+    write = os.write
+
+    def noting(fd: int, data: Any) -> int:
+        writers.append(threading.current_thread().name)
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", noting)
     try:
         for i in range(2):
             await upload.write(bytes([i]) * 40_000)
@@ -72,6 +84,7 @@ async def test_past_its_size_an_upload_moves_to_disk_and_gives_its_memory_back(t
             await upload.write(bytes([i]) * 40_000)
             assert not upload.in_memory and memory.held == 0 and len(_files(tmp_path)) == 1
         assert upload.view().read() == b"".join(bytes([i]) * 40_000 for i in range(4))
+        assert writers and all(name.startswith("audio-worker") for name in writers)  # never the event loop
     finally:
         upload.close()
         await workers.aclose()
