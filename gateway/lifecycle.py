@@ -14,7 +14,19 @@ from gateway.audio.workers import AudioWorkers
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.metering import Metrics, metrics_handler
-from gateway.state import AUDIO_WORKERS, CONFIG, DRAINING, LEDGER, METERING, METRICS, STARTED_AT, TABLES, WORKER
+from gateway.spool import SpoolMemory
+from gateway.state import (
+    AUDIO_WORKERS,
+    CONFIG,
+    DRAINING,
+    LEDGER,
+    METERING,
+    METRICS,
+    SPOOL_MEMORY,
+    STARTED_AT,
+    TABLES,
+    WORKER,
+)
 from gateway.table import Table, TableHolder
 from gateway.upstreams import Upstreams
 
@@ -84,5 +96,6 @@ def init_state(app: web.Application, config: Config) -> None:
     app[DRAINING] = asyncio.Event()
     app[STARTED_AT] = time.time()
     app[METERING] = config.metered
+    app[SPOOL_MEMORY] = SpoolMemory(config.server.spool_memory_uploads)
     if config.metrics.enabled:
         app[METRICS] = Metrics()

@@ -1,52 +1,132 @@
-"""Uploads spooled to memory up to a threshold, then to a temporary file; removed on every path."""
+"""An upload, held in memory or in an unnamed temporary file, and sent on to a backend from there.
+
+Memory is bounded twice: one upload keeps at most `server.spool_memory_bytes` in memory, and at most
+`server.spool_memory_uploads` uploads are in memory at once (`SpoolMemory`); an upload that finds
+every slot taken goes to disk from its first byte, and one that grows past the size moves there
+(copying what it held once). So the spools of a process hold at most the product of the two in
+memory, whatever the traffic. Writes to disk run on the audio workers, never on the event loop.
+
+Readers never share a file position: a decoder or a failover attempt gets a `view()`, and a
+backend gets `payload()`, which sends the bytes without copying them when they are in memory and
+reads them from disk on the audio workers otherwise. A payload holds its last bytes back until the
+upload's measurement passed (`measurement`), so a backend never receives a complete request for an
+upload the gateway refuses (see handlers/transcribe.py). The file is closed, and so gone, on every
+path (`close`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from aiohttp import BodyPartReader, MultipartReader, payload, web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
+from aiohttp import payload
+from aiohttp.abc import AbstractStreamWriter
 
 from gateway.audio.workers import AudioWorkers
-from gateway.body import check_length, receiving, too_large
-from gateway.config import Server
-from gateway.errors import GatewayError, InvalidRequestError
+
+SPOOL_PREFIX = "gateway-upload-"
+SEND_BYTES = 262_144
+"""A payload sends (and, from disk, reads) this much at a time (measured: larger gains nothing)."""
 
 
-@dataclass(slots=True)
+class SpoolMemory:
+    """How many uploads may be held in memory at once (`server.spool_memory_uploads`)."""
+
+    def __init__(self, uploads: int) -> None:
+        self.uploads = uploads
+        self.held = 0
+
+    def take(self) -> bool:
+        if self.held >= self.uploads:
+            return False
+        self.held += 1
+        return True
+
+    def give(self) -> None:
+        self.held -= 1
+
+
+@dataclass(slots=True, eq=False)
 class Upload:
-    """One uploaded file. `file` is a seekable binary file object (memory, then disk), written only
-    while the form is read; every reader after that gets a `view()` with a position of its own."""
+    """One uploaded file, written only while the form is read."""
 
     filename: str
     content_type: str
-    file: BinaryIO = field(repr=False)
     workers: AudioWorkers = field(repr=False)
     """Where the spool's disk I/O runs, and the decoders that read it."""
-    size: int = 0
+    memory: SpoolMemory | None = field(default=None, repr=False)
+    """The budget whose slot this upload holds while it is in memory (None: disk from the first byte)."""
     memory_bytes: int = 0
-    """Past this size the spool is a file on disk: writes go through `workers`."""
+    """Past this size the upload moves to disk."""
+    directory: str | None = None
+    size: int = 0
+    measurement: asyncio.Future[float] | None = field(default=None, repr=False)
+    """The upload's duration being established (the handler's); payloads wait for it before their last bytes."""
+    _buffer: bytearray | None = field(default=None, repr=False)
+    _file: BinaryIO | None = field(default=None, repr=False)
+    _closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    async def write(self, chunk: bytes) -> None:
-        """Append `chunk`; once the spool is on disk (or this write rolls it over, copying what was in
-        memory) on a worker, finished even if the caller is cancelled, so closing never races it."""
-        rolls = self.size + len(chunk) > self.memory_bytes
-        self.size += len(chunk)
-        if rolls:
-            await self.workers.finish(self._write, chunk)
+    def __post_init__(self) -> None:
+        if self.memory is not None and self.memory_bytes > 0 and self.memory.take():
+            self._buffer = bytearray()
         else:
-            self._write(chunk)
+            self.memory = None
 
-    def _write(self, chunk: bytes) -> None:
+    @classmethod
+    def of(cls, filename: str, content_type: str, data: bytes, workers: AudioWorkers) -> Upload:
+        """An upload already in memory (the embedded engines' tests and benchmarks)."""
+        upload = cls(filename, content_type, workers, SpoolMemory(1), len(data))
+        upload._buffer, upload.size = bytearray(data), len(data)
+        return upload
+
+    @property
+    def in_memory(self) -> bool:
+        return self._buffer is not None
+
+    async def write(self, chunk: bytes) -> None:
+        """Append `chunk`: to memory while it fits, else to disk on a worker (finished even if the caller is
+        cancelled, so closing never races it). Moving to disk copies what memory held, once."""
+        self.size += len(chunk)
+        buffer = self._buffer
+        if buffer is not None and self.size <= self.memory_bytes:
+            buffer += chunk
+            return
+        if buffer is not None:  # past the size: to disk, and the memory slot given back
+            self._buffer = None
+            self._give_memory()
+            await self.workers.finish(self._write_disk, buffer, chunk)
+        else:
+            await self.workers.finish(self._write_disk, chunk)
+
+    def _write_disk(self, *chunks: bytes | bytearray) -> None:
         with self._lock:
-            self.file.write(chunk)
+            if self._closed:
+                return
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix=SPOOL_PREFIX, dir=self.directory, buffering=0)  # type: ignore[assignment]
+            fd = self._file.fileno()  # type: ignore[union-attr]
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes from `offset` (b"" past the end); safe from any thread."""
+        size = max(0, min(size, self.size - offset))
+        buffer = self._buffer
+        if buffer is not None:
+            with memoryview(buffer) as whole:
+                return bytes(whole[offset:offset + size])  # one copy (a bytearray slice would be two)
+        with self._lock:
+            if self._closed:
+                raise ValueError("read from a closed upload")
+            return os.pread(self._file.fileno(), size, offset) if self._file is not None and size else b""
 
     def view(self) -> BinaryIO:
         """The file from the start, with a position of its own: one per failover attempt or decoder,
@@ -54,20 +134,32 @@ class Upload:
         return _View(self)  # type: ignore[return-value]
 
     def payload(self) -> payload.Payload:
-        """The file from the start as an aiohttp body part for one upstream attempt. aiohttp closes file
-        payloads after sending; this one closes only a view, so the spool stays open for the next route,
-        and it knows its size, so an in-memory spool is never rolled over to disk to measure it."""
-        return _UploadPayload(_View(self), size=self.size, filename=self.filename,
-                              content_type=self.content_type)
+        """The file as an aiohttp body part for one upstream attempt (see the module docstring)."""
+        return _UploadPayload(self, filename=self.filename, content_type=self.content_type)
+
+    async def measured(self) -> float | None:
+        """The upload's seconds once measured (raising the measurement's 400); None if nobody measures it."""
+        if self.measurement is None:
+            return None
+        await asyncio.wait([self.measurement])  # not cancelled by a cancelled waiter: others wait for it too
+        return self.measurement.result()
 
     def close(self) -> None:
         with self._lock:
-            self.file.close()
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
+        self._buffer = None
+        self._give_memory()
+
+    def _give_memory(self) -> None:
+        if self.memory is not None:
+            self.memory.give()
+            self.memory = None
 
 
 class _View(io.RawIOBase):
-    """Reads, seeks and sizes the spooled file from a position of its own (each read seeks the shared
-    file under the upload's lock); closing it leaves the spooled file open."""
+    """Reads, seeks and sizes the upload from a position of its own; closing it leaves the upload open."""
 
     def __init__(self, upload: Upload) -> None:
         self._upload = upload
@@ -77,14 +169,11 @@ class _View(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        with self._upload._lock:
-            file = self._upload.file
-            file.seek(self._pos)
-            data = file.read(size)
+        data = self._upload.read_at(self._pos, self._upload.size if size < 0 else size)
         self._pos += len(data)
         return data
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
@@ -101,129 +190,41 @@ class _View(io.RawIOBase):
         return self._pos
 
 
-class _UploadPayload(payload.IOBasePayload):
-    def __init__(self, value: _View, *, size: int, filename: str, content_type: str) -> None:
-        super().__init__(value, filename=filename, content_type=content_type)
-        self._known_size = size
+class _UploadPayload(payload.Payload):
+    """The upload as a request body (part): memory sent as slices of itself, disk read on the workers, and
+    the last slice sent only once the upload's measurement passed. Its size is known, so aiohttp sends a
+    Content-Length and never reads the file to find it."""
 
-    @property
-    def size(self) -> int:
-        return self._known_size
+    def __init__(self, upload: Upload, **kwargs: Any) -> None:
+        super().__init__(upload, **kwargs)
+        self._upload = upload
+        self._size = upload.size
 
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("an upload is not text")
 
-def spooled_file(memory_bytes: int, directory: str | None = None) -> BinaryIO:
-    return tempfile.SpooledTemporaryFile(max_size=memory_bytes, dir=directory, prefix="gateway-upload-")  # type: ignore[return-value]
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
 
-
-@dataclass(slots=True)
-class Form:
-    """A multipart body: its text fields in order (names as sent) and at most one spooled file."""
-
-    fields: list[tuple[str, str]] = field(default_factory=list)
-    upload: Upload | None = None
-
-    def close(self) -> None:
-        if self.upload is not None:
-            self.upload.close()
-
-
-MAX_FIELD_BYTES = 65_536
-MAX_PART_HEADER_LINES = 32
-"""Header lines in one part: a form-data part needs Content-Disposition and maybe Content-Type."""
-
-
-async def read_form(request: web.Request, limits: Server, workers: AudioWorkers) -> Form:
-    """Read a multipart/form-data body part by part, spooling the `file` part.
-
-    The size limit is checked from Content-Length before reading, and against the bytes received
-    while reading (for chunked bodies). The part count is checked as each part starts and each
-    part's headers are capped, so a hostile form costs at most `max_form_parts` small parses before
-    its 400. Every parse failure is a 400 `invalid_multipart`. On any failure, including
-    cancellation, the spooled file is closed (and so removed) before the error propagates.
-    """
-    check_length(request, limits.max_upload_bytes)
-    if request.content_type != "multipart/form-data":
-        raise InvalidRequestError(
-            f"Invalid Content-Type header ({request.content_type or 'none'}), expected multipart/form-data.",
-            code="invalid_content_type")
-    _quiet_disposition_warnings()
-    form = Form()
-    try:
-        async with receiving(request, limits.max_upload_bytes):
-            reader = MultipartReader(request.headers, request.content, max_field_size=limits.max_part_header_bytes,
-                                     max_headers=MAX_PART_HEADER_LINES)
-            parts = 0
-            while (part := await reader.next()) is not None:
-                parts += 1
-                if parts > limits.max_form_parts:
-                    raise _invalid(f"The form has more than {limits.max_form_parts} parts.")
-                if not isinstance(part, BodyPartReader):
-                    raise _invalid("Nested multipart bodies are not supported.")
-                await _read_part(request, part, form, limits, workers)
-    except GatewayError:
-        form.close()
-        raise
-    except (ValueError, AssertionError, UnicodeDecodeError, RuntimeError, HttpProcessingError):
-        form.close()
-        raise _invalid("The multipart/form-data body could not be parsed.") from None
-    except BaseException:
-        form.close()
-        raise
-    return form
-
-
-async def _read_part(request: web.Request, part: BodyPartReader, form: Form, limits: Server,
-                     workers: AudioWorkers) -> None:
-    with warnings.catch_warnings(record=True) as caught:  # synchronous: no other task runs meanwhile
-        warnings.simplefilter("always")
-        name, filename = part.name or "", part.filename
-    if any(issubclass(w.category, (BadContentDispositionHeader, BadContentDispositionParam)) for w in caught):
-        # aiohttp drops a malformed Content-Disposition or name*= parameter with a warning quoting it
-        raise _invalid("A part's Content-Disposition header could not be parsed.")
-    name, filename = _printable(name, None) or "", _printable(filename, "file")
-    if filename is not None or name == "file":
-        if form.upload is not None:
-            raise InvalidRequestError("Only one file may be uploaded.", param="file")
-        form.upload = Upload(filename or "upload", part.headers.get("Content-Type", "application/octet-stream"),
-                             spooled_file(limits.spool_memory_bytes, limits.spool_dir), workers,
-                             memory_bytes=limits.spool_memory_bytes)
-        while chunk := await part.read_chunk(65_536):
-            _check_received(request, limits.max_upload_bytes, form.upload.size + len(chunk))
-            await form.upload.write(chunk)
-        return
-    value = bytearray()
-    while chunk := await part.read_chunk(16_384):
-        value += chunk
-        _check_received(request, limits.max_upload_bytes, len(value))
-        if len(value) > MAX_FIELD_BYTES:
-            raise InvalidRequestError(f"Field '{name}' is too long.", param=name)
-    form.fields.append((name, value.decode("utf-8", errors="replace")))
-
-
-def _quiet_disposition_warnings() -> None:
-    """aiohttp warns about a malformed Content-Disposition with the client's header text in the
-    message; _read_part turns those into a 400, and they must not print client bytes to stderr.
-    Checked on every form, because anything may reset the process's filters
-    (warnings.catch_warnings, as pytest does around each test)."""
-    for category in (BadContentDispositionHeader, BadContentDispositionParam):
-        if ("ignore", None, category, None, 0) not in warnings.filters:  # adding resets "once" registries
-            warnings.filterwarnings("ignore", category=category)
-
-
-def _check_received(request: web.Request, limit: int, part_bytes: int) -> None:
-    """The whole body so far (part headers and boundaries included) within the upload limit."""
-    received = max(request.content.total_bytes, part_bytes)
-    if received > limit:
-        raise too_large(limit, received)
-
-
-def _printable(text: str | None, param: str | None) -> str | None:
-    """A part name or filename (also from `name*=`/`filename*=`) with no control character or
-    undecodable byte, which would otherwise travel on into logs, backends and file names."""
-    if text is not None and any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in text):
-        raise _invalid("A part name or filename contains control characters or invalid UTF-8.", param)
-    return text
-
-
-def _invalid(message: str, param: str | None = None) -> InvalidRequestError:
-    return InvalidRequestError(message, param=param, code="invalid_multipart")
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        upload = self._upload
+        end = upload.size if content_length is None else min(upload.size, content_length)
+        buffer = upload._buffer
+        whole = memoryview(buffer) if buffer is not None else None
+        try:
+            if not end:
+                await upload.measured()  # nothing to hold back: the request ends only once it passed
+            offset = 0
+            while offset < end:
+                size = min(SEND_BYTES, end - offset)
+                if offset + size >= end:
+                    await upload.measured()  # the last bytes: only for an upload that passed
+                if whole is not None:
+                    chunk: bytes | memoryview = whole[offset:offset + size]
+                else:
+                    chunk = await upload.workers.finish(upload.read_at, offset, size)
+                await writer.write(chunk)
+                offset += size
+        finally:
+            if whole is not None:
+                whole.release()  # a slice still queued in the transport keeps its own reference

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gateway.ledger import LedgerWriter
     from gateway.metering import Metrics
     from gateway.reload import Reloader
+    from gateway.spool import SpoolMemory
     from gateway.table import Table, TableHolder
     from gateway.usage import Outcome
     from gateway.worker_link import WorkerLink
@@ -37,6 +38,8 @@ METERING: web.AppKey[bool] = web.AppKey("metering")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 LEDGER: web.AppKey[LedgerWriter] = web.AppKey("ledger")
 AUDIO_WORKERS: web.AppKey[AudioWorkers] = web.AppKey("audio_workers")
+SPOOL_MEMORY: web.AppKey[SpoolMemory] = web.AppKey("spool_memory")
+"""How many uploads are held in memory now, of server.spool_memory_uploads."""
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
 WORKER: web.AppKey[WorkerLink] = web.AppKey("worker")

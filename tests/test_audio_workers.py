@@ -23,9 +23,9 @@ from gateway.errors import ServiceUnavailableError
 from gateway.state import AUDIO_WORKERS
 from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, engine_config, sdk, sha
-from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.fakes.openai_engine import FakeOpenAIEngine, synth
 from tests.fakes.wyoming_engine import MULTI_VOICE, FakeWyomingEngine
-from tests.support import WAV, check_error, expect_error, wait_for
+from tests.support import check_error, expect_error, wait_for
 from tests.test_config import KINDS, VALID, problems
 
 WORKERS, QUEUE = 4, 60
@@ -145,7 +145,8 @@ def test_a_transcription_past_the_queue_gets_503_before_the_engine_sees_it(
     try:
         with sdk(gateway.base_url, timeout=20) as client:
             with pytest.raises(openai.InternalServerError) as caught:
-                client.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"))
+                # an MP3 is measured on the workers (a PCM WAV in memory is measured by its header, no slot)
+                client.audio.transcriptions.create(model="whisper-1", file=("a.mp3", synth("mp3", 1.0), "audio/mpeg"))
         expect_error(caught.value, 503, "server_error", "service_unavailable")
         assert caught.value.response.headers["Retry-After"] == "1"
         assert not engine.requests

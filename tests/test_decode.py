@@ -6,12 +6,14 @@ from __future__ import annotations
 import array
 import io
 import tempfile
+import time
 from fractions import Fraction
 from typing import BinaryIO
 
 import av
 import pytest
 
+from gateway.audio import duration
 from gateway.audio.decode import CHUNK_SAMPLES, PcmChunks, decode_chunks
 from gateway.audio.duration import upload_seconds
 from gateway.audio.workers import AudioWorkers
@@ -153,3 +155,27 @@ def test_anything_else_is_the_one_400(name: str) -> None:
         assert type(error) is InvalidRequestError and error.status == 400
         assert (error.param, error.code) == ("file", "invalid_value")
         assert error.message == "The audio file could not be decoded or its format is not supported."
+
+
+def test_mp3_is_measured_by_its_frame_headers_as_the_demuxer_would() -> None:
+    """MP3 (also behind an ID3v2 tag) is counted by frame headers, a quarter of the CPU of demuxing it, to
+    FFmpeg's figure; an ID3 tag in front of another format still goes to the demuxer."""
+    mp3 = audio_file("mp3", "libmp3lame", seconds=20.0)
+    tag = b"ID3\x04\x00\x00\x00\x00\x00\x20" + bytes(32)  # an empty ID3v2.4 tag of 32 bytes
+    flac = audio_file("flac", "flac", seconds=3.0)
+    demuxed = duration._demuxed_seconds(upload(mp3), 7200)
+    for data in (mp3, tag + mp3):
+        assert duration._mp3_seconds(upload(data), 7200) == pytest.approx(demuxed, abs=0.03)
+        assert upload_seconds(upload(data), 7200) == pytest.approx(demuxed, abs=0.03)
+    assert duration._mp3_seconds(upload(tag + flac), 7200) is None
+    assert upload_seconds(upload(tag + flac), 7200) == pytest.approx(3.0, abs=0.1)
+    assert upload_seconds(upload(mp3), 30) == pytest.approx(demuxed, abs=0.03)
+    with pytest.raises(InvalidRequestError, match="maximum of 10 seconds"):
+        upload_seconds(upload(mp3), 10)
+    cost = {}
+    for name, measure in (("frames", duration._mp3_seconds), ("demuxer", duration._demuxed_seconds)):
+        started = time.process_time()
+        for _ in range(5):
+            measure(upload(mp3), 7200)
+        cost[name] = time.process_time() - started
+    assert cost["frames"] < cost["demuxer"] / 2, cost  # measured: about a quarter

@@ -114,6 +114,7 @@ class PocketsphinxAdapter:
                 f"Backend '{self.backend.name}' only understands English, not '{job.language}'.",
                 param="language", code="unsupported_language")
         await self._thread.loaded()
+        await job.upload.measured()  # decoding waits for the measurement: a bomb is refused undecoded
         chunks = decode_chunks(job.upload.view(), sample_rate=SAMPLE_RATE, max_seconds=job.max_audio_seconds)
         cancel = threading.Event()
         self._jobs.add(cancel)

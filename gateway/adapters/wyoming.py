@@ -260,6 +260,7 @@ class WyomingAdapter:
         if job.task == "translate":  # the core filters on capabilities first; this is the backstop
             raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
                                    param="model", code="unsupported_task")
+        await job.upload.measured()  # decoding waits for the measurement: a bomb is refused undecoded
         decoded = PcmChunks(job.upload.view(), sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds,
                             workers=job.upload.workers)
         try:

@@ -3,18 +3,22 @@ KB that decode to hours) is refused for the price of reading its headers.
 
 In order of cost:
 
-1. plain PCM WAV: its `fmt ` chunk, and the data the file really holds (a header claiming 4 GiB of
-   samples in a 1 KB file counts as the bytes that are there: no trust in either direction);
-2. anything else: FFmpeg's demuxer, summing the packets' durations without decoding them (FLAC
+1. plain PCM WAV: its `fmt ` chunk, and the bytes from the data chunk to the end of the file, whatever
+   the data chunk's length field says (4 GiB claimed in a 1 KB file, or 1 s claimed in a minute: no
+   trust in either direction; a metadata chunk after the data, rare and a few hundred bytes, counts);
+   `header_seconds` does only this, cheap enough for the event loop;
+2. MP3 (a Layer III frame header first, after any ID3v2 tags): its frame headers (`mp3_frames`), a
+   quarter of the CPU of demuxing it;
+3. anything else: FFmpeg's demuxer, summing the packets' durations without decoding them (FLAC
    block sizes, Opus TOC bytes, MP3 frame headers), stopping as soon as the sum passes the limit;
    a codec whose frames all have one size (AAC, MP3) counts at least that per packet, whatever the
    container's timestamps (MP4, WebM) say;
-3. packets without a duration: the decoded frames' sample counts, discarded as they come.
+4. packets without a duration: the decoded frames' sample counts, discarded as they come.
 
 Containers' duration fields (FLAC STREAMINFO, Xing headers, Ogg granules) are never read. The
 decoder (`gateway.audio.decode`) stops at the limit again, for streams whose packets lie low.
 `encoded_seconds` measures the audio the gateway sent (speech output) by packets the same way.
-Blocking: call these from a worker thread.
+Blocking (but `header_seconds` on an upload in memory): call these from a worker thread.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import av
 
 from gateway.audio.decode import OPEN_OPTIONS, audio_too_long, check_format, frames, undecodable
 from gateway.audio.frames import DEMUXERS
+from gateway.audio.mp3_frames import Mp3Clock, starts_with_frame
 from gateway.errors import InvalidRequestError
 
 PACKETS_PER_SECOND = 200
@@ -33,6 +38,9 @@ PACKETS_PER_SECOND = 200
 10 ms frames has 100), so measuring a file of 2.5 ms packets cannot take seconds of CPU."""
 _WAV_FORMATS = {1: (8, 16, 24, 32), 3: (32, 64)}  # format tag -> bits per sample FFmpeg reads as plain PCM
 _WAV_HEADER_BYTES = 65_536
+_MP3_READ_BYTES = 1_048_576
+_MP3_TAGS = 4
+"""ID3v2 tags looked past for the first frame (a tagger's own, then the encoder's)."""
 
 
 def upload_seconds(file: BinaryIO, max_seconds: float) -> float:
@@ -40,7 +48,18 @@ def upload_seconds(file: BinaryIO, max_seconds: float) -> float:
     longer than `max_seconds`."""
     seconds = _wav_seconds(file)
     if seconds is None:
-        seconds = _demuxed_seconds(file, max_seconds)
+        seconds = _mp3_seconds(file, max_seconds)
+    return _checked(_demuxed_seconds(file, max_seconds) if seconds is None else seconds, max_seconds)
+
+
+def header_seconds(file: BinaryIO, max_seconds: float) -> float | None:
+    """`upload_seconds` of a plain PCM WAV, from its header (a few microseconds: the one measurement that
+    may run on the event loop, cheaper there than a thread hand-off); None for anything FFmpeg must read."""
+    seconds = _wav_seconds(file)
+    return None if seconds is None else _checked(seconds, max_seconds)
+
+
+def _checked(seconds: float, max_seconds: float) -> float:
     if seconds <= 0:
         raise undecodable()
     if seconds > max_seconds:
@@ -71,11 +90,28 @@ def _wav_seconds(file: BinaryIO) -> float | None:
                 return None
             channels, rate, bits = fmt
             check_format(rate, channels)
-            present = size - offset - 8
-            data = present if length in (0, 0xFFFFFFFF) else min(length, present)  # streamed WAVs say 0 or -1
-            return data // (channels * bits // 8) / rate
+            return (size - offset - 8) // (channels * bits // 8) / rate  # the bytes there, whatever `length` says
         offset += 8 + length + (length & 1)
     return None
+
+
+def _mp3_seconds(file: BinaryIO, max_seconds: float) -> float | None:
+    """An MP3 (a Layer III frame header first, after any ID3v2 tags) by its frame headers, up to just past
+    `max_seconds`: a quarter of the CPU of demuxing it. None for anything else, or no frame (FFmpeg decides)."""
+    start = 0
+    for _ in range(_MP3_TAGS + 1):  # ID3v2 tags, skipped as Mp3Clock skips them
+        file.seek(start)
+        head = file.read(10)
+        if head[:3] != b"ID3" or len(head) < 10:
+            break
+        start += 10 + (head[6] << 21 | head[7] << 14 | head[8] << 7 | head[9])
+    if not starts_with_frame(head):
+        return None
+    file.seek(0)
+    clock = Mp3Clock()
+    while (chunk := file.read(_MP3_READ_BYTES)) and clock.seconds <= max_seconds:
+        clock.feed(chunk)
+    return clock.seconds or None
 
 
 def _demuxed_seconds(file: BinaryIO, max_seconds: float) -> float:

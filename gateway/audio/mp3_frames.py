@@ -88,3 +88,6 @@ class Mp3Clock:
         return b"Xing" in frame[:64] or b"Info" in frame[:64]
 
 
+def starts_with_frame(data: bytes) -> bool:
+    """Whether `data` begins with an MPEG audio Layer III frame header."""
+    return len(data) >= 4 and Mp3Clock._frame(data, 0) is not None

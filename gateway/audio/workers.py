@@ -40,6 +40,8 @@ class AudioWorkers:
         self.size, self.queue = size, queue
         self.admitted = 0
         """Jobs holding a slot now."""
+        self.jobs = 0
+        """Jobs admitted since start (an upload measured or decoded, a stream transcoded)."""
         self._executor = ThreadPoolExecutor(size, thread_name_prefix="audio-worker")
         started = threading.Barrier(size + 1)  # start every thread now: the thread count is fixed from startup
         for _ in range(size):
@@ -52,6 +54,7 @@ class AudioWorkers:
             raise ServiceUnavailableError("The server is busy with audio work; please retry shortly.",
                                           retry_after=1)
         self.admitted += 1
+        self.jobs += 1
 
     def release(self) -> None:
         self.admitted -= 1

@@ -1,24 +1,34 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations: one code path, the task differs.
 
-Stages: spool the multipart body, validate its fields, resolve the model, measure the audio (from its
-headers and packets, refusing it past `server.max_audio_seconds` before any backend sees it),
-transcribe on the first route that answers, then answer in the client's format (relayed as is, or
-rendered from structure).
+Stages: spool the multipart body, validate its fields, resolve the model, then measure the audio and
+transcribe at the same time, and answer in the client's format (relayed as is, or rendered from
+structure).
+
+The measurement (from headers and packets, on the audio workers: gateway/audio/duration.py) runs while
+the first route is called, since its figure is needed only for billing, at the end. What keeps an
+audio bomb from any backend is the payload (gateway/spool.py): it sends an upload's last bytes only
+once the measurement passed. A refused upload (past `server.max_audio_seconds`, undecodable, out of
+bounds) aborts the backend call, whose engine never got a complete request, and the client gets the
+measurement's 400. Engines that get decoded audio (Wyoming, the embedded ones) wait for the
+measurement before decoding, so a bomb never reaches them either.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
-from gateway.audio.duration import upload_seconds
+from gateway.audio.duration import header_seconds, upload_seconds
 from gateway.errors import UnsupportedError
+from gateway.form import Form, read_form
 from gateway.handlers.routing import first_success
-from gateway.spool import Form, read_form
-from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, TABLE
+from gateway.spool import Upload
+from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, SPOOL_MEMORY, TABLE
 from gateway.streaming import first_chunk, relay, send, transcript_sse
 from gateway.table import Candidate
 from gateway.transcript import Transcript
@@ -36,7 +46,8 @@ async def translations(request: web.Request) -> web.StreamResponse:
 
 
 async def _transcribe(request: web.Request, task: str) -> web.StreamResponse:
-    form = await read_form(request, request[TABLE].config.server, request.app[AUDIO_WORKERS])
+    form = await read_form(request, request[TABLE].config.server, request.app[AUDIO_WORKERS],
+                           request.app[SPOOL_MEMORY])
     try:
         request[OUTCOME].upload_received(form.upload.size if form.upload else 0)
         req = validate_transcription(form.fields, task, form.upload is not None)
@@ -56,9 +67,6 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
         raise UnsupportedError(f"The model `{req.model}` cannot answer in response_format "
                                f"'{req.response_format}'.", param="response_format", code="unsupported_format")
     limit = table.config.server.max_audio_seconds
-    upload = form.upload
-    with upload.workers.job():  # a 503 when the audio workers are saturated
-        request[OUTCOME].upload_measured(await upload.workers.finish(upload_seconds, upload.view(), limit))
 
     async def attempt(candidate: Candidate) -> Transcript | Passthrough:
         request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model)
@@ -69,7 +77,50 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
             include=req.include, stream=req.stream, extra=req.extra, max_audio_seconds=limit)
         return await candidate.adapter.transcribe(job)
 
-    return await first_success(request, candidates, attempt)
+    measuring = _measure(form.upload, limit)  # a 503 now when the audio workers are saturated
+    try:
+        if measuring.done():  # a WAV by its header: nothing to overlap
+            request[OUTCOME].upload_measured(measuring.result())
+            return await first_success(request, candidates, attempt)
+        answering = asyncio.ensure_future(first_success(request, candidates, attempt))
+        try:
+            request[OUTCOME].upload_measured(await measuring)
+        except BaseException:
+            await _settle(answering)  # a refused upload: the backend call is aborted before its last bytes
+            answer = None if answering.cancelled() or answering.exception() else answering.result()
+            if isinstance(answer, Passthrough) and answer.chunks is not None:  # it streamed before the body ended
+                await answer.chunks.aclose()  # type: ignore[attr-defined]
+            raise
+        return await answering
+    finally:
+        await _settle(measuring)  # before the spool closes: the measurement reads it
+
+
+def _measure(upload: Upload, limit: float) -> asyncio.Future[float]:
+    """Measure `upload`: a PCM WAV in memory at once, by its header (cheaper than a thread hand-off), else
+    started on the audio workers as one admitted job (a 503 here when all are taken)."""
+    if upload.in_memory and (seconds := header_seconds(upload.view(), limit)) is not None:
+        upload.measurement = done = asyncio.get_running_loop().create_future()
+        done.set_result(seconds)
+        return done
+    upload.workers.admit()
+
+    async def measure() -> float:
+        try:
+            return await upload.workers.finish(upload_seconds, upload.view(), limit)
+        finally:
+            upload.workers.release()
+
+    upload.measurement = task = asyncio.ensure_future(measure())
+    return task
+
+
+async def _settle(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` if it still runs and wait for it to end; its outcome is moot by now."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it
 
 
 def _can_answer(candidate: Candidate, req: TranscriptionRequest) -> bool:

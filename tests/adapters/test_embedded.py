@@ -92,7 +92,7 @@ def wav_upload(pcm: bytes, rate: int = 22_050) -> Upload:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(pcm)
-    return Upload("speech.wav", "audio/wav", buffer, WORKERS, buffer.tell())
+    return Upload.of("speech.wav", "audio/wav", buffer.getvalue(), WORKERS)
 
 
 def overlap(reference: str, hypothesis: str) -> float:
@@ -296,7 +296,7 @@ async def test_silence_is_an_empty_transcript(stt: pocketsphinx.PocketsphinxAdap
 
 
 async def test_undecodable_upload_is_a_400(stt: pocketsphinx.PocketsphinxAdapter) -> None:
-    garbage = Upload("a.wav", "audio/wav", io.BytesIO(b"not audio at all" * 64), WORKERS, 1024)
+    garbage = Upload.of("a.wav", "audio/wav", b"not audio at all" * 64, WORKERS)
     with pytest.raises(InvalidRequestError) as caught:
         await stt.transcribe(transcription(garbage))
     assert caught.value.param == "file"

@@ -3,9 +3,9 @@
 `FakeHttpEngine` owns a `web.Application` and serves it on `127.0.0.1` (port 0) with an `AppRunner`
 created with `handler_cancellation=True`, so a client that disconnects cancels the handler, as in
 production. Its middleware records every request (`requests`, `last`; the handler finds it under
-`RECORDED`), counts running and client-cancelled handlers (`active`, `cancelled`) and hands the request
-to the subclass's `_answer`, where each double checks credentials and failure modes in its engine's
-words before calling the route's handler. `mode` is checked against the subclass's `MODES`.
+`RECORDED`), counts started, running and client-cancelled handlers (`started`, `active`, `cancelled`)
+and hands the request to the subclass's `_answer`, where each double checks credentials and failure
+modes in its engine's words before calling the route's handler. `mode` is checked against the subclass's `MODES`.
 
 `_write` writes pieces of a body as a chunked response, `chunk_delay` apart; `cut` closes the
 connection after what was written has had a moment to reach the client (the "drop mid-stream"
@@ -116,6 +116,8 @@ class FakeHttpEngine:
         self.finished: list[float] = []
         """time.monotonic() when each streamed answer (`_write`, `_send`) had its last piece written."""
         self.active = 0
+        self.started = 0
+        """Requests whose head arrived (`requests` has only those whose whole body arrived)."""
         self.cancelled = 0
         self.port = 0
         self.url = ""
@@ -159,6 +161,7 @@ class FakeHttpEngine:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.active += 1
+        self.started += 1
         try:
             request[RECORDED] = rec = await self._record(request)
             self.requests.append(rec)

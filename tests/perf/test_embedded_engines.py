@@ -170,7 +170,7 @@ def test_pocketsphinx_real_time_factor(servers: ServerThread, embedded: Gateway)
     sphinx, n = adapter(embedded, "sphinx"), 3
 
     async def direct_once() -> tuple[float, str]:
-        upload = Upload("speech.wav", "audio/wav", io.BytesIO(wav), AudioWorkers(1, 0), len(wav))
+        upload = Upload.of("speech.wav", "audio/wav", wav, AudioWorkers(1, 0))
         job = TranscriptionJob(request_id="bench", task="transcribe", public_model="whisper-1", model="en-us",
                                upload=upload)
         started = time.perf_counter()
