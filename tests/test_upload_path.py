@@ -197,7 +197,8 @@ def test_peak_rss_stays_within_the_memory_bound(engine: FakeOpenAIEngine, tmp_pa
     for bound in (2, 64):
         config = tmp_path / f"bound{bound}.yaml"
         config.write_text(engine_config(engine.url, tmp_path).replace(
-            "spool_memory_bytes: 65536", f"spool_memory_bytes: 5000000\n  spool_memory_uploads: {bound}").replace(
+            "spool_memory_bytes: 65536",  # no background probes: they would count as engine requests
+            f"spool_memory_bytes: 5000000\n  spool_memory_uploads: {bound}\n  probe_interval_s: 0").replace(
             "max_upload_bytes: 2000000", "max_upload_bytes: 26214400").replace("timeout_s: 2", "timeout_s: 60"))
         growth[bound] = _peak_rss_growth_kib(config, engine, tmp_path, 16, upload)
     said = (f"peak RSS growth with 16 x 4 MiB uploads held: {growth[2] / 1024:.1f} MiB with 2 in memory, "
