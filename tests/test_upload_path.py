@@ -103,6 +103,16 @@ def test_a_wav_claiming_less_data_than_it_holds_is_billed_by_what_it_holds(clien
     assert total(samples, "gateway_billable_audio_seconds_total", model="whisper-1") == pytest.approx(10.0)
 
 
+
+async def post_upload(session: aiohttp.ClientSession, base_url: str, upload: bytes) -> None:
+    """One transcription of `upload`, its answer read (or the wait cancelled)."""
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-1")
+    form.add_field("file", upload, filename="a.wav", content_type="audio/wav")
+    async with session.post(f"{base_url}/audio/transcriptions", data=form) as response:
+        await response.read()
+
+
 def test_uploads_past_the_memory_bound_are_spooled_to_disk(servers: ServerThread,
                                                            make_gateway: Callable[[str], Gateway],
                                                            engine: FakeOpenAIEngine, tmp_path: Path) -> None:
@@ -115,14 +125,7 @@ def test_uploads_past_the_memory_bound_are_spooled_to_disk(servers: ServerThread
 
     async def five_at_once() -> tuple[int, int]:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {DEMO_KEY}"}) as session:
-            async def send() -> None:
-                form = aiohttp.FormData()
-                form.add_field("model", "whisper-1")
-                form.add_field("file", upload, filename="a.wav", content_type="audio/wav")
-                async with session.post(f"{gateway.base_url}/audio/transcriptions", data=form) as response:
-                    await response.read()
-
-            sending = [asyncio.ensure_future(send()) for _ in range(5)]
+            sending = [asyncio.ensure_future(post_upload(session, gateway.base_url, upload)) for _ in range(5)]
             for _ in range(1000):
                 if len(engine.requests) == 5:
                     break
@@ -160,16 +163,10 @@ def _peak_rss_growth_kib(config: Path, engine: FakeOpenAIEngine, tmp_path: Path,
     try:
         async def held_at_once() -> int:
             async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {DEMO_KEY}"}) as session:
-                async def send() -> None:
-                    form = aiohttp.FormData()
-                    form.add_field("model", "whisper-1")
-                    form.add_field("file", upload, filename="a.wav", content_type="audio/wav")
-                    async with session.post(f"{gateway.url}/v1/audio/transcriptions", data=form) as response:
-                        await response.read()
-
                 await asyncio.wait_for(session.get(f"{gateway.url}/healthz"), 10)
                 baseline = peak_rss_kib(gateway.proc.pid)
-                sending = [asyncio.ensure_future(send()) for _ in range(uploads)]
+                sending = [asyncio.ensure_future(post_upload(session, f"{gateway.url}/v1", upload))
+                           for _ in range(uploads)]
                 for _ in range(1500):
                     if len(engine.requests) == uploads:
                         break
