@@ -34,8 +34,8 @@ from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from gateway.config import Server
 from gateway.errors import GatewayError, HeadersTooLargeError, InvalidRequestError, ServiceUnavailableError
+from gateway.settings import Server
 from gateway.state import CONTINUED
 
 log = logging.getLogger("gateway")

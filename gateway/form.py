@@ -12,8 +12,8 @@ from aiohttp.multipart import BadContentDispositionHeader, BadContentDisposition
 
 from gateway.audio.workers import AudioWorkers
 from gateway.body import check_length, receiving, too_large
-from gateway.config import Server
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.settings import Server
 from gateway.spool import SpoolMemory, Upload
 
 

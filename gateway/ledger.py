@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from gateway.config import Ledger
+from gateway.settings import Ledger
 
 log = logging.getLogger("gateway.ledger")
 

@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Protocol
 import aiohttp
 
 from gateway.audio.formats import AudioFormat
-from gateway.config import DEFAULT_MAX_AUDIO_SECONDS, Backend, NativeVoice
+from gateway.config import Backend, NativeVoice
 from gateway.errors import Reason, UpstreamError, UpstreamTimeoutError
+from gateway.settings import DEFAULT_MAX_AUDIO_SECONDS
 from gateway.spool import Upload
 from gateway.transcript import Transcript
 

@@ -1,0 +1,142 @@
+"""The process's own settings: the `server:`, `metrics:` and `ledger:` sections of the config file, each
+a frozen dataclass with documented defaults, parsed with YAML-path errors. The mapping table itself (keys,
+backends, models, voices) is gateway/config.py, which parses the whole file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.yaml_tree import YamlTree
+
+DEFAULT_MAX_UPLOAD = 26_214_400
+DEFAULT_MAX_AUDIO_SECONDS = 7_200.0
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cors_origins: tuple[str, ...] = ()
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD
+    spool_memory_bytes: int = 4_194_304
+    """An upload up to this size stays in memory (4 MiB: two minutes of 16 kHz WAV; a 1 MiB upload costs
+    no disk write, which measured 2 to 3 times the CPU); a larger one moves to an unnamed temporary file
+    in `spool_dir`."""
+    spool_memory_uploads: int = 16
+    """Uploads held in memory at once; past it a new upload goes straight to disk, so the spools hold at
+    most `spool_memory_bytes` x this (64 MiB by default) in memory."""
+    spool_dir: str | None = None
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    """Longest upload to transcribe (2 hours; 25 MB of 32 kbit/s mp3 is under 2 hours): established
+    from headers and packets before anything is decoded, and enforced again while decoding."""
+    drain_delay_s: float = 5.0
+    """After SIGTERM: /readyz fails at once, new connections are still accepted this long."""
+    grace_s: float = 30.0
+    """Then in-flight requests get up to this long to finish before the process exits."""
+    reload_interval_s: float = 2.0
+    """How often the config file is checked for changes (0: only on SIGHUP)."""
+    # -- slow and hostile clients (gateway/connections.py, gateway/body.py, gateway/spool.py) --
+    header_timeout_s: float = 15.0
+    """A request head (request line and headers) must be complete this long after the connection
+    opens or after its first byte arrives; a half-sent head is closed (slowloris)."""
+    keepalive_timeout_s: float = 75.0
+    """An idle keep-alive connection is closed after this long. Longer than the usual ingress and
+    load balancer idle timeouts (nginx 60 s, ALB 60 s), so the proxy, not the gateway, closes first
+    and never reuses a connection the gateway is closing."""
+    body_timeout_s: float = 30.0
+    """Longest wait between two reads of a request body; a stalled upload gets a 408 and is closed."""
+    max_connections: int = 1024
+    """Open client connections; beyond it a new one gets an immediate 503 and is closed."""
+    max_form_parts: int = 64
+    """Parts in one multipart form (OpenAI's transcription form has about 15 fields)."""
+    max_part_header_bytes: int = 8192
+    """Longest header line of one multipart part (at most 32 header lines per part)."""
+    # -- audio work (gateway/audio/workers.py) --
+    audio_workers: int = field(default_factory=lambda: (os.cpu_count() or 1) + 2)
+    """Threads for decoding, measuring and transcoding audio and for spool writes (CPU count + 2: the
+    FFmpeg work is CPU-bound, and two more cover spool writes waiting on the disk)."""
+    audio_queue: int = 64
+    """Audio jobs (a transcoded stream, a decoded or measured upload) admitted beyond `audio_workers`;
+    past `audio_workers + audio_queue` a new one gets a 503 with Retry-After."""
+    # -- backend health (gateway/health.py) --
+    probe_interval_s: float = 10.0
+    """Every backend is probed in the background this often (0: never; /readyz reports them unknown)."""
+    probe_timeout_s: float = 2.0
+    """A probe not answered within this long marks its backend down; independent of request timeouts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    enabled: bool = True
+    port: int | None = None
+    """Serve /metrics on this port only (not on the API port), so the public ingress cannot reach it."""
+    host: str | None = None
+    """Listen address for the metrics port (default: server.host)."""
+
+
+LEDGER_SINKS = ("file", "stdout", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    sink: str = "off"
+    path: str = "var/usage.jsonl"
+    max_bytes: int = 10_485_760
+    """Rotate the file when it would grow past this size."""
+    backups: int = 5
+    """Rotated files kept (usage.jsonl.1 ... .N)."""
+
+
+
+def server_section(p: YamlTree, node: dict[str, Any]) -> Server:
+    path = "server"
+    d = Server()
+    return Server(
+        host=p.str_(node, "host", path, d.host) or d.host,
+        port=int(p.number(node, "port", path, d.port)),
+        cors_origins=p.str_list(node.get("cors_origins"), f"{path}.cors_origins"),
+        max_upload_bytes=int(p.number(node, "max_upload_bytes", path, d.max_upload_bytes, 1)),
+        spool_memory_bytes=int(p.number(node, "spool_memory_bytes", path, d.spool_memory_bytes)),
+        spool_memory_uploads=int(p.number(node, "spool_memory_uploads", path, d.spool_memory_uploads)),
+        spool_dir=p.str_(node, "spool_dir", path),
+        max_audio_seconds=p.number(node, "max_audio_seconds", path, d.max_audio_seconds, 1),
+        drain_delay_s=p.number(node, "drain_delay_s", path, d.drain_delay_s),
+        grace_s=p.number(node, "grace_s", path, d.grace_s),
+        reload_interval_s=p.number(node, "reload_interval_s", path, d.reload_interval_s),
+        header_timeout_s=p.number(node, "header_timeout_s", path, d.header_timeout_s, 0.01),
+        keepalive_timeout_s=p.number(node, "keepalive_timeout_s", path, d.keepalive_timeout_s, 0.01),
+        body_timeout_s=p.number(node, "body_timeout_s", path, d.body_timeout_s, 0.01),
+        max_connections=int(p.number(node, "max_connections", path, d.max_connections, 1)),
+        max_form_parts=int(p.number(node, "max_form_parts", path, d.max_form_parts, 1)),
+        max_part_header_bytes=int(p.number(node, "max_part_header_bytes", path, d.max_part_header_bytes, 256)),
+        audio_workers=d.audio_workers if node.get("audio_workers") is None
+        else int(p.number(node, "audio_workers", path, d.audio_workers, 1)),
+        audio_queue=int(p.number(node, "audio_queue", path, d.audio_queue)),
+        probe_interval_s=p.number(node, "probe_interval_s", path, d.probe_interval_s),
+        probe_timeout_s=p.number(node, "probe_timeout_s", path, d.probe_timeout_s, 0.01),
+    )
+
+
+def metrics_section(p: YamlTree, node: dict[str, Any]) -> Metrics:
+    port = node.get("port")
+    return Metrics(
+        enabled=p.bool_(node, "enabled", "metrics", True),
+        port=None if port is None else int(p.number(node, "port", "metrics", 0, 1)),
+        host=p.str_(node, "host", "metrics"),
+    )
+
+
+def ledger_section(p: YamlTree, node: dict[str, Any]) -> Ledger:
+    d = Ledger()
+    sink = p.str_(node, "sink", "ledger", d.sink) or d.sink
+    if sink not in LEDGER_SINKS:
+        p.fail("ledger.sink", f"expected one of {', '.join(LEDGER_SINKS)}, got '{sink}'")
+    return Ledger(
+        sink=sink,
+        path=p.str_(node, "path", "ledger", d.path) or d.path,
+        max_bytes=int(p.number(node, "max_bytes", "ledger", d.max_bytes, 1)),
+        backups=int(p.number(node, "backups", "ledger", d.backups, 0)),
+    )
