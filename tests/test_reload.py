@@ -58,7 +58,9 @@ def with_models(config: str, extra: str) -> str:
 def base_config(engine: FakeOpenAIEngine, tmp_path: Path) -> str:
     spool = tmp_path / "spool"
     spool.mkdir()
-    return engine_config(engine.url, spool).replace("server:\n", "server:\n  reload_interval_s: 0.2\n", 1)
+    # no background probes: a probe of the reloaded table would land among the requests the engine records
+    return engine_config(engine.url, spool).replace(
+        "server:\n", "server:\n  reload_interval_s: 0.2\n  probe_interval_s: 0\n", 1)
 
 
 @pytest.fixture
