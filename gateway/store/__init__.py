@@ -1,0 +1,139 @@
+"""Shared state for traffic policy (issue 12): window counters, budget reservations and leased
+concurrency slots, with the same semantics on three backends (`memory`, `sqlite`, `redis`), so limits
+stay exact across workers and replicas. Not used by requests yet: the limits and budgets step calls it.
+
+Semantics every backend keeps (tests/test_store.py is one contract suite over all three):
+- Time is in integer milliseconds since the UNIX epoch. A window or period starts at a multiple of its
+  length since the epoch (UTC): a 60 s window starts on the minute, an 86400 s period at 00:00 UTC.
+  Memory and SQLite read the caller's wall clock; Redis reads the server's `TIME`, so replicas with
+  skewed clocks still agree (tests may inject a clock into all three).
+- `hit` is a fixed-window counter; a refused hit counts nothing.
+- `reserve` adds `amount` to the scope's spending in the current period if it stays within `cap`;
+  `settle` replaces the reserved amount by the actual one, `release` gives it back. Both are idempotent
+  and do nothing once the period the token was reserved in is over (a new period starts at zero).
+- `acquire` takes one of `limit` slots for `ttl_s`; `renew` extends it, `release_slot` frees it. A
+  lease not renewed within its TTL frees its slot, so a crashed replica's slots come back.
+- Each operation is atomic (one lock, one `BEGIN IMMEDIATE` transaction, or one Lua script). An
+  unreachable or failing store raises `StoreUnavailable`; what to do then is the caller's policy.
+- Amounts are floats (money); a reservation fits when it exceeds `cap` by at most `EPSILON`, so
+  fifty reservations of 0.1 fit a cap of 5.0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+BACKENDS = ("memory", "sqlite", "redis")
+EPSILON = 1e-9
+
+Clock = Callable[[], float]
+"""Seconds since the epoch, like time.time (injectable for tests)."""
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or failed; the message names the backend, never its URL."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """The `state:` section (parsed in a later step; these defaults are the documented ones)."""
+
+    backend: Literal["memory", "sqlite", "redis"] = "sqlite"
+    """`memory`: one process only (tests, a single worker); `sqlite`: the embedded default, exact for
+    several workers on one host and across restarts; `redis`: exact across replicas."""
+    path: str = "var/gateway-state.sqlite3"
+    """SQLite database file (created with its directory; WAL mode)."""
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL (`rediss://` for TLS; a password in the URL never reaches logs or clients)."""
+    key_prefix: str = "gw"
+    """Every Redis key is `{<key_prefix>:<scope>}:...`: the braces are a Cluster hash tag, so the keys
+    of one scope share a slot and each script touches one slot."""
+    timeout_s: float = 0.5
+    """Longest wait for one operation (Redis socket timeout; SQLite busy timeout) before
+    `StoreUnavailable`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    allowed: bool
+    remaining: float
+    """What is left of the limit in this window after this hit (unchanged by a refused hit)."""
+    reset_s: float
+    """Seconds until the window ends and the counter starts again at zero."""
+
+
+class Store(Protocol):
+    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit: ...
+
+    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
+        """A token, or None when `amount` does not fit under `cap` in the current period."""
+
+    async def settle(self, token: str, actual: float) -> None: ...
+
+    async def release(self, token: str) -> None: ...
+
+    async def spent(self, scope: str, period_s: float) -> float:
+        """Reserved and settled amounts of the scope in the current period."""
+
+    async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
+        """A lease, or None when `limit` unexpired leases of the scope are held."""
+
+    async def renew(self, lease: str) -> bool:
+        """Extend the lease by its TTL; False if it had already expired or been released."""
+
+    async def release_slot(self, lease: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def to_ms(seconds: float) -> int:
+    """A window length or TTL in whole milliseconds (at least 1)."""
+    return max(1, round(seconds * 1000))
+
+
+def now_ms(clock: Clock) -> int:
+    return int(clock() * 1000)
+
+
+def window_start(now: int, length_ms: int) -> int:
+    return now - now % length_ms
+
+
+def reservation_token(period_ms: int, start_ms: int, ident: str, scope: str) -> str:
+    """`period|start|id|scope`: settle and release find the reservation from the token alone."""
+    return f"{period_ms}|{start_ms}|{ident}|{scope}"
+
+
+def parse_reservation(token: str) -> tuple[int, int, str, str]:
+    period, start, ident, scope = token.split("|", 3)
+    return int(period), int(start), ident, scope
+
+
+def lease_token(ttl_ms: int, ident: str, scope: str) -> str:
+    return f"{ttl_ms}|{ident}|{scope}"
+
+
+def parse_lease(lease: str) -> tuple[int, str, str]:
+    ttl, ident, scope = lease.split("|", 2)
+    return int(ttl), ident, scope
+
+
+def open_store(config: StoreConfig, clock: Clock | None = None) -> Store:
+    """The configured backend. `clock` overrides the time source (tests); by default memory and SQLite
+    use time.time and Redis its server's clock."""
+    if config.backend == "memory":
+        from gateway.store.memory import MemoryStore
+
+        return MemoryStore(clock or time.time)
+    if config.backend == "sqlite":
+        from gateway.store.sqlite import SqliteStore
+
+        return SqliteStore(config.path, config.timeout_s, clock or time.time)
+    if config.backend == "redis":
+        from gateway.store.redis import RedisStore
+
+        return RedisStore(config.url, config.key_prefix, config.timeout_s, clock)
+    raise ValueError(f"unknown state backend {config.backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -1,0 +1,113 @@
+"""The `memory` state backend: dicts in this process. Exact for one process only (tests, a single
+worker); with several workers or replicas every process counts on its own. No await happens while a
+dict is changed, so each operation is atomic on the event loop without a lock.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from gateway.store import (
+    EPSILON,
+    Clock,
+    Hit,
+    lease_token,
+    now_ms,
+    parse_lease,
+    parse_reservation,
+    reservation_token,
+    to_ms,
+    window_start,
+)
+
+
+class MemoryStore:
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._hits: dict[tuple[str, int], tuple[int, float]] = {}
+        """(key, window) -> (window start, count)"""
+        self._spent: dict[tuple[str, int], tuple[int, float]] = {}
+        """(scope, period) -> (period start, reserved + settled)"""
+        self._reserved: dict[str, float] = {}
+        """token -> amount still reserved"""
+        self._leases: dict[str, dict[str, int]] = {}
+        """scope -> {lease id: expiry}"""
+
+    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit:
+        window = to_ms(window_s)
+        now = now_ms(self._clock)
+        start = window_start(now, window)
+        held_start, count = self._hits.get((key, window), (start, 0.0))
+        if held_start != start:
+            count = 0.0
+        allowed = count + cost <= limit + EPSILON
+        if allowed:
+            count += cost
+        self._hits[(key, window)] = (start, count)
+        return Hit(allowed, max(0.0, limit - count), (start + window - now) / 1000)
+
+    def _current(self, scope: str, period: int, start: int) -> float:
+        held_start, total = self._spent.get((scope, period), (start, 0.0))
+        return total if held_start == start else 0.0
+
+    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
+        period = to_ms(period_s)
+        start = window_start(now_ms(self._clock), period)
+        total = self._current(scope, period, start)
+        if total + amount > cap + EPSILON:
+            return None
+        self._spent[(scope, period)] = (start, total + amount)
+        token = reservation_token(period, start, uuid.uuid4().hex, scope)
+        self._reserved[token] = amount
+        return token
+
+    def _take(self, token: str, actual: float) -> None:
+        amount = self._reserved.pop(token, None)
+        if amount is None:
+            return
+        period, start, _, scope = parse_reservation(token)
+        held_start, total = self._spent.get((scope, period), (start, 0.0))
+        if held_start == start:
+            self._spent[(scope, period)] = (start, max(0.0, total - amount + actual))
+
+    async def settle(self, token: str, actual: float) -> None:
+        self._take(token, actual)
+
+    async def release(self, token: str) -> None:
+        self._take(token, 0.0)
+
+    async def spent(self, scope: str, period_s: float) -> float:
+        period = to_ms(period_s)
+        return self._current(scope, period, window_start(now_ms(self._clock), period))
+
+    def _live(self, scope: str, now: int) -> dict[str, int]:
+        leases = self._leases.setdefault(scope, {})
+        for ident in [i for i, expiry in leases.items() if expiry <= now]:
+            del leases[ident]
+        return leases
+
+    async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
+        now = now_ms(self._clock)
+        leases = self._live(scope, now)
+        if len(leases) >= limit:
+            return None
+        ttl = to_ms(ttl_s)
+        ident = uuid.uuid4().hex
+        leases[ident] = now + ttl
+        return lease_token(ttl, ident, scope)
+
+    async def renew(self, lease: str) -> bool:
+        ttl, ident, scope = parse_lease(lease)
+        now = now_ms(self._clock)
+        leases = self._live(scope, now)
+        if ident not in leases:
+            return False
+        leases[ident] = now + ttl
+        return True
+
+    async def release_slot(self, lease: str) -> None:
+        _, ident, scope = parse_lease(lease)
+        self._leases.get(scope, {}).pop(ident, None)
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,191 @@
+"""The `redis` state backend, for several replicas: redis.asyncio, each operation one Lua script
+(EVALSHA, loaded again after a server restart), so it is atomic on the server whatever the number of
+gateways. The keys of one scope share the hash tag `{<prefix>:<scope>}`, so every script touches one
+Cluster slot. Time is the server's `TIME` (one clock for all replicas) unless a clock is injected.
+Keys expire shortly after their window, period or longest lease ends; nothing needs sweeping.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from gateway.store import (
+    Clock,
+    Hit,
+    StoreUnavailable,
+    lease_token,
+    parse_lease,
+    parse_reservation,
+    reservation_token,
+    to_ms,
+)
+
+NOW = """
+local function now_ms(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function num(x) return string.format('%.17g', x) end
+"""
+
+HIT = NOW + """
+local cost, limit, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms(ARGV[4])
+local start = now - now % window
+local held = redis.call('HMGET', KEYS[1], 's', 'n')
+local count = 0
+if tonumber(held[1]) == start then count = tonumber(held[2]) end
+local allowed = 0
+if count + cost <= limit + 1e-9 then
+  allowed = 1
+  count = count + cost
+  redis.call('HSET', KEYS[1], 's', num(start), 'n', num(count))
+  redis.call('PEXPIRE', KEYS[1], start + window - now + 1000)
+end
+return {allowed, num(count), num(start + window - now)}
+"""
+
+RESERVE = NOW + """
+local amount, cap, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms(ARGV[4])
+local start = now - now % period
+local held = redis.call('HMGET', KEYS[1], 's', 'n')
+local total = 0
+if tonumber(held[1]) == start then total = tonumber(held[2]) else redis.call('DEL', KEYS[2]) end
+if total + amount > cap + 1e-9 then return false end
+redis.call('HSET', KEYS[1], 's', num(start), 'n', num(total + amount))
+redis.call('HSET', KEYS[2], ARGV[5], num(amount))
+local ttl = start + period - now + 1000
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return num(start)
+"""
+
+TAKE = NOW + """
+local amount = redis.call('HGET', KEYS[2], ARGV[1])
+if not amount then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+local held = redis.call('HMGET', KEYS[1], 's', 'n')
+if tonumber(held[1]) == tonumber(ARGV[2]) then
+  local total = math.max(0, tonumber(held[2]) - tonumber(amount) + tonumber(ARGV[3]))
+  redis.call('HSET', KEYS[1], 'n', num(total))
+end
+return 1
+"""
+
+SPENT = NOW + """
+local period = tonumber(ARGV[1])
+local now = now_ms(ARGV[2])
+local held = redis.call('HMGET', KEYS[1], 's', 'n')
+if tonumber(held[1]) == now - now % period then return held[2] end
+return '0'
+"""
+
+LEASES = NOW + """
+local now = now_ms(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local function keep()
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIRE', KEYS[1], tonumber(last[2]) - now + 1000) end
+end
+"""
+
+ACQUIRE = LEASES + """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
+keep()
+return 1
+"""
+
+RENEW = LEASES + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[4])
+keep()
+return 1
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, prefix: str, timeout_s: float, clock: Clock | None) -> None:
+        self._prefix = prefix
+        self._clock = clock
+        # One attempt, no backoff: a store that does not answer within timeout_s is the caller's
+        # failure policy to handle, not something to wait out inside a request.
+        self._redis = Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        self._scripts = {
+            name: self._redis.register_script(lua)
+            for name, lua in (("hit", HIT), ("reserve", RESERVE), ("take", TAKE), ("spent", SPENT),
+                              ("acquire", ACQUIRE), ("renew", RENEW))
+        }
+
+    def _key(self, scope: str, kind: str, n: int | None = None) -> str:
+        return f"{{{self._prefix}:{scope}}}:{kind}" + ("" if n is None else f":{n}")
+
+    def _now(self) -> str:
+        """The injected clock in ms, or '' for the server's TIME."""
+        return "" if self._clock is None else str(int(self._clock() * 1000))
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        except RedisError as e:
+            # The exception's text names host and port: logs get it through the cause, callers don't.
+            raise StoreUnavailable(f"redis state store: {type(e).__name__}") from e
+
+    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit:
+        window = to_ms(window_s)
+        allowed, count, reset = await self._call("hit", [self._key(key, "h", window)],
+                                                 [repr(cost), repr(limit), window, self._now()])
+        return Hit(allowed == 1, max(0.0, limit - float(count)), float(reset) / 1000)
+
+    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
+        period = to_ms(period_s)
+        ident = uuid.uuid4().hex
+        start = await self._call("reserve", [self._key(scope, "b", period), self._key(scope, "r", period)],
+                                 [repr(amount), repr(cap), period, self._now(), ident])
+        return None if start is None else reservation_token(period, int(float(start)), ident, scope)
+
+    async def _take(self, token: str, actual: float) -> None:
+        period, start, ident, scope = parse_reservation(token)
+        await self._call("take", [self._key(scope, "b", period), self._key(scope, "r", period)],
+                         [ident, start, repr(actual)])
+
+    async def settle(self, token: str, actual: float) -> None:
+        await self._take(token, actual)
+
+    async def release(self, token: str) -> None:
+        await self._take(token, 0.0)
+
+    async def spent(self, scope: str, period_s: float) -> float:
+        period = to_ms(period_s)
+        return float(await self._call("spent", [self._key(scope, "b", period)], [period, self._now()]))
+
+    async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
+        ttl = to_ms(ttl_s)
+        ident = uuid.uuid4().hex
+        got = await self._call("acquire", [self._key(scope, "l")], [self._now(), limit, ttl, ident])
+        return lease_token(ttl, ident, scope) if got == 1 else None
+
+    async def renew(self, lease: str) -> bool:
+        ttl, ident, scope = parse_lease(lease)
+        return await self._call("renew", [self._key(scope, "l")], [self._now(), 0, ttl, ident]) == 1
+
+    async def release_slot(self, lease: str) -> None:
+        _, ident, scope = parse_lease(lease)
+        try:
+            await self._redis.zrem(self._key(scope, "l"), ident)
+        except RedisError as e:
+            raise StoreUnavailable(f"redis state store: {type(e).__name__}") from e
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,172 @@
+"""The `sqlite` state backend, the embedded default: stdlib sqlite3 on one file in WAL mode. Every
+operation is one `BEGIN IMMEDIATE` transaction (the database's write lock, taken before anything is
+read), so several worker processes on one host stay exact, and the counts survive a restart. All
+calls run on one dedicated thread with its own connection, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.store import (
+    EPSILON,
+    Clock,
+    Hit,
+    StoreUnavailable,
+    lease_token,
+    now_ms,
+    parse_lease,
+    parse_reservation,
+    reservation_token,
+    to_ms,
+    window_start,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS hits (key TEXT, window INTEGER, start INTEGER, count REAL,
+    PRIMARY KEY (key, window));
+CREATE TABLE IF NOT EXISTS spent (scope TEXT, period INTEGER, start INTEGER, total REAL,
+    PRIMARY KEY (scope, period));
+CREATE TABLE IF NOT EXISTS reserved (token TEXT PRIMARY KEY, amount REAL);
+CREATE TABLE IF NOT EXISTS leases (scope TEXT, ident TEXT, expiry INTEGER, PRIMARY KEY (scope, ident));
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: str, timeout_s: float, clock: Clock) -> None:
+        self._path = path
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-sqlite")
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+            db.executescript(SCHEMA)
+            self._db = db
+        return self._db
+
+    async def _run(self, op: Callable[[sqlite3.Connection, int], T]) -> T:
+        def transaction() -> T:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = op(db, now_ms(self._clock))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, transaction)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite state store: {e}") from e
+
+    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit:
+        window = to_ms(window_s)
+
+        def op(db: sqlite3.Connection, now: int) -> Hit:
+            start = window_start(now, window)
+            row = db.execute("SELECT start, count FROM hits WHERE key=? AND window=?", (key, window)).fetchone()
+            count = row[1] if row and row[0] == start else 0.0
+            allowed = count + cost <= limit + EPSILON
+            if allowed:
+                count += cost
+                db.execute("INSERT OR REPLACE INTO hits VALUES (?, ?, ?, ?)", (key, window, start, count))
+            return Hit(allowed, max(0.0, limit - count), (start + window - now) / 1000)
+
+        return await self._run(op)
+
+    @staticmethod
+    def _current(db: sqlite3.Connection, scope: str, period: int, start: int) -> float:
+        row = db.execute("SELECT start, total FROM spent WHERE scope=? AND period=?", (scope, period)).fetchone()
+        return row[1] if row and row[0] == start else 0.0
+
+    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
+        period = to_ms(period_s)
+
+        def op(db: sqlite3.Connection, now: int) -> str | None:
+            start = window_start(now, period)
+            total = self._current(db, scope, period, start)
+            if total + amount > cap + EPSILON:
+                return None
+            db.execute("INSERT OR REPLACE INTO spent VALUES (?, ?, ?, ?)", (scope, period, start, total + amount))
+            token = reservation_token(period, start, uuid.uuid4().hex, scope)
+            db.execute("INSERT INTO reserved VALUES (?, ?)", (token, amount))
+            return token
+
+        return await self._run(op)
+
+    async def _take(self, token: str, actual: float) -> None:
+        period, start, _, scope = parse_reservation(token)
+
+        def op(db: sqlite3.Connection, now: int) -> None:
+            row = db.execute("DELETE FROM reserved WHERE token=? RETURNING amount", (token,)).fetchone()
+            if row is not None:
+                db.execute(
+                    "UPDATE spent SET total = max(0.0, total - ? + ?) WHERE scope=? AND period=? AND start=?",
+                    (row[0], actual, scope, period, start),
+                )
+
+        await self._run(op)
+
+    async def settle(self, token: str, actual: float) -> None:
+        await self._take(token, actual)
+
+    async def release(self, token: str) -> None:
+        await self._take(token, 0.0)
+
+    async def spent(self, scope: str, period_s: float) -> float:
+        period = to_ms(period_s)
+        return await self._run(lambda db, now: self._current(db, scope, period, window_start(now, period)))
+
+    async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
+        ttl = to_ms(ttl_s)
+
+        def op(db: sqlite3.Connection, now: int) -> str | None:
+            db.execute("DELETE FROM leases WHERE scope=? AND expiry<=?", (scope, now))
+            (held,) = db.execute("SELECT count(*) FROM leases WHERE scope=?", (scope,)).fetchone()
+            if held >= limit:
+                return None
+            ident = uuid.uuid4().hex
+            db.execute("INSERT INTO leases VALUES (?, ?, ?)", (scope, ident, now + ttl))
+            return lease_token(ttl, ident, scope)
+
+        return await self._run(op)
+
+    async def renew(self, lease: str) -> bool:
+        ttl, ident, scope = parse_lease(lease)
+
+        def op(db: sqlite3.Connection, now: int) -> bool:
+            cursor = db.execute(
+                "UPDATE leases SET expiry=? WHERE scope=? AND ident=? AND expiry>?", (now + ttl, scope, ident, now)
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(op)
+
+    async def release_slot(self, lease: str) -> None:
+        _, ident, scope = parse_lease(lease)
+        await self._run(lambda db, now: db.execute("DELETE FROM leases WHERE scope=? AND ident=?", (scope, ident)))
+
+    async def close(self) -> None:
+        def shut() -> Any:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, shut)
+        self._thread.shutdown(wait=False)
