@@ -54,6 +54,9 @@ class StoreConfig:
     timeout_s: float = 0.5
     """Longest wait for one operation (Redis socket timeout; SQLite busy timeout) before
     `StoreUnavailable`."""
+    max_connections: int = 32
+    """Redis connections per process; an operation beyond them waits for a free one (an operation
+    takes well under a millisecond, so 32 carry thousands of requests a second)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,5 +138,5 @@ def open_store(config: StoreConfig, clock: Clock | None = None) -> Store:
     if config.backend == "redis":
         from gateway.store.redis import RedisStore
 
-        return RedisStore(config.url, config.key_prefix, config.timeout_s, clock)
+        return RedisStore(config.url, config.key_prefix, config.timeout_s, config.max_connections, clock)
     raise ValueError(f"unknown state backend {config.backend!r}; expected one of {', '.join(BACKENDS)}")

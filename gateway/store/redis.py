@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -113,15 +113,17 @@ return 1
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str, timeout_s: float, clock: Clock | None) -> None:
+    def __init__(self, url: str, prefix: str, timeout_s: float, max_connections: int, clock: Clock | None) -> None:
         self._prefix = prefix
         self._clock = clock
         # One attempt, no backoff: a store that does not answer within timeout_s is the caller's
         # failure policy to handle, not something to wait out inside a request.
-        self._redis = Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
+        # At most `max_connections` sockets; an operation beyond them waits for one (up to timeout_s).
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), decode_responses=True,
         )
+        self._redis = Redis(connection_pool=pool)
         self._scripts = {
             name: self._redis.register_script(lua)
             for name, lua in (("hit", HIT), ("reserve", RESERVE), ("take", TAKE), ("spent", SPENT),

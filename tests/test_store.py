@@ -1,0 +1,291 @@
+"""gateway/store/: one contract suite run against memory, sqlite and a real redis-server (started here
+on a free loopback port; Redis tests skip only when the binary is missing). Time is a fake clock the
+test advances, except where the server's own clock is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store import Store, StoreConfig, StoreUnavailable, open_store
+from gateway.store.redis import RedisStore
+from tests.support import free_port
+
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="the `redis-server` binary is not on PATH "
+                                 "(Debian: apt-get install redis-server; .ci/run installs it)")
+T0 = 1_800_057_600.0
+"""A fake now at a midnight UTC (a multiple of every window used here)."""
+DECADE = 10 * 365 * 86400.0
+"""Period of the real-clock tests: no boundary falls inside one run."""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if REDIS_SERVER is None:
+        pytest.skip("the `redis-server` binary is not on PATH")
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def config_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
+    if backend == "redis":
+        return StoreConfig(backend="redis", url=request.getfixturevalue("redis_url"), key_prefix=uuid.uuid4().hex)
+    return StoreConfig(backend=backend, path=str(tmp_path / "state" / "gateway.sqlite3"))  # type: ignore[arg-type]
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=needs_redis)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, FakeClock]]:
+    clock = FakeClock()
+    s = open_store(config_for(request.param, request, tmp_path), clock)
+    yield s, clock
+    await s.close()
+
+
+async def test_hit_is_a_fixed_window_where_a_refused_hit_counts_nothing(store: tuple[Store, FakeClock]) -> None:
+    s, clock = store
+    clock.now = T0 + 15
+    first = await s.hit("key-a", 2, 3, 60)
+    assert (first.allowed, first.remaining, first.reset_s) == (True, 1, 45)
+    refused = await s.hit("key-a", 2, 3, 60)
+    assert (refused.allowed, refused.remaining) == (False, 1)
+    last = await s.hit("key-a", 1, 3, 60)
+    assert (last.allowed, last.remaining) == (True, 0)
+    assert not (await s.hit("key-a", 1, 3, 60)).allowed
+    assert (await s.hit("key-b", 1, 3, 60)).allowed, "keys count apart"
+    assert (await s.hit("key-a", 1, 3, 3600)).allowed, "windows of one key count apart"
+
+
+async def test_hit_window_rolls_over_at_an_epoch_multiple(store: tuple[Store, FakeClock]) -> None:
+    s, clock = store
+    clock.now = T0 + 59.9
+    assert (await s.hit("k", 1, 1, 60)).allowed
+    assert not (await s.hit("k", 1, 1, 60)).allowed
+    clock.now = T0 + 60
+    again = await s.hit("k", 1, 1, 60)
+    assert (again.allowed, again.remaining, again.reset_s) == (True, 0, 60)
+
+
+async def test_reserve_settle_release_and_spent(store: tuple[Store, FakeClock]) -> None:
+    s, _ = store
+    first = await s.reserve("tenant", 4, 10, 86400)
+    assert first is not None and await s.spent("tenant", 86400) == 4
+    assert await s.reserve("tenant", 7, 10, 86400) is None, "4 + 7 > 10"
+    assert await s.spent("tenant", 86400) == 4, "a refused reservation reserves nothing"
+    await s.settle(first, 2)
+    assert await s.spent("tenant", 86400) == 2
+    second = await s.reserve("tenant", 7, 10, 86400)
+    assert second is not None and await s.spent("tenant", 86400) == 9
+    await s.release(second)
+    assert await s.spent("tenant", 86400) == 2
+    await s.release(second)
+    await s.settle(first, 9)
+    assert await s.spent("tenant", 86400) == 2, "a token settles or releases once"
+    assert await s.spent("other", 86400) == 0
+
+
+async def test_a_new_period_starts_at_zero_and_old_tokens_leave_it_alone(store: tuple[Store, FakeClock]) -> None:
+    s, clock = store
+    clock.now = T0 + 86399
+    old = await s.reserve("tenant", 10, 10, 86400)
+    assert old is not None and await s.reserve("tenant", 1, 10, 86400) is None
+    clock.now = T0 + 86400
+    assert await s.spent("tenant", 86400) == 0
+    new = await s.reserve("tenant", 6, 10, 86400)
+    assert new is not None
+    await s.settle(old, 1)
+    await s.release(old)
+    assert await s.spent("tenant", 86400) == 6
+
+
+async def test_money_amounts_fit_their_cap_exactly(store: tuple[Store, FakeClock]) -> None:
+    s, _ = store
+    tokens = [await s.reserve("usd", 0.1, 5.0, 86400) for _ in range(51)]
+    assert sum(t is not None for t in tokens) == 50 and tokens[-1] is None
+    assert await s.spent("usd", 86400) == pytest.approx(5.0)
+
+
+async def test_leases_hold_slots_until_released_or_expired(store: tuple[Store, FakeClock]) -> None:
+    s, clock = store
+    a = await s.acquire("streams", 2, 10)
+    b = await s.acquire("streams", 2, 10)
+    assert a and b and a != b
+    assert await s.acquire("streams", 2, 10) is None
+    assert await s.acquire("elsewhere", 2, 10) is not None
+    await s.release_slot(a)
+    c = await s.acquire("streams", 2, 10)
+    assert c is not None
+    clock.now = T0 + 5
+    assert await s.renew(b), "b now expires at T0 + 15, c at T0 + 10"
+    clock.now = T0 + 11
+    assert not await s.renew(c), "an expired lease is gone"
+    assert await s.acquire("streams", 2, 10) is not None, "c's slot came back without a release"
+    assert await s.acquire("streams", 2, 10) is None, "b still holds its slot"
+    clock.now = T0 + 16
+    assert not await s.renew(b)
+
+
+async def test_concurrent_reservations_grant_exactly_the_cap(store: tuple[Store, FakeClock]) -> None:
+    s, _ = store
+    tokens = await asyncio.gather(*(s.reserve("budget", 1, 50, 86400) for _ in range(200)))
+    assert sum(t is not None for t in tokens) == 50
+    assert await s.spent("budget", 86400) == 50
+
+
+async def test_concurrent_hits_allow_exactly_the_limit(store: tuple[Store, FakeClock]) -> None:
+    s, _ = store
+    hits = await asyncio.gather(*(s.hit("rpm", 1, 10, 60) for _ in range(100)))
+    assert sum(h.allowed for h in hits) == 10
+
+
+async def test_concurrent_acquires_grant_exactly_the_limit(store: tuple[Store, FakeClock]) -> None:
+    s, _ = store
+    leases = await asyncio.gather(*(s.acquire("slots", 5, 30) for _ in range(50)))
+    assert sum(lease is not None for lease in leases) == 5
+
+
+def reserve_in_process(config: StoreConfig, scope: str, barrier: multiprocessing.synchronize.Barrier,
+                       results: multiprocessing.Queue) -> None:
+    """One OS process: 100 concurrent reservations of 1 against a cap of 50 (real clock)."""
+
+    async def run() -> int:
+        s = open_store(config)
+        try:
+            await s.spent(scope, DECADE)  # connect before the race starts
+            barrier.wait(10)
+            tokens = await asyncio.gather(*(s.reserve(scope, 1, 50, DECADE) for _ in range(100)))
+            return sum(t is not None for t in tokens)
+        finally:
+            await s.close()
+
+    results.put(asyncio.run(run()))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("redis", marks=needs_redis)])
+async def test_two_processes_reserving_at_once_grant_exactly_the_cap(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    config = config_for(backend, request, tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=reserve_in_process, args=(config, "shared", barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    granted = await asyncio.to_thread(lambda: [results.get(timeout=60) for _ in procs])
+    for p in procs:
+        p.join(10)
+    assert sum(granted) == 50, granted
+    s = open_store(config)
+    try:
+        assert await s.spent("shared", DECADE) == 50
+    finally:
+        await s.close()
+
+
+async def test_sqlite_state_survives_a_restart(tmp_path: Path) -> None:
+    config = StoreConfig(backend="sqlite", path=str(tmp_path / "state.sqlite3"))
+    first = open_store(config)
+    token = await first.reserve("tenant", 30, 50, DECADE)
+    await first.close()
+    second = open_store(config)
+    try:
+        assert await second.spent("tenant", DECADE) == 30
+        assert token is not None
+        await second.settle(token, 10)
+        assert await second.spent("tenant", DECADE) == 10
+        assert (await second.reserve("tenant", 40, 50, DECADE)) is not None
+    finally:
+        await second.close()
+
+
+async def test_an_unusable_sqlite_file_raises_store_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "dir.sqlite3").mkdir()
+    s = open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "dir.sqlite3")))
+    try:
+        with pytest.raises(StoreUnavailable, match="sqlite"):
+            await s.hit("k", 1, 1, 60)
+    finally:
+        await s.close()
+
+
+@needs_redis
+async def test_redis_uses_its_own_clock_and_hash_tagged_keys(redis_url: str) -> None:
+    prefix = uuid.uuid4().hex
+    s = open_store(StoreConfig(backend="redis", url=redis_url, key_prefix=prefix))
+    assert isinstance(s, RedisStore)
+    try:
+        first = await s.hit("tenant-a", 1, 1, 3600)
+        assert first.allowed and 0 < first.reset_s <= 3600
+        server_s = float((await s._redis.time())[0])
+        assert first.reset_s == pytest.approx(3600 - server_s % 3600, abs=2)
+        assert await s.reserve("tenant-a", 1, 1, 3600) is not None
+        assert await s.acquire("tenant-a", 1, 60) is not None
+        keys = sorted(await s._redis.keys(f"*{prefix}*"))
+        assert keys and all(k.startswith(f"{{{prefix}:tenant-a}}:") for k in keys), keys
+        ttls = [await s._redis.pttl(k) for k in keys]
+        assert all(0 < ttl <= 3_601_000 for ttl in ttls), f"every key expires: {ttls}"
+        await s._redis.script_flush()
+        assert not (await s.hit("tenant-a", 1, 1, 3600)).allowed, "scripts load again after a flush"
+    finally:
+        await s.close()
+
+
+async def test_an_unreachable_redis_raises_store_unavailable_without_its_address() -> None:
+    port = free_port()
+    s = open_store(StoreConfig(backend="redis", url=f"redis://:secret@127.0.0.1:{port}/0", timeout_s=0.2))
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            await s.reserve("tenant", 1, 1, 60)
+        assert time.monotonic() - started < 5, "one attempt, no retries with backoff"
+        assert str(port) not in str(caught.value) and "secret" not in str(caught.value)
+    finally:
+        await s.close()
+
+
+def test_an_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="memory, sqlite, redis"):
+        open_store(StoreConfig(backend="etcd"))  # type: ignore[arg-type]
