@@ -6,7 +6,9 @@ Semantics every backend keeps (tests/test_store.py is one contract suite over al
 - Time is in integer milliseconds since the UNIX epoch. A window or period starts at a multiple of its
   length since the epoch (UTC): a 60 s window starts on the minute, an 86400 s period at 00:00 UTC.
   Memory and SQLite read the caller's wall clock; Redis reads the server's `TIME`, so replicas with
-  skewed clocks still agree (tests may inject a clock into all three).
+  skewed clocks still agree (tests may inject a clock into all three). A period is a fixed length: 30
+  days is 30 days since the epoch, not a calendar month (mapping `month` to calendar bounds, if wanted,
+  belongs to the caller, which can pass its own scope per month).
 - `hit` is a fixed-window counter; a refused hit counts nothing.
 - `reserve` adds `amount` to the scope's spending in the current period if it stays within `cap`;
   `settle` replaces the reserved amount by the actual one, `release` gives it back. Both are idempotent

@@ -51,7 +51,7 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
             db.executescript(SCHEMA)
@@ -72,7 +72,7 @@ class SqliteStore:
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._thread, transaction)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:  # OSError: the database's directory cannot be made
             raise StoreUnavailable(f"sqlite state store: {e}") from e
 
     async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit:
@@ -114,11 +114,11 @@ class SqliteStore:
         period, start, _, scope = parse_reservation(token)
 
         def op(db: sqlite3.Connection, now: int) -> None:
-            row = db.execute("DELETE FROM reserved WHERE token=? RETURNING amount", (token,)).fetchone()
-            if row is not None:
+            rows = db.execute("DELETE FROM reserved WHERE token=? RETURNING amount", (token,)).fetchall()
+            for (amount,) in rows:  # none, or the one reservation
                 db.execute(
                     "UPDATE spent SET total = max(0.0, total - ? + ?) WHERE scope=? AND period=? AND start=?",
-                    (row[0], actual, scope, period, start),
+                    (amount, actual, scope, period, start),
                 )
 
         await self._run(op)
