@@ -15,8 +15,9 @@ Semantics every backend keeps (tests/test_store.py is one contract suite over al
   and do nothing once the period the token was reserved in is over (a new period starts at zero).
 - `acquire` takes one of `limit` slots for `ttl_s`; `renew` extends it, `release_slot` frees it. A
   lease not renewed within its TTL frees its slot, so a crashed replica's slots come back.
-- Each operation is atomic (one lock, one `BEGIN IMMEDIATE` transaction, or one Lua script). An
-  unreachable or failing store raises `StoreUnavailable`; what to do then is the caller's policy.
+- Each operation is atomic (memory: no await inside one; SQLite: one `BEGIN IMMEDIATE` transaction;
+  Redis: one Lua script). An unreachable or failing store raises `StoreUnavailable`; what to do then
+  is the caller's policy.
 - Amounts are floats (money); a reservation fits when it exceeds `cap` by at most `EPSILON`, so
   fifty reservations of 0.1 fit a cap of 5.0.
 """
@@ -49,7 +50,8 @@ class StoreConfig:
     path: str = "var/gateway-state.sqlite3"
     """SQLite database file (created with its directory; WAL mode)."""
     url: str = "redis://127.0.0.1:6379/0"
-    """Redis URL (`rediss://` for TLS; a password in the URL never reaches logs or clients)."""
+    """Redis URL (`rediss://` for TLS). `StoreUnavailable` never quotes it, so a password in it stays out of
+    what callers see."""
     key_prefix: str = "gw"
     """Every Redis key is `{<key_prefix>:<scope>}:...`: the braces are a Cluster hash tag, so the keys
     of one scope share a slot and each script touches one slot."""
