@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from gateway.store import (
+    EPSILON,
     Clock,
     Hit,
     StoreUnavailable,
@@ -33,17 +34,22 @@ local function now_ms(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function num(x) return string.format('%.17g', x) end
+local EPSILON = """ + repr(EPSILON) + """
+-- a window's or period's count (a hash of start 's' and count 'n'), and whether `start` is the one held
+local function held(key, start)
+  local h = redis.call('HMGET', key, 's', 'n')
+  if tonumber(h[1]) == start then return tonumber(h[2]), true end
+  return 0, false
+end
 """
 
 HIT = NOW + """
 local cost, limit, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms(ARGV[4])
 local start = now - now % window
-local held = redis.call('HMGET', KEYS[1], 's', 'n')
-local count = 0
-if tonumber(held[1]) == start then count = tonumber(held[2]) end
+local count = held(KEYS[1], start)
 local allowed = 0
-if count + cost <= limit + 1e-9 then
+if count + cost <= limit + EPSILON then
   allowed = 1
   count = count + cost
   redis.call('HSET', KEYS[1], 's', num(start), 'n', num(count))
@@ -56,10 +62,9 @@ RESERVE = NOW + """
 local amount, cap, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms(ARGV[4])
 local start = now - now % period
-local held = redis.call('HMGET', KEYS[1], 's', 'n')
-local total = 0
-if tonumber(held[1]) == start then total = tonumber(held[2]) else redis.call('DEL', KEYS[2]) end
-if total + amount > cap + 1e-9 then return false end
+local total, current = held(KEYS[1], start)
+if not current then redis.call('DEL', KEYS[2]) end
+if total + amount > cap + EPSILON then return false end
 redis.call('HSET', KEYS[1], 's', num(start), 'n', num(total + amount))
 redis.call('HSET', KEYS[2], ARGV[5], num(amount))
 local ttl = start + period - now + 1000
@@ -72,10 +77,9 @@ TAKE = NOW + """
 local amount = redis.call('HGET', KEYS[2], ARGV[1])
 if not amount then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
-local held = redis.call('HMGET', KEYS[1], 's', 'n')
-if tonumber(held[1]) == tonumber(ARGV[2]) then
-  local total = math.max(0, tonumber(held[2]) - tonumber(amount) + tonumber(ARGV[3]))
-  redis.call('HSET', KEYS[1], 'n', num(total))
+local total, current = held(KEYS[1], tonumber(ARGV[2]))
+if current then
+  redis.call('HSET', KEYS[1], 'n', num(math.max(0, total - tonumber(amount) + tonumber(ARGV[3]))))
 end
 return 1
 """
@@ -83,9 +87,7 @@ return 1
 SPENT = NOW + """
 local period = tonumber(ARGV[1])
 local now = now_ms(ARGV[2])
-local held = redis.call('HMGET', KEYS[1], 's', 'n')
-if tonumber(held[1]) == now - now % period then return held[2] end
-return '0'
+return num(held(KEYS[1], now - now % period))
 """
 
 LEASES = NOW + """
