@@ -3,13 +3,23 @@ concurrency slots, with the same semantics on three backends (`memory`, `sqlite`
 stay exact across workers and replicas. Not used by requests yet: the limits and budgets step calls it.
 
 Semantics every backend keeps (tests/test_store.py is one contract suite over all three):
-- Time is in integer milliseconds since the UNIX epoch. A window or period starts at a multiple of its
-  length since the epoch (UTC): a 60 s window starts on the minute, an 86400 s period at 00:00 UTC.
-  Memory and SQLite read the caller's wall clock; Redis reads the server's `TIME`, so replicas with
-  skewed clocks still agree (tests may inject a clock into all three). A period is a fixed length: 30
-  days is 30 days since the epoch, not a calendar month (mapping `month` to calendar bounds, if wanted,
-  belongs to the caller, which can pass its own scope per month).
-- `hit` is a fixed-window counter; a refused hit counts nothing.
+- Time is in integer milliseconds since the UNIX epoch. Memory and SQLite read the caller's wall clock;
+  Redis reads the server's `TIME`, so replicas with skewed clocks still agree (tests may inject a clock
+  into all three).
+- A window or period of length L with anchor A starts at `now - (now - A) % L` (floored modulo, so an
+  anchor after now works too): at A plus a multiple of L. Anchor 0 puts it on a multiple of L since the
+  epoch (a 60 s window starts on the minute, an 86400 s period at 00:00 UTC). The caller gets calendar
+  periods from the anchor: a month is anchor = 00:00 UTC on this month's 1st, L = this month's length;
+  a week from Monday is anchor = 1970-01-05. Near a month boundary a caller whose clock disagrees with
+  Redis's passes the other month's anchor and length, yet both put a boundary at 00:00 on the 1st, and
+  the store places `now` by its own clock: every replica changes month at the same instant, Redis's,
+  and no hit Redis sees in one month counts in the other's window. (When the two months differ in
+  length, the hits within that clock skew count in a short window of their own.) A key or scope keeps
+  one window per length: give one length one anchor.
+- `hit` is a fixed-window counter; a refused hit counts nothing. A negative cost is a refund: always
+  allowed, it lowers the current window's count, never below 0, and changes nothing (creates nothing)
+  when the key has no count in the current window. Counts are exact doubles: a limit of 1e18 always
+  counts, and costs like 12.345 add up as in Python.
 - `reserve` adds `amount` to the scope's spending in the current period if it stays within `cap`;
   `settle` replaces the reserved amount by the actual one, `release` gives it back. Both are idempotent
   and do nothing once the period the token was reserved in is over (a new period starts at zero).
@@ -73,16 +83,20 @@ class Hit:
 
 
 class Store(Protocol):
-    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit: ...
+    async def hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float = 0.0) -> Hit:
+        """Count `cost` if it fits under `limit` in the current window; a negative cost is a refund."""
 
-    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
-        """A token, or None when `amount` does not fit under `cap` in the current period."""
+    async def reserve(
+        self, scope: str, amount: float, cap: float, period_s: float, anchor_s: float = 0.0
+    ) -> str | None:
+        """A token, or None when `amount` does not fit under `cap` in the current period. The token
+        carries the period's length and start, so settle and release need no anchor."""
 
     async def settle(self, token: str, actual: float) -> None: ...
 
     async def release(self, token: str) -> None: ...
 
-    async def spent(self, scope: str, period_s: float) -> float:
+    async def spent(self, scope: str, period_s: float, anchor_s: float = 0.0) -> float:
         """Reserved and settled amounts of the scope in the current period."""
 
     async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
@@ -105,8 +119,15 @@ def now_ms(clock: Clock) -> int:
     return int(clock() * 1000)
 
 
-def window_start(now: int, length_ms: int) -> int:
-    return now - now % length_ms
+def anchor_ms(anchor_s: float) -> int:
+    """An anchor in whole milliseconds since the epoch (0 or any instant, before or after now)."""
+    return round(anchor_s * 1000)
+
+
+def window_start(now: int, length_ms: int, anchor: int = 0) -> int:
+    """The start of the window holding `now`: the anchor plus a multiple of the length (Python's %
+    is floored, so an anchor after `now` gives the window that ends at the anchor or before)."""
+    return now - (now - anchor) % length_ms
 
 
 def reservation_token(period_ms: int, start_ms: int, ident: str, scope: str) -> str:

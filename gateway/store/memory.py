@@ -11,6 +11,7 @@ from gateway.store import (
     EPSILON,
     Clock,
     Hit,
+    anchor_ms,
     lease_token,
     now_ms,
     parse_lease,
@@ -33,26 +34,33 @@ class MemoryStore:
         self._leases: dict[str, dict[str, int]] = {}
         """scope -> {lease id: expiry}"""
 
-    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit:
+    async def hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float = 0.0) -> Hit:
         window = to_ms(window_s)
         now = now_ms(self._clock)
-        start = window_start(now, window)
-        held_start, count = self._hits.get((key, window), (start, 0.0))
-        if held_start != start:
-            count = 0.0
+        start = window_start(now, window, anchor_ms(anchor_s))
+        held = self._hits.get((key, window))
+        count = held[1] if held and held[0] == start else 0.0
+        reset_s = (start + window - now) / 1000
+        if cost < 0:  # a refund: only a count held in this window goes down, to 0 at most
+            if count:
+                count = max(0.0, count + cost)
+                self._hits[(key, window)] = (start, count)
+            return Hit(True, max(0.0, limit - count), reset_s)
         allowed = count + cost <= limit + EPSILON
         if allowed:
             count += cost
-        self._hits[(key, window)] = (start, count)
-        return Hit(allowed, max(0.0, limit - count), (start + window - now) / 1000)
+            self._hits[(key, window)] = (start, count)
+        return Hit(allowed, max(0.0, limit - count), reset_s)
 
     def _current(self, scope: str, period: int, start: int) -> float:
         held_start, total = self._spent.get((scope, period), (start, 0.0))
         return total if held_start == start else 0.0
 
-    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
+    async def reserve(
+        self, scope: str, amount: float, cap: float, period_s: float, anchor_s: float = 0.0
+    ) -> str | None:
         period = to_ms(period_s)
-        start = window_start(now_ms(self._clock), period)
+        start = window_start(now_ms(self._clock), period, anchor_ms(anchor_s))
         total = self._current(scope, period, start)
         if total + amount > cap + EPSILON:
             return None
@@ -76,9 +84,9 @@ class MemoryStore:
     async def release(self, token: str) -> None:
         self._take(token, 0.0)
 
-    async def spent(self, scope: str, period_s: float) -> float:
+    async def spent(self, scope: str, period_s: float, anchor_s: float = 0.0) -> float:
         period = to_ms(period_s)
-        return self._current(scope, period, window_start(now_ms(self._clock), period))
+        return self._current(scope, period, window_start(now_ms(self._clock), period, anchor_ms(anchor_s)))
 
     def _live(self, scope: str, now: int) -> dict[str, int]:
         leases = self._leases.setdefault(scope, {})

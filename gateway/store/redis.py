@@ -20,6 +20,7 @@ from gateway.store import (
     Clock,
     Hit,
     StoreUnavailable,
+    anchor_ms,
     lease_token,
     parse_lease,
     parse_reservation,
@@ -44,12 +45,18 @@ end
 """
 
 HIT = NOW + """
-local cost, limit, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cost, limit, window, anchor = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 local now = now_ms(ARGV[4])
-local start = now - now % window
-local count = held(KEYS[1], start)
+local start = now - (now - anchor) % window  -- Lua's % is floored, like Python's
+local count, current = held(KEYS[1], start)
 local allowed = 0
-if count + cost <= limit + EPSILON then
+if cost < 0 then  -- a refund: only a count held in this window goes down, to 0 at most
+  allowed = 1
+  if current then
+    count = math.max(0, count + cost)
+    redis.call('HSET', KEYS[1], 'n', num(count))
+  end
+elseif count + cost <= limit + EPSILON then
   allowed = 1
   count = count + cost
   redis.call('HSET', KEYS[1], 's', num(start), 'n', num(count))
@@ -59,9 +66,9 @@ return {allowed, num(count), num(start + window - now)}
 """
 
 RESERVE = NOW + """
-local amount, cap, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local amount, cap, period, anchor = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
 local now = now_ms(ARGV[4])
-local start = now - now % period
+local start = now - (now - anchor) % period
 local total, current = held(KEYS[1], start)
 if not current then redis.call('DEL', KEYS[2]) end
 if total + amount > cap + EPSILON then return false end
@@ -85,9 +92,9 @@ return 1
 """
 
 SPENT = NOW + """
-local period = tonumber(ARGV[1])
+local period, anchor = tonumber(ARGV[1]), tonumber(ARGV[3])
 local now = now_ms(ARGV[2])
-return num(held(KEYS[1], now - now % period))
+return num(held(KEYS[1], now - (now - anchor) % period))
 """
 
 LEASES = NOW + """
@@ -146,17 +153,19 @@ class RedisStore:
             # The exception's text names host and port: logs get it through the cause, callers don't.
             raise StoreUnavailable(f"redis state store: {type(e).__name__}") from e
 
-    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit:
+    async def hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float = 0.0) -> Hit:
         window = to_ms(window_s)
         allowed, count, reset = await self._call("hit", [self._key(key, "h", window)],
-                                                 [repr(cost), repr(limit), window, self._now()])
+                                                 [repr(cost), repr(limit), window, self._now(), anchor_ms(anchor_s)])
         return Hit(allowed == 1, max(0.0, limit - float(count)), float(reset) / 1000)
 
-    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
+    async def reserve(
+        self, scope: str, amount: float, cap: float, period_s: float, anchor_s: float = 0.0
+    ) -> str | None:
         period = to_ms(period_s)
         ident = uuid.uuid4().hex
         start = await self._call("reserve", [self._key(scope, "b", period), self._key(scope, "r", period)],
-                                 [repr(amount), repr(cap), period, self._now(), ident])
+                                 [repr(amount), repr(cap), period, self._now(), ident, anchor_ms(anchor_s)])
         return None if start is None else reservation_token(period, int(float(start)), ident, scope)
 
     async def _take(self, token: str, actual: float) -> None:
@@ -170,9 +179,10 @@ class RedisStore:
     async def release(self, token: str) -> None:
         await self._take(token, 0.0)
 
-    async def spent(self, scope: str, period_s: float) -> float:
+    async def spent(self, scope: str, period_s: float, anchor_s: float = 0.0) -> float:
         period = to_ms(period_s)
-        return float(await self._call("spent", [self._key(scope, "b", period)], [period, self._now()]))
+        return float(await self._call("spent", [self._key(scope, "b", period)],
+                                      [period, self._now(), anchor_ms(anchor_s)]))
 
     async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
         ttl = to_ms(ttl_s)

@@ -19,6 +19,7 @@ from gateway.store import (
     Clock,
     Hit,
     StoreUnavailable,
+    anchor_ms,
     lease_token,
     now_ms,
     parse_lease,
@@ -75,18 +76,24 @@ class SqliteStore:
         except (sqlite3.Error, OSError) as e:  # OSError: the database's directory cannot be made
             raise StoreUnavailable(f"sqlite state store: {e}") from e
 
-    async def hit(self, key: str, cost: float, limit: float, window_s: float) -> Hit:
-        window = to_ms(window_s)
+    async def hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float = 0.0) -> Hit:
+        window, anchor = to_ms(window_s), anchor_ms(anchor_s)
 
         def op(db: sqlite3.Connection, now: int) -> Hit:
-            start = window_start(now, window)
+            start = window_start(now, window, anchor)
             row = db.execute("SELECT start, count FROM hits WHERE key=? AND window=?", (key, window)).fetchone()
             count = row[1] if row and row[0] == start else 0.0
+            reset_s = (start + window - now) / 1000
+            if cost < 0:  # a refund: only a count held in this window goes down, to 0 at most
+                if count:
+                    count = max(0.0, count + cost)
+                    db.execute("UPDATE hits SET count=? WHERE key=? AND window=?", (count, key, window))
+                return Hit(True, max(0.0, limit - count), reset_s)
             allowed = count + cost <= limit + EPSILON
             if allowed:
                 count += cost
                 db.execute("INSERT OR REPLACE INTO hits VALUES (?, ?, ?, ?)", (key, window, start, count))
-            return Hit(allowed, max(0.0, limit - count), (start + window - now) / 1000)
+            return Hit(allowed, max(0.0, limit - count), reset_s)
 
         return await self._run(op)
 
@@ -95,11 +102,13 @@ class SqliteStore:
         row = db.execute("SELECT start, total FROM spent WHERE scope=? AND period=?", (scope, period)).fetchone()
         return row[1] if row and row[0] == start else 0.0
 
-    async def reserve(self, scope: str, amount: float, cap: float, period_s: float) -> str | None:
-        period = to_ms(period_s)
+    async def reserve(
+        self, scope: str, amount: float, cap: float, period_s: float, anchor_s: float = 0.0
+    ) -> str | None:
+        period, anchor = to_ms(period_s), anchor_ms(anchor_s)
 
         def op(db: sqlite3.Connection, now: int) -> str | None:
-            start = window_start(now, period)
+            start = window_start(now, period, anchor)
             total = self._current(db, scope, period, start)
             if total + amount > cap + EPSILON:
                 return None
@@ -129,9 +138,9 @@ class SqliteStore:
     async def release(self, token: str) -> None:
         await self._take(token, 0.0)
 
-    async def spent(self, scope: str, period_s: float) -> float:
-        period = to_ms(period_s)
-        return await self._run(lambda db, now: self._current(db, scope, period, window_start(now, period)))
+    async def spent(self, scope: str, period_s: float, anchor_s: float = 0.0) -> float:
+        period, anchor = to_ms(period_s), anchor_ms(anchor_s)
+        return await self._run(lambda db, now: self._current(db, scope, period, window_start(now, period, anchor)))
 
     async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
         ttl = to_ms(ttl_s)
