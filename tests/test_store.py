@@ -28,6 +28,12 @@ T0 = 1_800_057_600.0
 """A fake now at a midnight UTC (a multiple of every window used here)."""
 DECADE = 10 * 365 * 86400.0
 """Period of the real-clock tests: no boundary falls inside one run."""
+DAY = 86400.0
+NOV, DEC = 1_793_491_200.0, 1_796_083_200.0
+"""2026-11-01 and 2026-12-01 00:00 UTC: anchors of 30- and 31-day months (an epoch-aligned 30-day
+window would end on Nov 3)."""
+MONDAY = 345_600.0
+"""1970-01-05 00:00 UTC, the anchor of weeks from Monday (epoch-aligned weeks start on Thursday)."""
 
 
 class FakeClock:
@@ -148,6 +154,98 @@ async def test_money_amounts_fit_their_cap_exactly(store: tuple[Store, FakeClock
     assert await s.spent("usd", 86400) == pytest.approx(5.0)
 
 
+async def test_an_anchor_makes_a_calendar_month(store: tuple[Store, FakeClock]) -> None:
+    s, clock = store
+    clock.now = NOV + 0.5
+    assert (await s.hit("month", 4, 10, 30 * DAY, NOV)).allowed
+    clock.now = DEC - 1
+    last = await s.hit("month", 1, 10, 30 * DAY, NOV)
+    assert (last.remaining, last.reset_s) == (5, 1.0), "November's count carries until Dec 1"
+    clock.now = DEC + 0.5
+    december = await s.hit("month", 1, 10, 31 * DAY, DEC)
+    assert (december.remaining, december.reset_s) == (9, 31 * DAY - 0.5)
+
+
+async def test_a_caller_across_the_month_boundary_gets_the_store_clocks_month(
+    store: tuple[Store, FakeClock]
+) -> None:
+    s, clock = store
+    clock.now = NOV + DAY
+    assert (await s.hit("month", 4, 10, 30 * DAY, NOV)).allowed
+    clock.now = DEC - 0.5  # the caller's clock already says December
+    ahead = await s.hit("month", 1, 10, 31 * DAY, DEC)
+    assert ahead.reset_s == 0.5, "floored modulo: an anchor after now gives the window ending at it"
+    clock.now = DEC + 0.5  # the caller's clock still says November
+    behind = await s.hit("month", 1, 10, 30 * DAY, NOV)
+    assert (behind.remaining, behind.reset_s) == (9, 30 * DAY - 0.5), "November's 4 stay in November"
+
+
+async def test_weeks_anchored_on_monday_reset_at_monday_midnight(store: tuple[Store, FakeClock]) -> None:
+    s, clock = store
+    clock.now = DEC - DAY - 3600  # Sunday 2026-11-29 23:00 UTC (Dec 1 is a Tuesday)
+    week = await s.hit("week", 1, 10, 7 * DAY, MONDAY)
+    assert (week.allowed, week.reset_s) == (True, 3600)
+
+
+async def test_an_anchored_period_resets_where_the_anchor_says(store: tuple[Store, FakeClock]) -> None:
+    s, clock = store
+    six = T0 + 6 * 3600  # days from 06:00 UTC
+    clock.now = six - 1
+    old = await s.reserve("tenant", 10, 10, DAY, six)
+    assert old is not None and await s.spent("tenant", DAY, six) == 10
+    assert await s.reserve("tenant", 1, 10, DAY, six) is None
+    clock.now = six
+    assert await s.spent("tenant", DAY, six) == 0, "the period starts at 06:00, not at midnight"
+    new = await s.reserve("tenant", 7, 10, DAY, six)
+    assert new is not None
+    await s.settle(old, 1)
+    clock.now = six + DAY - 1
+    assert await s.spent("tenant", DAY, six) == 7, "the old token leaves the new period alone"
+    await s.settle(new, 3)
+    assert await s.spent("tenant", DAY, six) == 3
+
+
+async def test_a_negative_cost_refunds_down_to_zero(store: tuple[Store, FakeClock]) -> None:
+    s, _ = store
+    assert (await s.hit("k", 3, 5, 60)).allowed
+    refund = await s.hit("k", -2, 5, 60)
+    assert (refund.allowed, refund.remaining) == (True, 4)
+    assert (await s.hit("k", 0, 5, 60)).remaining == 4
+    assert (await s.hit("k", 4, 5, 60)).allowed
+    over = await s.hit("k", -1, 2, 60)
+    assert (over.allowed, over.remaining) == (True, 0), "a refund is allowed even above a (lower) limit"
+    clamped = await s.hit("k", -50, 5, 60)
+    assert (clamped.allowed, clamped.remaining) == (True, 5)
+    assert (await s.hit("k", 5, 5, 60)).allowed, "the count is 0, not below"
+    assert not (await s.hit("k", 1, 5, 60)).allowed
+
+
+async def test_a_refund_outside_the_current_window_changes_and_creates_nothing(
+    store: tuple[Store, FakeClock]
+) -> None:
+    s, clock = store
+    ghost = await s.hit("never", -2, 5, 60)
+    assert (ghost.allowed, ghost.remaining) == (True, 5)
+    assert (await s.hit("never", 1, 5, 60)).remaining == 4, "a fresh window, not -2"
+    clock.now = T0 + 50
+    assert (await s.hit("old", 3, 5, 60)).allowed
+    clock.now = T0 + 60
+    late = await s.hit("old", -3, 5, 60)
+    assert (late.allowed, late.remaining, late.reset_s) == (True, 5, 60)
+    assert (await s.hit("old", 5, 5, 60)).allowed, "the new window starts at 0, not -3"
+    assert not (await s.hit("old", 1, 5, 60)).allowed
+
+
+async def test_a_huge_limit_counts_and_fractional_costs_add_exactly(store: tuple[Store, FakeClock]) -> None:
+    s, _ = store
+    counted = 0.0
+    for _ in range(3):
+        assert (await s.hit("usage", 12.345, 1e18, 60)).allowed
+        counted += 12.345
+    assert (await s.hit("usage", 0, 100, 60)).remaining == 100 - counted
+    assert (await s.hit("usage", 5e17, 1e18, 60)).remaining == 1e18 - (counted + 5e17)
+
+
 async def test_leases_hold_slots_until_released_or_expired(store: tuple[Store, FakeClock]) -> None:
     s, clock = store
     a = await s.acquire("streams", 2, 10)
@@ -263,6 +361,9 @@ async def test_redis_uses_its_own_clock_and_hash_tagged_keys(redis_url: str) -> 
         assert first.reset_s == pytest.approx(3600 - server_s % 3600, abs=2)
         assert await s.reserve("tenant-a", 1, 1, 3600) is not None
         assert await s.acquire("tenant-a", 1, 60) is not None
+        assert (await s.hit("ghost", -1, 1, 60)).allowed, "a refund of a key never hit creates no key"
+        anchored = await s.hit("tenant-a", 1, 1, 1800, 900)
+        assert anchored.reset_s == pytest.approx(1800 - (server_s - 900) % 1800, abs=2)
         keys = sorted(await s._redis.keys(f"*{prefix}*"))
         assert keys and all(k.startswith(f"{{{prefix}:tenant-a}}:") for k in keys), keys
         ttls = [await s._redis.pttl(k) for k in keys]
