@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -13,6 +14,7 @@ from gateway import __version__, event_loop, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, load_config, unservable
 from gateway.logs import queued_logging
+from gateway.policy.shared import scope_warnings
 from gateway.supervisor import supervise, usable_cpus
 from gateway.upstreams import Upstreams
 from gateway.worker_link import WorkerLink
@@ -48,6 +50,8 @@ def _check(path: str) -> int:
         config = _load(path)
         for where, why in unavailable_kinds(config).items():
             report(f"warning: {where}: {why}")
+        for warning in scope_warnings(config.policy, None, os.environ):
+            report(f"warning: {warning}")
         asyncio.run(_check_adapters(config))
     except ConfigError as exc:
         for problem in exc.problems:
@@ -75,6 +79,9 @@ def serve(path: str, host: str | None, port: int | None, workers: int = 1, link:
         return 1
     listen = replace(config.server, host=host or config.server.host, port=port or config.server.port)
     config = replace(config, server=listen)
+    if link is None:
+        for warning in scope_warnings(config.policy, workers, os.environ):
+            logging.warning("WARNING: %s", warning)
     if workers > 1 and link is None:
         return supervise(config, workers)  # each worker runs on the loop GATEWAY_EVENT_LOOP picks
     event_loop.run(server.serve(config, link), new_loop)

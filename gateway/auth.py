@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.config import Config, Key
 from gateway.errors import AuthenticationError, PermissionDeniedError
+from gateway.policy.rules import Rules
 
 MISSING_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -26,6 +27,8 @@ class Identity:
     key_name: str
     tenant: str
     models: frozenset[str] | None
+    rules: Rules
+    """The key's own limits and budget."""
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -63,4 +66,4 @@ def authenticate(config: Config, key: str | None) -> Identity:
     if match is None:
         raise AuthenticationError("Incorrect API key provided. The gateway does not echo keys back; "
                                   "check the key you configured.", code="invalid_api_key")
-    return Identity(match.name, match.tenant, match.models)
+    return Identity(match.name, match.tenant, match.models, match.rules)

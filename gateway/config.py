@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gateway.policy import rules as policy_rules
+from gateway.policy.rules import Limit, Policy, Rules
 from gateway.settings import (
     Ledger,
     Metrics,
@@ -75,6 +77,9 @@ class Price:
     per_million_characters: float = 0.0
     per_audio_minute: float = 0.0
 
+    def cost(self, characters: float, seconds: float) -> float:
+        return characters / 1_000_000 * self.per_million_characters + seconds / 60 * self.per_audio_minute
+
 
 @dataclass(frozen=True, slots=True)
 class Model:
@@ -84,6 +89,8 @@ class Model:
     owned_by: str = "gateway"
     price: Price | None = None
     """None: no cost is counted for this model."""
+    limits: tuple[Limit, ...] | None = None
+    """Limits of each tenant on this model (None: `limits.model`, the default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,8 @@ class Key:
     sha256: bytes = field(repr=False)
     models: frozenset[str] | None = None
     """Public models this key may use; None means all."""
+    rules: Rules = field(default_factory=Rules)
+    """Its own limits and budget (gateway/policy/)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +122,15 @@ class Config:
     """public voice -> backend name -> native voice."""
     metrics: Metrics = field(default_factory=Metrics)
     ledger: Ledger = field(default_factory=Ledger)
+    policy: Policy = field(default_factory=Policy)
+    """Limits, budgets and where they are counted (gateway/policy/)."""
     source: str = "<memory>"
     digest: str = ""
 
     @property
     def metered(self) -> bool:
-        """Whether requests are metered at all: metrics or a ledger on."""
-        return self.metrics.enabled or self.ledger.sink != "off"
+        """Whether requests are metered at all: metrics, a ledger or a traffic policy on."""
+        return self.metrics.enabled or self.ledger.sink != "off" or self.policy.active
 
 
 def _price(p: YamlTree, value: Any, path: str) -> Price | None:
@@ -166,7 +177,7 @@ def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, .
         allowed = frozenset(p.str_list(models, f"{path}.models")) if models is not None else None
         for model in sorted((allowed or frozenset()) - set(model_names)):
             p.fail(f"{path}.models", f"unknown model '{model}'")
-        keys.append(Key(name, tenant, raw_digest, allowed))
+        keys.append(Key(name, tenant, raw_digest, allowed, policy_rules.rules(p, node, path)))
     return tuple(keys)
 
 
@@ -219,7 +230,8 @@ def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
             if backend:
                 routes.append(Route(backend, model))
         owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
-        models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"))
+        models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"),
+                             policy_rules.limits(p, node.get("limits"), f"{path}.limits"))
     return models
 
 
@@ -257,7 +269,8 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     except ValueError as exc:  # an integer past Python's 4300-digit conversion limit
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     root = p.mapping(p.interpolate(raw, ""), "")
-    for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger"}):
+    for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger",
+                                       "state", "limits", "tenants"}):
         p.fail(unknown, "unknown section")
     server = server_section(p, p.mapping(root.get("server"), "server"))
     backends = _backends(p, root.get("backends"), kinds)
@@ -266,6 +279,10 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     keys = _keys(p, root.get("keys"), models)
     metrics = metrics_section(p, p.mapping(root.get("metrics"), "metrics"))
     ledger = ledger_section(p, p.mapping(root.get("ledger"), "ledger"))
+    policy = policy_rules.policy_section(p, root, models, any(k.rules.limits or k.rules.budget for k in keys)
+                                         or any(m.limits for m in models.values()))
+    for tenant in sorted(set(policy.tenants) - {k.tenant for k in keys}):
+        p.fail(f"tenants.{tenant}", f"no key has tenant '{tenant}'")
     if p.problems:
         raise ConfigError(p.problems)
     return Config(
@@ -276,6 +293,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         voices=MappingProxyType(voices),
         metrics=metrics,
         ledger=ledger,
+        policy=policy,
         source=source,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )

@@ -11,6 +11,7 @@
     ├── PayloadTooLargeError        413 invalid_request_error
     ├── ExpectationFailedError      417 invalid_request_error   (an Expect other than 100-continue)
     ├── RateLimitError              429 requests                (Retry-After)
+    │   └── QuotaExceededError      429 insufficient_quota      (a budget is spent; x-should-retry: false)
     ├── HeadersTooLargeError        431 invalid_request_error   (a request line or header over the limits)
     ├── UpstreamError               502 upstream_error          (backend refused, failed or spoke garbage)
     │   └── UpstreamTimeoutError    504 upstream_error
@@ -167,6 +168,16 @@ class RateLimitError(GatewayError):
 
     def __init__(self, message: str, *, retry_after: int | None = 1, **kw: Any) -> None:
         super().__init__(message, retry_after=max(1, retry_after or 1), **kw)
+
+
+class QuotaExceededError(RateLimitError):
+    """A budget is spent: no retry helps before its period ends, so the SDKs are told not to retry."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, retry_after: int | None = 1, **kw: Any) -> None:
+        super().__init__(message, retry_after=retry_after, should_retry=False, **kw)
 
 
 class UpstreamError(GatewayError):

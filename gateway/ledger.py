@@ -45,6 +45,8 @@ class UsageRecord:
     status: int
     billable: bool
     completed: bool
+    rejected_by: str | None = None
+    """The limit or budget that refused the request (`key:requests/minute`, `tenant:budget/month`)."""
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))

@@ -14,6 +14,7 @@ from gateway.audio.workers import AudioWorkers
 from gateway.config import Config
 from gateway.ledger import LedgerWriter
 from gateway.metering import Metrics, metrics_handler
+from gateway.policy.shared import SharedState
 from gateway.spool import SpoolMemory
 from gateway.state import (
     AUDIO_WORKERS,
@@ -22,6 +23,7 @@ from gateway.state import (
     LEDGER,
     METERING,
     METRICS,
+    SHARED_STATE,
     SPOOL_MEMORY,
     STARTED_AT,
     TABLES,
@@ -45,6 +47,16 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
         await tables.aclose()
 
 
+
+
+async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The state store limits and budgets are counted in (`state:`; opened on first use, so a config
+    without limits never touches it), closed at shutdown. A reload that changes `state:` only warns."""
+    shared = app[SHARED_STATE] = SharedState(app[CONFIG].policy.state, app.get(METRICS))
+    try:
+        yield
+    finally:
+        await shared.close()
 
 
 async def workers_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -34,6 +34,7 @@ ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audi
                        "/v1/models/{model}", "/openapi.json",
                        "/v1/audio/voices", "/healthz", "/readyz", "/metrics"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+STATE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -68,6 +69,21 @@ class Metrics:
                                        ["backend", "reason"], registry=r)
         self.config_reloads = Counter("gateway_config_reload", "Config reloads, by result (success, failure).",
                                       ["result"], registry=r)
+        self.rejections = Counter("gateway_ratelimit_rejections", "Requests refused by a limit or budget "
+                                  "(limit: level:measure/window, e.g. key:requests/minute, tenant:budget/month).",
+                                  ["tenant", "limit"], registry=r)
+        self.shadow_rejections = Counter("gateway_ratelimit_shadow_rejections", "Requests a shadow limit would "
+                                         "have refused (it let them through).", ["tenant", "limit"], registry=r)
+        self.budget_remaining = Gauge("gateway_budget_remaining", "What is left of a tenant's budget in its "
+                                      "period, in the budget's unit.", ["tenant"], registry=r,
+                                      multiprocess_mode="mostrecent")
+        self.state_seconds = Histogram("gateway_state_operation_seconds", "Time of one state-store operation.",
+                                       ["op"], buckets=STATE_BUCKETS, registry=r)
+        self.state_errors = Counter("gateway_state_errors", "State-store operations that failed.", ["op"],
+                                    registry=r)
+        self.state_fallbacks = Counter("gateway_state_fallbacks", "Requests that met a failed state store, by "
+                                       "feature (limits, budgets) and what the policy did (memory, refused).",
+                                       ["feature", "action"], registry=r)
         self.view = ProcessView()
         if self.multiprocess:  # what /metrics exposes: every worker's files, not this process's registry
             self.registry = CollectorRegistry()

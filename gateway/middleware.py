@@ -74,6 +74,8 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
         }
         if failure is not None:
             record["error"] = failure.reason
+        if outcome.rejected_by:
+            record["rejected_by"] = outcome.rejected_by
         if outcome.failed_after_first_byte:
             record["cut_after_first_byte"] = outcome.failed_after_first_byte
         access_log.info(json.dumps(record))

@@ -7,8 +7,9 @@ config keeps serving, every error is logged by YAML path and counted as
 Backends whose settings did not change keep their adapter (and its loaded model).
 Requests in flight finish on the snapshot they started with (see lifecycle.TableHolder).
 
-Only the mapping table reloads (keys, backends, models, voices, prices). `server`, `metrics` and
-`ledger` settings take effect at the next restart; a reload that changes them says so in the log.
+Only the mapping table reloads (keys, backends, models, voices, prices, limits, budgets). `server`,
+`metrics`, `ledger` and `state` settings take effect at the next restart; a reload that changes them says
+so in the log.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class Reloader:
         for section in ("server", "metrics", "ledger"):
             if getattr(old, section) != getattr(new, section):
                 log.warning("config reload: changes to '%s' take effect at the next restart", section)
+        if old.policy.state != new.policy.state:
+            log.warning("config reload: changes to 'state' take effect at the next restart")
 
     async def watch(self, interval: float) -> None:
         """Poll the file's identity; reload when it changes. Runs until cancelled, whatever happens."""

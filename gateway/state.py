@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from gateway.health import Health
     from gateway.ledger import LedgerWriter
     from gateway.metering import Metrics
+    from gateway.policy.admission import Admission
+    from gateway.policy.shared import SharedState
     from gateway.reload import Reloader
     from gateway.spool import SpoolMemory
     from gateway.table import Table, TableHolder
@@ -42,6 +44,8 @@ SPOOL_MEMORY: web.AppKey[SpoolMemory] = web.AppKey("spool_memory")
 """How many uploads are held in memory now, of server.spool_memory_uploads."""
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
+SHARED_STATE: web.AppKey[SharedState] = web.AppKey("shared_state")
+"""The state store limits and budgets are counted in, behind its failure policy (gateway/policy/shared.py)."""
 WORKER: web.AppKey[WorkerLink] = web.AppKey("worker")
 """Set in a worker of `serve --workers N`: its inherited sockets and its channel to the parent."""
 
@@ -56,5 +60,9 @@ PREPARED: web.RequestKey[web.StreamResponse] = web.RequestKey("prepared")
 """The response whose status line went out (gateway.streaming): no other response may follow it."""
 TABLE: web.RequestKey[Table] = web.RequestKey("table")
 """The mapping-table snapshot this request started with (a reload does not change it)."""
+ADMISSION: web.RequestKey[Admission] = web.RequestKey("admission")
+"""What the traffic policy took for this request (gateway/policy/admission.py), given back when it is over."""
+RATE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("rate_headers")
+"""x-ratelimit-* (and on a refusal retry-after-ms) headers, added to the response on prepare."""
 CONTINUED: web.RequestKey[bool] = web.RequestKey("continued")
 """Set by gateway.body once "100 Continue" has been written for this request."""

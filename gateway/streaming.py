@@ -24,6 +24,7 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from gateway.errors import GatewayError
+from gateway.policy.admission import free_slots
 from gateway.state import OUTCOME, PREPARED, REQUEST_ID
 from gateway.transcript import Transcript
 
@@ -100,6 +101,7 @@ async def relay(request: web.Request, first: bytes, rest: Closable, content_type
         async for chunk in rest:
             if chunk:
                 await write(chunk)
+        await free_slots(request)
         await response.write_eof()
         outcome.finished()
     except Exception as exc:
@@ -120,6 +122,7 @@ async def send(request: web.Request, response: web.Response) -> web.Response:
     """Send a whole response now, so the request counts as completed only once its body went out."""
     outcome = request[OUTCOME]
     await _prepare(request, response)
+    await free_slots(request)
     await response.write_eof()
     outcome.finished(response.body_length)
     return response

@@ -61,6 +61,8 @@ class Outcome:
     failed_after_first_byte: str | None = None
     """Why a stream was cut after its status had been sent, if it was."""
     meter: AudioMeter | None = None
+    rejected_by: str | None = None
+    """The limit or budget that refused the request (`key:requests/minute`, gateway/policy/admission.py)."""
     """Speech: measures the audio that went out (set only while metering is on)."""
 
     def route(self, public_model: str, backend: str, native_model: str, voice: str | None = None) -> None:
@@ -143,9 +145,7 @@ def bill(outcome: Outcome, status: int, price: Price | None) -> Bill:
     completed = outcome.completed and 200 <= status < 300 and outcome.failed_after_first_byte is None
     if not completed and outcome.first_byte_at is None:
         characters, seconds = 0, 0.0  # nothing reached the client
-    cost = None
-    if price is not None:
-        cost = characters / 1_000_000 * price.per_million_characters + seconds / 60 * price.per_audio_minute
+    cost = None if price is None else price.cost(characters, seconds)
     return Bill(characters, round(seconds, 3), cost, billable=completed, completed=completed)
 
 
@@ -186,5 +186,6 @@ def record(request: web.Request, endpoint: str, status: int) -> None:
             tenant=identity.tenant if identity else None, key=identity.key_name if identity else None,
             endpoint=endpoint, model=outcome.public_model, backend=outcome.backend, native_model=outcome.native_model,
             voice=outcome.voice, characters=billed.characters, audio_seconds=billed.audio_seconds,
-            cost_usd=billed.cost_usd, status=status, billable=billed.billable, completed=billed.completed))
+            cost_usd=billed.cost_usd, status=status, billable=billed.billable, completed=billed.completed,
+            rejected_by=outcome.rejected_by))
 

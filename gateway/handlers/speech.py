@@ -12,6 +12,7 @@ from gateway.audio.transcode import encode
 from gateway.audio.workers import AudioWorkers
 from gateway.body import JSON_BODY_LIMIT, read_body
 from gateway.handlers.routing import first_success
+from gateway.policy.admission import Demand, admit
 from gateway.state import AUDIO_WORKERS, IDENTITY, METERING, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import Stages, first_chunk, relay, speech_sse
 from gateway.table import Candidate
@@ -22,6 +23,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     req = validate_speech(await read_json(request))
     table = request[TABLE]
     model = table.model(req.model, request[IDENTITY], SPEECH)
+    await admit(request, Demand(req.model, speech=True, characters=len(req.input), speed=req.speed))
     outcome = request[OUTCOME]
     workers = request.app[AUDIO_WORKERS]
     meter = AudioMeter(req.response_format, workers) if request.app[METERING] else None

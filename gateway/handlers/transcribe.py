@@ -11,6 +11,9 @@ once the measurement passed. A refused upload (past `server.max_audio_seconds`, 
 bounds) aborts the backend call, whose engine never got a complete request, and the client gets the
 measurement's 400. Engines that get decoded audio (Wyoming, the embedded ones) wait for the
 measurement before decoding, so a bomb never reaches them either.
+
+With limits or budgets configured (gateway/policy/), the measurement comes first: the request is admitted
+with its measured seconds before any backend is called.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from gateway.audio.duration import header_seconds, upload_seconds
 from gateway.errors import UnsupportedError
 from gateway.form import Form, read_form
 from gateway.handlers.routing import first_success
+from gateway.policy.admission import Demand, admit
 from gateway.spool import Upload
 from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, SPOOL_MEMORY, TABLE
 from gateway.streaming import first_chunk, relay, send, transcript_sse
@@ -79,8 +83,10 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
 
     measuring = _measure(form.upload, limit)  # a 503 now when the audio workers are saturated
     try:
-        if measuring.done():  # a WAV by its header: nothing to overlap
-            request[OUTCOME].upload_measured(measuring.result())
+        if measuring.done() or table.config.policy.active:  # a WAV by its header, or the policy needs the seconds
+            seconds = await measuring
+            request[OUTCOME].upload_measured(seconds)
+            await admit(request, Demand(req.model, speech=False, audio_seconds=seconds))
             return await first_success(request, candidates, attempt)
         answering = asyncio.ensure_future(first_success(request, candidates, attempt))
         try:

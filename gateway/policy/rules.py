@@ -1,0 +1,230 @@
+"""Traffic policy as configured: limits and budgets on keys, tenants and models, the defaults, and the
+`state:` section that says where they are counted. Parsed with YAML-path errors like the rest of the
+config (gateway/config.py calls these); enforced per request by gateway/policy/admission.py.
+
+    limits:                 # defaults for every key, tenant and (tenant, model) without limits of their own
+      key: [{requests: 60, per: minute}]
+    tenants:
+      acme:
+        limits: [{concurrent: 8}, {audio_seconds: 36000, per: day}]
+        budget: {usd: 50, period: month}
+        models: {whisper-1: [{audio_seconds: 600, per: hour}]}
+    keys: [{name: ci, tenant: acme, key: ..., limits: [{characters: 100000, per: hour, shadow: true}]}]
+    models: {tts-1: {..., limits: [{characters: 1000000, per: day}]}}   # per tenant, on this model
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from gateway.policy.windows import Window, parse_window
+from gateway.store import BACKENDS, StoreConfig
+from gateway.yaml_tree import YamlTree
+
+MEASURES = ("requests", "characters", "audio_seconds", "speech_seconds", "concurrent")
+"""requests: speech, transcription and translation requests per window; characters: speech input;
+audio_seconds: transcription and translation input, as measured by the gateway; speech_seconds: speech
+output, counted once the audio went out; concurrent: requests in flight at once."""
+BUDGET_UNITS = ("usd", "characters", "seconds")
+LEVELS = ("key", "tenant", "model")
+ON_ERROR = ("open", "closed")
+MAX_AMOUNT = 1e15
+"""Largest limit or budget amount (a float stays exact in whole units far past it)."""
+_NONE: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    measure: str
+    amount: float
+    per: Window | None = None
+    """The window; None for `concurrent`."""
+    shadow: bool = False
+    """Count and log what it would reject, reject nothing."""
+
+    @property
+    def name(self) -> str:
+        """`requests/minute`, `concurrent`: with its level, the `limit` label and the ledger's `rejected_by`."""
+        return self.measure if self.per is None else f"{self.measure}/{self.per.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    unit: str
+    """`usd` (from the models' prices), `characters` or `seconds` (as billed, gateway/usage.py)."""
+    amount: float
+    period: Window
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What a key or a tenant carries."""
+
+    limits: tuple[Limit, ...] | None = None
+    """None: its level's defaults apply; an empty list turns them off."""
+    budget: Budget | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    rules: Rules = field(default_factory=Rules)
+    models: Mapping[str, tuple[Limit, ...]] = field(default_factory=lambda: _NONE)
+    """Limits of this tenant on one model, in place of the model's own."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    """The `state:` section."""
+
+    store: StoreConfig = field(default_factory=StoreConfig)
+    limits_on_error: str = "open"
+    """When the store fails: `open` counts limits in this process's memory until it is back; `closed`
+    answers 503."""
+    budgets_on_error: str = "closed"
+    """`closed` answers 503 while the store fails (no spending goes uncounted); `open` counts in memory."""
+    lease_ttl_s: float = 30.0
+    """A concurrency slot is leased for this long and renewed every third of it while its request runs,
+    so the slots of a crashed process come back within it."""
+    retry_s: float = 1.0
+    """After the store failed, requests go straight to the failure policy this long before it is tried
+    again (no request waits for a store known to be down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    state: StateSettings = StateSettings()
+    defaults: Mapping[str, tuple[Limit, ...]] = field(default_factory=lambda: _NONE)
+    """level (key, tenant, model) -> limits for those without their own."""
+    tenants: Mapping[str, Tenant] = field(default_factory=lambda: _NONE)
+    active: bool = False
+    """Whether any limit or budget is configured anywhere (else requests skip the policy entirely)."""
+
+
+def _amount(p: YamlTree, value: Any, path: str) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_AMOUNT:
+        p.fail(path, f"expected a number above 0 and at most {MAX_AMOUNT:g}, got {value!r}")
+        return None
+    return float(value)
+
+
+def limits(p: YamlTree, value: Any, path: str) -> tuple[Limit, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        p.fail(path, "expected a list of limits, e.g. [{requests: 60, per: minute}]")
+        return None
+    parsed: list[Limit] = []
+    for i, raw in enumerate(value):
+        lpath = f"{path}[{i}]"
+        node = p.mapping(raw, lpath)
+        measures = [m for m in MEASURES if m in node]
+        for unknown in sorted(set(node) - {*MEASURES, "per", "shadow"}):
+            p.fail(f"{lpath}.{unknown}", f"unknown field (a limit is one of {', '.join(MEASURES)}, with per "
+                                         "and shadow)")
+        if len(measures) != 1:
+            p.fail(lpath, f"expected exactly one of {', '.join(MEASURES)}")
+            continue
+        measure = measures[0]
+        amount = _amount(p, node[measure], f"{lpath}.{measure}")
+        if measure == "concurrent" and amount is not None and amount != math.floor(amount):
+            p.fail(f"{lpath}.concurrent", f"expected a whole number, got {amount!r}")
+        per = None
+        if measure == "concurrent":
+            if "per" in node:
+                p.fail(f"{lpath}.per", "a concurrent limit has no window")
+        elif "per" not in node:
+            p.fail(f"{lpath}.per", "is required (second, minute, hour, day, week, month or seconds)")
+        elif isinstance(window := parse_window(node["per"]), str):
+            p.fail(f"{lpath}.per", window)
+        else:
+            per = window
+        shadow = p.bool_(node, "shadow", lpath, False)
+        if amount is not None and (per is not None or measure == "concurrent"):
+            parsed.append(Limit(measure, amount, per, shadow))
+    return tuple(parsed)
+
+
+def budget(p: YamlTree, value: Any, path: str) -> Budget | None:
+    if value is None:
+        return None
+    node = p.mapping(value, path)
+    units = [u for u in BUDGET_UNITS if u in node]
+    for unknown in sorted(set(node) - {*BUDGET_UNITS, "period"}):
+        p.fail(f"{path}.{unknown}", f"unknown field (a budget is one of {', '.join(BUDGET_UNITS)}, with period)")
+    if len(units) != 1:
+        p.fail(path, f"expected exactly one of {', '.join(BUDGET_UNITS)}")
+        return None
+    amount = _amount(p, node[units[0]], f"{path}.{units[0]}")
+    period = parse_window(node.get("period", "month"))
+    if isinstance(period, str):
+        p.fail(f"{path}.period", period)
+        return None
+    return None if amount is None else Budget(units[0], amount, period)
+
+
+def rules(p: YamlTree, node: dict[str, Any], path: str) -> Rules:
+    """The `limits` and `budget` of a key or tenant entry."""
+    return Rules(limits(p, node.get("limits"), f"{path}.limits"), budget(p, node.get("budget"), f"{path}.budget"))
+
+
+def tenants_section(p: YamlTree, value: Any, models: Collection[str]) -> dict[str, Tenant]:
+    tenants: dict[str, Tenant] = {}
+    for name, raw in p.mapping(value, "tenants").items():
+        path = f"tenants.{name}"
+        node = p.mapping(raw, path)
+        for unknown in sorted(set(node) - {"limits", "budget", "models"}):
+            p.fail(f"{path}.{unknown}", "unknown field (limits, budget, models)")
+        per_model: dict[str, tuple[Limit, ...]] = {}
+        for model, raw_limits in p.mapping(node.get("models"), f"{path}.models").items():
+            if model not in models:
+                p.fail(f"{path}.models.{model}", f"unknown model '{model}'")
+            per_model[model] = limits(p, raw_limits, f"{path}.models.{model}") or ()
+        tenants[name] = Tenant(rules(p, node, path), MappingProxyType(per_model))
+    return tenants
+
+
+def defaults_section(p: YamlTree, node: dict[str, Any]) -> dict[str, tuple[Limit, ...]]:
+    for unknown in sorted(set(node) - set(LEVELS)):
+        p.fail(f"limits.{unknown}", f"unknown level (expected {', '.join(LEVELS)})")
+    return {level: parsed for level in LEVELS if (parsed := limits(p, node.get(level), f"limits.{level}"))}
+
+
+def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
+    path, d, ds = "state", StateSettings(), StoreConfig()
+    backend = p.str_(node, "backend", path, ds.backend) or ds.backend
+    if backend not in BACKENDS:
+        p.fail(f"{path}.backend", f"expected one of {', '.join(BACKENDS)}, got '{backend}'")
+        backend = ds.backend
+    on_error = p.mapping(node.get("on_error"), f"{path}.on_error")
+    for unknown in sorted(set(on_error) - {"limits", "budgets"}):
+        p.fail(f"{path}.on_error.{unknown}", "unknown feature (limits, budgets)")
+    choices = {}
+    for feature, default in (("limits", d.limits_on_error), ("budgets", d.budgets_on_error)):
+        choices[feature] = p.str_(on_error, feature, f"{path}.on_error", default) or default
+        if choices[feature] not in ON_ERROR:
+            p.fail(f"{path}.on_error.{feature}", f"expected open or closed, got '{choices[feature]}'")
+    store = StoreConfig(
+        backend=backend,  # type: ignore[arg-type]
+        path=p.str_(node, "path", path, ds.path) or ds.path,
+        url=p.str_(node, "url", path, ds.url) or ds.url,
+        key_prefix=p.str_(node, "key_prefix", path, ds.key_prefix) or ds.key_prefix,
+        timeout_s=p.number(node, "timeout_s", path, ds.timeout_s, 0.001),
+        max_connections=int(p.number(node, "max_connections", path, ds.max_connections, 1)),
+    )
+    return StateSettings(store, choices["limits"], choices["budgets"],
+                         p.number(node, "lease_ttl_s", path, d.lease_ttl_s, 1),
+                         p.number(node, "retry_s", path, d.retry_s, 0))
+
+
+def policy_section(p: YamlTree, root: dict[str, Any], models: Collection[str], others_active: bool) -> Policy:
+    """`state:`, `limits:` and `tenants:`; `others_active`: a key or model carries limits or a budget."""
+    defaults = defaults_section(p, p.mapping(root.get("limits"), "limits"))
+    tenants = tenants_section(p, root.get("tenants"), models)
+    active = others_active or bool(defaults) or any(
+        t.rules.limits or t.rules.budget or any(t.models.values()) for t in tenants.values())
+    return Policy(state_section(p, p.mapping(root.get("state"), "state")), MappingProxyType(defaults),
+                  MappingProxyType(tenants), active)

@@ -1,0 +1,95 @@
+"""The configured state store behind its failure policy. Each call names its feature (`limits` or
+`budgets`) and the policy the request's config sets for it: when the store fails, `open` runs the call
+on this process's own memory store instead (limits per process until the store is back) and `closed`
+answers 503. After a failure the store is not tried again for `state.retry_s`, so while it is down no
+request waits out its timeout. Every call is timed, every failure and fallback counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+from gateway.errors import ServiceUnavailableError
+from gateway.metering import Metrics
+from gateway.policy.rules import Policy, StateSettings
+from gateway.store import Clock, Store, StoreUnavailable, open_store
+from gateway.store.memory import MemoryStore
+
+log = logging.getLogger("gateway.policy")
+T = TypeVar("T")
+
+
+class SharedState:
+    def __init__(self, settings: StateSettings, metrics: Metrics | None, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.store = open_store(settings.store, clock)
+        self.local: Store = self.store if settings.store.backend == "memory" else MemoryStore(clock or time.time)
+        """The fallback: this process's memory."""
+        self._metrics = metrics
+        self._down_until = 0.0
+
+    async def call(self, feature: str, on_error: str, op: str,
+                   run: Callable[[Store], Awaitable[T]]) -> tuple[T, Store]:
+        """`run` on the store, or by the failure policy; the store it ran on comes back with its result, so
+        that whatever it handed out (a lease, a reservation) is given back to the same one."""
+        if time.monotonic() >= self._down_until:
+            try:
+                return await self.timed(op, run(self.store)), self.store
+            except StoreUnavailable as exc:
+                self._down_until = time.monotonic() + self.settings.retry_s
+                log.warning("state store failed (%s): %s per the failure policy for %s s", exc,
+                            "counting in this process's memory" if on_error == "open" else "refusing requests",
+                            self.settings.retry_s)
+        if self._metrics is not None:
+            self._metrics.state_fallbacks.labels(feature, "memory" if on_error == "open" else "refused").inc()
+        if on_error != "open":
+            raise ServiceUnavailableError(f"The gateway cannot check {feature} right now. Please retry shortly.",
+                                          retry_after=max(1, round(self.settings.retry_s)),
+                                          code="state_unavailable")
+        return await run(self.local), self.local
+
+    async def timed(self, op: str, call: Awaitable[T]) -> T:
+        """Await one store operation, timing it; a failure is counted under `op` and raised again."""
+        started = time.perf_counter()
+        try:
+            result = await call
+        except StoreUnavailable:
+            if self._metrics is not None:
+                self._metrics.state_errors.labels(op).inc()
+            raise
+        if self._metrics is not None:
+            self._metrics.state_seconds.labels(op).observe(time.perf_counter() - started)
+        return result
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def give_back(self, store: Store, op: str, run: Callable[[Store], Awaitable[object]]) -> None:
+        """Settle, release or refund on the store that handed it out. The request is over by then, so a
+        failure is logged and counted, not raised: an unsettled reservation stays counted (the safe side)
+        until its period ends, an unreleased lease until its TTL."""
+        try:
+            await (self.timed(op, run(store)) if store is self.store else run(store))
+        except StoreUnavailable as exc:
+            log.warning("state store failed on %s (%s); it stays counted until it expires", op, exc)
+
+
+def scope_warnings(policy: Policy, workers: int | None, environ: Mapping[str, str]) -> list[str]:
+    """The "limit x replicas" trap, said at start (`workers`: how many serve) and by check-config (None):
+    a store that is not shared by every process counting lets each count the whole limit."""
+    backend = policy.state.store.backend
+    if not policy.active or backend == "redis":
+        return []
+    warnings = []
+    if backend == "memory" and (workers is None or workers > 1):
+        served = "each worker process" if workers else "each process"
+        warnings.append(f"state.backend: memory: limits and budgets are counted by {served} on its own, so "
+                        "several workers or replicas let through that many times the limit; use sqlite (one "
+                        "host) or redis (several replicas)")
+    if "KUBERNETES_SERVICE_HOST" in environ:
+        warnings.append(f"state.backend: {backend} in Kubernetes: limits and budgets are counted per pod; with "
+                        "more than one replica (the HPA runs 2 to 10) use redis")
+    return warnings
