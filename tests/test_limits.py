@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def refused(call: Callable[[], object]) -> openai.RateLimitError:
 
 def speech_requests(engine: FakeOpenAIEngine) -> int:
     return sum(1 for r in engine.requests if r.path.endswith("/audio/speech"))
+
+
+def hits_landed(gw: Gateway, count: int) -> None:
+    """Wait until `count` store hits were made: counting after the fact happens just after the response ends."""
+    deadline = time.monotonic() + 5
+    while parse_metrics(http_get(f"{gw.url}/metrics")[2].decode()).get(
+            ("gateway_state_operation_seconds_count", frozenset({("op", "hit")})), 0) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} hits"
+        time.sleep(0.01)
 
 
 def test_a_request_limit_lets_exactly_n_through_then_answers_openais_429(
@@ -184,3 +194,19 @@ def test_a_refusal_is_in_the_metrics_and_the_ledger_naming_its_limit(
     samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
     assert samples[("gateway_ratelimit_rejections_total",
                     frozenset({("tenant", "acme"), ("limit", "key:requests/day")}))] == 1
+
+
+def test_speech_seconds_are_counted_once_the_audio_went_out(
+        make_gateway: MakeGateway, engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    """The seconds a speech request produces are known only afterwards: a request is admitted while any
+    are left, and its audio is counted when it is over, even past the limit."""
+    gw = make_gateway(limited(engine, tmp_path, "", "limits: [{speech_seconds: 1.5, per: hour}]"))
+    with sdk(gw) as client:
+        first = speak(client, "One second of speech.")
+        assert first.headers["x-ratelimit-remaining-speech-seconds"] == "1.5"  # nothing counted before it
+        speak(client, "One more second of it.")  # 1.5 s was left before this one
+        hits_landed(gw, 4)  # each request: one hit to check for room, one to count its audio once it is over
+        error = refused(lambda: speak(client, "And a third."))
+        assert "speech seconds per hour" in error.message
+        assert error.response.headers["x-ratelimit-remaining-speech-seconds"] == "0"
+    assert speech_requests(engine) == 2

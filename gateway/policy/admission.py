@@ -192,8 +192,7 @@ class Admission:
         if not room:
             self._shadow(a)
         else:
-            if cost:
-                self._hits.append((store, key, limit, cost, anchor, length))
+            self._hits.append((store, key, limit, cost, anchor, length))
             if not limit.shadow:
                 self.rate.note(limit, hit.remaining, hit.reset_s)
 
@@ -263,7 +262,7 @@ class Admission:
         await self.free_slots()
         give_back = self.shared.give_back
         for store, key, limit, cost, anchor, length in self._hits:
-            if not self.admitted:  # refused by a later limit: this one did not serve it
+            if not self.admitted and cost:  # refused by a later limit: this one did not serve it
                 await give_back(store, "hit", lambda s, k=key, lim=limit, c=cost, an=anchor, ln=length:
                                 s.hit(k, -c, lim.amount, ln, anchor_s=an))
             elif limit.measure == "speech_seconds" and billed.audio_seconds > 0:
