@@ -37,6 +37,16 @@ def _text(max_length: int = MAX_TEXT) -> dict[str, Any]:
 
 
 ERROR = {"description": "Any failure, in OpenAI's error shape.", "content": {JSON: {"schema": _ref("Error")}}}
+_HEADER = {"schema": {"type": "string"}}
+LIMITED = {
+    "description": "A limit (`rate_limit_exceeded`) or a budget (`insufficient_quota`) refused the request, before "
+                   "any backend was called; or the backend's own rate limit. `x-ratelimit-{limit,remaining,reset}-"
+                   "<unit>` headers are sent for units requests, characters, audio-seconds and speech-seconds.",
+    "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}, "retry-after-ms": _HEADER,
+                "x-ratelimit-limit-requests": _HEADER, "x-ratelimit-remaining-requests": _HEADER,
+                "x-ratelimit-reset-requests": _HEADER},
+    "content": {JSON: {"schema": _ref("Error")}},
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -95,8 +105,10 @@ def _upload(task: str) -> dict[str, Any]:
 
 
 def _operation(summary: str, ok: dict[str, Any], body: dict[str, Any] | None = None, *,
-               public: bool = False) -> dict[str, Any]:
+               public: bool = False, limited: bool = False) -> dict[str, Any]:
     operation: dict[str, Any] = {"summary": summary, "responses": {"200": ok, "default": ERROR}}
+    if limited:
+        operation["responses"]["429"] = LIMITED
     if body is not None:
         operation["requestBody"] = body
     if public:
@@ -129,12 +141,13 @@ DOCUMENT: dict[str, Any] = {
         "/v1/audio/speech": {"post": _operation(
             "Text to speech, streamed as the engine produces it.",
             _ok("Audio, or speech SSE events.", {**_AUDIO, SSE: {"schema": {"type": "string"}}}),
-            {"required": True, "content": _json("CreateSpeechRequest")})},
+            {"required": True, "content": _json("CreateSpeechRequest")}, limited=True)},
         "/v1/audio/transcriptions": {"post": _operation(
-            "Speech to text.", _ok("The transcript in `response_format`.", _TRANSCRIPT), _upload("transcribe"))},
+            "Speech to text.", _ok("The transcript in `response_format`.", _TRANSCRIPT), _upload("transcribe"),
+            limited=True)},
         "/v1/audio/translations": {"post": _operation(
             "Speech to English text.", _ok("The translation in `response_format`.", _TRANSCRIPT),
-            _upload("translate"))},
+            _upload("translate"), limited=True)},
         "/v1/models": {"get": _operation("The models this key may use.", _ok("A list.", _json("ModelList")))},
         "/v1/models/{model}": {"get": {
             **_operation("One model.", _ok("The model.", _json("Model"))),
