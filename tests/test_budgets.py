@@ -27,7 +27,7 @@ def budgeted(engine: FakeOpenAIEngine, tmp_path: Path, policy: str, state: str =
              ledger: Path | None = None) -> str:
     """tts-1 priced at $1,000 per million characters: a 10-character input costs exactly $0.01."""
     text = engine_config(engine.url, tmp_path / "spool").replace(
-        PRICED, PRICED + ", price: {per_million_characters: 1000}", 1)
+        PRICED, PRICED + ", price: {per_million_characters: 1000}", 1).replace("timeout_s: 2\n", "timeout_s: 30\n", 1)
     text += f"state: {state}\n" + policy
     if ledger is not None:
         text += f"ledger: {{sink: file, path: {ledger}}}\n"
