@@ -83,9 +83,13 @@ def applied() -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def one(kind: str, resources: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
-    found = [doc for (k, _), doc in (resources or applied()).items() if k == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def one(kind: str, resources: dict[tuple[str, str], dict[str, Any]] | None = None,
+        component: str = "gateway") -> dict[str, Any]:
+    """The one `kind` of `component` (the label app.kubernetes.io/component: gateway, or state for Redis;
+    a resource without the label counts as the gateway's)."""
+    found = [doc for (k, _), doc in (resources or applied()).items() if k == kind
+             and (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component", "gateway") == component]
+    assert len(found) == 1, f"expected one {kind} of {component}, found {len(found)}"
     return found[0]
 
 
@@ -97,10 +101,36 @@ def ports(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container["ports"]}
 
 
-def config_of(configmap: dict[str, Any], secret: dict[str, Any]) -> Config:
-    """The ConfigMap's gateway.yaml as the gateway parses it, with the Secret's values in the environment."""
-    return parse_config(configmap["data"]["gateway.yaml"], source="configmap", kinds=ADAPTERS.keys(),
-                        environ=dict(secret["stringData"]))
+def config_of(configmap: dict[str, Any], secret: dict[str, Any], container: dict[str, Any] | None = None) -> Config:
+    """The ConfigMap's gateway.yaml as the gateway parses it, with the Secret's values in the environment
+    (and the container's own `env`, when given, as the kubelet builds it)."""
+    environ = container_environ(container, secret) if container else dict(secret["stringData"])
+    return parse_config(configmap["data"]["gateway.yaml"], source="configmap", kinds=ADAPTERS.keys(), environ=environ)
+
+
+def gateway_config(resources: dict[tuple[str, str], dict[str, Any]]) -> Config:
+    """The config the gateway pods of the kustomization run with."""
+    container = gateway_container(one("Deployment", resources)["spec"]["template"]["spec"])
+    return config_of(one("ConfigMap", resources), one("Secret", resources), container)
+
+
+def container_environ(container: dict[str, Any], secret: dict[str, Any]) -> dict[str, str]:
+    """The environment the kubelet gives `container`: `envFrom` the Secret first, then `env` in order,
+    each value's $(NAME) expanded from what is defined before it (an undefined one stays as written,
+    as the kubelet leaves it). Only literal values and this Secret's keys: enough for the manifests here."""
+    environ: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert source["secretRef"]["name"] == secret["metadata"]["name"]
+        environ.update(secret["stringData"])
+    for var in container.get("env", []):
+        if "valueFrom" in var:
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"], var
+            environ[var["name"]] = secret["stringData"][ref["key"]]
+        else:
+            environ[var["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                          lambda m: environ.get(m.group(1), m.group(0)), var["value"])
+    return environ
 
 
 # Kubernetes schemas ---------------------------------------------------------------------------------
@@ -218,7 +248,7 @@ def test_deployment_probes_ports_and_volumes() -> None:
 
 def test_configmap_is_a_valid_gateway_config_matching_the_pod() -> None:
     resources = applied()
-    config = config_of(one("ConfigMap", resources), one("Secret", resources))
+    config = gateway_config(resources)
     assert not unavailable_kinds(config), "the image installs the embedded extra"
     container = gateway_container(one("Deployment", resources)["spec"]["template"]["spec"])
     assert config.server.host == "0.0.0.0" and config.server.port == ports(container)["http"]
@@ -249,7 +279,7 @@ def prestop_seconds(container: dict[str, Any]) -> float:
 def test_termination_grace_covers_the_gateway_drain() -> None:
     resources = applied()
     pod = one("Deployment", resources)["spec"]["template"]["spec"]
-    config = config_of(one("ConfigMap", resources), one("Secret", resources))
+    config = gateway_config(resources)
     needed = prestop_seconds(gateway_container(pod)) + config.server.drain_delay_s + config.server.grace_s
     assert pod["terminationGracePeriodSeconds"] > needed
     assert config.server.drain_delay_s > 0 or prestop_seconds(gateway_container(pod)) > 0, \
@@ -258,7 +288,7 @@ def test_termination_grace_covers_the_gateway_drain() -> None:
 
 def test_sidecar_example_is_coherent() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in documents(K8S / "examples" / "sidecar.yaml")}
-    configmap, deployment = one("ConfigMap", docs), one("Deployment", docs)
+    configmap, deployment = one("ConfigMap", docs, "gateway-sidecar"), one("Deployment", docs, "gateway-sidecar")
     config = config_of(configmap, one("Secret"))
     assert config.backends["speaches"].url == "http://127.0.0.1:8000/v1"
     pod = deployment["spec"]["template"]["spec"]
@@ -294,7 +324,7 @@ def test_service_ingress_and_autoscaling_point_at_the_gateway() -> None:
     assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
     assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == "26m"
-    config = config_of(one("ConfigMap", resources), one("Secret", resources))
+    config = gateway_config(resources)
     longest_backend_silence = max(b.timeouts.read for b in config.backends.values())
     assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > longest_backend_silence
     hpa = one("HorizontalPodAutoscaler", resources)
