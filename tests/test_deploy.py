@@ -20,15 +20,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -40,6 +45,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from gateway.adapters import ADAPTERS, unavailable_kinds
 from gateway.config import Config, parse_config
 from gateway.metering import Metrics
+from gateway.policy.shared import scope_warnings
+from gateway.store import StoreConfig, open_store
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -214,17 +222,23 @@ def test_kustomization_lists_every_manifest_and_only_existing_ones() -> None:
 
 # The manifests against each other and the gateway ---------------------------------------------------
 
-def test_workload_security_context() -> None:
-    pod = one("Deployment")["spec"]["template"]["spec"]
-    container = gateway_container(pod)
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == dockerfile_user()
+def assert_hardened(pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """The restricted Pod Security Standard (namespace.yaml enforces it) and then some."""
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["resources"]["requests"] and container["resources"]["limits"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert probe in container, probe
+
+
+def test_workload_security_context() -> None:
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    assert_hardened(pod, gateway_container(pod))
+    assert pod["securityContext"]["runAsUser"] == dockerfile_user()
 
 
 def test_deployment_probes_ports_and_volumes() -> None:
@@ -351,7 +365,150 @@ def test_networkpolicy_admits_only_the_ingress_controller_and_prometheus() -> No
     container_ports = ports(gateway_container(deployment["spec"]["template"]["spec"]))
     assert admitted == {container_ports["http"]: {"ingress-nginx"}, container_ports["metrics"]: {"monitoring"}}
     egress_ports = {(p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert {(53, "UDP"), (53, "TCP"), (8000, "TCP")} <= egress_ports
+    assert {(53, "UDP"), (53, "TCP"), (8000, "TCP"), (6379, "TCP")} <= egress_ports
+
+
+# The state store: Redis ---------------------------------------------------------------------------
+
+def redis_parts(resources: dict[tuple[str, str], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Redis Deployment's pod spec and its one container."""
+    pod = one("Deployment", resources, "state")["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 1
+    return pod, pod["containers"][0]
+
+
+def redis_flags(container: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """redis-server's `--name value` arguments, $(NAME) expanded as the kubelet does."""
+    assert container["command"] == ["redis-server"]
+    args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: environ[m.group(1)], a) for a in container["args"]]
+    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), args
+    return dict(zip((a[2:] for a in args[::2]), args[1::2], strict=True))
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "kb": 1 / 1024, "mb": 1, "gb": 1024}
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
+def test_redis_is_hardened_and_persists_to_its_volume() -> None:
+    resources = applied()
+    deployment = one("Deployment", resources, "state")
+    pod, container = redis_parts(resources)
+    assert_hardened(pod, container)
+    assert deployment["spec"]["replicas"] == 1, "one Redis: the limits are exact because every pod counts in it"
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}, "a ReadWriteOnce volume attaches to one pod"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"][
+        "labels"].items()
+    flags = redis_flags(container, container_environ(container, one("Secret", resources)))
+    assert flags["appendonly"] == "yes" and flags["appendfsync"] in ("everysec", "always"), \
+        "budgets are spent money: Redis must not forget them on restart"
+    assert flags["maxmemory-policy"] == "noeviction", "an evicted budget key would reset a tenant's spending"
+    assert mebibytes(flags["maxmemory"]) < mebibytes(container["resources"]["limits"]["memory"]) * 0.75, \
+        "room under the memory limit for the AOF rewrite's fork"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[flags["dir"]])
+    claim = one("PersistentVolumeClaim", resources, "state")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert ports(container) == {"redis": int(flags["port"])}
+    assert container["readinessProbe"]["exec"]["command"][-1].count("redis-cli") == 1
+    names = {var["name"] for var in container["env"]}
+    assert {"REDIS_PASSWORD", "REDISCLI_AUTH"} <= names, "the probe's redis-cli must authenticate"
+
+
+def test_the_gateway_reaches_redis_through_its_environment() -> None:
+    resources = applied()
+    deployment = one("Deployment", resources)
+    container = gateway_container(deployment["spec"]["template"]["spec"])
+    secret = one("Secret", resources)
+    environ = container_environ(container, secret)
+    text = one("ConfigMap", resources)["data"]["gateway.yaml"]
+    for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text):  # no default: must be set in the pod
+        assert name in environ, f"configmap.yaml uses ${{{name}}}, which the gateway Deployment does not set"
+    assert not any("$(" in value for value in environ.values()), "a $(NAME) the kubelet cannot expand"
+    config = gateway_config(resources)
+    store = config.policy.state.store
+    assert store.backend == "redis"
+    url = urlsplit(store.url)
+    service = one("Service", resources, "state")
+    service_port = next(p for p in service["spec"]["ports"] if p["name"] == "redis")
+    assert (url.scheme, url.hostname, url.port) == ("redis", service["metadata"]["name"], service_port["port"])
+    _, redis = redis_parts(resources)
+    assert service_port["targetPort"] in ports(redis)
+    assert service["spec"]["selector"].items() <= one("Deployment", resources, "state")["spec"]["template"][
+        "metadata"]["labels"].items()
+    gateway_pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= gateway_pod_labels.items()
+    assert not one("Service", resources)["spec"]["selector"].items() <= one(
+        "Deployment", resources, "state")["spec"]["template"]["metadata"]["labels"].items()
+    password = redis_flags(redis, container_environ(redis, secret))["requirepass"]
+    assert url.password == password and quote(password, safe="") == password, "one URL-safe password, both sides"
+    assert "REDIS_PASSWORD" not in text and password not in json.dumps(deployment), "the password stays in the Secret"
+    active = dataclasses.replace(config.policy, active=True)  # as soon as any limit or budget is configured
+    assert scope_warnings(active, 1, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == []
+
+
+def test_networkpolicies_pair_the_gateway_and_redis() -> None:
+    resources = applied()
+    gateway_labels = one("Deployment", resources)["spec"]["template"]["metadata"]["labels"]
+    redis_labels = one("Deployment", resources, "state")["spec"]["template"]["metadata"]["labels"]
+    redis_port = ports(redis_parts(resources)[1])["redis"]
+    egress = [rule for rule in one("NetworkPolicy", resources)["spec"]["egress"]
+              if any("podSelector" in peer and peer["podSelector"]["matchLabels"].items() <= redis_labels.items()
+                     and "namespaceSelector" not in peer for peer in rule["to"])]
+    assert [rule["ports"] for rule in egress] == [[{"port": redis_port, "protocol": "TCP"}]], \
+        "the gateway pods may reach Redis, on its port only"
+    policy = one("NetworkPolicy", resources, "state")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["egress"] == [], "Redis initiates no connection"
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": redis_port, "protocol": "TCP"}]
+    assert [set(peer) for peer in rule["from"]] == [{"podSelector"}], "same namespace, gateway pods only"
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert not rule["from"][0]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+                    reason="redis-server/redis-cli not on PATH (Debian: apt-get install redis-server; .ci/run does)")
+def test_redis_runs_with_the_manifest_flags_and_the_gateway_url_authenticates(tmp_path: Path) -> None:
+    """redis-server started with the manifest's own arguments (on a free loopback port, in a temp dir):
+    they parse, the readiness probe says ready (and not without the password), and the gateway's store,
+    on the gateway's REDIS_URL, counts in it and persists to the append-only file."""
+    resources = applied()
+    secret = one("Secret", resources)
+    _, redis = redis_parts(resources)
+    environ = container_environ(redis, secret)
+    flags = redis_flags(redis, environ) | {"port": str(free_port()), "dir": str(tmp_path), "bind": "127.0.0.1"}
+    argv = [shutil.which("redis-server") or ""] + [x for k, v in flags.items() for x in (f"--{k}", v)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = [re.sub(r"-p \d+", f"-p {flags['port']}", part) for part in redis["readinessProbe"]["exec"]["command"]]
+    try:
+        for _ in range(250):
+            ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **environ}, check=False,
+                                   capture_output=True, timeout=5).returncode == 0
+            if ready or server.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert ready and server.poll() is None, "redis-server refused the manifest's arguments or never got ready"
+        unauthenticated = subprocess.run(probe, env={"PATH": os.environ["PATH"]}, check=False, timeout=5)
+        assert unauthenticated.returncode != 0, "the probe must not pass on a NOAUTH error"
+        url = urlsplit(gateway_config(resources).policy.state.store.url)
+        local = url._replace(netloc=f":{url.password}@127.0.0.1:{flags['port']}").geturl()
+
+        async def count_twice() -> list[float]:
+            store = open_store(StoreConfig(backend="redis", url=local, key_prefix="deploy-test"))
+            try:
+                return [(await store.hit("k", 1, 2, 60)).remaining for _ in range(2)]
+            finally:
+                await store.close()
+
+        assert asyncio.run(count_twice()) == [1, 0]
+        assert (tmp_path / "appendonlydir").is_dir() or (tmp_path / "appendonly.aof").is_file()
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 # Metric names ---------------------------------------------------------------------------------------
