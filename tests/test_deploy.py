@@ -193,13 +193,17 @@ def test_prometheusrule_structure_and_groups_equal_rules_yml() -> None:
         "deploy/kubernetes/prometheusrule.yaml spec.groups and deploy/prometheus/rules.yml differ: edit both"
 
 
-def test_alerts_cover_errors_latency_backends_and_reloads() -> None:
+def test_alerts_cover_errors_latency_backends_reloads_and_the_state_store() -> None:
     exprs = {r["alert"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert any("gateway_requests_total" in e and '"5.."' in e and "0.05" in e for e in exprs.values())
     assert any("gateway_speech_first_byte_seconds_bucket" in e for e in exprs.values())
     assert any("gateway_request_duration_seconds_bucket" in e for e in exprs.values())
     assert any("gateway_backend_up" in e and "== 0" in e for e in exprs.values())
     assert any('gateway_config_reload_total{result="failure"}' in e for e in exprs.values())
+    assert any("gateway_state_errors_total" in e for e in exprs.values()), "the state store failing"
+    assert any('gateway_state_fallbacks_total{action="refused"}' in e for e in exprs.values()), \
+        "requests refused because a feature fails closed"
+    assert any("gateway_ratelimit_rejections_total" in e and ":budget/" in e for e in exprs.values())
 
 
 # Kustomization --------------------------------------------------------------------------------------
@@ -561,7 +565,10 @@ def dashboard_texts() -> list[str]:
 def test_the_gateway_exports_the_metrics_the_deploy_files_rely_on() -> None:
     exported = exported_metrics()
     for name in ("gateway_requests_total", "gateway_backend_up", "gateway_config_reload_total", "gateway_config_info",
-                 "gateway_speech_first_byte_seconds_bucket", "gateway_in_flight_requests"):
+                 "gateway_speech_first_byte_seconds_bucket", "gateway_in_flight_requests",
+                 "gateway_state_errors_total", "gateway_state_fallbacks_total", "gateway_ratelimit_rejections_total",
+                 "gateway_ratelimit_shadow_rejections_total", "gateway_state_operation_seconds_bucket",
+                 "gateway_budget_remaining"):
         assert name in exported
 
 
