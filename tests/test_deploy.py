@@ -655,7 +655,11 @@ def test_dashboard_has_the_panels_operators_need() -> None:
                    "sum by (tenant, model) (increase(gateway_billable_audio_seconds_total",
                    "sum by (tenant) (increase(gateway_cost_usd_total", "gateway_in_flight_requests",
                    "sum by (backend, reason) (rate(gateway_upstream_errors_total", "gateway_backend_up",
-                   "gateway_config_reload_total"):
+                   "gateway_config_reload_total",
+                   "sum by (tenant, limit) (rate(gateway_ratelimit_rejections_total",
+                   "sum by (tenant, limit) (rate(gateway_ratelimit_shadow_rejections_total",
+                   "histogram_quantile(0.99, sum by (op, le) (rate(gateway_state_operation_seconds_bucket",
+                   "gateway_state_errors_total", "gateway_state_fallbacks_total", "gateway_budget_remaining"):
         assert needle in exprs, needle
     exported = exported_metrics()
     for target in dashboard_targets():
