@@ -8,7 +8,10 @@
 - kustomization.yaml lists exactly the manifests beside it (examples/ is not applied).
 - The manifests agree with each other and with the gateway: ports, names, selectors, probes, the
   security context, the config in the ConfigMap (parsed by the gateway's own parser) and the
-  shutdown timings (terminationGracePeriodSeconds > preStop + drain_delay_s + grace_s).
+  shutdown timings (terminationGracePeriodSeconds > preStop + drain_delay_s + grace_s); the Redis of
+  the state store: hardened and persisted, its Service and password the ones in the gateway's
+  REDIS_URL, the NetworkPolicy pair, and (when redis-server is installed) its manifest arguments run
+  by a real redis-server that the gateway's store then counts in.
 - promtool checks and unit-tests the alerting rules, and checks every dashboard query's syntax. These
   tests skip when promtool is not on PATH; .ci/run installs Debian's `prometheus` package, which ships it.
 - The Grafana dashboard is well formed, and every metric name used by the dashboard and the rules
