@@ -8,7 +8,10 @@
 - kustomization.yaml lists exactly the manifests beside it (examples/ is not applied).
 - The manifests agree with each other and with the gateway: ports, names, selectors, probes, the
   security context, the config in the ConfigMap (parsed by the gateway's own parser) and the
-  shutdown timings (terminationGracePeriodSeconds > preStop + drain_delay_s + grace_s).
+  shutdown timings (terminationGracePeriodSeconds > preStop + drain_delay_s + grace_s); the Redis of
+  the state store: hardened and persisted, its Service and password the ones in the gateway's
+  REDIS_URL, the NetworkPolicy pair, and (when redis-server is installed) its manifest arguments run
+  by a real redis-server that the gateway's store then counts in.
 - promtool checks and unit-tests the alerting rules, and checks every dashboard query's syntax. These
   tests skip when promtool is not on PATH; .ci/run installs Debian's `prometheus` package, which ships it.
 - The Grafana dashboard is well formed, and every metric name used by the dashboard and the rules
@@ -20,15 +23,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -40,6 +48,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from gateway.adapters import ADAPTERS, unavailable_kinds
 from gateway.config import Config, parse_config
 from gateway.metering import Metrics
+from gateway.policy.shared import scope_warnings
+from gateway.store import StoreConfig, open_store
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -83,9 +94,13 @@ def applied() -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def one(kind: str, resources: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
-    found = [doc for (k, _), doc in (resources or applied()).items() if k == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def one(kind: str, resources: dict[tuple[str, str], dict[str, Any]] | None = None,
+        component: str = "gateway") -> dict[str, Any]:
+    """The one `kind` of `component` (the label app.kubernetes.io/component: gateway, or state for Redis;
+    a resource without the label counts as the gateway's)."""
+    found = [doc for (k, _), doc in (resources or applied()).items() if k == kind
+             and (doc["metadata"].get("labels") or {}).get("app.kubernetes.io/component", "gateway") == component]
+    assert len(found) == 1, f"expected one {kind} of {component}, found {len(found)}"
     return found[0]
 
 
@@ -97,10 +112,36 @@ def ports(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container["ports"]}
 
 
-def config_of(configmap: dict[str, Any], secret: dict[str, Any]) -> Config:
-    """The ConfigMap's gateway.yaml as the gateway parses it, with the Secret's values in the environment."""
-    return parse_config(configmap["data"]["gateway.yaml"], source="configmap", kinds=ADAPTERS.keys(),
-                        environ=dict(secret["stringData"]))
+def config_of(configmap: dict[str, Any], secret: dict[str, Any], container: dict[str, Any] | None = None) -> Config:
+    """The ConfigMap's gateway.yaml as the gateway parses it, with the Secret's values in the environment
+    (and the container's own `env`, when given, as the kubelet builds it)."""
+    environ = container_environ(container, secret) if container else dict(secret["stringData"])
+    return parse_config(configmap["data"]["gateway.yaml"], source="configmap", kinds=ADAPTERS.keys(), environ=environ)
+
+
+def gateway_config(resources: dict[tuple[str, str], dict[str, Any]]) -> Config:
+    """The config the gateway pods of the kustomization run with."""
+    container = gateway_container(one("Deployment", resources)["spec"]["template"]["spec"])
+    return config_of(one("ConfigMap", resources), one("Secret", resources), container)
+
+
+def container_environ(container: dict[str, Any], secret: dict[str, Any]) -> dict[str, str]:
+    """The environment the kubelet gives `container`: `envFrom` the Secret first, then `env` in order,
+    each value's $(NAME) expanded from what is defined before it (an undefined one stays as written,
+    as the kubelet leaves it). Only literal values and this Secret's keys: enough for the manifests here."""
+    environ: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert source["secretRef"]["name"] == secret["metadata"]["name"]
+        environ.update(secret["stringData"])
+    for var in container.get("env", []):
+        if "valueFrom" in var:
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"], var
+            environ[var["name"]] = secret["stringData"][ref["key"]]
+        else:
+            environ[var["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                          lambda m: environ.get(m.group(1), m.group(0)), var["value"])
+    return environ
 
 
 # Kubernetes schemas ---------------------------------------------------------------------------------
@@ -155,13 +196,17 @@ def test_prometheusrule_structure_and_groups_equal_rules_yml() -> None:
         "deploy/kubernetes/prometheusrule.yaml spec.groups and deploy/prometheus/rules.yml differ: edit both"
 
 
-def test_alerts_cover_errors_latency_backends_and_reloads() -> None:
+def test_alerts_cover_errors_latency_backends_reloads_and_the_state_store() -> None:
     exprs = {r["alert"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert any("gateway_requests_total" in e and '"5.."' in e and "0.05" in e for e in exprs.values())
     assert any("gateway_speech_first_byte_seconds_bucket" in e for e in exprs.values())
     assert any("gateway_request_duration_seconds_bucket" in e for e in exprs.values())
     assert any("gateway_backend_up" in e and "== 0" in e for e in exprs.values())
     assert any('gateway_config_reload_total{result="failure"}' in e for e in exprs.values())
+    assert any("gateway_state_errors_total" in e for e in exprs.values()), "the state store failing"
+    assert any('gateway_state_fallbacks_total{action="refused"}' in e for e in exprs.values()), \
+        "requests refused because a feature fails closed"
+    assert any("gateway_ratelimit_rejections_total" in e and ":budget/" in e for e in exprs.values())
 
 
 # Kustomization --------------------------------------------------------------------------------------
@@ -184,17 +229,23 @@ def test_kustomization_lists_every_manifest_and_only_existing_ones() -> None:
 
 # The manifests against each other and the gateway ---------------------------------------------------
 
-def test_workload_security_context() -> None:
-    pod = one("Deployment")["spec"]["template"]["spec"]
-    container = gateway_container(pod)
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == dockerfile_user()
+def assert_hardened(pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """The restricted Pod Security Standard (namespace.yaml enforces it) and then some."""
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["resources"]["requests"] and container["resources"]["limits"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert probe in container, probe
+
+
+def test_workload_security_context() -> None:
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    assert_hardened(pod, gateway_container(pod))
+    assert pod["securityContext"]["runAsUser"] == dockerfile_user()
 
 
 def test_deployment_probes_ports_and_volumes() -> None:
@@ -218,7 +269,7 @@ def test_deployment_probes_ports_and_volumes() -> None:
 
 def test_configmap_is_a_valid_gateway_config_matching_the_pod() -> None:
     resources = applied()
-    config = config_of(one("ConfigMap", resources), one("Secret", resources))
+    config = gateway_config(resources)
     assert not unavailable_kinds(config), "the image installs the embedded extra"
     container = gateway_container(one("Deployment", resources)["spec"]["template"]["spec"])
     assert config.server.host == "0.0.0.0" and config.server.port == ports(container)["http"]
@@ -249,7 +300,7 @@ def prestop_seconds(container: dict[str, Any]) -> float:
 def test_termination_grace_covers_the_gateway_drain() -> None:
     resources = applied()
     pod = one("Deployment", resources)["spec"]["template"]["spec"]
-    config = config_of(one("ConfigMap", resources), one("Secret", resources))
+    config = gateway_config(resources)
     needed = prestop_seconds(gateway_container(pod)) + config.server.drain_delay_s + config.server.grace_s
     assert pod["terminationGracePeriodSeconds"] > needed
     assert config.server.drain_delay_s > 0 or prestop_seconds(gateway_container(pod)) > 0, \
@@ -258,7 +309,7 @@ def test_termination_grace_covers_the_gateway_drain() -> None:
 
 def test_sidecar_example_is_coherent() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in documents(K8S / "examples" / "sidecar.yaml")}
-    configmap, deployment = one("ConfigMap", docs), one("Deployment", docs)
+    configmap, deployment = one("ConfigMap", docs, "gateway-sidecar"), one("Deployment", docs, "gateway-sidecar")
     config = config_of(configmap, one("Secret"))
     assert config.backends["speaches"].url == "http://127.0.0.1:8000/v1"
     pod = deployment["spec"]["template"]["spec"]
@@ -294,7 +345,7 @@ def test_service_ingress_and_autoscaling_point_at_the_gateway() -> None:
     assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
     assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == "26m"
-    config = config_of(one("ConfigMap", resources), one("Secret", resources))
+    config = gateway_config(resources)
     longest_backend_silence = max(b.timeouts.read for b in config.backends.values())
     assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > longest_backend_silence
     hpa = one("HorizontalPodAutoscaler", resources)
@@ -321,7 +372,150 @@ def test_networkpolicy_admits_only_the_ingress_controller_and_prometheus() -> No
     container_ports = ports(gateway_container(deployment["spec"]["template"]["spec"]))
     assert admitted == {container_ports["http"]: {"ingress-nginx"}, container_ports["metrics"]: {"monitoring"}}
     egress_ports = {(p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert {(53, "UDP"), (53, "TCP"), (8000, "TCP")} <= egress_ports
+    assert {(53, "UDP"), (53, "TCP"), (8000, "TCP"), (6379, "TCP")} <= egress_ports
+
+
+# The state store: Redis ---------------------------------------------------------------------------
+
+def redis_parts(resources: dict[tuple[str, str], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Redis Deployment's pod spec and its one container."""
+    pod = one("Deployment", resources, "state")["spec"]["template"]["spec"]
+    assert len(pod["containers"]) == 1
+    return pod, pod["containers"][0]
+
+
+def redis_flags(container: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """redis-server's `--name value` arguments, $(NAME) expanded as the kubelet does."""
+    assert container["command"] == ["redis-server"]
+    args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: environ[m.group(1)], a) for a in container["args"]]
+    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), args
+    return dict(zip((a[2:] for a in args[::2]), args[1::2], strict=True))
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "kb": 1 / 1024, "mb": 1, "gb": 1024}
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
+def test_redis_is_hardened_and_persists_to_its_volume() -> None:
+    resources = applied()
+    deployment = one("Deployment", resources, "state")
+    pod, container = redis_parts(resources)
+    assert_hardened(pod, container)
+    assert deployment["spec"]["replicas"] == 1, "one Redis: the limits are exact because every pod counts in it"
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}, "a ReadWriteOnce volume attaches to one pod"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"][
+        "labels"].items()
+    flags = redis_flags(container, container_environ(container, one("Secret", resources)))
+    assert flags["appendonly"] == "yes" and flags["appendfsync"] in ("everysec", "always"), \
+        "budgets are spent money: Redis must not forget them on restart"
+    assert flags["maxmemory-policy"] == "noeviction", "an evicted budget key would reset a tenant's spending"
+    assert mebibytes(flags["maxmemory"]) < mebibytes(container["resources"]["limits"]["memory"]) * 0.75, \
+        "room under the memory limit for the AOF rewrite's fork"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[flags["dir"]])
+    claim = one("PersistentVolumeClaim", resources, "state")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert ports(container) == {"redis": int(flags["port"])}
+    assert container["readinessProbe"]["exec"]["command"][-1].count("redis-cli") == 1
+    names = {var["name"] for var in container["env"]}
+    assert {"REDIS_PASSWORD", "REDISCLI_AUTH"} <= names, "the probe's redis-cli must authenticate"
+
+
+def test_the_gateway_reaches_redis_through_its_environment() -> None:
+    resources = applied()
+    deployment = one("Deployment", resources)
+    container = gateway_container(deployment["spec"]["template"]["spec"])
+    secret = one("Secret", resources)
+    environ = container_environ(container, secret)
+    text = one("ConfigMap", resources)["data"]["gateway.yaml"]
+    for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text):  # no default: must be set in the pod
+        assert name in environ, f"configmap.yaml uses ${{{name}}}, which the gateway Deployment does not set"
+    assert not any("$(" in value for value in environ.values()), "a $(NAME) the kubelet cannot expand"
+    config = gateway_config(resources)
+    store = config.policy.state.store
+    assert store.backend == "redis"
+    url = urlsplit(store.url)
+    service = one("Service", resources, "state")
+    service_port = next(p for p in service["spec"]["ports"] if p["name"] == "redis")
+    assert (url.scheme, url.hostname, url.port) == ("redis", service["metadata"]["name"], service_port["port"])
+    _, redis = redis_parts(resources)
+    assert service_port["targetPort"] in ports(redis)
+    assert service["spec"]["selector"].items() <= one("Deployment", resources, "state")["spec"]["template"][
+        "metadata"]["labels"].items()
+    gateway_pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= gateway_pod_labels.items()
+    assert not one("Service", resources)["spec"]["selector"].items() <= one(
+        "Deployment", resources, "state")["spec"]["template"]["metadata"]["labels"].items()
+    password = redis_flags(redis, container_environ(redis, secret))["requirepass"]
+    assert url.password == password and quote(password, safe="") == password, "one URL-safe password, both sides"
+    assert "REDIS_PASSWORD" not in text and password not in json.dumps(deployment), "the password stays in the Secret"
+    active = dataclasses.replace(config.policy, active=True)  # as soon as any limit or budget is configured
+    assert scope_warnings(active, 1, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == []
+
+
+def test_networkpolicies_pair_the_gateway_and_redis() -> None:
+    resources = applied()
+    gateway_labels = one("Deployment", resources)["spec"]["template"]["metadata"]["labels"]
+    redis_labels = one("Deployment", resources, "state")["spec"]["template"]["metadata"]["labels"]
+    redis_port = ports(redis_parts(resources)[1])["redis"]
+    egress = [rule for rule in one("NetworkPolicy", resources)["spec"]["egress"]
+              if any("podSelector" in peer and peer["podSelector"]["matchLabels"].items() <= redis_labels.items()
+                     and "namespaceSelector" not in peer for peer in rule["to"])]
+    assert [rule["ports"] for rule in egress] == [[{"port": redis_port, "protocol": "TCP"}]], \
+        "the gateway pods may reach Redis, on its port only"
+    policy = one("NetworkPolicy", resources, "state")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["egress"] == [], "Redis initiates no connection"
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": redis_port, "protocol": "TCP"}]
+    assert [set(peer) for peer in rule["from"]] == [{"podSelector"}], "same namespace, gateway pods only"
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert not rule["from"][0]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+                    reason="redis-server/redis-cli not on PATH (Debian: apt-get install redis-server; .ci/run does)")
+def test_redis_runs_with_the_manifest_flags_and_the_gateway_url_authenticates(tmp_path: Path) -> None:
+    """redis-server started with the manifest's own arguments (on a free loopback port, in a temp dir):
+    they parse, the readiness probe says ready (and not without the password), and the gateway's store,
+    on the gateway's REDIS_URL, counts in it and persists to the append-only file."""
+    resources = applied()
+    secret = one("Secret", resources)
+    _, redis = redis_parts(resources)
+    environ = container_environ(redis, secret)
+    flags = redis_flags(redis, environ) | {"port": str(free_port()), "dir": str(tmp_path), "bind": "127.0.0.1"}
+    argv = [shutil.which("redis-server") or ""] + [x for k, v in flags.items() for x in (f"--{k}", v)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = [re.sub(r"-p \d+", f"-p {flags['port']}", part) for part in redis["readinessProbe"]["exec"]["command"]]
+    try:
+        for _ in range(250):
+            ready = subprocess.run(probe, env={"PATH": os.environ["PATH"], **environ}, check=False,
+                                   capture_output=True, timeout=5).returncode == 0
+            if ready or server.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert ready and server.poll() is None, "redis-server refused the manifest's arguments or never got ready"
+        unauthenticated = subprocess.run(probe, env={"PATH": os.environ["PATH"]}, check=False, timeout=5)
+        assert unauthenticated.returncode != 0, "the probe must not pass on a NOAUTH error"
+        url = urlsplit(gateway_config(resources).policy.state.store.url)
+        local = url._replace(netloc=f":{url.password}@127.0.0.1:{flags['port']}").geturl()
+
+        async def count_twice() -> list[float]:
+            store = open_store(StoreConfig(backend="redis", url=local, key_prefix="deploy-test"))
+            try:
+                return [(await store.hit("k", 1, 2, 60)).remaining for _ in range(2)]
+            finally:
+                await store.close()
+
+        assert asyncio.run(count_twice()) == [1, 0]
+        assert (tmp_path / "appendonlydir").is_dir() or (tmp_path / "appendonly.aof").is_file()
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 # Metric names ---------------------------------------------------------------------------------------
@@ -374,7 +568,10 @@ def dashboard_texts() -> list[str]:
 def test_the_gateway_exports_the_metrics_the_deploy_files_rely_on() -> None:
     exported = exported_metrics()
     for name in ("gateway_requests_total", "gateway_backend_up", "gateway_config_reload_total", "gateway_config_info",
-                 "gateway_speech_first_byte_seconds_bucket", "gateway_in_flight_requests"):
+                 "gateway_speech_first_byte_seconds_bucket", "gateway_in_flight_requests",
+                 "gateway_state_errors_total", "gateway_state_fallbacks_total", "gateway_ratelimit_rejections_total",
+                 "gateway_ratelimit_shadow_rejections_total", "gateway_state_operation_seconds_bucket",
+                 "gateway_budget_remaining"):
         assert name in exported
 
 
@@ -461,7 +658,11 @@ def test_dashboard_has_the_panels_operators_need() -> None:
                    "sum by (tenant, model) (increase(gateway_billable_audio_seconds_total",
                    "sum by (tenant) (increase(gateway_cost_usd_total", "gateway_in_flight_requests",
                    "sum by (backend, reason) (rate(gateway_upstream_errors_total", "gateway_backend_up",
-                   "gateway_config_reload_total"):
+                   "gateway_config_reload_total",
+                   "sum by (tenant, limit) (rate(gateway_ratelimit_rejections_total",
+                   "sum by (tenant, limit) (rate(gateway_ratelimit_shadow_rejections_total",
+                   "histogram_quantile(0.99, sum by (op, le) (rate(gateway_state_operation_seconds_bucket",
+                   "gateway_state_errors_total", "gateway_state_fallbacks_total", "gateway_budget_remaining"):
         assert needle in exprs, needle
     exported = exported_metrics()
     for target in dashboard_targets():
