@@ -223,8 +223,14 @@ def defaults_section(p: YamlTree, node: dict[str, Any]) -> dict[str, tuple[Limit
     return {level: parsed for level in LEVELS if (parsed := limits(p, node.get(level), f"limits.{level}"))}
 
 
+STATE_FIELDS = ("backend", "path", "url", "key_prefix", "timeout_s", "max_connections", "on_error", "lease_ttl_s",
+                "retry_s")
+
+
 def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
     path, d, ds = "state", StateSettings(), StoreConfig()
+    for unknown in sorted(set(node) - set(STATE_FIELDS)):
+        p.fail(f"{path}.{unknown}", f"unknown field (expected {', '.join(STATE_FIELDS)})")
     backend = p.str_(node, "backend", path, ds.backend) or ds.backend
     if backend not in BACKENDS:
         p.fail(f"{path}.backend", f"expected one of {', '.join(BACKENDS)}, got '{backend}'")
