@@ -142,6 +142,11 @@ STRUCTURE: dict[str, tuple[str, str]] = {
     "on_error junk": (table("state: {on_error: {limits: maybe}}\n"), "state.on_error.limits"),
     "on_error a bool": (table("state: {on_error: {budgets: true}}\n"), "state.on_error.budgets"),
     "on_error a list": (table("state: {on_error: {limits: [open]}}\n"), "state.on_error.limits"),
+    # a lone surrogate (YAML's "\udc80" escape) parsed, then every request of the tenant and /metrics answered
+    # 500: the name could not be encoded into a store key or a metrics label
+    "tenant with a lone surrogate": (table(key=', tenant: "a\\udc80"'), "keys[0].tenant"),
+    "tenant name with a lone surrogate": (table('tenants: {"t\\udc80": {}}\n'), "tenants.t\\udc80"),
+    "key name with a lone surrogate": (table().replace("name: demo", 'name: "\\ud800demo"'), "keys[0].name"),
     "on_error unknown feature": (table("state: {on_error: {budget: open}}\n"), "state.on_error.budget"),
 }
 
@@ -217,6 +222,8 @@ LEGITIMATE: dict[str, str] = {
     "YAML anchors reused": table("limits: {key: &l [{requests: 9, per: minute}], tenant: *l}\n"),
     "budgets in each unit and period": table("tenants: {acme: {budget: {seconds: 3600, period: week}}}\n",
                                              key=", budget: {characters: 1, period: 86400}"),
+    "escapes of whole characters": table(key=', tenant: "\\U0001F600 \\u00e9"',
+                                         model=', limits: [{concurrent: 1}]'),
     "an empty state": table("state: {}\nlimits: {}\ntenants: {}\n"),
 }
 
