@@ -51,7 +51,7 @@ class YamlTree:
                 return ""
             return _ENV.sub(sub, value)
         if isinstance(value, dict):
-            tree = {}
+            tree: dict[Any, Any] = {}
             for k, v in value.items():
                 if isinstance(k, str) and not _encodable(k):
                     k = _escaped(k)
@@ -126,4 +126,5 @@ def _encodable(text: str) -> bool:
 
 
 def _escaped(text: str) -> str:
+    """`text` with its lone surrogates written as \\udXXX, so the problem naming it can be printed."""
     return text.encode("utf-8", "backslashreplace").decode()

@@ -36,6 +36,8 @@ MAX_AMOUNT = 1e15
 """Largest limit or budget amount (a float stays exact in whole units far past it)."""
 MAX_LIMITS = 32
 """Most limits in one list: each is a store call on every request it applies to."""
+STATE_FIELDS = ("backend", "path", "url", "key_prefix", "timeout_s", "max_connections", "on_error", "lease_ttl_s",
+                "retry_s")
 STATE_MAXIMA = {"timeout_s": 60.0, "max_connections": 1024.0, "lease_ttl_s": 86400.0, "retry_s": 3600.0}
 """Upper bounds of the `state:` numbers: past them a value is a typo, and a huge one would overflow the
 float arithmetic of timers and TTLs at run time instead of failing here."""
@@ -221,10 +223,6 @@ def defaults_section(p: YamlTree, node: dict[str, Any]) -> dict[str, tuple[Limit
     for unknown in sorted(set(node) - set(LEVELS)):
         p.fail(f"limits.{unknown}", f"unknown level (expected {', '.join(LEVELS)})")
     return {level: parsed for level in LEVELS if (parsed := limits(p, node.get(level), f"limits.{level}"))}
-
-
-STATE_FIELDS = ("backend", "path", "url", "key_prefix", "timeout_s", "max_connections", "on_error", "lease_ttl_s",
-                "retry_s")
 
 
 def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
