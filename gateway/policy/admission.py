@@ -186,7 +186,7 @@ class Admission:
                            refused=True)
             used = limit.amount - hit.remaining
             raise self._refuse(a, RateLimitError(
-                f"Rate limit reached for {limit.measure.replace('_', ' ')} per {limit.per.name} on {a.level} "
+                f"Rate limit reached for {limit.measure.replace('_', ' ')} per {limit.per.name} on "
                 f"{self._whom(a)}: Limit {limit.amount:g}, Used {used:g}, Requested {cost:g}. Please try again "
                 f"in {duration(hit.reset_s)}.", **_retry(hit.reset_s)))
         if not room:
@@ -206,7 +206,7 @@ class Admission:
             self._shadow(a)
         else:
             raise self._refuse(a, RateLimitError(
-                f"Too many concurrent requests on {a.level} {self._whom(a)}: Limit {limit.amount:g}. Please "
+                f"Too many concurrent requests on {self._whom(a)}: Limit {limit.amount:g}. Please "
                 "try again when one has finished.", retry_after=1))
 
     async def _reserve(self, a: Applied, budget: Budget, now: float, on_error: str) -> None:
@@ -219,16 +219,15 @@ class Admission:
             left = _left(budget.period, now)
             raise self._refuse(a, QuotaExceededError(
                 f"You exceeded your current quota: the {budget.amount:g} {budget.unit} budget per "
-                f"{budget.period.name} of {a.level} {self._whom(a)} cannot cover this request. It renews in "
+                f"{budget.period.name} of {self._whom(a)} cannot cover this request. It renews in "
                 f"{duration(left)}.", retry_after=math.ceil(left)))
         self._reservations.append((store, token, a))
 
     def _whom(self, a: Applied) -> str:
+        """`key 'ci'`, `tenant 'acme'`, `tenant 'acme' for model `tts-1``: a model's limits count per tenant."""
         if a.level == "key":
-            return f"'{self.identity.key_name}'"
-        if a.level == "tenant":
-            return f"'{self.identity.tenant}'"
-        return f"'{self.identity.tenant}' for model `{self.demand.model}`"
+            return f"key '{self.identity.key_name}'"
+        return f"tenant '{self.identity.tenant}'" + (f" for model `{self.demand.model}`" if a.level == "model" else "")
 
     def _refuse(self, a: Applied, error: RateLimitError) -> RateLimitError:
         self.rejected_by = a.label
