@@ -139,14 +139,14 @@ def test_policy_overhead(tmp_path: Path) -> None:
     with ExitStack() as stack:
         backend_url, _ = stack.enter_context(rig.backend(tmp_path / "speech.pcm", len(PCM)))
         base = GATEWAY_YAML.format(spool=tmp_path / "spool", sha=sha(DEMO_KEY), backend=backend_url)
-        states: dict[str, tuple[str, int | None]] = {
-            OFF: ("", None), SQLITE: (POLICY_YAML.format(state=f"{{backend: sqlite, path: {tmp_path / 'state.db'}}}"),
-                                      None)}
+        sqlite = f"{{backend: sqlite, path: {tmp_path / 'state.db'}, timeout_s: 5}}"
+        states: dict[str, tuple[str, int | None]] = {OFF: ("", None), SQLITE: (POLICY_YAML.format(state=sqlite), None)}
         redis = stack.enter_context(rig.redis(tmp_path / "redis"))
         if redis is None:
             notes.append("redis row skipped: `redis-server` is not on PATH (apt-get install redis-server)")
         else:
-            states[REDIS] = (POLICY_YAML.format(state=f"{{backend: redis, url: '{redis[0]}'}}"), redis[1])
+            states[REDIS] = (POLICY_YAML.format(state=f"{{backend: redis, url: '{redis[0]}', timeout_s: 5}}"),
+                             redis[1])
         configs: list[Setup] = []
         for i, (name, (policy, store_pid)) in enumerate(states.items()):
             path = tmp_path / f"gateway-{i}.yaml"
@@ -157,6 +157,12 @@ def test_policy_overhead(tmp_path: Path) -> None:
             for config in configs[round_ % len(configs):] + configs[: round_ % len(configs)]:
                 config.measure(script)
         scraped = {c.name: scrape(c.url.removesuffix("/v1") + "/metrics")[1] for c in configs}
+    for config in configs[1:]:
+        ops = {dict(labels)["op"]: v for (name, labels), v in scraped[config.name].items()
+               if name == "gateway_state_operation_seconds_count"}
+        served = sum(load.requests for load in config.loads)
+        notes.append(f"{config.name}: store operations per request served: "
+                     + " ".join(f"{op} {n / served:.2f}" for op, n in sorted(ops.items())))
     report(configs, notes)
 
     for config in configs:
