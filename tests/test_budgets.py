@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import pytest
 from gateway.policy.rules import StateSettings
 from gateway.policy.shared import SharedState
 from gateway.policy.windows import Window, parse_window
-from gateway.store import Store
-from gateway.store.memory import MemoryStore
+from gateway.store import Store, StoreConfig
 from tests.conftest import DEMO_KEY, LOOPBACK_TLS, Gateway, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import http_get, make_wav, parse_metrics, wait_ledger
@@ -181,8 +179,8 @@ async def test_gauge_reads_run_off_the_request_one_at_a_time_the_latest_last() -
     """SharedState.read_soon (gateway_budget_remaining's read): the reads asked for while one is under way
     collapse into the latest, which runs once it is done, so the gauge ends on a read made after the
     last settle, at one round trip per read rather than per request."""
-    shared = SharedState(StateSettings(), None)
-    store, gate, ran = MemoryStore(time.time), asyncio.Event(), asyncio.Queue[int]()
+    shared = SharedState(StateSettings(StoreConfig(backend="memory")), None)
+    store, gate, ran = shared.store, asyncio.Event(), asyncio.Queue[int]()
 
     def read(n: int) -> Callable[[Store], Awaitable[None]]:
         async def run(_: Store) -> None:
