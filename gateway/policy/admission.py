@@ -275,18 +275,18 @@ class Admission:
             else:
                 await give_back(store, "release", lambda s, t=token: s.release(t))
             if a.level == "tenant" and self.metrics is not None:
-                await self._report_remaining(store, a, a.rule)
+                self._report_remaining(store, a, a.rule)
 
-    async def _report_remaining(self, store: Store, a: Applied, budget: Budget) -> None:
-        anchor, length = budget.period.bounds(time.time())
-        spent: list[float] = []
+    def _report_remaining(self, store: Store, a: Applied, budget: Budget) -> None:
+        """gateway_budget_remaining, read back in the background (SharedState.read_soon): a round trip
+        the request need not wait for, shared by the requests that finish meanwhile."""
+        gauge, key = self.metrics.budget_remaining.labels(self.identity.tenant), f"{a.scope}|{budget.unit}"
 
         async def read(s: Store) -> None:
-            spent.append(await s.spent(f"{a.scope}|{budget.unit}", length, anchor_s=anchor))
+            anchor, length = budget.period.bounds(time.time())
+            gauge.set(max(0.0, budget.amount - await s.spent(key, length, anchor_s=anchor)))
 
-        await self.shared.give_back(store, "spent", read)
-        if spent:
-            self.metrics.budget_remaining.labels(self.identity.tenant).set(max(0.0, budget.amount - spent[0]))
+        self.shared.read_soon(store, key, "spent", read)
 
 
 def _actual(unit: str, billed: Bill) -> float:

@@ -7,6 +7,7 @@ request waits out its timeout. Every call is timed, every failure and fallback c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,6 +21,7 @@ from gateway.store.memory import MemoryStore
 
 log = logging.getLogger("gateway.policy")
 T = TypeVar("T")
+Read = Callable[[Store], Awaitable[object]]
 
 
 class SharedState:
@@ -30,6 +32,9 @@ class SharedState:
         """The fallback: this process's memory."""
         self._metrics = metrics
         self._down_until = 0.0
+        self._reads: dict[tuple[Store, str], Read | None] = {}
+        """The background reads under way (see `read_soon`), each with the one asked for meanwhile."""
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(self, feature: str, on_error: str, op: str,
                    run: Callable[[Store], Awaitable[T]]) -> tuple[T, Store]:
@@ -65,6 +70,9 @@ class SharedState:
         return result
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
 
     async def give_back(self, store: Store, op: str, run: Callable[[Store], Awaitable[object]]) -> None:
@@ -75,6 +83,27 @@ class SharedState:
             await (self.timed(op, run(store)) if store is self.store else run(store))
         except StoreUnavailable as exc:
             log.warning("state store failed on %s (%s); it stays counted until it expires", op, exc)
+
+    def read_soon(self, store: Store, key: str, op: str, run: Read) -> None:
+        """Run `run`, a read that only feeds a gauge, off the request's path and one at a time per `key`:
+        asked for while one is under way, the latest asked for runs once that one is done. So no request
+        waits a round trip for it, requests finishing together share one, and the last read starts after
+        the last change."""
+        if (store, key) in self._reads:
+            self._reads[store, key] = run
+            return
+        self._reads[store, key] = None
+        task = asyncio.get_running_loop().create_task(self._read(store, key, op, run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, store: Store, key: str, op: str, run: Read | None) -> None:
+        try:
+            while run is not None:
+                await self.give_back(store, op, run)
+                run, self._reads[store, key] = self._reads[store, key], None
+        finally:
+            del self._reads[store, key]
 
 
 def scope_warnings(policy: Policy, workers: int | None, environ: Mapping[str, str]) -> list[str]:
