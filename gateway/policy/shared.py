@@ -57,10 +57,16 @@ class SharedState:
         return await run(self.local), self.local
 
     async def timed(self, op: str, call: Awaitable[T]) -> T:
-        """Await one store operation, timing it; a failure is counted under `op` and raised again."""
+        """Await one store operation, timing it; a failure is counted under `op` and raised again. Whatever
+        the backend's own timeouts, no operation is waited for longer than 4 x `state.timeout_s` (at least
+        1 s): a SQLite file on a hung disk must not hang the requests."""
         started = time.perf_counter()
         try:
-            result = await call
+            try:
+                async with asyncio.timeout(max(1.0, 4 * self.settings.store.timeout_s)):
+                    result = await call
+            except TimeoutError:
+                raise StoreUnavailable(f"{self.settings.store.backend} state store: no answer in time") from None
         except StoreUnavailable:
             if self._metrics is not None:
                 self._metrics.state_errors.labels(op).inc()
