@@ -26,8 +26,11 @@ Semantics every backend keeps (tests/test_store.py is one contract suite over al
 - `acquire` takes one of `limit` slots for `ttl_s`; `renew` extends it, `release_slot` frees it. A
   lease not renewed within its TTL frees its slot, so a crashed replica's slots come back.
 - Each operation is atomic (memory: no await inside one; SQLite: one `BEGIN IMMEDIATE` transaction;
-  Redis: one Lua script). An unreachable or failing store raises `StoreUnavailable`; what to do then
-  is the caller's policy.
+  Redis: one Lua script). So is `take`, a whole admission in one round trip: hits, acquires and
+  reserves checked together and applied all or nothing (gateway/store/batch.py); `give` hands back
+  several things in one round trip. On Redis Cluster both fall back to single operations (`take` in
+  order, giving back what it took when a later step is refused). An unreachable or failing store
+  raises `StoreUnavailable`; what to do then is the caller's policy.
 - Amounts are floats (money); a reservation fits when it exceeds `cap` by at most `EPSILON`, so
   fifty reservations of 0.1 fit a cap of 5.0.
 """
@@ -35,9 +38,11 @@ Semantics every backend keeps (tests/test_store.py is one contract suite over al
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from gateway.store.batch import Ask, Give, Taken
 
 BACKENDS = ("memory", "sqlite", "redis")
 EPSILON = 1e-9
@@ -106,6 +111,12 @@ class Store(Protocol):
         """Extend the lease by its TTL; False if it had already expired or been released."""
 
     async def release_slot(self, lease: str) -> None: ...
+
+    async def take(self, asks: Sequence[Ask]) -> Taken:
+        """All the steps, atomically: if a required one does not fit, none is taken (gateway/store/batch.py)."""
+
+    async def give(self, items: Sequence[Give]) -> None:
+        """Settle, release, free and count them all in one round trip; each is idempotent as its single op."""
 
     async def close(self) -> None: ...
 

@@ -6,6 +6,7 @@ dict is changed, so each operation is atomic on the event loop without a lock.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from gateway.store import (
     EPSILON,
@@ -19,6 +20,20 @@ from gateway.store import (
     reservation_token,
     to_ms,
     window_start,
+)
+from gateway.store.batch import (
+    AcquireAsk,
+    Ask,
+    Give,
+    HitAsk,
+    Release,
+    ReleaseSlot,
+    ReserveAsk,
+    Settle,
+    Taken,
+    check,
+    fits,
+    unapplied,
 )
 
 
@@ -35,22 +50,26 @@ class MemoryStore:
         """scope -> {lease id: expiry}"""
 
     async def hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float = 0.0) -> Hit:
+        return self._hit(key, cost, limit, window_s, anchor_s)[0]
+
+    def _hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float) -> tuple[Hit, float]:
+        """The hit, and the count before it."""
         window = to_ms(window_s)
         now = now_ms(self._clock)
         start = window_start(now, window, anchor_ms(anchor_s))
         held = self._hits.get((key, window))
-        count = held[1] if held and held[0] == start else 0.0
+        count = before = held[1] if held and held[0] == start else 0.0
         reset_s = (start + window - now) / 1000
         if cost < 0:  # a refund: only a count held in this window goes down, to 0 at most
             if count:
                 count = max(0.0, count + cost)
                 self._hits[(key, window)] = (start, count)
-            return Hit(True, max(0.0, limit - count), reset_s)
+            return Hit(True, max(0.0, limit - count), reset_s), before
         allowed = count + cost <= limit + EPSILON
         if allowed:
             count += cost
             self._hits[(key, window)] = (start, count)
-        return Hit(allowed, max(0.0, limit - count), reset_s)
+        return Hit(allowed, max(0.0, limit - count), reset_s), before
 
     def _current(self, scope: str, period: int, start: int) -> float:
         held_start, total = self._spent.get((scope, period), (start, 0.0))
@@ -59,6 +78,9 @@ class MemoryStore:
     async def reserve(
         self, scope: str, amount: float, cap: float, period_s: float, anchor_s: float = 0.0
     ) -> str | None:
+        return self._reserve(scope, amount, cap, period_s, anchor_s)
+
+    def _reserve(self, scope: str, amount: float, cap: float, period_s: float, anchor_s: float) -> str | None:
         period = to_ms(period_s)
         start = window_start(now_ms(self._clock), period, anchor_ms(anchor_s))
         total = self._current(scope, period, start)
@@ -95,6 +117,9 @@ class MemoryStore:
         return leases
 
     async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
+        return self._acquire(scope, limit, ttl_s)
+
+    def _acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
         now = now_ms(self._clock)
         leases = self._live(scope, now)
         if len(leases) >= limit:
@@ -114,8 +139,56 @@ class MemoryStore:
         return True
 
     async def release_slot(self, lease: str) -> None:
+        self._release_slot(lease)
+
+    def _release_slot(self, lease: str) -> None:
         _, ident, scope = parse_lease(lease)
         self._leases.get(scope, {}).pop(ident, None)
+
+    async def take(self, asks: Sequence[Ask]) -> Taken:
+        """Each step as its single operation, in order; when a required one is refused, the state each
+        touched is put back as it was (no await in between, so nobody saw it)."""
+        check(asks)
+        hits = {(a.key, to_ms(a.window_s)): self._hits.get((a.key, to_ms(a.window_s)))
+                for a in asks if isinstance(a, HitAsk)}
+        spent = {(a.scope, to_ms(a.period_s)): self._spent.get((a.scope, to_ms(a.period_s)))
+                 for a in asks if isinstance(a, ReserveAsk)}
+        leases = {a.scope: dict(self._leases.get(a.scope, {})) for a in asks if isinstance(a, AcquireAsk)}
+        results: list[Hit | str | None] = []
+        before: list[float] = []
+        for ask in asks:
+            if isinstance(ask, HitAsk):
+                hit, count = self._hit(ask.key, ask.cost, ask.limit, ask.window_s, ask.anchor_s)
+                results.append(hit)
+                before.append(count)
+            elif isinstance(ask, AcquireAsk):
+                results.append(self._acquire(ask.scope, ask.slots, ask.ttl_s))
+            else:
+                results.append(self._reserve(ask.scope, ask.amount, ask.cap, ask.period_s, ask.anchor_s))
+        refused = tuple(i for i, (a, r) in enumerate(zip(asks, results, strict=True)) if not fits(a, r))
+        if not any(asks[i].required for i in refused):
+            return Taken(True, tuple(results), refused)
+        for table, saved in ((self._hits, hits), (self._spent, spent)):
+            for k, v in saved.items():
+                if v is None:
+                    table.pop(k, None)  # type: ignore[attr-defined]
+                else:
+                    table[k] = v  # type: ignore[index]
+        self._leases.update(leases)
+        for r in results:
+            if isinstance(r, str) and r in self._reserved:
+                del self._reserved[r]
+        counts = iter(before)
+        return Taken(False, tuple(unapplied(a, r, counts) for a, r in zip(asks, results, strict=True)), refused)
+
+    async def give(self, items: Sequence[Give]) -> None:
+        for item in items:
+            if isinstance(item, Settle | Release):
+                self._take(item.token, item.actual if isinstance(item, Settle) else 0.0)
+            elif isinstance(item, ReleaseSlot):
+                self._release_slot(item.lease)
+            else:
+                self._hit(item.key, item.cost, item.limit, item.window_s, item.anchor_s)
 
     async def close(self) -> None:
         pass

@@ -8,6 +8,7 @@ Keys expire shortly after their window, period or longest lease ends; nothing ne
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -16,7 +17,6 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from gateway.store import (
-    EPSILON,
     Clock,
     Hit,
     StoreUnavailable,
@@ -27,98 +27,20 @@ from gateway.store import (
     reservation_token,
     to_ms,
 )
-
-NOW = """
-local function now_ms(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function num(x) return string.format('%.17g', x) end
-local EPSILON = """ + repr(EPSILON) + """
--- a window's or period's count (a hash of start 's' and count 'n'), and whether `start` is the one held
-local function held(key, start)
-  local h = redis.call('HMGET', key, 's', 'n')
-  if tonumber(h[1]) == start then return tonumber(h[2]), true end
-  return 0, false
-end
-"""
-
-HIT = NOW + """
-local cost, limit, window, anchor = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
-local now = now_ms(ARGV[4])
-local start = now - (now - anchor) % window  -- Lua's % is floored, like Python's
-local count, current = held(KEYS[1], start)
-local allowed = 0
-if cost < 0 then  -- a refund: only a count held in this window goes down, to 0 at most
-  allowed = 1
-  if current then
-    count = math.max(0, count + cost)
-    redis.call('HSET', KEYS[1], 'n', num(count))
-  end
-elseif count + cost <= limit + EPSILON then
-  allowed = 1
-  count = count + cost
-  redis.call('HSET', KEYS[1], 's', num(start), 'n', num(count))
-  redis.call('PEXPIRE', KEYS[1], start + window - now + 1000)
-end
-return {allowed, num(count), num(start + window - now)}
-"""
-
-RESERVE = NOW + """
-local amount, cap, period, anchor = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
-local now = now_ms(ARGV[4])
-local start = now - (now - anchor) % period
-local total, current = held(KEYS[1], start)
-if not current then redis.call('DEL', KEYS[2]) end
-if total + amount > cap + EPSILON then return false end
-redis.call('HSET', KEYS[1], 's', num(start), 'n', num(total + amount))
-redis.call('HSET', KEYS[2], ARGV[5], num(amount))
-local ttl = start + period - now + 1000
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-return num(start)
-"""
-
-TAKE = NOW + """
-local amount = redis.call('HGET', KEYS[2], ARGV[1])
-if not amount then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-local total, current = held(KEYS[1], tonumber(ARGV[2]))
-if current then
-  redis.call('HSET', KEYS[1], 'n', num(math.max(0, total - tonumber(amount) + tonumber(ARGV[3]))))
-end
-return 1
-"""
-
-SPENT = NOW + """
-local period, anchor = tonumber(ARGV[1]), tonumber(ARGV[3])
-local now = now_ms(ARGV[2])
-return num(held(KEYS[1], now - (now - anchor) % period))
-"""
-
-LEASES = NOW + """
-local now = now_ms(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local function keep()
-  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-  if last[2] then redis.call('PEXPIRE', KEYS[1], tonumber(last[2]) - now + 1000) end
-end
-"""
-
-ACQUIRE = LEASES + """
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
-keep()
-return 1
-"""
-
-RENEW = LEASES + """
-if not redis.call('ZSCORE', KEYS[1], ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[4])
-keep()
-return 1
-"""
+from gateway.store.batch import (
+    AcquireAsk,
+    Ask,
+    Count,
+    Give,
+    HitAsk,
+    ReleaseSlot,
+    Settle,
+    Taken,
+    check,
+    give_each,
+    take_in_order,
+)
+from gateway.store.redis_scripts import ACQUIRE, BATCH_GIVE, BATCH_TAKE, HIT, RENEW, RESERVE, SPENT, TAKE
 
 
 class RedisStore:
@@ -133,10 +55,12 @@ class RedisStore:
             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), decode_responses=True,
         )
         self._redis = Redis(connection_pool=pool)
+        self._cluster = False
         self._scripts = {
             name: self._redis.register_script(lua)
             for name, lua in (("hit", HIT), ("reserve", RESERVE), ("take", TAKE), ("spent", SPENT),
-                              ("acquire", ACQUIRE), ("renew", RENEW))
+                              ("acquire", ACQUIRE), ("renew", RENEW),
+                              ("batch_take", BATCH_TAKE), ("batch_give", BATCH_GIVE))
         }
 
     def _key(self, scope: str, kind: str, n: int | None = None) -> str:
@@ -200,6 +124,72 @@ class RedisStore:
             await self._redis.zrem(self._key(scope, "l"), ident)
         except RedisError as e:
             raise StoreUnavailable(f"redis state store: {type(e).__name__}") from e
+
+    async def take(self, asks: Sequence[Ask]) -> Taken:
+        """One script for the whole batch (redis_scripts.BATCH_TAKE: check every step, then apply them
+        all). A Cluster keeps scopes in different slots: there the single operations run in order."""
+        check(asks)
+        if self._cluster:
+            return await take_in_order(self, asks)
+        keys: list[str] = []
+        args: list[Any] = [self._now()]
+        idents: list[str] = []
+        for ask in asks:
+            ident = uuid.uuid4().hex
+            idents.append(ident)
+            if isinstance(ask, HitAsk):
+                window = to_ms(ask.window_s)
+                keys += [self._key(ask.key, "h", window)] * 2
+                args += ["h", ask.required, repr(ask.cost), repr(ask.limit), window, anchor_ms(ask.anchor_s), ""]
+            elif isinstance(ask, AcquireAsk):
+                keys += [self._key(ask.scope, "l")] * 2
+                args += ["a", ask.required, ask.slots, to_ms(ask.ttl_s), 0, 0, ident]
+            else:
+                period = to_ms(ask.period_s)
+                keys += [self._key(ask.scope, "b", period), self._key(ask.scope, "r", period)]
+                args += ["r", ask.required, repr(ask.amount), repr(ask.cap), period, anchor_ms(ask.anchor_s), ident]
+        args = [int(a) if isinstance(a, bool) else a for a in args]
+        out = await self._call("batch_take", keys, args)
+        admitted = out[0] == 1
+        results: list[Hit | str | None] = []
+        refused: list[int] = []
+        for i, ask in enumerate(asks):
+            fit, figure, left = out[1 + 3 * i: 4 + 3 * i]
+            if fit != 1:
+                refused.append(i)
+            if isinstance(ask, HitAsk):
+                results.append(Hit(fit == 1, max(0.0, ask.limit - float(figure)), float(left) / 1000))
+            elif not (admitted and fit == 1):
+                results.append(None)
+            elif isinstance(ask, AcquireAsk):
+                results.append(lease_token(to_ms(ask.ttl_s), idents[i], ask.scope))
+            else:
+                results.append(reservation_token(to_ms(ask.period_s), int(float(figure)), idents[i], ask.scope))
+        return Taken(admitted, tuple(results), tuple(refused))
+
+    async def give(self, items: Sequence[Give]) -> None:
+        """One script for them all (redis_scripts.BATCH_GIVE); on a Cluster, the single operations at once."""
+        if not items:
+            return
+        if self._cluster:
+            await give_each(self, items)
+            return
+        keys: list[str] = []
+        args: list[Any] = [self._now()]
+        for item in items:
+            if isinstance(item, ReleaseSlot):
+                _, ident, scope = parse_lease(item.lease)
+                keys += [self._key(scope, "l")] * 2
+                args += ["l", ident, 0, 0, 0]
+            elif isinstance(item, Count):
+                window = to_ms(item.window_s)
+                keys += [self._key(item.key, "h", window)] * 2
+                args += ["c", repr(item.cost), repr(item.limit), window, anchor_ms(item.anchor_s)]
+            else:
+                period, start, ident, scope = parse_reservation(item.token)
+                keys += [self._key(scope, "b", period), self._key(scope, "r", period)]
+                args += ["s", ident, start, repr(item.actual if isinstance(item, Settle) else 0.0), 0]
+        await self._call("batch_give", keys, args)
 
     async def close(self) -> None:
         await self._redis.aclose()

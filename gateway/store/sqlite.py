@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,19 @@ from gateway.store import (
     reservation_token,
     to_ms,
     window_start,
+)
+from gateway.store.batch import (
+    AcquireAsk,
+    Ask,
+    Give,
+    HitAsk,
+    Release,
+    ReleaseSlot,
+    Settle,
+    Taken,
+    check,
+    fits,
+    unapplied,
 )
 
 T = TypeVar("T")
@@ -77,84 +90,25 @@ class SqliteStore:
             raise StoreUnavailable(f"sqlite state store: {e}") from e
 
     async def hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float = 0.0) -> Hit:
-        window, anchor = to_ms(window_s), anchor_ms(anchor_s)
-
-        def op(db: sqlite3.Connection, now: int) -> Hit:
-            start = window_start(now, window, anchor)
-            row = db.execute("SELECT start, count FROM hits WHERE key=? AND window=?", (key, window)).fetchone()
-            count = row[1] if row and row[0] == start else 0.0
-            reset_s = (start + window - now) / 1000
-            if cost < 0:  # a refund: only a count held in this window goes down, to 0 at most
-                if count:
-                    count = max(0.0, count + cost)
-                    db.execute("UPDATE hits SET count=? WHERE key=? AND window=?", (count, key, window))
-                return Hit(True, max(0.0, limit - count), reset_s)
-            allowed = count + cost <= limit + EPSILON
-            if allowed:
-                count += cost
-                db.execute("INSERT OR REPLACE INTO hits VALUES (?, ?, ?, ?)", (key, window, start, count))
-            return Hit(allowed, max(0.0, limit - count), reset_s)
-
-        return await self._run(op)
-
-    @staticmethod
-    def _current(db: sqlite3.Connection, scope: str, period: int, start: int) -> float:
-        row = db.execute("SELECT start, total FROM spent WHERE scope=? AND period=?", (scope, period)).fetchone()
-        return row[1] if row and row[0] == start else 0.0
+        return await self._run(lambda db, now: _hit(db, now, key, cost, limit, window_s, anchor_s)[0])
 
     async def reserve(
         self, scope: str, amount: float, cap: float, period_s: float, anchor_s: float = 0.0
     ) -> str | None:
-        period, anchor = to_ms(period_s), anchor_ms(anchor_s)
-
-        def op(db: sqlite3.Connection, now: int) -> str | None:
-            start = window_start(now, period, anchor)
-            total = self._current(db, scope, period, start)
-            if total + amount > cap + EPSILON:
-                return None
-            db.execute("INSERT OR REPLACE INTO spent VALUES (?, ?, ?, ?)", (scope, period, start, total + amount))
-            token = reservation_token(period, start, uuid.uuid4().hex, scope)
-            db.execute("INSERT INTO reserved VALUES (?, ?)", (token, amount))
-            return token
-
-        return await self._run(op)
-
-    async def _take(self, token: str, actual: float) -> None:
-        period, start, _, scope = parse_reservation(token)
-
-        def op(db: sqlite3.Connection, now: int) -> None:
-            rows = db.execute("DELETE FROM reserved WHERE token=? RETURNING amount", (token,)).fetchall()
-            for (amount,) in rows:  # none, or the one reservation
-                db.execute(
-                    "UPDATE spent SET total = max(0.0, total - ? + ?) WHERE scope=? AND period=? AND start=?",
-                    (amount, actual, scope, period, start),
-                )
-
-        await self._run(op)
+        return await self._run(lambda db, now: _reserve(db, now, scope, amount, cap, period_s, anchor_s))
 
     async def settle(self, token: str, actual: float) -> None:
-        await self._take(token, actual)
+        await self._run(lambda db, now: _settle(db, token, actual))
 
     async def release(self, token: str) -> None:
-        await self._take(token, 0.0)
+        await self._run(lambda db, now: _settle(db, token, 0.0))
 
     async def spent(self, scope: str, period_s: float, anchor_s: float = 0.0) -> float:
         period, anchor = to_ms(period_s), anchor_ms(anchor_s)
-        return await self._run(lambda db, now: self._current(db, scope, period, window_start(now, period, anchor)))
+        return await self._run(lambda db, now: _current(db, scope, period, window_start(now, period, anchor)))
 
     async def acquire(self, scope: str, limit: int, ttl_s: float) -> str | None:
-        ttl = to_ms(ttl_s)
-
-        def op(db: sqlite3.Connection, now: int) -> str | None:
-            db.execute("DELETE FROM leases WHERE scope=? AND expiry<=?", (scope, now))
-            (held,) = db.execute("SELECT count(*) FROM leases WHERE scope=?", (scope,)).fetchone()
-            if held >= limit:
-                return None
-            ident = uuid.uuid4().hex
-            db.execute("INSERT INTO leases VALUES (?, ?, ?)", (scope, ident, now + ttl))
-            return lease_token(ttl, ident, scope)
-
-        return await self._run(op)
+        return await self._run(lambda db, now: _acquire(db, now, scope, limit, ttl_s))
 
     async def renew(self, lease: str) -> bool:
         ttl, ident, scope = parse_lease(lease)
@@ -168,8 +122,49 @@ class SqliteStore:
         return await self._run(op)
 
     async def release_slot(self, lease: str) -> None:
-        _, ident, scope = parse_lease(lease)
-        await self._run(lambda db, now: db.execute("DELETE FROM leases WHERE scope=? AND ident=?", (scope, ident)))
+        await self._run(lambda db, now: _release_slot(db, lease))
+
+    async def take(self, asks: Sequence[Ask]) -> Taken:
+        """One transaction: each step as its single operation, in order; rolled back when a required one
+        is refused (the write lock is held throughout, so nobody saw it)."""
+        check(asks)
+
+        def op(db: sqlite3.Connection, now: int) -> Taken:
+            results: list[Hit | str | None] = []
+            before: list[float] = []
+            for ask in asks:
+                if isinstance(ask, HitAsk):
+                    hit, count = _hit(db, now, ask.key, ask.cost, ask.limit, ask.window_s, ask.anchor_s)
+                    results.append(hit)
+                    before.append(count)
+                elif isinstance(ask, AcquireAsk):
+                    results.append(_acquire(db, now, ask.scope, ask.slots, ask.ttl_s))
+                else:
+                    results.append(_reserve(db, now, ask.scope, ask.amount, ask.cap, ask.period_s, ask.anchor_s))
+            refused = tuple(i for i, (a, r) in enumerate(zip(asks, results, strict=True)) if not fits(a, r))
+            if not any(asks[i].required for i in refused):
+                return Taken(True, tuple(results), refused)
+            counts = iter(before)
+            raise _Refused(Taken(False, tuple(unapplied(a, r, counts) for a, r in zip(asks, results, strict=True)),
+                                 refused))
+
+        try:
+            return await self._run(op)
+        except _Refused as refused:
+            return refused.taken
+
+    async def give(self, items: Sequence[Give]) -> None:
+        def op(db: sqlite3.Connection, now: int) -> None:
+            for item in items:
+                if isinstance(item, Settle | Release):
+                    _settle(db, item.token, item.actual if isinstance(item, Settle) else 0.0)
+                elif isinstance(item, ReleaseSlot):
+                    _release_slot(db, item.lease)
+                else:
+                    _hit(db, now, item.key, item.cost, item.limit, item.window_s, item.anchor_s)
+
+        if items:
+            await self._run(op)
 
     async def close(self) -> None:
         def shut() -> Any:
@@ -179,3 +174,74 @@ class SqliteStore:
 
         await asyncio.get_running_loop().run_in_executor(self._thread, shut)
         self._thread.shutdown(wait=False)
+
+
+class _Refused(Exception):
+    """Rolls a refused batch back (SqliteStore._run rolls back on any exception), carrying its answer."""
+
+    def __init__(self, taken: Taken) -> None:
+        self.taken = taken
+
+
+def _hit(db: sqlite3.Connection, now: int, key: str, cost: float, limit: float, window_s: float,
+         anchor_s: float) -> tuple[Hit, float]:
+    """The hit, and the count before it."""
+    window = to_ms(window_s)
+    start = window_start(now, window, anchor_ms(anchor_s))
+    row = db.execute("SELECT start, count FROM hits WHERE key=? AND window=?", (key, window)).fetchone()
+    count = before = row[1] if row and row[0] == start else 0.0
+    reset_s = (start + window - now) / 1000
+    if cost < 0:  # a refund: only a count held in this window goes down, to 0 at most
+        if count:
+            count = max(0.0, count + cost)
+            db.execute("UPDATE hits SET count=? WHERE key=? AND window=?", (count, key, window))
+        return Hit(True, max(0.0, limit - count), reset_s), before
+    allowed = count + cost <= limit + EPSILON
+    if allowed:
+        count += cost
+        db.execute("INSERT OR REPLACE INTO hits VALUES (?, ?, ?, ?)", (key, window, start, count))
+    return Hit(allowed, max(0.0, limit - count), reset_s), before
+
+
+def _current(db: sqlite3.Connection, scope: str, period: int, start: int) -> float:
+    row = db.execute("SELECT start, total FROM spent WHERE scope=? AND period=?", (scope, period)).fetchone()
+    return row[1] if row and row[0] == start else 0.0
+
+
+def _reserve(db: sqlite3.Connection, now: int, scope: str, amount: float, cap: float, period_s: float,
+             anchor_s: float) -> str | None:
+    period = to_ms(period_s)
+    start = window_start(now, period, anchor_ms(anchor_s))
+    total = _current(db, scope, period, start)
+    if total + amount > cap + EPSILON:
+        return None
+    db.execute("INSERT OR REPLACE INTO spent VALUES (?, ?, ?, ?)", (scope, period, start, total + amount))
+    token = reservation_token(period, start, uuid.uuid4().hex, scope)
+    db.execute("INSERT INTO reserved VALUES (?, ?)", (token, amount))
+    return token
+
+
+def _settle(db: sqlite3.Connection, token: str, actual: float) -> None:
+    period, start, _, scope = parse_reservation(token)
+    rows = db.execute("DELETE FROM reserved WHERE token=? RETURNING amount", (token,)).fetchall()
+    for (amount,) in rows:  # none, or the one reservation
+        db.execute(
+            "UPDATE spent SET total = max(0.0, total - ? + ?) WHERE scope=? AND period=? AND start=?",
+            (amount, actual, scope, period, start),
+        )
+
+
+def _acquire(db: sqlite3.Connection, now: int, scope: str, limit: int, ttl_s: float) -> str | None:
+    ttl = to_ms(ttl_s)
+    db.execute("DELETE FROM leases WHERE scope=? AND expiry<=?", (scope, now))
+    (held,) = db.execute("SELECT count(*) FROM leases WHERE scope=?", (scope,)).fetchone()
+    if held >= limit:
+        return None
+    ident = uuid.uuid4().hex
+    db.execute("INSERT INTO leases VALUES (?, ?, ?)", (scope, ident, now + ttl))
+    return lease_token(ttl, ident, scope)
+
+
+def _release_slot(db: sqlite3.Connection, lease: str) -> None:
+    _, ident, scope = parse_lease(lease)
+    db.execute("DELETE FROM leases WHERE scope=? AND ident=?", (scope, ident))
