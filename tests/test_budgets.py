@@ -131,7 +131,7 @@ def test_store_down_limits_fall_back_to_memory_and_budgets_refuse(
     samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
     assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "limits"), ("action", "memory")}))] >= 3
     assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "budgets"), ("action", "refused")}))] == 1
-    assert samples[("gateway_state_errors_total", frozenset({("op", "hit")}))] >= 1
+    assert samples[("gateway_state_errors_total", frozenset({("op", "take")}))] >= 1
 
 
 def test_store_down_with_the_policies_turned_around(
@@ -216,5 +216,5 @@ def test_a_store_that_never_answers_is_tried_once_then_skipped_for_retry_s(
             for _ in range(3):
                 client.audio.speech.create(model="tts-1", voice="nova", input="served anyway")
         samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
-    assert samples[("gateway_state_errors_total", frozenset({("op", "hit")}))] == 1
+    assert samples[("gateway_state_errors_total", frozenset({("op", "take")}))] == 1
     assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "limits"), ("action", "memory")}))] == 3

@@ -45,12 +45,12 @@ def speech_requests(engine: FakeOpenAIEngine) -> int:
     return sum(1 for r in engine.requests if r.path.endswith("/audio/speech"))
 
 
-def hits_landed(gw: Gateway, count: int) -> None:
-    """Wait until `count` store hits were made: counting after the fact happens just after the response ends."""
+def gives_landed(gw: Gateway, count: int) -> None:
+    """Wait until `count` store gives were made: counting after the fact happens just after the response ends."""
     deadline = time.monotonic() + 5
     while parse_metrics(http_get(f"{gw.url}/metrics")[2].decode()).get(
-            ("gateway_state_operation_seconds_count", frozenset({("op", "hit")})), 0) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} hits"
+            ("gateway_state_operation_seconds_count", frozenset({("op", "give")})), 0) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} gives"
         time.sleep(0.01)
 
 
@@ -205,7 +205,7 @@ def test_speech_seconds_are_counted_once_the_audio_went_out(
         first = speak(client, "One second of speech.")
         assert first.headers["x-ratelimit-remaining-speech-seconds"] == "1.5"  # nothing counted before it
         speak(client, "One more second of it.")  # 1.5 s was left before this one
-        hits_landed(gw, 4)  # each request: one hit to check for room, one to count its audio once it is over
+        gives_landed(gw, 2)  # each request: a take to check for room, a give to count its audio once it is over
         error = refused(lambda: speak(client, "And a third."))
         assert "speech seconds per hour" in error.message
         assert error.response.headers["x-ratelimit-remaining-speech-seconds"] == "0"

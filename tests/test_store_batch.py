@@ -131,7 +131,7 @@ async def test_the_cluster_fallback_takes_in_order_and_gives_back_on_refusal(
     assert await s.reserve("tenant", 8, 10, DAY) is not None
     taken = await take_in_order(s, [*ADMISSION, HitAsk("never", 1, 1, 60)])
     assert not taken.admitted and taken.refused == (2,)
-    assert taken.results == (Hit(True, 2, 45), None, None, None), "stopped at the refusal"
+    assert taken.results == (Hit(True, 3, 45), None, None, None), "stopped at the refusal, nothing counted"
     assert (await s.hit("key-a", 3, 3, 60)).allowed, "its hit was refunded"
     assert await s.acquire("tenant", 1, 30) is not None, "its lease released"
     fits = await take_in_order(s, [HitAsk("key-b", 1, 3, 60), ReserveAsk("tenant", 2, 10, DAY)])

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -30,14 +31,11 @@ from gateway.policy.rules import Budget, Limit
 from gateway.policy.shared import SharedState
 from gateway.policy.windows import Window
 from gateway.state import ADMISSION, IDENTITY, METRICS, OUTCOME, RATE_HEADERS, SHARED_STATE, TABLE
-from gateway.store import EPSILON, Store
+from gateway.store import EPSILON, Hit, Store
+from gateway.store.batch import AcquireAsk, Ask, Count, Give, HitAsk, Release, ReleaseSlot, ReserveAsk, Settle
 from gateway.usage import Bill, bill
 
 log = logging.getLogger("gateway.policy")
-
-UNBOUNDED = 1e18
-"""The limit given to a hit that counts usage after the fact (it must count whatever it is)."""
-
 
 async def admit(request: web.Request, demand: Demand) -> None:
     """Take what `demand` needs under every limit and budget that applies, or raise the 429 (or, by the
@@ -61,7 +59,7 @@ async def admit(request: web.Request, demand: Demand) -> None:
 
 
 class Admission:
-    """What one request took from the store (each with the store that handed it out), and its giving back."""
+    """What one request took from the store (and the store that handed it out), and its giving back."""
 
     def __init__(self, shared: SharedState, config: Config, identity: Identity, demand: Demand,
                  metrics: Any) -> None:
@@ -69,79 +67,91 @@ class Admission:
         self.rate = RateHeaders()
         self.admitted = False
         self.rejected_by: str | None = None
-        self._hits: list[tuple[Store, str, Limit, float, float, float]] = []
-        """(store, key, limit, cost, anchor, length) of each counted hit, refunded if the request is refused."""
-        self._leases: list[tuple[Store, str]] = []
-        self._reservations: list[tuple[Store, str, Applied]] = []
+        self._store: Store | None = None
+        self._counted: list[tuple[str, float, float]] = []
+        """(key, anchor, length) of each speech_seconds window that admitted it: counted once it is over."""
+        self._leases: list[str] = []
+        self._reservations: list[tuple[str, Applied]] = []
         self._renewal: asyncio.Task[None] | None = None
 
     async def take(self, applied: list[Applied]) -> None:
+        """One `take` of every step: a hit per window, then a lease per concurrency slot, then a reservation
+        per budget, all or nothing (a shadow limit's step is optional). A refusal names the first step
+        that refused, in that order."""
         state = self.shared.settings  # `state:` as the process started with it (it does not reload)
         now = time.time()
         limits = [a for a in applied if isinstance(a.rule, Limit)]
-        for a in sorted(limits, key=lambda a: a.rule.measure == "concurrent"):  # slots after windows
-            limit = a.rule
-            assert isinstance(limit, Limit)
-            if limit.per is None:
-                await self._lease(a, limit, state.limits_on_error, state.lease_ttl_s)
+        steps = [a for a in sorted(limits, key=lambda a: a.rule.measure == "concurrent")]  # slots after windows
+        steps += [a for a in applied if isinstance(a.rule, Budget)]
+        asks = [self._ask(a, now, state.lease_ttl_s) for a in steps]
+        policies = {}
+        if limits:
+            policies["limits"] = state.limits_on_error
+        if len(steps) > len(limits):
+            policies["budgets"] = state.budgets_on_error
+        taken, self._store = await self.shared.call(policies, "take", lambda s: s.take(asks))
+        for i, (a, ask, got) in enumerate(zip(steps, asks, taken.results, strict=True)):
+            if i not in taken.refused:
+                self._took(a, ask, got, taken.admitted)
+            elif not ask.required:
+                self._shadow(a)
             else:
-                await self._hit(a, limit, now, state.limits_on_error)
-        for a in applied:
-            if isinstance(a.rule, Budget):
-                await self._reserve(a, a.rule, now, state.budgets_on_error)
+                raise self._refusal(a, ask, got, now)
         self.admitted = True
         if self._leases:
-            self._renewal = asyncio.create_task(self._renew(state.lease_ttl_s))
+            self._renewal = asyncio.create_task(self._renew())
 
-    async def _hit(self, a: Applied, limit: Limit, now: float, on_error: str) -> None:
-        assert limit.per is not None
-        cost = self.demand.cost(limit.measure) or 0.0
-        anchor, length = limit.per.bounds(now)
-        key = f"{a.scope}|{limit.name}"
-        hit, store = await self.shared.call("limits", on_error, "hit",
-                                            lambda s: s.hit(key, cost, limit.amount, length, anchor_s=anchor))
-        room = hit.allowed and (limit.measure != "speech_seconds" or hit.remaining > EPSILON)
-        if not room and not limit.shadow:
-            self.rate.note(limit, 0.0 if limit.measure == "speech_seconds" else hit.remaining, hit.reset_s,
-                           refused=True)
-            used = limit.amount - hit.remaining
-            raise self._refuse(a, RateLimitError(
-                f"Rate limit reached for {limit.measure.replace('_', ' ')} per {limit.per.name} on "
-                f"{self._whom(a)}: Limit {limit.amount:g}, Used {used:g}, Requested {cost:g}. Please try again "
-                f"in {duration(hit.reset_s)}.", **_retry(hit.reset_s)))
-        if not room:
-            self._shadow(a)
-        else:
-            self._hits.append((store, key, limit, cost, anchor, length))
-            if not limit.shadow:
-                self.rate.note(limit, hit.remaining, hit.reset_s)
+    def _ask(self, a: Applied, now: float, lease_ttl_s: float) -> Ask:
+        rule = a.rule
+        if isinstance(rule, Budget):
+            model = self.config.models.get(self.demand.model)
+            amount = self.demand.worst_case(rule.unit, model.price if model else None)
+            anchor, length = rule.period.bounds(now)
+            return ReserveAsk(f"{a.scope}|{rule.unit}", amount, rule.amount, length, anchor)
+        if rule.per is None:
+            return AcquireAsk(f"{a.scope}|concurrent", int(rule.amount), lease_ttl_s, required=not rule.shadow)
+        anchor, length = rule.per.bounds(now)
+        # speech_seconds costs nothing now (counted once it is over) and needs room left: more than EPSILON
+        ceiling = rule.amount - 2 * EPSILON if rule.measure == "speech_seconds" else rule.amount
+        return HitAsk(f"{a.scope}|{rule.name}", self.demand.cost(rule.measure) or 0.0, ceiling, length, anchor,
+                      required=not rule.shadow)
 
-    async def _lease(self, a: Applied, limit: Limit, on_error: str, ttl: float) -> None:
-        key = f"{a.scope}|concurrent"
-        lease, store = await self.shared.call("limits", on_error, "acquire",
-                                              lambda s: s.acquire(key, int(limit.amount), ttl))
-        if lease is not None:
-            self._leases.append((store, lease))
-        elif limit.shadow:
-            self._shadow(a)
-        else:
-            raise self._refuse(a, RateLimitError(
-                f"Too many concurrent requests on {self._whom(a)}: Limit {limit.amount:g}. Please "
-                "try again when one has finished.", retry_after=1))
+    def _took(self, a: Applied, ask: Ask, got: Hit | str | None, admitted: bool) -> None:
+        """A step that fit: its rate headers, and (when the batch was admitted) what it took."""
+        if isinstance(ask, HitAsk):
+            limit = a.rule
+            assert isinstance(limit, Limit) and isinstance(got, Hit)
+            if not limit.shadow:  # (a refused batch's hit says what is left now: nothing was counted)
+                self.rate.note(limit, _left_of(limit, ask, got), got.reset_s)
+            if admitted and limit.measure == "speech_seconds":
+                self._counted.append((ask.key, ask.anchor_s, ask.window_s))
+        elif admitted and isinstance(ask, AcquireAsk):
+            assert isinstance(got, str)
+            self._leases.append(got)
+        elif admitted:
+            assert isinstance(got, str)
+            self._reservations.append((got, a))
 
-    async def _reserve(self, a: Applied, budget: Budget, now: float, on_error: str) -> None:
-        model = self.config.models.get(self.demand.model)
-        amount = self.demand.worst_case(budget.unit, model.price if model else None)
-        anchor, length = budget.period.bounds(now)
-        token, store = await self.shared.call("budgets", on_error, "reserve", lambda s: s.reserve(
-            f"{a.scope}|{budget.unit}", amount, budget.amount, length, anchor_s=anchor))
-        if token is None:
-            left = _left(budget.period, now)
-            raise self._refuse(a, QuotaExceededError(
-                f"You exceeded your current quota: the {budget.amount:g} {budget.unit} budget per "
-                f"{budget.period.name} of {self._whom(a)} cannot cover this request. It renews in "
+    def _refusal(self, a: Applied, ask: Ask, got: Hit | str | None, now: float) -> RateLimitError:
+        rule = a.rule
+        if isinstance(rule, Budget):
+            left = _left(rule.period, now)
+            return self._refuse(a, QuotaExceededError(
+                f"You exceeded your current quota: the {rule.amount:g} {rule.unit} budget per "
+                f"{rule.period.name} of {self._whom(a)} cannot cover this request. It renews in "
                 f"{duration(left)}.", retry_after=math.ceil(left)))
-        self._reservations.append((store, token, a))
+        if rule.per is None:
+            return self._refuse(a, RateLimitError(
+                f"Too many concurrent requests on {self._whom(a)}: Limit {rule.amount:g}. Please "
+                "try again when one has finished.", retry_after=1))
+        assert isinstance(ask, HitAsk) and isinstance(got, Hit)
+        remaining = 0.0 if rule.measure == "speech_seconds" else got.remaining
+        self.rate.note(rule, remaining, got.reset_s, refused=True)
+        used = rule.amount - _left_of(rule, ask, got)
+        return self._refuse(a, RateLimitError(
+            f"Rate limit reached for {rule.measure.replace('_', ' ')} per {rule.per.name} on "
+            f"{self._whom(a)}: Limit {rule.amount:g}, Used {used:g}, Requested {ask.cost:g}. Please try "
+            f"again in {duration(got.reset_s)}.", **_retry(got.reset_s)))
 
     def _whom(self, a: Applied) -> str:
         """`key 'ci'`, `tenant 'acme'`, `tenant 'acme' for model `tts-1``: a model's limits count per tenant."""
@@ -161,41 +171,46 @@ class Admission:
         if self.metrics is not None:
             self.metrics.shadow_rejections.labels(self.identity.tenant, a.label).inc()
 
-    async def _renew(self, ttl: float) -> None:
+    async def _renew(self) -> None:
+        ttl = self.shared.settings.lease_ttl_s
         while True:
             await asyncio.sleep(ttl / 3)
-            for store, lease in self._leases:
-                await self.shared.give_back(store, "renew", lambda s, lease=lease: s.renew(lease))
+            for lease in self._leases:
+                await self._give_back("renew", lambda s, lease=lease: s.renew(lease))
+
+    async def _give_back(self, op: str, run: Callable[[Store], Awaitable[object]]) -> None:
+        assert self._store is not None
+        await self.shared.give_back(self._store, op, run)
 
     async def free_slots(self) -> None:
         """Release the concurrency slots: as the response's last byte is about to go out (gateway/streaming.py),
         so a client that sends its next request the moment this one ended finds its slot free."""
         if self._renewal is not None:
             self._renewal.cancel()
-        while self._leases:
-            store, lease = self._leases.pop()
-            await self.shared.give_back(store, "release_slot", lambda s, lease=lease: s.release_slot(lease))
+        if self._leases:
+            freed, self._leases = [ReleaseSlot(lease) for lease in self._leases], []
+            await self._give_back("give", lambda s: s.give(freed))
 
     async def finish(self, billed: Bill) -> None:
-        """Give back what the request took: counted after the fact, freed, settled or released."""
-        await self.free_slots()
-        give_back = self.shared.give_back
-        for store, key, limit, cost, anchor, length in self._hits:
-            if not self.admitted and cost:  # refused by a later limit: this one did not serve it
-                await give_back(store, "hit", lambda s, k=key, lim=limit, c=cost, an=anchor, ln=length:
-                                s.hit(k, -c, lim.amount, ln, anchor_s=an))
-            elif limit.measure == "speech_seconds" and billed.audio_seconds > 0:
-                await give_back(store, "hit", lambda s, k=key, an=anchor, ln=length:
-                                s.hit(k, billed.audio_seconds, UNBOUNDED, ln, anchor_s=an))
-        for store, token, a in self._reservations:
+        """Give back what the request took, in one `give`: speech seconds counted after the fact, slots
+        freed (if free_slots has not yet), reservations settled to what it is billed or released."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+        items: list[Give] = [ReleaseSlot(lease) for lease in self._leases]
+        self._leases = []
+        if billed.audio_seconds > 0:
+            items += [Count(key, billed.audio_seconds, length, anchor) for key, anchor, length in self._counted]
+        for token, a in self._reservations:
             assert isinstance(a.rule, Budget)
-            if self.admitted and billed.billable:
-                actual = _actual(a.rule.unit, billed)
-                await give_back(store, "settle", lambda s, t=token, x=actual: s.settle(t, x))
-            else:
-                await give_back(store, "release", lambda s, t=token: s.release(t))
-            if a.level == "tenant" and self.metrics is not None:
-                self._report_remaining(store, a, a.rule)
+            billable = self.admitted and billed.billable
+            items.append(Settle(token, _actual(a.rule.unit, billed)) if billable else Release(token))
+        if items:
+            await self._give_back("give", lambda s: s.give(items))
+        assert self._store is not None or not self._reservations
+        for _, a in self._reservations:
+            if a.level == "tenant" and self.metrics is not None and self._store is not None:
+                assert isinstance(a.rule, Budget)
+                self._report_remaining(self._store, a, a.rule)
 
     def _report_remaining(self, store: Store, a: Applied, budget: Budget) -> None:
         """gateway_budget_remaining, read back in the background (SharedState.read_soon): a round trip
@@ -207,6 +222,13 @@ class Admission:
             gauge.set(max(0.0, budget.amount - await s.spent(key, length, anchor_s=anchor)))
 
         self.shared.read_soon(store, key, "spent", read)
+
+
+def _left_of(limit: Limit, ask: HitAsk, hit: Hit) -> float:
+    """What is left of `limit` by `hit`, whose ceiling is EPSILONs lower for speech seconds (see _ask)."""
+    if ask.limit == limit.amount:
+        return hit.remaining
+    return min(limit.amount, round(hit.remaining + limit.amount - ask.limit, 9))
 
 
 def _actual(unit: str, billed: Bill) -> float:

@@ -1,7 +1,7 @@
-"""The configured state store behind its failure policy. Each call names its feature (`limits` or
-`budgets`) and the policy the request's config sets for it: when the store fails, `open` runs the call
-on this process's own memory store instead (limits per process until the store is back) and `closed`
-answers 503. After a failure the store is not tried again for `state.retry_s`, so while it is down no
+"""The configured state store behind its failure policy. Each call names the features it serves
+(`limits`, `budgets`) and the policy the request's config sets for each: when the store fails, `open`
+runs the call on this process's own memory store instead (limits per process until the store is back)
+and `closed` answers 503. After a failure the store is not tried again for `state.retry_s`, so while it is down no
 request waits out its timeout. Every call is timed, every failure and fallback counted and logged.
 """
 
@@ -36,23 +36,29 @@ class SharedState:
         """The background reads under way (see `read_soon`), each with the one asked for meanwhile."""
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def call(self, feature: str, on_error: str, op: str,
+    async def call(self, policies: Mapping[str, str], op: str,
                    run: Callable[[Store], Awaitable[T]]) -> tuple[T, Store]:
-        """`run` on the store, or by the failure policy; the store it ran on comes back with its result, so
-        that whatever it handed out (a lease, a reservation) is given back to the same one."""
+        """`run` on the store, or by the failure policy of the features it serves (`policies`: feature ->
+        `open` or `closed`, as the request's config sets them). When the store fails and any of them is
+        closed, 503; else `run` goes to the memory fallback whole (one request's admission is one `take`,
+        so its steps all count in one place). Each feature present is counted with what happened to it.
+        The store it ran on comes back with its result, so that whatever it handed out (a lease, a
+        reservation) is given back to the same one."""
+        closed = [feature for feature, on_error in policies.items() if on_error != "open"]
         if time.monotonic() >= self._down_until:
             try:
                 return await self.timed(op, run(self.store)), self.store
             except StoreUnavailable as exc:
                 self._down_until = time.monotonic() + self.settings.retry_s
                 log.warning("state store failed (%s): %s per the failure policy for %s s", exc,
-                            "counting in this process's memory" if on_error == "open" else "refusing requests",
+                            "refusing requests" if closed else "counting in this process's memory",
                             self.settings.retry_s)
         if self._metrics is not None:
-            self._metrics.state_fallbacks.labels(feature, "memory" if on_error == "open" else "refused").inc()
-        if on_error != "open":
-            raise ServiceUnavailableError(f"The gateway cannot check {feature} right now. Please retry shortly.",
-                                          retry_after=max(1, round(self.settings.retry_s)),
+            for feature in policies:
+                self._metrics.state_fallbacks.labels(feature, "refused" if closed else "memory").inc()
+        if closed:
+            raise ServiceUnavailableError(f"The gateway cannot check {' and '.join(closed)} right now. Please "
+                                          "retry shortly.", retry_after=max(1, round(self.settings.retry_s)),
                                           code="state_unavailable")
         return await run(self.local), self.local
 

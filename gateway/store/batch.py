@@ -154,9 +154,17 @@ async def take_in_order(store: Store, asks: Sequence[Ask]) -> Taken:
         refused.append(i)
         if ask.required:
             await give_each(store, undo(asks[:i], results))
-            results = [r if isinstance(a, HitAsk) else None for a, r in zip(asks, results, strict=False)]
+            results = [now_left(a, r) if isinstance(a, HitAsk) else None for a, r in zip(asks, results, strict=False)]
             return Taken(False, tuple(results) + (None,) * (len(asks) - len(results)), tuple(refused))
     return Taken(True, tuple(results), tuple(refused))
+
+
+def now_left(ask: HitAsk, hit: Hit | str | None) -> Hit:
+    """A hit given back: what is left now that it is not counted."""
+    assert hit is not None and not isinstance(hit, str)
+    if not hit.allowed:
+        return hit
+    return type(hit)(True, max(0.0, min(ask.limit, hit.remaining + ask.cost)), hit.reset_s)
 
 
 def undo(asks: Sequence[Ask], results: Sequence[Hit | str | None]) -> list[Give]:
