@@ -1,14 +1,16 @@
 """Per request: admit it under every limit and budget that applies, before any backend is called, or
 refuse it with a 429; when it is over, give back what it took.
 
-Admitting takes, in order: a hit on each window counter (its cost: 1 request, the input's characters, the
-measured upload's seconds), a lease on each concurrency slot, a reservation on each budget (the worst case
-the request can cost). The first refusal ends it: whatever was taken is given back (hits refunded,
-leases and reservations released) and the client gets OpenAI's 429, `rate_limit_exceeded` for a limit
-and `insufficient_quota` for a budget, naming the limit; a shadow limit only logs and counts. When the
-request is over (policy_middleware, after metering has measured it): speech seconds are counted, the
-leases freed, and each reservation settled to what the request is billed, or released when it is not
-billable. So concurrent requests never overshoot a budget, and only billed work is spent from it.
+Admitting is one `take` from the store (one round trip, atomic): in order, a hit on each window counter
+(its cost: 1 request, the input's characters, the measured upload's seconds), a lease on each concurrency
+slot, a reservation on each budget (the worst case the request can cost). If any of them does not fit,
+nothing is taken, so a refused request never holds what a concurrent one needs; the client gets OpenAI's
+429 for the first that refused, `rate_limit_exceeded` for a limit and `insufficient_quota` for a budget,
+naming the limit; a shadow limit's step is optional: it only logs and counts. When the request is over
+(policy_middleware, after metering has measured it), one `give`: speech seconds are counted, the leases
+freed (already, as its last byte went out), and each reservation settled to what the request is billed,
+or released when it is not billable. So concurrent requests never overshoot a budget, and only billed
+work is spent from it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from gateway.store.batch import AcquireAsk, Ask, Count, Give, HitAsk, Release, R
 from gateway.usage import Bill, bill
 
 log = logging.getLogger("gateway.policy")
+
 
 async def admit(request: web.Request, demand: Demand) -> None:
     """Take what `demand` needs under every limit and budget that applies, or raise the 429 (or, by the
@@ -81,10 +84,10 @@ class Admission:
         state = self.shared.settings  # `state:` as the process started with it (it does not reload)
         now = time.time()
         limits = [a for a in applied if isinstance(a.rule, Limit)]
-        steps = [a for a in sorted(limits, key=lambda a: a.rule.measure == "concurrent")]  # slots after windows
+        steps = sorted(limits, key=lambda a: a.rule.measure == "concurrent")  # slots after windows
         steps += [a for a in applied if isinstance(a.rule, Budget)]
         asks = [self._ask(a, now, state.lease_ttl_s) for a in steps]
-        policies = {}
+        policies: dict[str, str] = {}
         if limits:
             policies["limits"] = state.limits_on_error
         if len(steps) > len(limits):
@@ -202,15 +205,15 @@ class Admission:
             items += [Count(key, billed.audio_seconds, length, anchor) for key, anchor, length in self._counted]
         for token, a in self._reservations:
             assert isinstance(a.rule, Budget)
-            billable = self.admitted and billed.billable
-            items.append(Settle(token, _actual(a.rule.unit, billed)) if billable else Release(token))
-        if items:
-            await self._give_back("give", lambda s: s.give(items))
-        assert self._store is not None or not self._reservations
-        for _, a in self._reservations:
-            if a.level == "tenant" and self.metrics is not None and self._store is not None:
-                assert isinstance(a.rule, Budget)
-                self._report_remaining(self._store, a, a.rule)
+            items.append(Settle(token, _actual(a.rule.unit, billed)) if billed.billable else Release(token))
+        if not items or self._store is None:
+            return
+        await self._give_back("give", lambda s: s.give(items))
+        if self.metrics is not None:
+            for _, a in self._reservations:
+                if a.level == "tenant":
+                    assert isinstance(a.rule, Budget)
+                    self._report_remaining(self._store, a, a.rule)
 
     def _report_remaining(self, store: Store, a: Applied, budget: Budget) -> None:
         """gateway_budget_remaining, read back in the background (SharedState.read_soon): a round trip
