@@ -15,8 +15,8 @@ core 1, and take turns, BENCH_ROUNDS (3) rounds of BENCH_SECONDS (3) of wrk per 
 Per configuration: requests per second at 32 connections, p50 and p99 at 1 connection (wrk's), and the
 gateway's CPU time per request (utime + stime of its process tree from /proc, over the 32-connection
 runs; with SQLite the store's thread is in it, Redis's own CPU is its column). Only sanity is asserted:
-every answer a 200 with the whole body, the policy's
-store operations really ran on the configured store, none failed, none fell back.
+every answer a 200 with the whole body, the policy's store operations really ran on the configured store,
+none failed, none fell back.
 """
 
 from __future__ import annotations
