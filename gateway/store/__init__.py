@@ -1,8 +1,10 @@
 """Shared state for traffic policy (issue 12): window counters, budget reservations and leased
 concurrency slots, with the same semantics on three backends (`memory`, `sqlite`, `redis`), so limits
-stay exact across workers and replicas. Not used by requests yet: the limits and budgets step calls it.
+stay exact across workers and replicas. gateway/policy/admission.py makes one `take` per request and
+gives back with `give`; the single operations serve lease renewal, the budget gauge and tests.
 
-Semantics every backend keeps (tests/test_store.py is one contract suite over all three):
+Semantics every backend keeps (tests/test_store.py and tests/test_store_batch.py are one contract
+suite over all three):
 - Time is in integer milliseconds since the UNIX epoch. Memory and SQLite read the caller's wall clock;
   Redis reads the server's `TIME`, so replicas with skewed clocks still agree (tests may inject a clock
   into all three).

@@ -1,7 +1,9 @@
 """The `redis` state backend, for several replicas: redis.asyncio, each operation one Lua script
-(EVALSHA, loaded again after a server restart), so it is atomic on the server whatever the number of
-gateways. The keys of one scope share the hash tag `{<prefix>:<scope>}`, so every script touches one
-Cluster slot. Time is the server's `TIME` (one clock for all replicas) unless a clock is injected.
+(EVALSHA, loaded again after a server restart; the scripts are in redis_scripts.py), so it is atomic on
+the server whatever the number of gateways. The keys of one scope share the hash tag
+`{<prefix>:<scope>}`, so every single operation touches one Cluster slot; `take` and `give` touch the
+scopes of a whole request, one script on a standalone Redis, single operations on a Cluster. Time is
+the server's `TIME` (one clock for all replicas) unless a clock is injected.
 Keys expire shortly after their window, period or longest lease ends; nothing needs sweeping.
 """
 
