@@ -134,6 +134,29 @@ def test_store_down_limits_fall_back_to_memory_and_budgets_refuse(
     assert samples[("gateway_state_errors_total", frozenset({("op", "take")}))] >= 1
 
 
+def test_store_down_a_closed_feature_refuses_the_whole_admission(
+        make_gateway: MakeGateway, engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    """A request's limits and budget are one store operation: with budgets closed it is refused whole, its
+    limit not counted in memory meanwhile; each feature it needed is counted as refused."""
+    text = budgeted(engine, tmp_path, "limits: {key: [{requests: 1, per: minute}]}\n", dead_redis())
+    gw = make_gateway(text.replace("tenant: beta,", "tenant: beta, budget: {usd: 1},", 1))
+    from tests.conftest import BETA_KEY
+
+    with sdk(gw, key=BETA_KEY) as beta:
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as refused:
+                beta.audio.speech.create(model="tts-1", voice="nova", input="no budget without the store")
+            assert refused.value.status_code == 503 and refused.value.body["code"] == "state_unavailable"
+    samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
+    assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "budgets"), ("action", "refused")}))] == 2
+    assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "limits"), ("action", "refused")}))] == 2
+    assert ("gateway_state_fallbacks_total", frozenset({("feature", "limits"), ("action", "memory")})) not in samples
+    with sdk(gw) as client:  # limits alone (demo's key has no budget) go on in memory
+        client.audio.speech.create(model="tts-1", voice="nova", input="counted in memory")
+        with pytest.raises(openai.RateLimitError):
+            client.audio.speech.create(model="tts-1", voice="nova", input="counted in memory")
+
+
 def test_store_down_with_the_policies_turned_around(
         make_gateway: MakeGateway, engine: FakeOpenAIEngine, tmp_path: Path) -> None:
     text = budgeted(engine, tmp_path, "limits: {key: [{requests: 5, per: minute}]}\n"
