@@ -46,12 +46,16 @@ T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hits (key TEXT, window INTEGER, start INTEGER, count REAL,
-    PRIMARY KEY (key, window));
+    PRIMARY KEY (key, window)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spent (scope TEXT, period INTEGER, start INTEGER, total REAL,
-    PRIMARY KEY (scope, period));
-CREATE TABLE IF NOT EXISTS reserved (token TEXT PRIMARY KEY, amount REAL);
-CREATE TABLE IF NOT EXISTS leases (scope TEXT, ident TEXT, expiry INTEGER, PRIMARY KEY (scope, ident));
+    PRIMARY KEY (scope, period)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reserved (token TEXT PRIMARY KEY, amount REAL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (scope TEXT, ident TEXT, expiry INTEGER, PRIMARY KEY (scope, ident))
+    WITHOUT ROWID;
 """
+"""WITHOUT ROWID: each table is its primary key's b-tree, so a change writes one page where a rowid table
+and its key's index write two. A commit's cost is mostly the pages it appends to the WAL: this halves it.
+(A file made before keeps its rowid tables: the statements are the same for both.)"""
 
 
 class SqliteStore:
