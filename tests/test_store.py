@@ -19,11 +19,13 @@ import pytest
 
 from gateway.store import Store, StoreConfig, StoreUnavailable, open_store
 from gateway.store.redis import RedisStore
+from tests.redis_cluster import MISSING, Cluster
 from tests.support import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="the `redis-server` binary is not on PATH "
                                  "(Debian: apt-get install redis-server; .ci/run installs it)")
+needs_cluster = pytest.mark.skipif(bool(MISSING), reason=MISSING)
 T0 = 1_800_057_600.0
 """A fake now at a midnight UTC (a multiple of every window used here)."""
 DECADE = 10 * 365 * 86400.0
@@ -77,10 +79,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def config_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
     if backend == "redis":
         return StoreConfig(backend="redis", url=request.getfixturevalue("redis_url"), key_prefix=uuid.uuid4().hex)
+    if backend == "redis-cluster":
+        return StoreConfig(backend="redis", cluster=True, url=request.getfixturevalue("redis_cluster").url,
+                           key_prefix=uuid.uuid4().hex)
     return StoreConfig(backend=backend, path=str(tmp_path / "state" / "gateway.sqlite3"))  # type: ignore[arg-type]
 
 
-BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=needs_redis)]
+BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=needs_redis),
+            pytest.param("redis-cluster", marks=needs_cluster)]
+"""`redis-cluster`: the redis backend with `cluster: true` on a real three-node cluster, where the
+scopes of one test live on different nodes."""
 
 
 @pytest.fixture(params=BACKENDS)
