@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from gateway.store import Store, StoreConfig, StoreUnavailable, open_store
 from gateway.store.redis import RedisStore
@@ -393,6 +394,86 @@ async def test_an_unreachable_redis_raises_store_unavailable_without_its_address
         assert str(port) not in str(caught.value) and "secret" not in str(caught.value)
     finally:
         await s.close()
+
+
+def scopes_on_every_node(cluster: Cluster, prefix: str) -> dict[str, int]:
+    """Scope -> port of the node serving it, for the first scopes that together cover every node (asked
+    of the cluster itself)."""
+    owners: dict[str, int] = {}
+    for i in range(200):
+        port = cluster.owner(f"{{{prefix}:scope-{i}}}")
+        if port not in owners.values():
+            owners[f"scope-{i}"] = port
+        if len(owners) == len(cluster.ports):
+            return owners
+    raise AssertionError("200 scopes all on fewer nodes than the cluster has")
+
+
+@needs_cluster
+async def test_a_cluster_store_follows_each_scope_to_its_node(redis_cluster: Cluster) -> None:
+    prefix = uuid.uuid4().hex
+    owners = scopes_on_every_node(redis_cluster, prefix)
+    config = StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix)
+    s = open_store(config, FakeClock())
+    try:
+        for scope in owners:
+            assert (await s.hit(scope, 1, 1, 60)).allowed and not (await s.hit(scope, 1, 1, 60)).allowed
+            assert await s.reserve(scope, 3, 5, DAY) is not None and await s.reserve(scope, 3, 5, DAY) is None
+            lease = await s.acquire(scope, 1, 30)
+            assert lease is not None and await s.acquire(scope, 1, 30) is None
+            await s.release_slot(lease)
+            assert await s.acquire(scope, 1, 30) is not None
+    finally:
+        await s.close()
+    for scope, port in owners.items():
+        held = redis_cluster.ask(port, "KEYS", f"{{{prefix}:{scope}}}:*")
+        assert sorted(k.split("}:")[1][0] for k in held) == ["b", "h", "l", "r"], (scope, held)
+        assert redis_cluster.ask(port, "HGET", f"{{{prefix}:{scope}}}:h:60000", "n") == "1"
+        for other in set(redis_cluster.ports) - {port}:
+            with pytest.raises(redis.exceptions.MovedError):  # what the cluster client had to follow
+                redis_cluster.ask(other, "HGET", f"{{{prefix}:{scope}}}:h:60000", "n")
+    # Without `cluster`, the same URL serves only the scopes of the first node: the others fail.
+    plain = open_store(StoreConfig(backend="redis", url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    try:
+        elsewhere = next(scope for scope, port in owners.items() if port != redis_cluster.ports[0])
+        with pytest.raises(StoreUnavailable, match="MovedError"):
+            await plain.hit(elsewhere, 1, 1, 60)
+    finally:
+        await plain.close()
+
+
+@needs_cluster
+async def test_a_cluster_store_loads_its_scripts_again_on_a_node_without_them(redis_cluster: Cluster) -> None:
+    """A replica promoted in a failover has none of the scripts (SCRIPT LOAD is not replicated): flushing
+    every node's scripts puts each primary in that state."""
+    prefix = uuid.uuid4().hex
+    owners = scopes_on_every_node(redis_cluster, prefix)
+    s = open_store(StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    try:
+        for scope in owners:
+            assert (await s.hit(scope, 1, 2, 60)).allowed
+        for port in redis_cluster.ports:
+            redis_cluster.ask(port, "SCRIPT", "FLUSH")
+        for scope in owners:
+            second = await s.hit(scope, 1, 2, 60)
+            assert (second.allowed, second.remaining) == (True, 0), "counted on, not restarted"
+            assert await s.reserve(scope, 1, 1, DAY) is not None
+    finally:
+        await s.close()
+
+
+@needs_redis
+async def test_cluster_mode_on_an_unusable_endpoint_raises_store_unavailable_without_its_address(
+        redis_url: str) -> None:
+    port = free_port()
+    for url in (f"redis://:secret@127.0.0.1:{port}/0", redis_url):  # nothing there; a server not in cluster mode
+        s = open_store(StoreConfig(backend="redis", cluster=True, url=url, timeout_s=0.2))
+        try:
+            with pytest.raises(StoreUnavailable, match=r"^redis state store: ") as caught:
+                await s.hit("tenant", 1, 1, 60)
+            assert "127.0.0.1" not in str(caught.value) and "secret" not in str(caught.value)
+        finally:
+            await s.close()
 
 
 def test_an_unknown_backend_is_refused() -> None:

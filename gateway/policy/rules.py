@@ -20,6 +20,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.policy.windows import Window, parse_window
 from gateway.store import BACKENDS, StoreConfig
@@ -193,6 +194,15 @@ def defaults_section(p: YamlTree, node: dict[str, Any]) -> dict[str, tuple[Limit
     return {level: parsed for level in LEVELS if (parsed := limits(p, node.get(level), f"limits.{level}"))}
 
 
+def cluster_url(url: str) -> bool:
+    """A URL a Redis Cluster client can start from: TCP (no unix socket) and database 0 or none."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("redis", "rediss") and bool(parts.hostname) and parts.path in ("", "/", "/0")
+    except ValueError:  # a malformed port or IPv6 address
+        return False
+
+
 def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
     path, d, ds = "state", StateSettings(), StoreConfig()
     backend = p.str_(node, "backend", path, ds.backend) or ds.backend
@@ -207,13 +217,19 @@ def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
         choices[feature] = p.str_(on_error, feature, f"{path}.on_error", default) or default
         if choices[feature] not in ON_ERROR:
             p.fail(f"{path}.on_error.{feature}", f"expected open or closed, got '{choices[feature]}'")
+    url = p.str_(node, "url", path, ds.url) or ds.url
+    cluster = p.bool_(node, "cluster", path, ds.cluster)
+    if cluster and backend == "redis" and not cluster_url(url):  # the URL may hold a password: not quoted
+        p.fail(f"{path}.url", "with cluster: true, expected a redis:// or rediss:// URL of one node with "
+                              "database 0 (a cluster has no other)")
     store = StoreConfig(
         backend=backend,  # type: ignore[arg-type]
         path=p.str_(node, "path", path, ds.path) or ds.path,
-        url=p.str_(node, "url", path, ds.url) or ds.url,
+        url=url,
         key_prefix=p.str_(node, "key_prefix", path, ds.key_prefix) or ds.key_prefix,
         timeout_s=p.number(node, "timeout_s", path, ds.timeout_s, 0.001),
         max_connections=int(p.number(node, "max_connections", path, ds.max_connections, 1)),
+        cluster=cluster,
     )
     return StateSettings(store, choices["limits"], choices["budgets"],
                          p.number(node, "lease_ttl_s", path, d.lease_ttl_s, 1),
