@@ -462,6 +462,28 @@ async def test_a_cluster_store_loads_its_scripts_again_on_a_node_without_them(re
         await s.close()
 
 
+@needs_cluster
+async def test_a_cluster_store_goes_on_after_a_failover(redis_cluster: Cluster) -> None:
+    """A replica the client never saw takes over a scope's slot: the old primary answers MOVED, the new one
+    NOSCRIPT (scripts are not replicated), and the count goes on from what was replicated."""
+    prefix = uuid.uuid4().hex
+    scope, primary = next(iter(scopes_on_every_node(redis_cluster, prefix).items()))
+    s = open_store(StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    assert isinstance(s, RedisStore)
+    try:
+        assert (await s.hit(scope, 1, 3, 60)).remaining == 2
+        with redis_cluster.failed_over(primary) as promoted:
+            assert redis_cluster.owner(f"{{{prefix}:{scope}}}") == promoted
+            sha = s._scripts["hit"].sha
+            assert redis_cluster.ask(promoted, "SCRIPT", "EXISTS", sha) == [False]
+            second = await s.hit(scope, 1, 3, 60)
+            assert (second.allowed, second.remaining) == (True, 1), "counted on from the replicated count"
+            assert redis_cluster.ask(promoted, "SCRIPT", "EXISTS", sha) == [True]
+            assert redis_cluster.ask(promoted, "HGET", f"{{{prefix}:{scope}}}:h:60000", "n") == "2"
+    finally:
+        await s.close()
+
+
 @needs_redis
 async def test_cluster_mode_on_an_unusable_endpoint_raises_store_unavailable_without_its_address(
         redis_url: str) -> None:
