@@ -20,6 +20,7 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry as ClusterRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
@@ -147,8 +148,8 @@ class RedisStore:
         if cluster:
             # A cluster client raises at once when a node's pool is full; _connection() makes the
             # operation wait instead. MOVED and ASK are followed; errors are not retried.
-            self._redis = RedisCluster.from_url(url, max_connections=max_connections, retry=Retry(NoBackoff(), 0),
-                                                decode_responses=True, **timeouts)
+            self._redis = RedisCluster.from_url(url, max_connections=max_connections,
+                                                retry=ClusterRetry(NoBackoff(), 0), decode_responses=True, **timeouts)
         else:
             pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
                                                    retry=Retry(NoBackoff(), 0), decode_responses=True, **timeouts)
