@@ -38,6 +38,9 @@ class YamlTree:
             self.fail(path, f"nested more than {MAX_DEPTH} levels deep")
             return None
         if isinstance(value, str):
+            if not _encodable(value):
+                self.fail(path, f"not valid Unicode: '{_escaped(value)}' holds a lone surrogate (a \\udXXX escape)")
+                return ""
             def sub(m: re.Match[str]) -> str:
                 name, default = m.group(1), m.group(2)
                 if name in self.environ:
@@ -48,7 +51,13 @@ class YamlTree:
                 return ""
             return _ENV.sub(sub, value)
         if isinstance(value, dict):
-            return {k: self.interpolate(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items()}
+            tree: dict[Any, Any] = {}
+            for k, v in value.items():
+                if isinstance(k, str) and not _encodable(k):
+                    k = _escaped(k)
+                    self.fail(f"{path}.{k}" if path else k, "not valid Unicode: the name holds a lone surrogate")
+                tree[k] = self.interpolate(v, f"{path}.{k}" if path else str(k), depth + 1)
+            return tree
         if isinstance(value, list):
             return [self.interpolate(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
         return value
@@ -104,3 +113,18 @@ class YamlTree:
             self.fail(path, "expected a list of strings")
             return ()
         return tuple(str(v) for v in value)
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: YAML's \\udXXX escapes make lone surrogates, which would
+    fail later, on every request, wherever the name is encoded (a store key, a metrics label, a log line)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(text: str) -> str:
+    """`text` with its lone surrogates written as \\udXXX, so the problem naming it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode()

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import openai
 import pytest
 
+from gateway.policy.rules import StateSettings
+from gateway.policy.shared import SharedState
 from gateway.policy.windows import Window, parse_window
+from gateway.store import Store, StoreConfig
 from tests.conftest import DEMO_KEY, LOOPBACK_TLS, Gateway, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import http_get, make_wav, parse_metrics, wait_ledger
@@ -170,3 +174,47 @@ def test_weeks_start_on_monday_and_fixed_windows_on_the_epoch() -> None:
     assert parse_window(90) == Window("90s", 90.0) and parse_window(90).bounds(1e9) == (0.0, 90.0)  # type: ignore[union-attr]
     for bad in (0, -5, float("nan"), float("inf"), 10**12, True, "fortnight", None, [60]):
         assert isinstance(parse_window(bad), str), bad
+
+
+async def test_gauge_reads_run_off_the_request_one_at_a_time_the_latest_last() -> None:
+    """SharedState.read_soon (gateway_budget_remaining's read): the reads asked for while one is under way
+    collapse into the latest, which runs once it is done, so the gauge ends on a read made after the
+    last settle, at one round trip per read rather than per request."""
+    shared = SharedState(StateSettings(StoreConfig(backend="memory")), None)
+    store, gate, ran = shared.store, asyncio.Event(), asyncio.Queue[int]()
+
+    def read(n: int) -> Callable[[Store], Awaitable[None]]:
+        async def run(_: Store) -> None:
+            ran.put_nowait(n)
+            await gate.wait()
+        return run
+
+    for n in range(5):
+        shared.read_soon(store, "tenant:acme|usd", "spent", read(n))
+    async with asyncio.timeout(5):
+        assert await ran.get() == 0
+        gate.set()
+        assert await ran.get() == 4  # 1, 2 and 3 never ran
+        shared.read_soon(store, "tenant:acme|usd", "spent", read(5))  # none under way: runs at once
+        assert await ran.get() == 5
+    await asyncio.sleep(0.01)
+    assert ran.empty()
+    await shared.close()
+
+
+def test_a_store_that_never_answers_is_tried_once_then_skipped_for_retry_s(
+        make_gateway: MakeGateway, engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (a hung host): the first request waits out
+    `timeout_s` and is served from the memory fallback; the next ones do not try the store again."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes the handshakes; nothing ever reads or answers
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        gw = make_gateway(budgeted(engine, tmp_path, "limits: {key: [{requests: 5, per: minute}]}\n",
+                                   f"{{backend: redis, url: '{url}', timeout_s: 0.2, retry_s: 60}}"))
+        with sdk(gw) as client:
+            for _ in range(3):
+                client.audio.speech.create(model="tts-1", voice="nova", input="served anyway")
+        samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
+    assert samples[("gateway_state_errors_total", frozenset({("op", "hit")}))] == 1
+    assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "limits"), ("action", "memory")}))] == 3

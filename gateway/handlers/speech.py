@@ -12,7 +12,8 @@ from gateway.audio.transcode import encode
 from gateway.audio.workers import AudioWorkers
 from gateway.body import JSON_BODY_LIMIT, read_body
 from gateway.handlers.routing import first_success
-from gateway.policy.admission import Demand, admit
+from gateway.policy.admission import admit
+from gateway.policy.demand import Demand
 from gateway.state import AUDIO_WORKERS, IDENTITY, METERING, OUTCOME, REQUEST_ID, TABLE
 from gateway.streaming import Stages, first_chunk, relay, speech_sse
 from gateway.table import Candidate

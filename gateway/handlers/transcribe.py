@@ -30,7 +30,8 @@ from gateway.audio.duration import header_seconds, upload_seconds
 from gateway.errors import UnsupportedError
 from gateway.form import Form, read_form
 from gateway.handlers.routing import first_success
-from gateway.policy.admission import Demand, admit
+from gateway.policy.admission import admit
+from gateway.policy.demand import Demand
 from gateway.spool import Upload
 from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, SPOOL_MEMORY, TABLE
 from gateway.streaming import first_chunk, relay, send, transcript_sse

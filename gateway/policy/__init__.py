@@ -3,6 +3,8 @@
 
     rules.py      what the YAML configures (limits, budgets, the `state:` section)
     windows.py    windows and periods in UTC, calendar months included
+    demand.py     what a request asks for (its cost per measure, its worst case per budget), which rules apply
     shared.py     the store with its failure policy (fall back to memory, or refuse) and its metrics
     admission.py  per request: admit before any backend call, or answer 429; settle when it is over
+    rate_headers.py  OpenAI's x-ratelimit-* headers
 """

@@ -17,14 +17,14 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from gateway.auth import Identity
-from gateway.config import Config, Price
+from gateway.config import Config
 from gateway.errors import QuotaExceededError, RateLimitError
+from gateway.policy.demand import Applied, Demand, applicable
 from gateway.policy.rate_headers import RateHeaders, duration
 from gateway.policy.rules import Budget, Limit
 from gateway.policy.shared import SharedState
@@ -35,88 +35,8 @@ from gateway.usage import Bill, bill
 
 log = logging.getLogger("gateway.policy")
 
-SPEECH_SECONDS_PER_CHARACTER = 0.2
-"""Worst case of speech audio per input character at speed 1 (speech runs about 15 characters a second,
-0.07 s each): what a speech request reserves of a `seconds` budget or of a price per audio minute."""
-TRANSCRIPT_CHARACTERS_PER_SECOND = 50.0
-"""Worst case of transcript text per second of audio (fast speech is about 20): what a transcription
-reserves of a `characters` budget or of a price per million characters."""
 UNBOUNDED = 1e18
 """The limit given to a hit that counts usage after the fact (it must count whatever it is)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Demand:
-    """What a request asks for, known before any backend is called."""
-
-    model: str
-    speech: bool
-    characters: int = 0
-    audio_seconds: float = 0.0
-    speed: float = 1.0
-
-    def cost(self, measure: str) -> float | None:
-        """What it costs a limit of `measure`, or None when that limit does not apply to it."""
-        if measure in ("requests", "concurrent"):
-            return 1.0
-        if measure == "characters":
-            return float(self.characters) if self.speech else None
-        if measure == "audio_seconds":
-            return None if self.speech else self.audio_seconds
-        return 0.0 if self.speech else None  # speech_seconds: room checked now, counted once it is over
-
-    def worst_case(self, unit: str, price: Price | None) -> float:
-        if self.speech:
-            characters, seconds = float(self.characters), self.characters * SPEECH_SECONDS_PER_CHARACTER / self.speed
-        else:
-            characters, seconds = self.audio_seconds * TRANSCRIPT_CHARACTERS_PER_SECOND, self.audio_seconds
-        if unit == "characters":
-            return characters
-        if unit == "seconds":
-            return seconds
-        return 0.0 if price is None else price.cost(characters, seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """A limit or a budget as it applies to one request: its level and the scope it is counted in."""
-
-    level: str
-    scope: str
-    rule: Limit | Budget
-
-    @property
-    def label(self) -> str:
-        """`key:requests/minute`, `tenant:budget/month`: the metrics' `limit` and the ledger's `rejected_by`."""
-        if isinstance(self.rule, Budget):
-            return f"{self.level}:budget/{self.rule.period.name}"
-        return f"{self.level}:{self.rule.name}"
-
-
-def applicable(config: Config, identity: Identity, demand: Demand) -> list[Applied]:
-    """Every limit and budget on this request: its key's, its tenant's, and its tenant's on the model
-    (each level's own, else the level's default)."""
-    policy, tenant_name = config.policy, identity.tenant
-    tenant = policy.tenants.get(tenant_name)
-    key_limits = identity.rules.limits
-    tenant_limits = tenant.rules.limits if tenant is not None else None
-    model_limits = tenant.models.get(demand.model) if tenant is not None else None
-    if model_limits is None and demand.model in config.models:
-        model_limits = config.models[demand.model].limits
-    levels = (
-        ("key", f"key:{identity.key_name}", policy.defaults.get("key", ()) if key_limits is None else key_limits),
-        ("tenant", f"tenant:{tenant_name}", policy.defaults.get("tenant", ()) if tenant_limits is None
-         else tenant_limits),
-        ("model", f"model:{len(tenant_name)}:{tenant_name}:{demand.model}",
-         policy.defaults.get("model", ()) if model_limits is None else model_limits),
-    )
-    applied = [Applied(level, scope, limit) for level, scope, limits in levels for limit in limits
-               if demand.cost(limit.measure) is not None]
-    if identity.rules.budget is not None:
-        applied.append(Applied("key", f"key:{identity.key_name}", identity.rules.budget))
-    if tenant is not None and tenant.rules.budget is not None:
-        applied.append(Applied("tenant", f"tenant:{tenant_name}", tenant.rules.budget))
-    return applied
 
 
 async def admit(request: web.Request, demand: Demand) -> None:
@@ -186,7 +106,7 @@ class Admission:
                            refused=True)
             used = limit.amount - hit.remaining
             raise self._refuse(a, RateLimitError(
-                f"Rate limit reached for {limit.measure.replace('_', ' ')} per {limit.per.name} on {a.level} "
+                f"Rate limit reached for {limit.measure.replace('_', ' ')} per {limit.per.name} on "
                 f"{self._whom(a)}: Limit {limit.amount:g}, Used {used:g}, Requested {cost:g}. Please try again "
                 f"in {duration(hit.reset_s)}.", **_retry(hit.reset_s)))
         if not room:
@@ -206,7 +126,7 @@ class Admission:
             self._shadow(a)
         else:
             raise self._refuse(a, RateLimitError(
-                f"Too many concurrent requests on {a.level} {self._whom(a)}: Limit {limit.amount:g}. Please "
+                f"Too many concurrent requests on {self._whom(a)}: Limit {limit.amount:g}. Please "
                 "try again when one has finished.", retry_after=1))
 
     async def _reserve(self, a: Applied, budget: Budget, now: float, on_error: str) -> None:
@@ -219,16 +139,15 @@ class Admission:
             left = _left(budget.period, now)
             raise self._refuse(a, QuotaExceededError(
                 f"You exceeded your current quota: the {budget.amount:g} {budget.unit} budget per "
-                f"{budget.period.name} of {a.level} {self._whom(a)} cannot cover this request. It renews in "
+                f"{budget.period.name} of {self._whom(a)} cannot cover this request. It renews in "
                 f"{duration(left)}.", retry_after=math.ceil(left)))
         self._reservations.append((store, token, a))
 
     def _whom(self, a: Applied) -> str:
+        """`key 'ci'`, `tenant 'acme'`, `tenant 'acme' for model `tts-1``: a model's limits count per tenant."""
         if a.level == "key":
-            return f"'{self.identity.key_name}'"
-        if a.level == "tenant":
-            return f"'{self.identity.tenant}'"
-        return f"'{self.identity.tenant}' for model `{self.demand.model}`"
+            return f"key '{self.identity.key_name}'"
+        return f"tenant '{self.identity.tenant}'" + (f" for model `{self.demand.model}`" if a.level == "model" else "")
 
     def _refuse(self, a: Applied, error: RateLimitError) -> RateLimitError:
         self.rejected_by = a.label
@@ -276,18 +195,18 @@ class Admission:
             else:
                 await give_back(store, "release", lambda s, t=token: s.release(t))
             if a.level == "tenant" and self.metrics is not None:
-                await self._report_remaining(store, a, a.rule)
+                self._report_remaining(store, a, a.rule)
 
-    async def _report_remaining(self, store: Store, a: Applied, budget: Budget) -> None:
-        anchor, length = budget.period.bounds(time.time())
-        spent: list[float] = []
+    def _report_remaining(self, store: Store, a: Applied, budget: Budget) -> None:
+        """gateway_budget_remaining, read back in the background (SharedState.read_soon): a round trip
+        the request need not wait for, shared by the requests that finish meanwhile."""
+        gauge, key = self.metrics.budget_remaining.labels(self.identity.tenant), f"{a.scope}|{budget.unit}"
 
         async def read(s: Store) -> None:
-            spent.append(await s.spent(f"{a.scope}|{budget.unit}", length, anchor_s=anchor))
+            anchor, length = budget.period.bounds(time.time())
+            gauge.set(max(0.0, budget.amount - await s.spent(key, length, anchor_s=anchor)))
 
-        await self.shared.give_back(store, "spent", read)
-        if spent:
-            self.metrics.budget_remaining.labels(self.identity.tenant).set(max(0.0, budget.amount - spent[0]))
+        self.shared.read_soon(store, key, "spent", read)
 
 
 def _actual(unit: str, billed: Bill) -> float:

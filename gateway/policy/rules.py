@@ -35,6 +35,13 @@ LEVELS = ("key", "tenant", "model")
 ON_ERROR = ("open", "closed")
 MAX_AMOUNT = 1e15
 """Largest limit or budget amount (a float stays exact in whole units far past it)."""
+MAX_LIMITS = 32
+"""Most limits in one list: each is a store call on every request it applies to."""
+STATE_FIELDS = ("backend", "path", "url", "key_prefix", "timeout_s", "max_connections", "cluster", "on_error",
+                "lease_ttl_s", "retry_s")
+STATE_MAXIMA = {"timeout_s": 60.0, "max_connections": 1024.0, "lease_ttl_s": 86400.0, "retry_s": 3600.0}
+"""Upper bounds of the `state:` numbers: past them a value is a typo, and a huge one would overflow the
+float arithmetic of timers and TTLs at run time instead of failing here."""
 _NONE: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -105,9 +112,15 @@ class Policy:
     """Whether any limit or budget is configured anywhere (else requests skip the policy entirely)."""
 
 
+def _shown(value: Any) -> str:
+    """A value as an error quotes it: cut short, so a huge list or a 4000-digit number stays one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
+
+
 def _amount(p: YamlTree, value: Any, path: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_AMOUNT:
-        p.fail(path, f"expected a number above 0 and at most {MAX_AMOUNT:g}, got {value!r}")
+        p.fail(path, f"expected a number above 0 and at most {MAX_AMOUNT:g}, got {_shown(value)}")
         return None
     return float(value)
 
@@ -117,6 +130,9 @@ def limits(p: YamlTree, value: Any, path: str) -> tuple[Limit, ...] | None:
         return None
     if not isinstance(value, list):
         p.fail(path, "expected a list of limits, e.g. [{requests: 60, per: minute}]")
+        return None
+    if len(value) > MAX_LIMITS:
+        p.fail(path, f"expected at most {MAX_LIMITS} limits, got {len(value)}")
         return None
     parsed: list[Limit] = []
     for i, raw in enumerate(value):
@@ -140,12 +156,16 @@ def limits(p: YamlTree, value: Any, path: str) -> tuple[Limit, ...] | None:
         elif "per" not in node:
             p.fail(f"{lpath}.per", "is required (second, minute, hour, day, week, month or seconds)")
         elif isinstance(window := parse_window(node["per"]), str):
-            p.fail(f"{lpath}.per", window)
+            p.fail(f"{lpath}.per", window if len(window) <= 200 else f"{window[:150]}...")
         else:
             per = window
         shadow = p.bool_(node, "shadow", lpath, False)
         if amount is not None and (per is not None or measure == "concurrent"):
-            parsed.append(Limit(measure, amount, per, shadow))
+            limit = Limit(measure, amount, per, shadow)
+            if any(other.name == limit.name for other in parsed):  # they would share one counter
+                p.fail(lpath, f"a second {limit.name} limit in this list")
+            else:
+                parsed.append(limit)
     return tuple(parsed)
 
 
@@ -162,7 +182,7 @@ def budget(p: YamlTree, value: Any, path: str) -> Budget | None:
     amount = _amount(p, node[units[0]], f"{path}.{units[0]}")
     period = parse_window(node.get("period", "month"))
     if isinstance(period, str):
-        p.fail(f"{path}.period", period)
+        p.fail(f"{path}.period", period if len(period) <= 200 else f"{period[:150]}...")
         return None
     return None if amount is None else Budget(units[0], amount, period)
 
@@ -174,18 +194,30 @@ def rules(p: YamlTree, node: dict[str, Any], path: str) -> Rules:
 
 def tenants_section(p: YamlTree, value: Any, models: Collection[str]) -> dict[str, Tenant]:
     tenants: dict[str, Tenant] = {}
+    _distinct_names(p, value, "tenants")
     for name, raw in p.mapping(value, "tenants").items():
         path = f"tenants.{name}"
         node = p.mapping(raw, path)
         for unknown in sorted(set(node) - {"limits", "budget", "models"}):
             p.fail(f"{path}.{unknown}", "unknown field (limits, budget, models)")
         per_model: dict[str, tuple[Limit, ...]] = {}
+        _distinct_names(p, node.get("models"), f"{path}.models")
         for model, raw_limits in p.mapping(node.get("models"), f"{path}.models").items():
             if model not in models:
                 p.fail(f"{path}.models.{model}", f"unknown model '{model}'")
             per_model[model] = limits(p, raw_limits, f"{path}.models.{model}") or ()
         tenants[name] = Tenant(rules(p, node, path), MappingProxyType(per_model))
     return tenants
+
+
+def _distinct_names(p: YamlTree, value: Any, path: str) -> None:
+    """YAML keys that read as one name (`1` and `'1'`) would silently merge into one entry."""
+    if isinstance(value, dict):
+        seen: set[str] = set()
+        for name in map(str, value):
+            if name in seen:
+                p.fail(f"{path}.{name}", "given twice (as a number and as a string?)")
+            seen.add(name)
 
 
 def defaults_section(p: YamlTree, node: dict[str, Any]) -> dict[str, tuple[Limit, ...]]:
@@ -205,6 +237,8 @@ def cluster_url(url: str) -> bool:
 
 def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
     path, d, ds = "state", StateSettings(), StoreConfig()
+    for unknown in sorted(set(node) - set(STATE_FIELDS)):
+        p.fail(f"{path}.{unknown}", f"unknown field (expected {', '.join(STATE_FIELDS)})")
     backend = p.str_(node, "backend", path, ds.backend) or ds.backend
     if backend not in BACKENDS:
         p.fail(f"{path}.backend", f"expected one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -217,6 +251,10 @@ def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
         choices[feature] = p.str_(on_error, feature, f"{path}.on_error", default) or default
         if choices[feature] not in ON_ERROR:
             p.fail(f"{path}.on_error.{feature}", f"expected open or closed, got '{choices[feature]}'")
+    key_prefix = p.str_(node, "key_prefix", path, ds.key_prefix) or ds.key_prefix
+    if "{" in key_prefix or "}" in key_prefix:
+        p.fail(f"{path}.key_prefix", "must not hold { or }: it goes inside each key's Redis Cluster hash tag")
+        key_prefix = ds.key_prefix
     url = p.str_(node, "url", path, ds.url) or ds.url
     cluster = p.bool_(node, "cluster", path, ds.cluster)
     if cluster and backend == "redis" and not cluster_url(url):  # the URL may hold a password: not quoted
@@ -226,14 +264,22 @@ def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
         backend=backend,  # type: ignore[arg-type]
         path=p.str_(node, "path", path, ds.path) or ds.path,
         url=url,
-        key_prefix=p.str_(node, "key_prefix", path, ds.key_prefix) or ds.key_prefix,
-        timeout_s=p.number(node, "timeout_s", path, ds.timeout_s, 0.001),
-        max_connections=int(p.number(node, "max_connections", path, ds.max_connections, 1)),
+        key_prefix=key_prefix,
+        timeout_s=_bounded(p, node, "timeout_s", ds.timeout_s, 0.001),
+        max_connections=int(_bounded(p, node, "max_connections", ds.max_connections, 1)),
         cluster=cluster,
     )
     return StateSettings(store, choices["limits"], choices["budgets"],
-                         p.number(node, "lease_ttl_s", path, d.lease_ttl_s, 1),
-                         p.number(node, "retry_s", path, d.retry_s, 0))
+                         _bounded(p, node, "lease_ttl_s", d.lease_ttl_s, 1),
+                         _bounded(p, node, "retry_s", d.retry_s, 0))
+
+
+def _bounded(p: YamlTree, node: dict[str, Any], key: str, default: float, minimum: float) -> float:
+    value = p.number(node, key, "state", default, minimum)
+    if value > STATE_MAXIMA[key]:
+        p.fail(f"state.{key}", f"expected at most {STATE_MAXIMA[key]:g}, got {_shown(value)}")
+        return default
+    return float(value)
 
 
 def policy_section(p: YamlTree, root: dict[str, Any], models: Collection[str], others_active: bool) -> Policy:

@@ -7,6 +7,7 @@ request waits out its timeout. Every call is timed, every failure and fallback c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,6 +21,7 @@ from gateway.store.memory import MemoryStore
 
 log = logging.getLogger("gateway.policy")
 T = TypeVar("T")
+Read = Callable[[Store], Awaitable[object]]
 
 
 class SharedState:
@@ -30,6 +32,9 @@ class SharedState:
         """The fallback: this process's memory."""
         self._metrics = metrics
         self._down_until = 0.0
+        self._reads: dict[tuple[Store, str], Read | None] = {}
+        """The background reads under way (see `read_soon`), each with the one asked for meanwhile."""
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(self, feature: str, on_error: str, op: str,
                    run: Callable[[Store], Awaitable[T]]) -> tuple[T, Store]:
@@ -52,10 +57,16 @@ class SharedState:
         return await run(self.local), self.local
 
     async def timed(self, op: str, call: Awaitable[T]) -> T:
-        """Await one store operation, timing it; a failure is counted under `op` and raised again."""
+        """Await one store operation, timing it; a failure is counted under `op` and raised again. Whatever
+        the backend's own timeouts, no operation is waited for longer than 4 x `state.timeout_s` (at least
+        1 s): a SQLite file on a hung disk must not hang the requests."""
         started = time.perf_counter()
         try:
-            result = await call
+            try:
+                async with asyncio.timeout(max(1.0, 4 * self.settings.store.timeout_s)):
+                    result = await call
+            except TimeoutError:
+                raise StoreUnavailable(f"{self.settings.store.backend} state store: no answer in time") from None
         except StoreUnavailable:
             if self._metrics is not None:
                 self._metrics.state_errors.labels(op).inc()
@@ -65,6 +76,9 @@ class SharedState:
         return result
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
 
     async def give_back(self, store: Store, op: str, run: Callable[[Store], Awaitable[object]]) -> None:
@@ -75,6 +89,27 @@ class SharedState:
             await (self.timed(op, run(store)) if store is self.store else run(store))
         except StoreUnavailable as exc:
             log.warning("state store failed on %s (%s); it stays counted until it expires", op, exc)
+
+    def read_soon(self, store: Store, key: str, op: str, run: Read) -> None:
+        """Run `run`, a read that only feeds a gauge, off the request's path and one at a time per `key`:
+        asked for while one is under way, the latest asked for runs once that one is done. So no request
+        waits a round trip for it, requests finishing together share one, and the last read starts after
+        the last change."""
+        if (store, key) in self._reads:
+            self._reads[store, key] = run
+            return
+        self._reads[store, key] = None
+        task = asyncio.get_running_loop().create_task(self._read(store, key, op, run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, store: Store, key: str, op: str, run: Read | None) -> None:
+        try:
+            while run is not None:
+                await self.give_back(store, op, run)
+                run, self._reads[store, key] = self._reads[store, key], None
+        finally:
+            del self._reads[store, key]
 
 
 def scope_warnings(policy: Policy, workers: int | None, environ: Mapping[str, str]) -> list[str]:

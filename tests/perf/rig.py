@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support import free_port
 
 ROOT = Path(__file__).parent.parent.parent
 PINNED = (os.cpu_count() or 1) >= 2
@@ -95,6 +98,37 @@ def backend(speech: Path, chunk: int) -> Iterator[tuple[str, int]]:
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
+        stop(proc)
+
+
+@contextmanager
+def redis(workdir: Path) -> Iterator[tuple[str, int] | None]:
+    """A throwaway redis-server (no persistence, data dir `workdir`) on a free loopback port, on LOAD_CORES;
+    yields its URL and pid, or None when the binary is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_pin(LOAD_CORES))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("redis-server did not start")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
+    finally:
         stop(proc)
 
 
