@@ -1,9 +1,10 @@
 """A real Redis Cluster for tests (conftest.py's `redis_cluster` fixture): three `redis-server
 --cluster-enabled yes` primaries on free loopback ports, each in its own directory, joined with
-`redis-cli --cluster create` (the 16384 slots split in three), and torn down at the end. Three primaries
-and no replicas: enough that the keys of different scopes live on different nodes, so a client that
+`redis-cli --cluster create --cluster-replicas 0` (the 16384 slots split in three), and torn down at the
+end. Three primaries: enough that the keys of different scopes live on different nodes, so a client that
 does not follow MOVED fails. About 2 s to start, nearly all of it redis-cli's own waits for the join.
-A fourth node waits aside for `Cluster.failed_over`, which makes it a replica and promotes it.
+A fourth node waits aside for `Cluster.failed_over`, which makes it a replica and promotes it (it stays a
+replica afterwards; clients that read from primaries only never use it).
 """
 
 from __future__ import annotations
