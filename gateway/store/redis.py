@@ -153,7 +153,7 @@ class RedisStore:
         else:
             pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
                                                    retry=Retry(NoBackoff(), 0), decode_responses=True, **timeouts)
-            self._redis = Redis(connection_pool=pool)
+            self._redis = Redis.from_pool(pool)  # owns the pool: close() disconnects its connections too
         self._scripts = {
             name: self._redis.register_script(lua)
             for name, lua in (("hit", HIT), ("reserve", RESERVE), ("take", TAKE), ("spent", SPENT),
