@@ -1,4 +1,4 @@
-"""gateway/store/: one contract suite run against memory, sqlite, a real redis-server (started here
+"""gateway/store/: one contract suite run against memory, sqlite, a real redis-server (tests/redis_server.py,
 on a free loopback port) and the redis backend with `cluster: true` on a real three-node Redis Cluster
 (conftest's `redis_cluster`; more of it in test_store_cluster.py). Redis tests skip only when the binary
 is missing. Time is a fake clock the test advances, except where the server's own clock is the point.
@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,11 +18,9 @@ import pytest
 from gateway.store import Store, StoreConfig, StoreUnavailable, open_store
 from gateway.store.redis import RedisStore
 from tests.redis_cluster import MISSING
+from tests.redis_server import needs_redis, redis_server
 from tests.support import free_port
 
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="the `redis-server` binary is not on PATH "
-                                 "(Debian: apt-get install redis-server; .ci/run installs it)")
 needs_cluster = pytest.mark.skipif(bool(MISSING), reason=MISSING)
 T0 = 1_800_057_600.0
 """A fake now at a midnight UTC (a multiple of every window used here)."""
@@ -49,32 +44,8 @@ class FakeClock:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if REDIS_SERVER is None:
-        pytest.skip("the `redis-server` binary is not on PATH")
-    port = free_port()
-    data = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 def config_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
