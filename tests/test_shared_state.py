@@ -1,0 +1,287 @@
+"""Issue 12 across processes: limits and budgets exact when several gateway processes count on one store.
+Two `gateway serve` processes on a real Redis (tests/redis_server.py), and one `serve --workers 2` on one
+SQLite file, each driven by the official SDK with requests sent at once and dealt between the processes:
+a request limit lets exactly its amount through, a budget for exactly 50 requests serves 50 of 200 and
+bills exactly the budget, two concurrency slots hold across processes. Killing Redis mid-run follows the
+failure policy (limits in each process's memory, budgets 503) and the store is used again once it is back.
+The in-process behaviour on the memory store is tests/test_limits.py and tests/test_budgets.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import BETA_KEY, DEMO_KEY, LOOPBACK_TLS, ServerThread, engine_config, sdk
+from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.metering_support import http_get, parse_metrics, wait_ledger
+from tests.process import GatewayProcess
+from tests.redis_server import RedisServer, needs_redis, redis_server
+
+PRICED = "tts-1: {task: speech, routes: [{backend: speaches, model: kokoro}]"
+TEN_CHARACTERS = "0123456789"
+"""At $1,000 per million characters, one speech request of it costs exactly $0.01."""
+Launch = Callable[..., list[GatewayProcess]]
+
+
+def table(engine: FakeOpenAIEngine, tmp_path: Path, state: str, key_rules: str = "", policy: str = "",
+          ledger: Path | None = None) -> str:
+    """The test table with tts-1 priced, no background probes (the engine's requests are counted), `state`,
+    `key_rules` on the demo key and `policy` appended."""
+    text = engine_config(engine.url, tmp_path / "spool").replace(
+        PRICED, PRICED + ", price: {per_million_characters: 1000}", 1).replace(
+        "server:\n", "server:\n  probe_interval_s: 0\n", 1)
+    if key_rules:
+        text = text.replace("tenant: acme, sha256:", f"tenant: acme, {key_rules}, sha256:", 1)
+    text += f"state: {state}\n" + policy
+    if ledger is not None:
+        text += f"ledger: {{sink: file, path: {ledger}}}\n"
+    return text
+
+
+def on_redis(url: str, **extra: str) -> str:
+    """A `state:` on Redis under a key prefix of its own (the test's counts start at zero)."""
+    return "{" + ", ".join([f"backend: redis, url: '{url}', key_prefix: {uuid.uuid4().hex}",
+                            *(f"{k}: {v}" for k, v in extra.items())]) + "}"
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Starts gateway processes, one per config text, at once (each takes about half a second)."""
+    started: list[GatewayProcess] = []
+    (tmp_path / "spool").mkdir()
+
+    def run(*configs: str, workers: int = 1) -> list[GatewayProcess]:
+        paths = []
+        for text in configs:
+            paths.append(tmp_path / f"gateway-{len(started) + len(paths)}.yaml")
+            paths[-1].write_text(text)
+        with ThreadPoolExecutor(len(paths)) as pool:
+            processes = list(pool.map(lambda p: GatewayProcess(p, p.with_suffix(".log"), workers=workers), paths))
+        started.extend(processes)
+        return processes
+
+    yield run
+    for process in started:
+        process.stop()
+
+
+def clear_of_the_window(window_s: float = 60, margin_s: float = 5.0) -> None:
+    """Start counting in a window with `margin_s` left, so that one window holds the whole run (a window
+    that turns mid-run lets a second limit's worth through). For a minute: sleeps at most `margin_s`, in
+    one run of twelve."""
+    left = window_s - time.time() % window_s
+    if left < margin_s:
+        time.sleep(left + 0.05)
+
+
+def speak_at_once(urls: list[str], count: int, key: str = DEMO_KEY) -> list[Any]:
+    """`count` speech requests sent at once through the official async SDK, dealt in turn over `urls`;
+    each one's raw response (headers readable) or its exception, in the order sent."""
+    async def run() -> list[Any]:
+        clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30,
+                                      http_client=openai.DefaultAsyncHttpxClient(
+                                          verify=LOOPBACK_TLS, limits=openai._constants.DEFAULT_CONNECTION_LIMITS))
+                   for url in urls]
+        try:
+            return await asyncio.gather(*(
+                clients[i % len(clients)].audio.speech.with_raw_response.create(
+                    model="tts-1", voice="nova", input=TEN_CHARACTERS, response_format="pcm")
+                for i in range(count)), return_exceptions=True)
+        finally:
+            for client in clients:
+                await client.close()
+
+    return asyncio.run(run())
+
+
+def speech_requests(engine: FakeOpenAIEngine) -> int:
+    return sum(1 for r in engine.requests if r.path.endswith("/audio/speech"))
+
+
+def metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return parse_metrics(http_get(f"{url}/metrics")[2].decode())
+
+
+def served_by(process: GatewayProcess) -> dict[int, int]:
+    """pid -> speech requests it answered, from the access log (a worker's lines carry its pid)."""
+    served: dict[int, int] = {}
+    for line in process.log().splitlines():
+        if line.startswith("{") and '"/v1/audio/speech"' in line:
+            pid = json.loads(line)["pid"]
+            served[pid] = served.get(pid, 0) + 1
+    return served
+
+
+def check_request_limit(results: list[Any], engine: FakeOpenAIEngine) -> None:
+    """Of 30 requests under a limit of 10 per minute: exactly 10 served, each seeing its own count (remaining
+    9 down to 0, as one counter hands them out), the rest OpenAI's 429 with its headers, before any backend."""
+    served = [r for r in results if not isinstance(r, BaseException)]
+    refusals = [r for r in results if isinstance(r, BaseException)]
+    assert len(served) == 10, refusals[:1]
+    assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in served) == list(range(10))
+    assert all(isinstance(r, openai.RateLimitError) for r in refusals), refusals[:3]
+    for error in refusals:
+        assert isinstance(error, openai.RateLimitError)
+        assert error.body == {"message": error.body["message"], "type": "requests", "param": None,
+                              "code": "rate_limit_exceeded"}
+        assert "requests per minute on key 'demo'" in error.message and "Limit 10, Used 10" in error.message
+        headers = error.response.headers
+        assert headers["x-ratelimit-limit-requests"] == "10" and headers["x-ratelimit-remaining-requests"] == "0"
+        assert 1 <= int(headers["retry-after"]) <= 60 and 0 < int(headers["retry-after-ms"]) <= 60_000
+    assert speech_requests(engine) == 10
+
+
+def check_budget(results: list[Any], engine: FakeOpenAIEngine, records: list[dict[str, Any]]) -> None:
+    """Of 200 requests at $0.01 against $0.50: exactly 50 served and sent to the engine, the rest OpenAI's
+    `insufficient_quota`, and the ledgers bill exactly the budget."""
+    refusals = [r for r in results if isinstance(r, BaseException)]
+    assert len(results) - len(refusals) == 50, [r for r in refusals if not isinstance(r, openai.RateLimitError)][:3]
+    assert all(isinstance(r, openai.RateLimitError) and r.body["code"] == "insufficient_quota" for r in refusals), \
+        refusals[:3]
+    assert speech_requests(engine) == 50
+    assert len(records) == 200
+    assert round(sum(r["cost_usd"] or 0 for r in records if r["billable"]), 9) == 0.5
+    assert sum(1 for r in records if r["billable"]) == 50
+    assert {r["rejected_by"] for r in records if r["status"] == 429} == {"tenant:budget/month"}
+
+
+@needs_redis
+def test_two_processes_on_redis_let_exactly_the_request_limit_through(
+        launch: Launch, engine: FakeOpenAIEngine, tmp_path: Path, redis_url: str) -> None:
+    config = table(engine, tmp_path, on_redis(redis_url), "limits: [{requests: 10, per: minute}]")
+    a, b = launch(config, config)
+    clear_of_the_window()
+    check_request_limit(speak_at_once([a.url, b.url], 30), engine)
+    assert a.log().count('"/v1/audio/speech"') == b.log().count('"/v1/audio/speech"') == 15
+
+
+@needs_redis
+def test_a_budget_holds_exactly_under_200_requests_split_between_two_processes(
+        launch: Launch, engine: FakeOpenAIEngine, tmp_path: Path, redis_url: str) -> None:
+    state, budget = on_redis(redis_url), "tenants: {acme: {budget: {usd: 0.5, period: month}}}\n"
+    ledgers = [tmp_path / "usage-a.jsonl", tmp_path / "usage-b.jsonl"]
+    a, b = launch(*(table(engine, tmp_path, state, policy=budget, ledger=ledger) for ledger in ledgers))
+    results = speak_at_once([a.url, b.url], 200)
+    records = wait_ledger(ledgers[0], 100) + wait_ledger(ledgers[1], 100)
+    check_budget(results, engine, records)
+    remaining = [metrics(p.url).get(("gateway_budget_remaining", frozenset({("tenant", "acme")}))) for p in (a, b)]
+    assert min(r for r in remaining if r is not None) == pytest.approx(0, abs=1e-9)  # the last settle's reading
+
+
+@needs_redis
+def test_two_concurrency_slots_hold_across_two_processes(
+        launch: Launch, servers: ServerThread, tmp_path: Path, redis_url: str) -> None:
+    slow = FakeOpenAIEngine(chunk_size=4096, chunk_delay=0.05)  # a long input streams for seconds
+    servers.run(slow.start())
+    try:
+        config = table(slow, tmp_path, on_redis(redis_url), "limits: [{concurrent: 2}]")
+        a, b = launch(config, config)
+        with sdk(f"{a.url}/v1") as on_a, sdk(f"{b.url}/v1") as on_b:
+            with ExitStack() as streams:
+                held = []  # the readers too: one dropped closes its stream
+                for client in (on_a, on_b):  # one stream held open on each process
+                    stream = streams.enter_context(client.audio.speech.with_streaming_response.create(
+                        model="tts-1", voice="nova", input="A stream held open. " * 10, response_format="pcm"))
+                    held.append(stream.iter_bytes(4096))
+                    assert next(held[-1])
+                for client in (on_a, on_b):
+                    with pytest.raises(openai.RateLimitError) as refused:
+                        client.audio.speech.create(model="tts-1", voice="nova", input="Hi.", response_format="pcm")
+                    assert "Too many concurrent requests on key 'demo': Limit 2" in refused.value.message
+                    assert refused.value.body["code"] == "rate_limit_exceeded"
+            # both streams closed unread: each process frees its slot as its client goes away
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    on_b.audio.speech.create(model="tts-1", voice="nova", input="Hi.", response_format="pcm")
+                    break
+                except openai.RateLimitError:
+                    assert time.monotonic() < deadline, "the slots did not come back"
+                    time.sleep(0.05)
+    finally:
+        servers.run(slow.stop())
+
+
+@needs_redis
+def test_killing_redis_mid_run_follows_the_failure_policy_and_the_store_is_used_again_when_back(
+        launch: Launch, engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    with redis_server(tmp_path) as redis:
+        _killed_mid_run(launch, engine, tmp_path, redis)
+
+
+def _killed_mid_run(launch: Launch, engine: FakeOpenAIEngine, tmp_path: Path, redis: RedisServer) -> None:
+    config = table(engine, tmp_path, on_redis(redis.url, retry_s="0.2"), "limits: [{requests: 3, per: hour}]")
+    a, b = launch(config.replace("tenant: beta,", "tenant: beta, budget: {usd: 1},", 1), config)
+    clear_of_the_window(3600)
+    with sdk(f"{a.url}/v1") as demo_a, sdk(f"{b.url}/v1") as demo_b, sdk(f"{a.url}/v1", key=BETA_KEY) as beta:
+        def speak(client: openai.OpenAI) -> str:
+            return client.audio.speech.with_raw_response.create(
+                model="tts-1", voice="nova", input="Counted.", response_format="pcm"
+            ).headers["x-ratelimit-remaining-requests"]
+
+        assert (speak(demo_a), speak(demo_b)) == ("2", "1")  # one count in Redis
+        beta.audio.speech.create(model="tts-1", voice="nova", input="Budgeted.")
+        redis.kill()
+
+        for client in (demo_a, demo_b):  # each process counts in its own memory, from zero
+            assert [speak(client) for _ in range(3)] == ["2", "1", "0"]
+            with pytest.raises(openai.RateLimitError) as limited:
+                speak(client)
+            assert "Limit 3, Used 3" in limited.value.message
+        with pytest.raises(openai.InternalServerError) as refused:
+            beta.audio.speech.create(model="tts-1", voice="nova", input="No budget without the store.")
+        assert refused.value.status_code == 503 and refused.value.body["code"] == "state_unavailable"
+        assert refused.value.response.headers["retry-after"] == "1"
+        assert "redis" not in refused.value.message.lower() and str(redis.port) not in refused.value.message
+        assert speech_requests(engine) == 2 + 1 + 6
+        samples = metrics(a.url)
+        assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "limits"),
+                                                                    ("action", "memory")}))] == 4
+        assert samples[("gateway_state_fallbacks_total", frozenset({("feature", "budgets"),
+                                                                    ("action", "refused")}))] == 1
+        assert samples[("gateway_state_errors_total", frozenset({("op", "hit")}))] >= 1
+
+        redis.start()  # on its port, empty: counts from zero again
+        time.sleep(0.25)  # state.retry_s
+        assert speak(demo_a) == "2" and speak(demo_b) == "1", "memory would have refused: 3 of 3 counted there"
+        beta.audio.speech.create(model="tts-1", voice="nova", input="Budgeted again.")
+        assert metrics(a.url).get(("gateway_state_fallbacks_total", frozenset({("feature", "budgets"),
+                                                                             ("action", "refused")}))) == 1
+    assert "state store failed" in a.log()
+
+
+def test_sqlite_with_two_workers_lets_exactly_the_request_limit_through(
+        launch: Launch, engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    state = f"{{backend: sqlite, path: {tmp_path / 'state.sqlite3'}}}"
+    (gateway,) = launch(table(engine, tmp_path, state, "limits: [{requests: 10, per: minute}]"), workers=2)
+    clear_of_the_window()
+    check_request_limit(speak_at_once([gateway.url], 30), engine)
+    assert len(served_by(gateway)) == 2, served_by(gateway)  # both workers answered some
+
+
+def test_sqlite_with_two_workers_holds_a_budget_exactly_under_200_requests(
+        launch: Launch, engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    ledger = tmp_path / "usage.jsonl"
+    state = f"{{backend: sqlite, path: {tmp_path / 'state.sqlite3'}}}"
+    (gateway,) = launch(table(engine, tmp_path, state, policy="tenants: {acme: {budget: {usd: 0.5}}}\n",
+                              ledger=ledger), workers=2)
+    results = speak_at_once([gateway.url], 200)
+    check_budget(results, engine, wait_ledger(ledger, 200))
+    assert len(served_by(gateway)) == 2, served_by(gateway)
