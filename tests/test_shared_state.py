@@ -206,8 +206,10 @@ def check_budget(results: list[Any], engine: FakeOpenAIEngine, records: list[dic
     assert len(results) - len(refusals) == 50, [r for r in refusals if not isinstance(r, openai.RateLimitError)][:3]
     assert all(isinstance(r, openai.RateLimitError) and r.body["code"] == "insufficient_quota" for r in refusals), \
         refusals[:3]
-    assert "the 0.5 usd budget per month of tenant 'beta'" in refusals[0].message
-    assert refusals[0].response.headers["x-should-retry"] == "false"
+    first = refusals[0]
+    assert isinstance(first, openai.RateLimitError) and first.body["type"] == "insufficient_quota"
+    assert "the 0.5 usd budget per month of tenant 'beta'" in first.message
+    assert first.response.headers["x-should-retry"] == "false" and int(first.response.headers["retry-after"]) > 0
     assert speech_requests(engine) == 10 + 50
     assert len(records) == 200
     assert round(sum(r["cost_usd"] or 0 for r in records if r["billable"]), 9) == 0.5
