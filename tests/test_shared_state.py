@@ -37,11 +37,12 @@ Launch = Callable[..., list[GatewayProcess]]
 
 def table(engine: FakeOpenAIEngine, tmp_path: Path, state: str, key_rules: str = "", policy: str = "",
           ledger: Path | None = None) -> str:
-    """The test table with tts-1 priced, no background probes (the engine's requests are counted), `state`,
-    `key_rules` on the demo key and `policy` appended."""
+    """The test table with tts-1 priced, no background probes (the engine's requests are counted), a backend
+    timeout that 200 requests at once on a loaded machine stay within, `state`, `key_rules` on the demo key
+    and `policy` appended."""
     text = engine_config(engine.url, tmp_path / "spool").replace(
         PRICED, PRICED + ", price: {per_million_characters: 1000}", 1).replace(
-        "server:\n", "server:\n  probe_interval_s: 0\n", 1)
+        "server:\n", "server:\n  probe_interval_s: 0\n", 1).replace("timeout_s: 2\n", "timeout_s: 30\n", 1)
     if key_rules:
         text = text.replace("tenant: acme, sha256:", f"tenant: acme, {key_rules}, sha256:", 1)
     text += f"state: {state}\n" + policy
