@@ -10,6 +10,7 @@ The in-process behaviour on the memory store is tests/test_limits.py and tests/t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import openai
@@ -33,6 +34,7 @@ PRICED = "tts-1: {task: speech, routes: [{backend: speaches, model: kokoro}]"
 TEN_CHARACTERS = "0123456789"
 """At $1,000 per million characters, one speech request of it costs exactly $0.01."""
 Launch = Callable[..., list[GatewayProcess]]
+T = TypeVar("T")
 
 
 def table(engine: FakeOpenAIEngine, tmp_path: Path, state: str, key_rules: str = "", policy: str = "",
@@ -140,8 +142,13 @@ async def connections(process: GatewayProcess, count: int) -> list[httpx2.AsyncC
             else:
                 await http.aclose()
         if sum(len(c) for c in kept.values()) == count:
-            return [http for clients in kept.values() for http in clients]
+            return interleaved(list(kept.values()))
     raise AssertionError(f"connections not spread over the workers: {[len(c) for c in kept.values()]}")
+
+
+def interleaved(groups: list[list[T]]) -> list[T]:
+    """One of each group in turn, so that requests sent at once reach every process and worker from the start."""
+    return [item for row in itertools.zip_longest(*groups) for item in row if item is not None]
 
 
 def speak_at_once(processes: list[GatewayProcess], count: int, key: str = DEMO_KEY) -> list[Any]:
@@ -149,9 +156,10 @@ def speak_at_once(processes: list[GatewayProcess], count: int, key: str = DEMO_K
     workers of each), each on a connection opened beforehand, so that all go out at once. Each one's raw
     response (headers readable) or its exception."""
     async def run() -> list[Any]:
-        clients = [openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key=key, max_retries=0, timeout=30,
-                                      http_client=http)
-                   for process in processes for http in await connections(process, count // len(processes))]
+        clients = interleaved([[openai.AsyncOpenAI(base_url=f"{process.url}/v1", api_key=key, max_retries=0,
+                                                   timeout=30, http_client=http)
+                                for http in await connections(process, count // len(processes))]
+                               for process in processes])
         try:
             return await asyncio.gather(*(client.audio.speech.with_raw_response.create(
                 model="tts-1", voice="nova", input=TEN_CHARACTERS, response_format="pcm") for client in clients),
