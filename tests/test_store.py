@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -317,6 +318,23 @@ async def test_sqlite_state_survives_a_restart(tmp_path: Path) -> None:
         assert (await second.reserve("tenant", 40, 50, DECADE)) is not None
     finally:
         await second.close()
+
+
+async def test_sqlite_waits_for_a_new_file_another_process_is_writing(tmp_path: Path) -> None:
+    """Two workers starting on a new file: the one switching it to WAL while the other writes got `database
+    is locked` at once, busy timeout or not (its limits then fell back to memory: one request too many in
+    tests/test_shared_state.py's two-worker burst). It now waits, as for any other lock."""
+    path = tmp_path / "state.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None)  # what the other worker holds while it writes
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE setup (x)")
+    s = open_store(StoreConfig(backend="sqlite", path=str(path), timeout_s=5))
+    asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+    try:
+        assert (await s.hit("k", 1, 1, 60)).allowed
+    finally:
+        await s.close()
+        other.close()
 
 
 async def test_an_unusable_sqlite_file_raises_store_unavailable(tmp_path: Path) -> None:
