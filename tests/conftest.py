@@ -133,6 +133,18 @@ def engine_config(engine_url: str, spool_dir: Path, extra: str = "") -> str:
     """) + extra
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real three-node Redis Cluster for the session (tests/redis_cluster.py `Cluster`); skips without
+    redis-server."""
+    from tests.redis_cluster import MISSING, running_cluster  # it imports tests.support, which imports this
+
+    if MISSING:
+        pytest.skip(MISSING)
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def engine(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
     eng = FakeOpenAIEngine()

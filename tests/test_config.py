@@ -162,3 +162,16 @@ def test_client_limits_have_defaults_and_are_checked_by_path() -> None:
                      "server.max_connections: expected a number >= 1, got 0",
                      "server.max_form_parts: expected a number >= 1, got -1"]:
         assert expected in found, (expected, found)
+
+
+def test_state_cluster_is_a_flag_that_needs_a_url_of_one_node() -> None:
+    assert parse_config(VALID, kinds=KINDS, environ={}).policy.state.store.cluster is False
+    text = "state: {backend: redis, cluster: true, url: 'rediss://:pw@redis-0.internal:6380'}\n" + VALID
+    store = parse_config(text, kinds=KINDS, environ={}).policy.state.store
+    assert (store.backend, store.cluster, store.url) == ("redis", True, "rediss://:pw@redis-0.internal:6380")
+    assert problems("state: {backend: redis, cluster: maybe}\n" + VALID) == [
+        "state.cluster: expected true or false, got 'maybe'"]
+    for url in ("redis://:hunter2@redis-0.internal:6379/2", "unix:///run/redis.sock", "redis://:hunter2@[::1"):
+        found = problems(f"state: {{backend: redis, cluster: true, url: '{url}'}}\n" + VALID)
+        assert found == ["state.url: with cluster: true, expected a redis:// or rediss:// URL of one node with "
+                         "database 0 (a cluster has no other)"], (url, found)

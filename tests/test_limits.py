@@ -6,18 +6,21 @@ x-ratelimit-* headers, read through the official SDK's `with_raw_response`. In-p
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.conftest import BETA_KEY, Gateway, ServerThread, engine_config, sdk
+from tests.conftest import BETA_KEY, DEMO_KEY, LOOPBACK_TLS, Gateway, ServerThread, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import http_get, make_wav, parse_metrics, wait_ledger
+from tests.redis_cluster import Cluster
 
 MakeGateway = Callable[[str], Gateway]
 
@@ -210,3 +213,38 @@ def test_speech_seconds_are_counted_once_the_audio_went_out(
         assert "speech seconds per hour" in error.message
         assert error.response.headers["x-ratelimit-remaining-speech-seconds"] == "0"
     assert speech_requests(engine) == 2
+
+
+def test_a_request_limit_on_a_redis_cluster_lets_exactly_n_through(
+        make_gateway: MakeGateway, engine: FakeOpenAIEngine, tmp_path: Path, redis_cluster: Cluster) -> None:
+    """`state: {backend: redis, cluster: true}` on a real three-node cluster, with a key prefix that puts the
+    key's count, the tenant's count and the tenant's concurrency slots on three different nodes. Limits fail
+    closed here, so a store operation that failed would answer 503 rather than count in memory."""
+    scopes = ("key:demo|requests/minute", "tenant:acme|requests/minute", "tenant:acme|concurrent")
+    prefix = next(p for p in (f"e2e-{uuid.uuid4().hex[:8]}" for _ in range(500))
+                  if len({redis_cluster.owner(f"{{{p}:{scope}}}") for scope in scopes}) == 3)
+    state = (f"state: {{backend: redis, cluster: true, url: '{redis_cluster.url}', key_prefix: {prefix}, "
+             "on_error: {limits: closed}}\n")
+    text = limited(engine, tmp_path, "tenants: {acme: {limits: [{requests: 100, per: minute}, {concurrent: 20}]}}\n",
+                   "limits: [{requests: 4, per: minute}]")
+    gw = make_gateway(text.replace("state: {backend: memory}\n", state, 1))
+
+    async def twelve_at_once() -> list[BaseException | object]:
+        async with openai.AsyncOpenAI(base_url=gw.base_url, api_key=DEMO_KEY, max_retries=0, timeout=20,
+                                      http_client=openai.DefaultAsyncHttpxClient(verify=LOOPBACK_TLS)) as c:
+            return await asyncio.gather(*(c.audio.speech.create(model="tts-1", voice="nova", input="Hello.",
+                                                                response_format="pcm") for _ in range(12)),
+                                        return_exceptions=True)
+
+    results = asyncio.run(twelve_at_once())
+    refusals = [r for r in results if isinstance(r, BaseException)]
+    assert len(results) - len(refusals) == 4 and speech_requests(engine) == 4
+    assert all(isinstance(r, openai.RateLimitError) and r.body["code"] == "rate_limit_exceeded"
+               for r in refusals), refusals[:3]
+    for scope in scopes[:2]:  # each count is on the node its slot belongs to
+        owner = redis_cluster.owner(f"{{{prefix}:{scope}}}")
+        assert redis_cluster.ask(owner, "HGET", f"{{{prefix}:{scope}}}:h:60000", "n") == "4", scope
+    samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
+    assert samples[("gateway_state_operation_seconds_count", frozenset({("op", "acquire")}))] >= 4
+    assert not [name for name, _ in samples if name in ("gateway_state_errors_total",
+                                                        "gateway_state_fallbacks_total")]

@@ -1,15 +1,14 @@
-"""gateway/store/: one contract suite run against memory, sqlite and a real redis-server (started here
-on a free loopback port; Redis tests skip only when the binary is missing). Time is a fake clock the
-test advances, except where the server's own clock is the point.
+"""gateway/store/: one contract suite run against memory, sqlite, a real redis-server (tests/redis_server.py,
+on a free loopback port) and the redis backend with `cluster: true` on a real three-node Redis Cluster
+(conftest's `redis_cluster`; more of it in test_store_cluster.py). Redis tests skip only when the binary
+is missing. Time is a fake clock the test advances, except where the server's own clock is the point.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import shutil
-import socket
-import subprocess
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,11 +18,11 @@ import pytest
 
 from gateway.store import Store, StoreConfig, StoreUnavailable, open_store
 from gateway.store.redis import RedisStore
+from tests.redis_cluster import MISSING
+from tests.redis_server import needs_redis, redis_server
 from tests.support import free_port
 
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="the `redis-server` binary is not on PATH "
-                                 "(Debian: apt-get install redis-server; .ci/run installs it)")
+needs_cluster = pytest.mark.skipif(bool(MISSING), reason=MISSING)
 T0 = 1_800_057_600.0
 """A fake now at a midnight UTC (a multiple of every window used here)."""
 DECADE = 10 * 365 * 86400.0
@@ -46,41 +45,23 @@ class FakeClock:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if REDIS_SERVER is None:
-        pytest.skip("the `redis-server` binary is not on PATH")
-    port = free_port()
-    data = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 def config_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
     if backend == "redis":
         return StoreConfig(backend="redis", url=request.getfixturevalue("redis_url"), key_prefix=uuid.uuid4().hex)
+    if backend == "redis-cluster":
+        return StoreConfig(backend="redis", cluster=True, url=request.getfixturevalue("redis_cluster").url,
+                           key_prefix=uuid.uuid4().hex)
     return StoreConfig(backend=backend, path=str(tmp_path / "state" / "gateway.sqlite3"))  # type: ignore[arg-type]
 
 
-BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=needs_redis)]
+BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=needs_redis),
+            pytest.param("redis-cluster", marks=needs_cluster)]
+"""`redis-cluster`: the redis backend with `cluster: true` on a real three-node cluster, where the
+scopes of one test live on different nodes."""
 
 
 @pytest.fixture(params=BACKENDS)
@@ -339,6 +320,23 @@ async def test_sqlite_state_survives_a_restart(tmp_path: Path) -> None:
         await second.close()
 
 
+async def test_sqlite_waits_for_a_new_file_another_process_is_writing(tmp_path: Path) -> None:
+    """Two workers starting on a new file: the one switching it to WAL while the other writes got `database
+    is locked` at once, busy timeout or not (its limits then fell back to memory: one request too many in
+    tests/test_shared_state.py's two-worker burst). It now waits, as for any other lock."""
+    path = tmp_path / "state.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None)  # what the other worker holds while it writes
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE setup (x)")
+    s = open_store(StoreConfig(backend="sqlite", path=str(path), timeout_s=5))
+    asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+    try:
+        assert (await s.hit("k", 1, 1, 60)).allowed
+    finally:
+        await s.close()
+        other.close()
+
+
 async def test_an_unusable_sqlite_file_raises_store_unavailable(tmp_path: Path) -> None:
     (tmp_path / "dir.sqlite3").mkdir()
     s = open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "dir.sqlite3")))
@@ -385,6 +383,20 @@ async def test_an_unreachable_redis_raises_store_unavailable_without_its_address
         assert str(port) not in str(caught.value) and "secret" not in str(caught.value)
     finally:
         await s.close()
+
+
+@needs_redis
+async def test_cluster_mode_on_an_unusable_endpoint_raises_store_unavailable_without_its_address(
+        redis_url: str) -> None:
+    port = free_port()
+    for url in (f"redis://:secret@127.0.0.1:{port}/0", redis_url):  # nothing there; a server not in cluster mode
+        s = open_store(StoreConfig(backend="redis", cluster=True, url=url, timeout_s=0.2))
+        try:
+            with pytest.raises(StoreUnavailable, match=r"^redis state store: ") as caught:
+                await s.hit("tenant", 1, 1, 60)
+            assert "127.0.0.1" not in str(caught.value) and "secret" not in str(caught.value)
+        finally:
+            await s.close()
 
 
 def test_an_unknown_backend_is_refused() -> None:

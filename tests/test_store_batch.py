@@ -29,6 +29,12 @@ from tests.test_store import DAY, T0, FakeClock
 store, redis_url = contract.store, contract.redis_url
 """The contract suite's fixtures: every backend, the fake clock."""
 
+def atomic(s: Store) -> bool:
+    """Every backend but Redis Cluster, where `take` is single operations in order (see batch.take_in_order):
+    it stops at the first refusal, and what the steps before it took is held until given back."""
+    return not getattr(s, "_cluster", False)
+
+
 ADMISSION = [HitAsk("key-a", 1, 3, 60), AcquireAsk("tenant", 2, 30), ReserveAsk("tenant", 4, 10, DAY)]
 
 
@@ -68,8 +74,11 @@ async def test_a_refused_window_reports_its_figures_and_every_refused_step(store
     assert (await s.hit("key-a", 3, 3, 60)).allowed
     assert await s.acquire("tenant", 1, 30) is not None
     taken = await s.take([HitAsk("key-a", 1, 3, 60), HitAsk("key-b", 2, 5, 60), AcquireAsk("tenant", 1, 30)])
-    assert not taken.admitted and taken.refused == (0, 2)
-    assert taken.results == (Hit(False, 0, 45), Hit(True, 5, 45), None)
+    if atomic(s):
+        assert not taken.admitted and taken.refused == (0, 2)
+        assert taken.results == (Hit(False, 0, 45), Hit(True, 5, 45), None)
+    else:
+        assert not taken.admitted and taken.refused == (0,) and taken.results == (Hit(False, 0, 45), None, None)
     assert (await s.hit("key-b", 5, 5, 60)).allowed, "the step that fit was not applied either"
 
 
@@ -91,7 +100,7 @@ async def test_steps_on_one_key_add_up_within_a_batch(store: tuple[Store, FakeCl
     taken = await s.take([HitAsk("k", 2, 3, 60), HitAsk("k", 2, 3, 60), ReserveAsk("t", 3, 5, DAY),
                           ReserveAsk("t", 3, 5, DAY, required=False), AcquireAsk("c", 1, 30),
                           AcquireAsk("c", 1, 30, required=False)])
-    assert not taken.admitted and taken.refused == (1, 3, 5)
+    assert not taken.admitted and taken.refused == ((1, 3, 5) if atomic(s) else (1,))
     again = await s.take([HitAsk("k", 2, 3, 60), HitAsk("k", 1, 3, 60), ReserveAsk("t", 3, 5, DAY),
                           ReserveAsk("t", 2, 5, DAY)])
     assert again.admitted and again.results[1] == Hit(True, 0, 60)
@@ -122,7 +131,8 @@ async def test_concurrent_takes_admit_exactly_what_fits_and_never_refuse_while_r
     batch = [HitAsk("A", 1, 30, DAY), ReserveAsk("B", 1, 20, DAY)]
     taken = await asyncio.gather(*(s.take(batch) for _ in range(100)))
     assert sum(t.admitted for t in taken) == 20
-    assert all(t.refused == (1,) for t in taken if not t.admitted), "only the budget refuses: A has room"
+    if atomic(s):  # (on a Cluster a refused request holds its hit on A until it gives it back)
+        assert all(t.refused == (1,) for t in taken if not t.admitted), "only the budget refuses: A has room"
     assert (await s.hit("A", 0, 30, DAY)).remaining == 10, "A counts exactly the 20 admitted"
     assert await s.spent("B", DAY) == 20
 

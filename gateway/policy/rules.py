@@ -20,6 +20,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.policy.windows import Window, parse_window
 from gateway.store import BACKENDS, StoreConfig
@@ -36,8 +37,8 @@ MAX_AMOUNT = 1e15
 """Largest limit or budget amount (a float stays exact in whole units far past it)."""
 MAX_LIMITS = 32
 """Most limits in one list: each is a store call on every request it applies to."""
-STATE_FIELDS = ("backend", "path", "url", "key_prefix", "timeout_s", "max_connections", "on_error", "lease_ttl_s",
-                "retry_s")
+STATE_FIELDS = ("backend", "path", "url", "key_prefix", "timeout_s", "max_connections", "cluster", "on_error",
+                "lease_ttl_s", "retry_s")
 STATE_MAXIMA = {"timeout_s": 60.0, "max_connections": 1024.0, "lease_ttl_s": 86400.0, "retry_s": 3600.0}
 """Upper bounds of the `state:` numbers: past them a value is a typo, and a huge one would overflow the
 float arithmetic of timers and TTLs at run time instead of failing here."""
@@ -225,6 +226,15 @@ def defaults_section(p: YamlTree, node: dict[str, Any]) -> dict[str, tuple[Limit
     return {level: parsed for level in LEVELS if (parsed := limits(p, node.get(level), f"limits.{level}"))}
 
 
+def cluster_url(url: str) -> bool:
+    """A URL a Redis Cluster client can start from: TCP (no unix socket) and database 0 or none."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("redis", "rediss") and bool(parts.hostname) and parts.path in ("", "/", "/0")
+    except ValueError:  # a malformed port or IPv6 address
+        return False
+
+
 def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
     path, d, ds = "state", StateSettings(), StoreConfig()
     for unknown in sorted(set(node) - set(STATE_FIELDS)):
@@ -245,13 +255,19 @@ def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
     if "{" in key_prefix or "}" in key_prefix:
         p.fail(f"{path}.key_prefix", "must not hold { or }: it goes inside each key's Redis Cluster hash tag")
         key_prefix = ds.key_prefix
+    url = p.str_(node, "url", path, ds.url) or ds.url
+    cluster = p.bool_(node, "cluster", path, ds.cluster)
+    if cluster and backend == "redis" and not cluster_url(url):  # the URL may hold a password: not quoted
+        p.fail(f"{path}.url", "with cluster: true, expected a redis:// or rediss:// URL of one node with "
+                              "database 0 (a cluster has no other)")
     store = StoreConfig(
         backend=backend,  # type: ignore[arg-type]
         path=p.str_(node, "path", path, ds.path) or ds.path,
-        url=p.str_(node, "url", path, ds.url) or ds.url,
+        url=url,
         key_prefix=key_prefix,
         timeout_s=_bounded(p, node, "timeout_s", ds.timeout_s, 0.001),
         max_connections=int(_bounded(p, node, "max_connections", ds.max_connections, 1)),
+        cluster=cluster,
     )
     return StateSettings(store, choices["limits"], choices["budgets"],
                          _bounded(p, node, "lease_ttl_s", d.lease_ttl_s, 1),

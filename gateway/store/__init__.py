@@ -59,7 +59,8 @@ class StoreUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    """The `state:` section (parsed in a later step; these defaults are the documented ones)."""
+    """Where the `state:` section says to count (parsed in gateway/policy/rules.py `state_section`;
+    these defaults are the documented ones)."""
 
     backend: Literal["memory", "sqlite", "redis"] = "sqlite"
     """`memory`: one process only (tests, a single worker); `sqlite`: the embedded default, exact for
@@ -76,8 +77,12 @@ class StoreConfig:
     """Longest wait for one operation (Redis socket timeout; SQLite busy timeout) before
     `StoreUnavailable`."""
     max_connections: int = 32
-    """Redis connections per process; an operation beyond them waits for a free one (an operation
-    takes well under a millisecond, so 32 carry thousands of requests a second)."""
+    """Redis connections per process (per node with `cluster`); an operation beyond them waits for a
+    free one (an operation takes well under a millisecond, so 32 carry thousands of requests a second)."""
+    cluster: bool = False
+    """`url` names one node of a Redis Cluster: the client learns the others from it and sends each
+    scope's operations to the primary of its slot, following MOVED and ASK. Off, a cluster node would
+    answer MOVED for most scopes, and those operations fail (`StoreUnavailable`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,5 +181,6 @@ def open_store(config: StoreConfig, clock: Clock | None = None) -> Store:
     if config.backend == "redis":
         from gateway.store.redis import RedisStore
 
-        return RedisStore(config.url, config.key_prefix, config.timeout_s, config.max_connections, clock)
+        return RedisStore(config.url, config.key_prefix, config.timeout_s, config.max_connections, clock,
+                          config.cluster)
     raise ValueError(f"unknown state backend {config.backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -5,17 +5,26 @@ the server whatever the number of gateways. The keys of one scope share the hash
 scopes of a whole request, one script on a standalone Redis, single operations on a Cluster. Time is
 the server's `TIME` (one clock for all replicas) unless a clock is injected.
 Keys expire shortly after their window, period or longest lease ends; nothing needs sweeping.
+
+With `cluster: true` the client is a `RedisCluster`: it learns the slot map from the URL's node, sends
+each script to the primary of its scope's slot and follows MOVED and ASK. A primary promoted in a
+failover has no scripts loaded (SCRIPT LOAD is not replicated): its NOSCRIPT makes the script load on
+every primary and run again, within the same operation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry as ClusterRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from gateway.store import (
@@ -46,18 +55,29 @@ from gateway.store.redis_scripts import ACQUIRE, BATCH_GIVE, BATCH_TAKE, HIT, RE
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str, timeout_s: float, max_connections: int, clock: Clock | None) -> None:
+    def __init__(self, url: str, prefix: str, timeout_s: float, max_connections: int, clock: Clock | None,
+                 cluster: bool = False) -> None:
         self._prefix = prefix
         self._clock = clock
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._node_slots: dict[str, asyncio.Semaphore] = {}
         # One attempt, no backoff: a store that does not answer within timeout_s is the caller's
         # failure policy to handle, not something to wait out inside a request.
-        # At most `max_connections` sockets; an operation beyond them waits for one (up to timeout_s).
-        pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), decode_responses=True,
-        )
-        self._redis = Redis(connection_pool=pool)
-        self._cluster = False
+        # At most `max_connections` sockets (per node in a cluster); an operation beyond them waits for
+        # one, up to timeout_s.
+        timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        self._redis: Redis | RedisCluster
+        if cluster:
+            # A cluster client raises at once when a node's pool is full; _connection() makes the
+            # operation wait instead. MOVED and ASK are followed; errors are not retried.
+            self._redis = RedisCluster.from_url(url, max_connections=max_connections,
+                                                retry=ClusterRetry(NoBackoff(), 0), decode_responses=True, **timeouts)
+        else:
+            pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
+                                                   retry=Retry(NoBackoff(), 0), decode_responses=True, **timeouts)
+            self._redis = Redis.from_pool(pool)  # owns the pool: close() disconnects its connections too
+        self._cluster = cluster
         self._scripts = {
             name: self._redis.register_script(lua)
             for name, lua in (("hit", HIT), ("reserve", RESERVE), ("take", TAKE), ("spent", SPENT),
@@ -72,12 +92,37 @@ class RedisStore:
         """The injected clock in ms, or '' for the server's TIME."""
         return "" if self._clock is None else str(int(self._clock() * 1000))
 
-    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    @asynccontextmanager
+    async def _connection(self, key: str) -> AsyncIterator[None]:
+        """In a cluster, a turn among the `max_connections` of the node serving `key` (waiting up to
+        timeout_s, like the single-server pool); with one server its blocking pool does this itself."""
+        if not isinstance(self._redis, RedisCluster):
+            yield
+            return
+        node = (await self._redis.initialize()).get_node_from_key(key)
+        turns = self._node_slots.get(node.name)
+        if turns is None:
+            turns = self._node_slots[node.name] = asyncio.Semaphore(self._max_connections)
         try:
-            return await self._scripts[name](keys=keys, args=args)
-        except RedisError as e:
+            async with asyncio.timeout(self._timeout_s):
+                await turns.acquire()
+        except TimeoutError:
+            raise StoreUnavailable("redis state store: no free connection") from None
+        try:
+            yield
+        finally:
+            turns.release()
+
+    async def _run(self, key: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            async with self._connection(key):
+                return await operation()
+        except (RedisError, RedisClusterException) as e:
             # The exception's text names host and port: logs get it through the cause, callers don't.
             raise StoreUnavailable(f"redis state store: {type(e).__name__}") from e
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._run(keys[0], lambda: self._scripts[name](keys=keys, args=args))
 
     async def hit(self, key: str, cost: float, limit: float, window_s: float, anchor_s: float = 0.0) -> Hit:
         window = to_ms(window_s)
@@ -122,10 +167,8 @@ class RedisStore:
 
     async def release_slot(self, lease: str) -> None:
         _, ident, scope = parse_lease(lease)
-        try:
-            await self._redis.zrem(self._key(scope, "l"), ident)
-        except RedisError as e:
-            raise StoreUnavailable(f"redis state store: {type(e).__name__}") from e
+        key = self._key(scope, "l")
+        await self._run(key, lambda: self._redis.zrem(key, ident))
 
     async def take(self, asks: Sequence[Ask]) -> Taken:
         """One script for the whole batch (redis_scripts.BATCH_TAKE: check every step, then apply them

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,11 +71,30 @@ class SqliteStore:
         if self._db is None:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, timeout=self._timeout_s, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
-            db.executescript(SCHEMA)
+            try:
+                self._wal(db)
+                db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
+                db.executescript(SCHEMA)
+            except BaseException:
+                db.close()
+                raise
             self._db = db
         return self._db
+
+    def _wal(self, db: sqlite3.Connection) -> None:
+        """Switch the file to WAL. The switch asks for its lock without SQLite's busy handler: on a new file
+        that another worker is setting up at that moment it failed at once with `database is locked` (and
+        that worker's limits fell back to memory, letting one more request through). So it is retried here
+        for up to the busy timeout, on this store's thread."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     async def _run(self, op: Callable[[sqlite3.Connection, int], T]) -> T:
         def transaction() -> T:
