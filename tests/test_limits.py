@@ -245,6 +245,6 @@ def test_a_request_limit_on_a_redis_cluster_lets_exactly_n_through(
         owner = redis_cluster.owner(f"{{{prefix}:{scope}}}")
         assert redis_cluster.ask(owner, "HGET", f"{{{prefix}:{scope}}}:h:60000", "n") == "4", scope
     samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
-    assert samples[("gateway_state_operation_seconds_count", frozenset({("op", "acquire")}))] >= 4
+    assert samples[("gateway_state_operation_seconds_count", frozenset({("op", "take")}))] == 12
     assert not [name for name, _ in samples if name in ("gateway_state_errors_total",
                                                         "gateway_state_fallbacks_total")]

@@ -335,7 +335,7 @@ def test_killing_redis_mid_run_follows_the_failure_policy_and_the_store_is_used_
         assert speech_requests(engine) == 2 + 1 + 6  # the refusals called no backend
         assert fallbacks(a.url, "limits", "memory") == fallbacks(b.url, "limits", "memory") == 4
         assert fallbacks(a.url, "budgets", "refused") == 1
-        assert metrics(a.url)[("gateway_state_errors_total", frozenset({("op", "hit")}))] >= 1
+        assert metrics(a.url)[("gateway_state_errors_total", frozenset({("op", "take")}))] >= 1
 
         own_redis.start()  # on its port, empty: counts from zero again
         time.sleep(0.25)  # state.retry_s
