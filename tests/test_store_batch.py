@@ -32,7 +32,7 @@ store, redis_url = contract.store, contract.redis_url
 def atomic(s: Store) -> bool:
     """Every backend but Redis Cluster, where `take` is single operations in order (see batch.take_in_order):
     it stops at the first refusal, and what the steps before it took is held until given back."""
-    return not getattr(s, "_cluster", False)
+    return not getattr(s, "_one_slot", False)
 
 
 ADMISSION = [HitAsk("key-a", 1, 3, 60), AcquireAsk("tenant", 2, 30), ReserveAsk("tenant", 4, 10, DAY)]

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from gateway.store import StoreConfig, StoreUnavailable, open_store
+from gateway.store.batch import AcquireAsk, HitAsk, ReleaseSlot, ReserveAsk, Settle
 from gateway.store.redis import RedisStore
 from tests.redis_cluster import Cluster
 from tests.test_store import DAY, FakeClock, needs_cluster
@@ -102,3 +103,24 @@ async def test_a_cluster_store_goes_on_after_a_failover(redis_cluster: Cluster) 
             assert redis_cluster.ask(promoted, "HGET", f"{{{prefix}:{scope}}}:h:60000", "n") == "2"
     finally:
         await s.close()
+
+
+@needs_cluster
+async def test_a_cluster_behind_one_endpoint_turns_admissions_into_single_operations(redis_cluster: Cluster) -> None:
+    """Without `cluster`, the scopes one node serves (a Cluster behind a proxy that presents one endpoint): a
+    batch over several slots is refused with CROSSSLOT before it runs, so `take` and `give` fall back to
+    single operations, each in one slot, and keep doing so."""
+    prefix = uuid.uuid4().hex
+    mine = [f"scope-{i}" for i in range(200)
+            if redis_cluster.owner(f"{{{prefix}:scope-{i}}}") == redis_cluster.ports[0]][:3]
+    plain = open_store(StoreConfig(backend="redis", url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    try:
+        asks = [HitAsk(mine[0], 1, 2, 60), AcquireAsk(mine[1], 1, 30), ReserveAsk(mine[2], 3, 5, DAY)]
+        taken = await plain.take(asks)
+        _, lease, token = taken.results
+        assert taken.admitted and isinstance(lease, str) and isinstance(token, str)
+        assert not (await plain.take(asks)).admitted, "the slot is held, the budget spent"
+        await plain.give([ReleaseSlot(lease), Settle(token, 1)])
+        assert await plain.spent(mine[2], DAY) == 1 and await plain.acquire(mine[1], 1, 30) is not None
+    finally:
+        await plain.close()

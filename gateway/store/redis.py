@@ -15,6 +15,7 @@ every primary and run again, within the same operation.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as ClusterRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import ClusterCrossSlotError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from gateway.store import (
@@ -53,6 +54,8 @@ from gateway.store.batch import (
 )
 from gateway.store.redis_scripts import ACQUIRE, BATCH_GIVE, BATCH_TAKE, HIT, RENEW, RESERVE, SPENT, TAKE
 
+log = logging.getLogger("gateway.store")
+
 
 class RedisStore:
     def __init__(self, url: str, prefix: str, timeout_s: float, max_connections: int, clock: Clock | None,
@@ -77,7 +80,9 @@ class RedisStore:
             pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
                                                    retry=Retry(NoBackoff(), 0), decode_responses=True, **timeouts)
             self._redis = Redis.from_pool(pool)  # owns the pool: close() disconnects its connections too
-        self._cluster = cluster
+        self._one_slot = cluster
+        """Every script must touch one slot: on a Cluster, and behind a one-endpoint proxy in front of one
+        (found out from its first CROSSSLOT). `take` and `give` are then single operations."""
         self._scripts = {
             name: self._redis.register_script(lua)
             for name, lua in (("hit", HIT), ("reserve", RESERVE), ("take", TAKE), ("spent", SPENT),
@@ -174,7 +179,7 @@ class RedisStore:
         """One script for the whole batch (redis_scripts.BATCH_TAKE: check every step, then apply them
         all). A Cluster keeps scopes in different slots: there the single operations run in order."""
         check(asks)
-        if self._cluster:
+        if self._one_slot:
             return await take_in_order(self, asks)
         keys: list[str] = []
         args: list[Any] = [self._now()]
@@ -194,7 +199,9 @@ class RedisStore:
                 keys += [self._key(ask.scope, "b", period), self._key(ask.scope, "r", period)]
                 args += ["r", ask.required, repr(ask.amount), repr(ask.cap), period, anchor_ms(ask.anchor_s), ident]
         args = [int(a) if isinstance(a, bool) else a for a in args]
-        out = await self._call("batch_take", keys, args)
+        out = await self._batch("batch_take", keys, args)
+        if out is None:
+            return await take_in_order(self, asks)
         admitted = out[0] == 1
         results: list[Hit | str | None] = []
         refused: list[int] = []
@@ -216,7 +223,7 @@ class RedisStore:
         """One script for them all (redis_scripts.BATCH_GIVE); on a Cluster, the single operations at once."""
         if not items:
             return
-        if self._cluster:
+        if self._one_slot:
             await give_each(self, items)
             return
         keys: list[str] = []
@@ -234,7 +241,24 @@ class RedisStore:
                 period, start, ident, scope = parse_reservation(item.token)
                 keys += [self._key(scope, "b", period), self._key(scope, "r", period)]
                 args += ["s", ident, start, repr(item.actual if isinstance(item, Settle) else 0.0), 0]
-        await self._call("batch_give", keys, args)
+        if await self._batch("batch_give", keys, args) is None:
+            await give_each(self, items)
+
+    async def _batch(self, name: str, keys: list[str], args: list[Any]) -> Any | None:
+        """A script over several scopes, or None when the server refuses keys of several slots (a Cluster
+        behind a proxy that presents one endpoint answers CROSSSLOT, having run nothing): from then on
+        this store makes single operations, each in one slot."""
+        try:
+            return await self._call(name, keys, args)
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, ClusterCrossSlotError)  # (as redis-py parses CROSSSLOT)
+                    or (isinstance(cause, ResponseError) and "CROSSSLOT" in str(cause))):
+                raise
+        log.warning("redis state store: the server refuses scripts over several slots (a Redis Cluster behind a "
+                    "proxy?): each admission is single operations from now on")
+        self._one_slot = True
+        return None
 
     async def close(self) -> None:
         await self._redis.aclose()
