@@ -137,17 +137,26 @@ async def take_in_order(store: Store, asks: Sequence[Ask]) -> Taken:
     required step that does not fit and gives back what the steps before it took. The steps after it
     are not tried (their result is None). Meanwhile those earlier hits are held: a concurrent request
     may be refused for them, as when each step was its own call."""
+    from gateway.store import StoreUnavailable
+
     check(asks)
     results: list[Hit | str | None] = []
     refused: list[int] = []
     for i, ask in enumerate(asks):
         result: Hit | str | None
-        if isinstance(ask, HitAsk):
-            result = await store.hit(ask.key, ask.cost, ask.limit, ask.window_s, ask.anchor_s)
-        elif isinstance(ask, AcquireAsk):
-            result = await store.acquire(ask.scope, ask.slots, ask.ttl_s)
-        else:
-            result = await store.reserve(ask.scope, ask.amount, ask.cap, ask.period_s, ask.anchor_s)
+        try:
+            if isinstance(ask, HitAsk):
+                result = await store.hit(ask.key, ask.cost, ask.limit, ask.window_s, ask.anchor_s)
+            elif isinstance(ask, AcquireAsk):
+                result = await store.acquire(ask.scope, ask.slots, ask.ttl_s)
+            else:
+                result = await store.reserve(ask.scope, ask.amount, ask.cap, ask.period_s, ask.anchor_s)
+        except StoreUnavailable:  # the failure policy takes over: give back what it can, as a refusal would
+            try:
+                await give_each(store, undo(asks[:i], results))
+            except StoreUnavailable:
+                pass  # (each expires: a lease after its TTL, a hit or reservation with its window or period)
+            raise
         results.append(result)
         if fits(ask, result):
             continue
