@@ -171,9 +171,9 @@ class MemoryStore:
         for table, saved in ((self._hits, hits), (self._spent, spent)):
             for k, v in saved.items():
                 if v is None:
-                    table.pop(k, None)  # type: ignore[attr-defined]
+                    table.pop(k, None)
                 else:
-                    table[k] = v  # type: ignore[index]
+                    table[k] = v
         self._leases.update(leases)
         for r in results:
             if isinstance(r, str) and r in self._reserved:
