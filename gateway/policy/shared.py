@@ -1,8 +1,9 @@
 """The configured state store behind its failure policy. Each call names the features it serves
 (`limits`, `budgets`) and the policy the request's config sets for each: when the store fails, `open`
 runs the call on this process's own memory store instead (limits per process until the store is back)
-and `closed` answers 503. After a failure the store is not tried again for `state.retry_s`, so while it is down no
-request waits out its timeout. Every call is timed, every failure and fallback counted and logged.
+and `closed` answers 503. After a failure the store is not tried again for `state.retry_s`, so while
+it is down no request waits out its timeout. Every call is timed, every failure and fallback counted
+and logged.
 """
 
 from __future__ import annotations
