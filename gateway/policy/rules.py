@@ -98,8 +98,8 @@ class StateSettings:
     """A concurrency slot is leased for this long and renewed every third of it while its request runs,
     so the slots of a crashed process come back within it."""
     retry_s: float = 1.0
-    """After the store failed, requests go straight to the failure policy this long before it is tried
-    again (no request waits for a store known to be down)."""
+    """After the store failed three times in a row, requests go straight to the failure policy this long
+    before it is tried again (no request waits for a store known to be down)."""
 
 
 @dataclass(frozen=True, slots=True)

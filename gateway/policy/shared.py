@@ -1,8 +1,9 @@
 """The configured state store behind its failure policy. Each call names the features it serves
 (`limits`, `budgets`) and the policy the request's config sets for each: when the store fails, `open`
 runs the call on this process's own memory store instead (limits per process until the store is back)
-and `closed` answers 503. After a failure the store is not tried again for `state.retry_s`, so while
-it is down no request waits out its timeout. Every call is timed, every failure and fallback counted
+and `closed` answers 503. After FAILURES_IN_A_ROW failures the store is not tried again for
+`state.retry_s`, so while it is down no request waits out its timeout (and then one failure is enough
+to leave it alone again), while one slow answer in a busy second does not turn a whole second away. Every call is timed, every failure and fallback counted
 and logged.
 """
 
@@ -23,6 +24,7 @@ from gateway.store.memory import MemoryStore
 log = logging.getLogger("gateway.policy")
 T = TypeVar("T")
 Read = Callable[[Store], Awaitable[object]]
+FAILURES_IN_A_ROW = 3
 
 
 class SharedState:
@@ -33,6 +35,8 @@ class SharedState:
         """The fallback: this process's memory."""
         self._metrics = metrics
         self._down_until = 0.0
+        self._failures = 0
+        """Calls failed in a row; reset by the first that succeeds."""
         self._reads: dict[tuple[Store, str], Read | None] = {}
         """The background reads under way (see `read_soon`), each with the one asked for meanwhile."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -48,12 +52,17 @@ class SharedState:
         closed = [feature for feature, on_error in policies.items() if on_error != "open"]
         if time.monotonic() >= self._down_until:
             try:
-                return await self.timed(op, run(self.store)), self.store
+                result = await self.timed(op, run(self.store))
+                self._failures = 0
+                return result, self.store
             except StoreUnavailable as exc:
-                self._down_until = time.monotonic() + self.settings.retry_s
-                log.warning("state store failed (%s): %s per the failure policy for %s s", exc,
+                self._failures += 1
+                skipped = self._failures >= FAILURES_IN_A_ROW
+                if skipped:
+                    self._down_until = time.monotonic() + self.settings.retry_s
+                log.warning("state store failed (%s): %s per the failure policy%s", exc,
                             "refusing requests" if closed else "counting in this process's memory",
-                            self.settings.retry_s)
+                            f", and not tried for {self.settings.retry_s} s" if skipped else "")
         if self._metrics is not None:
             for feature in policies:
                 self._metrics.state_fallbacks.labels(feature, "refused" if closed else "memory").inc()
