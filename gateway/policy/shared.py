@@ -2,9 +2,9 @@
 (`limits`, `budgets`) and the policy the request's config sets for each: when the store fails, `open`
 runs the call on this process's own memory store instead (limits per process until the store is back)
 and `closed` answers 503. After FAILURES_IN_A_ROW failures the store is not tried again for
-`state.retry_s`, so while it is down no request waits out its timeout (and then one failure is enough
-to leave it alone again), while one slow answer in a busy second does not turn a whole second away. Every call is timed, every failure and fallback counted
-and logged.
+`state.retry_s`, so while it is down no request waits out its timeout (and afterwards one failure is
+enough to leave it alone again), while one slow answer in a busy second does not turn a whole second
+away. Every call is timed, every failure and fallback counted and logged.
 """
 
 from __future__ import annotations
