@@ -224,7 +224,7 @@ def test_a_request_limit_on_a_redis_cluster_lets_exactly_n_through(
     prefix = next(p for p in (f"e2e-{uuid.uuid4().hex[:8]}" for _ in range(500))
                   if len({redis_cluster.owner(f"{{{p}:{scope}}}") for scope in scopes}) == 3)
     state = (f"state: {{backend: redis, cluster: true, url: '{redis_cluster.url}', key_prefix: {prefix}, "
-             "on_error: {limits: closed}}\n")
+             "timeout_s: 5, on_error: {limits: closed}}\n")
     text = limited(engine, tmp_path, "tenants: {acme: {limits: [{requests: 100, per: minute}, {concurrent: 20}]}}\n",
                    "limits: [{requests: 4, per: minute}]")
     gw = make_gateway(text.replace("state: {backend: memory}\n", state, 1))

@@ -49,13 +49,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
 
 
+TIMEOUT_S = 5.0
+"""The contract tests' store timeout: what they check is semantics, and a loaded CI machine can take longer
+than the default 0.5 s to connect 200 concurrent operations (the timeouts have tests of their own)."""
+
+
 def config_for(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
     if backend == "redis":
-        return StoreConfig(backend="redis", url=request.getfixturevalue("redis_url"), key_prefix=uuid.uuid4().hex)
+        return StoreConfig(backend="redis", url=request.getfixturevalue("redis_url"), key_prefix=uuid.uuid4().hex,
+                           timeout_s=TIMEOUT_S)
     if backend == "redis-cluster":
         return StoreConfig(backend="redis", cluster=True, url=request.getfixturevalue("redis_cluster").url,
-                           key_prefix=uuid.uuid4().hex)
-    return StoreConfig(backend=backend, path=str(tmp_path / "state" / "gateway.sqlite3"))  # type: ignore[arg-type]
+                           key_prefix=uuid.uuid4().hex, timeout_s=TIMEOUT_S)
+    return StoreConfig(backend=backend, path=str(tmp_path / "state" / "gateway.sqlite3"),  # type: ignore[arg-type]
+                       timeout_s=TIMEOUT_S)
 
 
 BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=needs_redis),
@@ -305,7 +312,7 @@ async def test_two_processes_reserving_at_once_grant_exactly_the_cap(
 
 
 async def test_sqlite_state_survives_a_restart(tmp_path: Path) -> None:
-    config = StoreConfig(backend="sqlite", path=str(tmp_path / "state.sqlite3"))
+    config = StoreConfig(backend="sqlite", path=str(tmp_path / "state.sqlite3"), timeout_s=TIMEOUT_S)
     first = open_store(config)
     token = await first.reserve("tenant", 30, 50, DECADE)
     await first.close()
@@ -350,7 +357,7 @@ async def test_an_unusable_sqlite_file_raises_store_unavailable(tmp_path: Path) 
 @needs_redis
 async def test_redis_uses_its_own_clock_and_hash_tagged_keys(redis_url: str) -> None:
     prefix = uuid.uuid4().hex
-    s = open_store(StoreConfig(backend="redis", url=redis_url, key_prefix=prefix))
+    s = open_store(StoreConfig(backend="redis", url=redis_url, key_prefix=prefix, timeout_s=TIMEOUT_S))
     assert isinstance(s, RedisStore)
     try:
         first = await s.hit("tenant-a", 1, 1, 3600)

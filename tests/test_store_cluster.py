@@ -34,7 +34,7 @@ def scopes_on_every_node(cluster: Cluster, prefix: str) -> dict[str, int]:
 async def test_a_cluster_store_follows_each_scope_to_its_node(redis_cluster: Cluster) -> None:
     prefix = uuid.uuid4().hex
     owners = scopes_on_every_node(redis_cluster, prefix)
-    config = StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix)
+    config = StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix, timeout_s=5)
     s = open_store(config, FakeClock())
     try:
         for scope in owners:
@@ -54,7 +54,7 @@ async def test_a_cluster_store_follows_each_scope_to_its_node(redis_cluster: Clu
             with pytest.raises(redis.exceptions.MovedError):  # what the cluster client had to follow
                 redis_cluster.ask(other, "HGET", f"{{{prefix}:{scope}}}:h:60000", "n")
     # Without `cluster`, the same URL serves only the scopes of the first node: the others fail.
-    plain = open_store(StoreConfig(backend="redis", url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    plain = open_store(StoreConfig(backend="redis", url=redis_cluster.url, key_prefix=prefix, timeout_s=5), FakeClock())
     try:
         elsewhere = next(scope for scope, port in owners.items() if port != redis_cluster.ports[0])
         with pytest.raises(StoreUnavailable, match="MovedError"):
@@ -69,7 +69,8 @@ async def test_a_cluster_store_loads_its_scripts_again_on_a_node_without_them(re
     every node's scripts puts each primary in that state."""
     prefix = uuid.uuid4().hex
     owners = scopes_on_every_node(redis_cluster, prefix)
-    s = open_store(StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    s = open_store(StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix, timeout_s=5),
+                   FakeClock())
     try:
         for scope in owners:
             assert (await s.hit(scope, 1, 2, 60)).allowed
@@ -89,7 +90,8 @@ async def test_a_cluster_store_goes_on_after_a_failover(redis_cluster: Cluster) 
     NOSCRIPT (scripts are not replicated), and the count goes on from what was replicated."""
     prefix = uuid.uuid4().hex
     scope, primary = next(iter(scopes_on_every_node(redis_cluster, prefix).items()))
-    s = open_store(StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    s = open_store(StoreConfig(backend="redis", cluster=True, url=redis_cluster.url, key_prefix=prefix, timeout_s=5),
+                   FakeClock())
     assert isinstance(s, RedisStore)
     try:
         assert (await s.hit(scope, 1, 3, 60)).remaining == 2
@@ -113,7 +115,7 @@ async def test_a_cluster_behind_one_endpoint_turns_admissions_into_single_operat
     prefix = uuid.uuid4().hex
     mine = [f"scope-{i}" for i in range(200)
             if redis_cluster.owner(f"{{{prefix}:scope-{i}}}") == redis_cluster.ports[0]][:3]
-    plain = open_store(StoreConfig(backend="redis", url=redis_cluster.url, key_prefix=prefix), FakeClock())
+    plain = open_store(StoreConfig(backend="redis", url=redis_cluster.url, key_prefix=prefix, timeout_s=5), FakeClock())
     try:
         asks = [HitAsk(mine[0], 1, 2, 60), AcquireAsk(mine[1], 1, 30), ReserveAsk(mine[2], 3, 5, DAY)]
         taken = await plain.take(asks)
