@@ -95,7 +95,7 @@ def reloads(gw: GatewayProcess) -> dict[str, float]:
 
 
 def eventually(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Poll `check` until it holds; the deadline only bounds a hang (a loaded CI machine parses the bad edits slowly)."""
+    """Poll `check` until it holds; the deadline only bounds a hang (a loaded machine parses bad edits slowly)."""
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
