@@ -24,9 +24,11 @@ from gateway.policy.rules import Limit, Policy, Rules
 from gateway.settings import (
     Ledger,
     Metrics,
+    Outlier,
     Server,
     ledger_section,
     metrics_section,
+    outlier_section,
     server_section,
 )
 from gateway.yaml_tree import YamlTree
@@ -124,6 +126,9 @@ class Config:
     ledger: Ledger = field(default_factory=Ledger)
     policy: Policy = field(default_factory=Policy)
     """Limits, budgets and where they are counted (gateway/policy/)."""
+    outlier: Mapping[str, Outlier] = field(default_factory=lambda: MappingProxyType({}))
+    """backend name -> its outlier-ejection settings (`outlier:` overridden by `backends.<b>.outlier`); kept
+    out of Backend so that changing them reloads without rebuilding the adapter."""
     source: str = "<memory>"
     digest: str = ""
 
@@ -181,7 +186,7 @@ def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, .
     return tuple(keys)
 
 
-_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "max_connections"}
+_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "max_connections", "outlier"}
 
 
 def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
@@ -235,6 +240,15 @@ def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
     return models
 
 
+def _outlier(p: YamlTree, root: dict[str, Any], backends: Mapping[str, Backend]) -> dict[str, Outlier]:
+    """Each backend's ejection settings: the `outlier:` defaults, overridden per backend (as Envoy's are per
+    cluster)."""
+    defaults = outlier_section(p, root.get("outlier"), "outlier")
+    raw = root.get("backends") if isinstance(root.get("backends"), dict) else {}
+    return {name: outlier_section(p, raw[name].get("outlier"), f"backends.{name}.outlier", defaults)
+            if isinstance(raw.get(name), dict) else defaults for name in backends}
+
+
 def _voices(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[str, Mapping[str, NativeVoice]]:
     voices: dict[str, Mapping[str, NativeVoice]] = {}
     for name, raw in p.mapping(value, "voices").items():
@@ -270,13 +284,14 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     root = p.mapping(p.interpolate(raw, ""), "")
     for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger",
-                                       "state", "limits", "tenants"}):
+                                       "state", "limits", "tenants", "outlier"}):
         p.fail(unknown, "unknown section")
     server = server_section(p, p.mapping(root.get("server"), "server"))
     backends = _backends(p, root.get("backends"), kinds)
     models = _models(p, root.get("models"), backends)
     voices = _voices(p, root.get("voices"), backends)
     keys = _keys(p, root.get("keys"), models)
+    outlier = _outlier(p, root, backends)
     metrics = metrics_section(p, p.mapping(root.get("metrics"), "metrics"))
     ledger = ledger_section(p, p.mapping(root.get("ledger"), "ledger"))
     policy = policy_rules.policy_section(p, root, models, any(k.rules.limits or k.rules.budget for k in keys)
@@ -294,6 +309,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         metrics=metrics,
         ledger=ledger,
         policy=policy,
+        outlier=MappingProxyType(outlier),
         source=source,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )

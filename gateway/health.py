@@ -6,6 +6,7 @@ A background task probes every backend of the current table each `server.probe_i
 probe bounded by `server.probe_timeout_s` (independent of the backend's request timeouts), and
 records up/down with the time of the probe; `gateway_backend_up` follows it. After a reload the new
 table is probed at once. A backend whose settings changed, or that was never probed, is "unknown".
+A failed probe also counts as a failure towards the backend's outlier ejection (gateway/ejection.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from aiohttp import web
 
 from gateway.adapters.base import Adapter
 from gateway.config import Backend
+from gateway.ejection import FAILURE, Ejections
 from gateway.metering import Metrics
-from gateway.state import CONFIG, HEALTH, METRICS, TABLES
+from gateway.state import CONFIG, EJECTIONS, HEALTH, METRICS, TABLES
 from gateway.table import Table, TableHolder
 
 log = logging.getLogger("gateway.health")
@@ -39,8 +41,11 @@ class Probe:
 class Health:
     """The last probe of each backend, and the task that refreshes them."""
 
-    def __init__(self, tables: TableHolder, timeout: float, metrics: Metrics | None = None) -> None:
+    def __init__(self, tables: TableHolder, timeout: float, metrics: Metrics | None = None,
+                 ejections: Ejections | None = None) -> None:
         self.tables = tables
+        self.ejections = ejections
+        """Fed each failed probe (gateway/ejection.py: a success does not end an ejection early)."""
         self.timeout = timeout
         self.metrics = metrics
         self._probes: dict[str, Probe] = {}
@@ -74,6 +79,8 @@ class Health:
             up = False
         if self.tables.current.config.backends.get(backend.name) != backend:
             return  # reloaded meanwhile: this answer is about settings no longer served
+        if not up and self.ejections is not None:
+            self.ejections.record(backend, FAILURE)
         before = self._probes.get(backend.name)
         if before is not None and before.backend == backend and before.up != up:
             log.warning("backend %s is %s", backend.name, "up" if up else "down")
@@ -105,7 +112,7 @@ class Health:
 async def health_ctx(app: web.Application) -> AsyncIterator[None]:
     """The prober, from startup (after the backends) to shutdown. `probe_interval_s: 0`: no probing."""
     server = app[CONFIG].server
-    health = app[HEALTH] = Health(app[TABLES], server.probe_timeout_s, app.get(METRICS))
+    health = app[HEALTH] = Health(app[TABLES], server.probe_timeout_s, app.get(METRICS), app.get(EJECTIONS))
     task = None
     if server.probe_interval_s > 0:
         task = asyncio.get_running_loop().create_task(health.run(server.probe_interval_s), name="health-prober")

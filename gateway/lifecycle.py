@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.adapters import build_adapters
 from gateway.audio.workers import AudioWorkers
 from gateway.config import Config
+from gateway.ejection import Ejections
 from gateway.ledger import LedgerWriter
 from gateway.metering import Metrics, metrics_handler
 from gateway.policy.shared import SharedState
@@ -20,6 +21,7 @@ from gateway.state import (
     AUDIO_WORKERS,
     CONFIG,
     DRAINING,
+    EJECTIONS,
     LEDGER,
     METERING,
     METRICS,
@@ -111,3 +113,4 @@ def init_state(app: web.Application, config: Config) -> None:
     app[SPOOL_MEMORY] = SpoolMemory(config.server.spool_memory_uploads)
     if config.metrics.enabled:
         app[METRICS] = Metrics()
+    app[EJECTIONS] = Ejections(app[TABLES], app.get(METRICS))

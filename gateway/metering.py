@@ -9,17 +9,18 @@ In a worker of `serve --workers N` (PROMETHEUS_MULTIPROC_DIR set by its parent, 
 prometheus_client keeps every value in a file per process, and /metrics answers from all of them:
 counters and histograms summed over every worker that ever ran in this parent's life (a restarted
 worker's counts stay, its replacement starts from zero) and `gateway_in_flight_requests` summed over
-the live workers. The three gauges that describe state rather than count work (`gateway_build_info`,
-`gateway_config_info`, `gateway_backend_up`) are the answering worker's own view (`ProcessView`):
-every worker loads the same config and probes the same backends, so any one answers for all, and a
-series of a replaced config or a dropped backend goes, which multiprocess files cannot do.
+the live workers. The gauges that describe state rather than count work (`gateway_build_info`,
+`gateway_config_info`, `gateway_backend_up`, `gateway_backend_ejected`) are the answering worker's own
+view (`ProcessView`): every worker loads the same config and probes the same backends, so any one answers
+for all (ejections are each worker's own: one that saw the failures ejects), and a series of a replaced
+config or a dropped backend goes, which multiprocess files cannot do.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -29,6 +30,9 @@ from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.errors import REASONS
+
+if TYPE_CHECKING:
+    from gateway.ejection import Ejections
 
 ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models",
                        "/v1/models/{model}", "/openapi.json",
@@ -84,6 +88,8 @@ class Metrics:
         self.state_fallbacks = Counter("gateway_state_fallbacks", "Requests that met a failed state store, by "
                                        "feature (limits, budgets) and what the policy did (memory, refused).",
                                        ["feature", "action"], registry=r)
+        self.ejections = Counter("gateway_backend_ejections", "Times a backend was ejected (outlier ejection).",
+                                 ["backend"], registry=r)
         self.view = ProcessView()
         if self.multiprocess:  # what /metrics exposes: every worker's files, not this process's registry
             self.registry = CollectorRegistry()
@@ -106,6 +112,8 @@ class ProcessView(Collector):
         self.digest: str | None = None
         self.backends: dict[str, bool] = {}
         """backend name -> up, as its last background probe found it (gateway/health.py)."""
+        self.ejections: Ejections | None = None
+        """This process's outlier ejections (gateway/ejection.py), for gateway_backend_ejected."""
 
     def collect(self) -> Iterator[Metric]:
         build = GaugeMetricFamily("gateway_build_info", "The running gateway's version.", labels=["version"])
@@ -118,7 +126,11 @@ class ProcessView(Collector):
                                labels=["backend"])
         for name, is_up in sorted(self.backends.items()):
             up.add_metric([name], 1 if is_up else 0)
-        return iter((build, config, up))
+        ejected = GaugeMetricFamily("gateway_backend_ejected", "1 while a backend is ejected (or waits for its "
+                                    "trial request), else 0: this process's view.", labels=["backend"])
+        for name, left in sorted((self.ejections.ejected() if self.ejections else {}).items()):
+            ejected.add_metric([name], 0 if left is None else 1)
+        return iter((build, config, up, ejected))
 
 
 def endpoint_of(request: web.Request) -> str:

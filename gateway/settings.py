@@ -1,4 +1,4 @@
-"""The process's own settings: the `server:`, `metrics:` and `ledger:` sections of the config file, each
+"""The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`) sections of the config file, each
 a frozen dataclass with documented defaults, parsed with YAML-path errors. The mapping table itself (keys,
 backends, models, voices) is gateway/config.py, which parses the whole file.
 """
@@ -89,6 +89,49 @@ class Ledger:
     backups: int = 5
     """Rotated files kept (usage.jsonl.1 ... .N)."""
 
+
+
+@dataclass(frozen=True, slots=True)
+class Outlier:
+    """Outlier ejection of one backend (gateway/ejection.py); the defaults are Envoy's outlier detection's."""
+
+    enabled: bool = True
+    consecutive_failures: int = 5
+    """Failures in a row (connect errors, timeouts, 5xx, garbage; not a 429, not the client's 4xx) that eject it."""
+    base_ejection_s: float = 30.0
+    """An ejection lasts this long times the number of times the backend was ejected..."""
+    max_ejection_s: float = 300.0
+    """...but never longer than this."""
+    max_ejected_percent: float = 10.0
+    """At most this share of a model's routes is skipped at once (at least one, never all of them)."""
+
+
+_OUTLIER_FIELDS = ("enabled", "consecutive_failures", "base_ejection_s", "max_ejection_s", "max_ejected_percent")
+
+
+def outlier_section(p: YamlTree, value: Any, path: str, d: Outlier = Outlier()) -> Outlier:
+    """`outlier:` (the defaults for every backend) or `backends.<b>.outlier:` (its overrides of them)."""
+    node = p.mapping(value, path)
+    for unknown in sorted(set(node) - set(_OUTLIER_FIELDS)):
+        p.fail(f"{path}.{unknown}", f"unknown setting ({', '.join(_OUTLIER_FIELDS)})")
+    failures = p.number(node, "consecutive_failures", path, d.consecutive_failures, 1)
+    if failures > 1_000_000:
+        p.fail(f"{path}.consecutive_failures", f"expected a number <= 1000000, got {failures!r}")
+        failures = d.consecutive_failures
+    percent = p.number(node, "max_ejected_percent", path, d.max_ejected_percent)
+    if percent > 100:
+        p.fail(f"{path}.max_ejected_percent", f"expected a number <= 100, got {percent!r}")
+        percent = d.max_ejected_percent
+    base = p.number(node, "base_ejection_s", path, d.base_ejection_s, 0.001)
+    cap = p.number(node, "max_ejection_s", path, d.max_ejection_s, 0.001)
+    for key, seconds in (("base_ejection_s", base), ("max_ejection_s", cap)):
+        if seconds > 86_400:
+            p.fail(f"{path}.{key}", f"expected a number <= 86400 (a day), got {seconds!r}")
+    if cap < base:
+        p.fail(f"{path}.max_ejection_s", f"expected a number >= base_ejection_s ({base!r}), got {cap!r}")
+    return Outlier(enabled=p.bool_(node, "enabled", path, d.enabled), consecutive_failures=int(failures),
+                   base_ejection_s=min(base, 86_400), max_ejection_s=min(max(cap, base), 86_400),
+                   max_ejected_percent=percent)
 
 
 def server_section(p: YamlTree, node: dict[str, Any]) -> Server:

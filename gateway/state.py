@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from gateway.audio.workers import AudioWorkers
     from gateway.auth import Identity
     from gateway.config import Config
+    from gateway.ejection import Ejections
     from gateway.errors import GatewayError
     from gateway.health import Health
     from gateway.ledger import LedgerWriter
@@ -43,6 +44,8 @@ AUDIO_WORKERS: web.AppKey[AudioWorkers] = web.AppKey("audio_workers")
 SPOOL_MEMORY: web.AppKey[SpoolMemory] = web.AppKey("spool_memory")
 """How many uploads are held in memory now, of server.spool_memory_uploads."""
 HEALTH: web.AppKey[Health] = web.AppKey("health")
+EJECTIONS: web.AppKey[Ejections] = web.AppKey("ejections")
+"""Outlier ejection of failing backends, fed by every attempt and probe (gateway/ejection.py); per process."""
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
 SHARED_STATE: web.AppKey[SharedState] = web.AppKey("shared_state")
 """The state store limits and budgets are counted in, behind its failure policy (gateway/policy/shared.py)."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 from aiohttp import web
 
 from gateway.config import Model
 from gateway.errors import model_not_found
-from gateway.state import DRAINING, HEALTH, IDENTITY, STARTED_AT, TABLE
+from gateway.state import DRAINING, EJECTIONS, HEALTH, IDENTITY, STARTED_AT, TABLE
 
 
 async def models(request: web.Request) -> web.Response:
@@ -41,7 +44,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready while the config is loaded and the gateway is not draining; answered from memory, never waiting
     on a backend. The body reports each backend's last background probe (gateway.health) and the models
-    none of whose backends answered it: informative, not fatal (their requests fail over or get a 502)."""
+    none of whose backends answered it: informative, not fatal (their requests fail over or get a 502), and
+    the backends this process has ejected (gateway/ejection.py), with when their ejection ends."""
     table = request[TABLE]
     draining = request.app[DRAINING].is_set()
     state = request.app[HEALTH].state(table)
@@ -49,5 +53,13 @@ async def readyz(request: web.Request) -> web.Response:
     unroutable = [m.name for m in table.config.models.values() if all(r.backend in down for r in m.routes)]
     body = {"status": "draining" if draining else "ready", "config": table.config.digest,
             "backends": {name: status for name, (status, _) in state.items()},
-            "probe_age_s": {name: age for name, (_, age) in state.items()}, "unroutable_models": unroutable}
+            "probe_age_s": {name: age for name, (_, age) in state.items()}, "unroutable_models": unroutable,
+            "ejected_until": _ejected_until(request.app[EJECTIONS].ejected())}
     return web.json_response(body, status=503 if draining else 200)
+
+
+def _ejected_until(ejected: dict[str, float | None]) -> dict[str, str]:
+    """backend -> the UTC time its ejection ends (ISO 8601; a past time: it waits for its trial request)."""
+    now = time.time()
+    return {name: datetime.fromtimestamp(now + left, UTC).isoformat(timespec="milliseconds")
+            for name, left in ejected.items() if left is not None}

@@ -9,9 +9,10 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from gateway.errors import REASONS, GatewayError, RateLimitError, UpstreamError
+from gateway.ejection import BUSY, FAILURE, SUCCESS, UNDECIDED
+from gateway.errors import REASONS, GatewayError, RateLimitError, Reason, UpstreamError
 from gateway.metering import endpoint_of
-from gateway.state import METRICS, REQUEST_ID
+from gateway.state import EJECTIONS, METRICS, REQUEST_ID
 from gateway.table import Candidate
 
 log = logging.getLogger("gateway.routing")
@@ -20,27 +21,49 @@ T = TypeVar("T")
 
 async def first_success(request: web.Request, candidates: list[Candidate],
                         attempt: Callable[[Candidate], Awaitable[T]]) -> T:
-    """`attempt` each candidate in order until one succeeds. Only backend failures (UpstreamError:
-    unreachable, 5xx, timeout, garbage) and a backend's own rate limit move on to the next route (spill-over
-    is what routes are for); the client's own errors do not. The last route's error is the client's."""
+    """`attempt` each candidate in order until one succeeds, skipping ejected backends (gateway/ejection.py),
+    each outcome fed back to them. Only backend failures (UpstreamError: unreachable, 5xx, timeout, garbage)
+    and a backend's own rate limit move on to the next route (spill-over is what routes are for); the
+    client's own errors do not. The last route's error is the client's."""
     metrics = request.app.get(METRICS)
-    for i, candidate in enumerate(candidates):
-        started = time.monotonic()
+    ejections = request.app[EJECTIONS]
+    picked = ejections.pick(candidates)
+    for i, (candidate, forced) in enumerate(picked):
+        started, backend, outcome = time.monotonic(), candidate.adapter.backend, UNDECIDED
+        trial = ejections.begin(backend)
+        if trial is None and not forced and i < len(picked) - 1:
+            continue  # ejected, or its one trial is taken, since `pick`
         try:
             result = await attempt(candidate)
+            outcome = SUCCESS
         except GatewayError as exc:
+            outcome = _outcome(exc)
             if metrics is not None and (isinstance(exc, UpstreamError | RateLimitError) or exc.reason in REASONS):
                 metrics.upstream_error(candidate.route.backend, exc.reason)
-            if not _fails_over(exc) or i == len(candidates) - 1:
+            if not _fails_over(exc) or i == len(picked) - 1:
                 raise
             log.warning("request %s: backend '%s' failed (%s); failing over to '%s'",
                         request.get(REQUEST_ID), candidate.route.backend, exc.reason,
-                        candidates[i + 1].route.backend)
+                        picked[i + 1][0].route.backend)
             continue
+        finally:  # a cancelled attempt (the client left) decides nothing, but frees the trial
+            ejections.record(backend, outcome, bool(trial))
         if metrics is not None:
             metrics.upstream.labels(candidate.route.backend, endpoint_of(request)).observe(time.monotonic() - started)
         return result
     raise AssertionError("no candidates")  # candidates is never empty (Table.candidates ensures it)
+
+
+def _outcome(exc: GatewayError) -> str:
+    """What a failed attempt says of its backend: it failed, it is busy (its 429), or it answered (the
+    client's own error, relayed). An adapter closed under the request (a reload, shutdown) says nothing."""
+    if exc.reason == Reason.CLOSED:
+        return UNDECIDED
+    if isinstance(exc, UpstreamError):
+        return FAILURE
+    if isinstance(exc, RateLimitError) and exc.reason == Reason.BACKEND_RATE_LIMIT:
+        return BUSY
+    return SUCCESS if exc.reason in REASONS else UNDECIDED  # the gateway's own refusals say nothing of it
 
 
 def _fails_over(exc: GatewayError) -> bool:

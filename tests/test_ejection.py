@@ -1,0 +1,320 @@
+"""Outlier ejection (gateway/ejection.py), over HTTP with engine doubles that record every request they get.
+
+Ejection times here are half a second; a test sleeps out what is left of one at most once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from gateway.adapters import ADAPTERS
+from gateway.app import build_app
+from gateway.config import ConfigError, load_config, parse_config
+from gateway.ejection import FAILURE
+from gateway.settings import Outlier
+from gateway.state import EJECTIONS, RELOADER
+from tests.conftest import LOOPBACK_TLS, Gateway, ServerThread, sdk, serve_app
+from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.support import probe_backends, quick_timeouts, table_config, wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+QUICK = "outlier: {consecutive_failures: 3, base_ejection_s: 0.5, max_ejection_s: 2, max_ejected_percent: 50}\n"
+
+
+@pytest.fixture
+def second(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
+    eng = FakeOpenAIEngine()
+    servers.run(eng.start())
+    yield eng
+    servers.run(eng.stop())
+
+
+def _gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path, urls: dict[str, str],
+             extra: str = QUICK) -> Gateway:
+    routes = [(name, "kokoro") for name in urls]
+    return make_gateway(table_config(urls, {"tts-1": ("speech", routes)}, tmp_path / "spool") + extra)
+
+
+def speech(c: openai.OpenAI, **kw: Any) -> bytes:
+    return c.audio.speech.create(**{"model": "tts-1", "voice": "nova", "input": "Hello there.",
+                                    "response_format": "pcm", **kw}).content
+
+
+def _said(engine: FakeOpenAIEngine) -> int:
+    return sum(r.path == "/v1/audio/speech" for r in engine.requests)
+
+
+def _ejected(servers: ServerThread, gw: Gateway) -> dict[str, float | None]:
+    return servers.call(lambda: gw.app[EJECTIONS].ejected())
+
+
+def _until_the_trial(servers: ServerThread, gw: Gateway, name: str = "first") -> None:
+    """Sleep out what is left of `name`'s ejection (at most base_ejection_s, from when it began)."""
+    left = _ejected(servers, gw)[name]
+    assert left is not None
+    time.sleep(left + 0.02)
+
+
+def test_a_failing_backend_is_ejected_skipped_tried_once_and_returned(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
+        second: FakeOpenAIEngine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.ejection")
+    engine.mode = "500"
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url})
+    with sdk(gw) as c:
+        for _ in range(3):  # each fails over: the first route's 500, then the second answers
+            assert len(speech(c)) > 100
+        assert (_said(engine), _said(second)) == (3, 3)
+        assert _ejected(servers, gw)["first"] is not None
+        for n in range(1, 4):  # ejected: the first attempt goes to the healthy route, no failover cost
+            assert len(speech(c)) > 100
+            assert (_said(engine), _said(second)) == (3, 3 + n)
+        metrics = httpx.get(f"{gw.url}/metrics", verify=LOOPBACK_TLS).text
+        assert 'gateway_backend_ejected{backend="first"} 1.0' in metrics
+        assert 'gateway_backend_ejected{backend="second"} 0.0' in metrics
+        assert 'gateway_backend_ejections_total{backend="first"} 1.0' in metrics
+        ready = httpx.get(f"{gw.url}/readyz", verify=LOOPBACK_TLS).json()
+        assert list(ready["ejected_until"]) == ["first"]
+
+        engine.mode = "ok"
+        _until_the_trial(servers, gw)  # the ejection ends: the next request is the trial
+        assert len(speech(c)) > 100
+        assert (_said(engine), _said(second)) == (4, 6)
+        assert _ejected(servers, gw)["first"] is None  # back in rotation
+        assert len(speech(c)) > 100
+        assert (_said(engine), _said(second)) == (5, 6)
+    metrics = httpx.get(f"{gw.url}/metrics", verify=LOOPBACK_TLS).text
+    assert 'gateway_backend_ejected{backend="first"} 0.0' in metrics
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.ejection"]
+    assert messages[0].startswith("backend first: ejected for 0.5 s (3 consecutive failures; ejection 1)")
+    assert messages[1] == "backend first: back in rotation after a successful trial"
+
+
+def test_a_failed_trial_ejects_for_longer(servers: ServerThread, make_gateway: Callable[[str], Gateway],
+                                          tmp_path: Path, engine: FakeOpenAIEngine, second: FakeOpenAIEngine,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.ejection")
+    engine.mode = "500"
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url})
+    with sdk(gw) as c:
+        for _ in range(3):
+            speech(c)
+        _until_the_trial(servers, gw)
+        speech(c)  # the trial: the first route fails once more, the second answers
+        assert (_said(engine), _said(second)) == (4, 4)
+        speech(c)
+        assert _said(engine) == 4
+    assert "backend first: ejected for 1 s (its trial failed; ejection 2)" in caplog.text
+
+
+def test_only_one_trial_at_a_time(servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path,
+                                  engine: FakeOpenAIEngine, second: FakeOpenAIEngine) -> None:
+    """The trial hangs until the backend's read timeout; meanwhile every other request goes to the second route."""
+    engine.mode = "500"
+    urls = {"first": engine.url, "second": second.url}
+    gw = make_gateway(quick_timeouts(table_config(urls, {"tts-1": ("speech", [(n, "kokoro") for n in urls])},
+                                                  tmp_path / "spool")) + QUICK)
+    with sdk(gw) as c:
+        for _ in range(3):
+            speech(c)
+        _until_the_trial(servers, gw)
+        engine.mode = "hang"
+        trial = threading.Thread(target=speech, args=(c,))
+        trial.start()
+        wait_for(lambda: engine.started == 4, what="the trial to reach the engine")
+        for _ in range(3):
+            speech(c)
+        assert engine.started == 4 and _said(second) == 6
+        trial.join(10)  # the trial timed out and failed over
+        assert _said(second) == 7
+        assert _ejected(servers, gw)["first"] is not None
+
+
+def test_the_share_of_ejected_routes_is_capped(servers: ServerThread, make_gateway: Callable[[str], Gateway],
+                                               tmp_path: Path, engine: FakeOpenAIEngine,
+                                               second: FakeOpenAIEngine) -> None:
+    """Envoy's 10 % of two routes is none, but at least one may go and one must stay: both failing, the
+    first is skipped and the second still tried (its 502 is the client's)."""
+    engine.mode = second.mode = "500"
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url},
+                  "outlier: {consecutive_failures: 2, base_ejection_s: 5}\n")
+    with sdk(gw) as c:
+        for _ in range(4):
+            with pytest.raises(openai.InternalServerError):
+                speech(c)
+        ejected = _ejected(servers, gw)
+        assert ejected["first"] is not None and ejected["second"] is not None
+        assert (_said(engine), _said(second)) == (2, 4)  # the second was tried, alone, by the last two
+
+
+def test_a_models_only_backend_is_never_skipped(make_gateway: Callable[[str], Gateway], tmp_path: Path,
+                                                servers: ServerThread, engine: FakeOpenAIEngine) -> None:
+    engine.mode = "500"
+    gw = _gateway(make_gateway, tmp_path, {"only": engine.url})
+    with sdk(gw) as c:
+        for _ in range(5):
+            with pytest.raises(openai.InternalServerError):
+                speech(c)
+    assert _said(engine) == 5
+    assert _ejected(servers, gw)["only"] is not None  # ejected all the same: metrics and /readyz say so
+
+
+@pytest.mark.parametrize("mode", ["400", "429"])
+def test_client_errors_and_a_busy_backend_never_eject(servers: ServerThread, make_gateway: Callable[[str], Gateway],
+                                                      tmp_path: Path, engine: FakeOpenAIEngine,
+                                                      second: FakeOpenAIEngine, mode: str) -> None:
+    """The client's own 4xx says the backend works; its 429 says it is busy: failover, never ejection."""
+    engine.mode = mode
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url})
+    with sdk(gw) as c:
+        for _ in range(5):
+            if mode == "400":
+                with pytest.raises(openai.BadRequestError):
+                    speech(c)
+            else:
+                speech(c)  # the second route answers
+    assert _said(engine) == 5
+    assert _ejected(servers, gw) == {"first": None, "second": None}
+
+
+def test_disabled_never_ejects(servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path,
+                               engine: FakeOpenAIEngine, second: FakeOpenAIEngine) -> None:
+    engine.mode = "500"
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url},
+                  "outlier: {consecutive_failures: 1, enabled: false}\n")
+    with sdk(gw) as c:
+        for _ in range(4):
+            speech(c)
+    assert _said(engine) == 4
+    assert _ejected(servers, gw)["first"] is None
+
+
+def test_a_request_in_flight_when_its_backend_is_ejected_completes(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
+        second: FakeOpenAIEngine) -> None:
+    engine.chunk_delay, engine.chunk_size = 0.05, 2048
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url},
+                  "outlier: {consecutive_failures: 3, base_ejection_s: 30}\n")
+    long_input = "Long enough to stream for a while, in several chunks."
+    expected = len(speech(sdk(second.url), input=long_input))
+    with sdk(gw) as c:
+        with c.audio.speech.with_streaming_response.create(model="tts-1", voice="nova", input=long_input,
+                                                           response_format="pcm") as response:
+            chunks = response.iter_bytes(2048)
+            got = next(chunks)  # the first byte is out: the request is in flight on the first route
+            ej = gw.app[EJECTIONS]
+            backend = ej.tables.current.config.backends["first"]
+            for _ in range(3):  # other requests' failures, as they would arrive
+                servers.call(lambda: ej.record(backend, FAILURE))
+            assert _ejected(servers, gw)["first"] is not None
+            got += b"".join(chunks)
+        assert len(got) == expected and engine.cancelled == 0
+        assert _ejected(servers, gw)["first"] is not None  # its success was not a trial
+        speech(c)
+        assert (_said(engine), _said(second)) == (1, 2)
+
+
+def test_failed_probes_feed_the_ejection(servers: ServerThread, make_gateway: Callable[[str], Gateway],
+                                         tmp_path: Path, engine: FakeOpenAIEngine, second: FakeOpenAIEngine) -> None:
+    engine.mode = "500"  # its model list too: the probe fails
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url},
+                  "outlier: {consecutive_failures: 3, base_ejection_s: 30}\n")
+    for _ in range(3):
+        probe_backends(servers, gw)
+    assert _ejected(servers, gw)["first"] is not None
+    with sdk(gw) as c:
+        speech(c)
+    assert _said(engine) == 0 and _said(second) == 1
+    engine.mode = "ok"
+    probe_backends(servers, gw)  # a probe's success does not end it early: the requests' trial decides
+    assert _ejected(servers, gw)["first"] is not None
+
+
+def test_a_reload_keeps_the_state_of_unchanged_backends(servers: ServerThread, tmp_path: Path,
+                                                        engine: FakeOpenAIEngine, second: FakeOpenAIEngine) -> None:
+    urls = {"first": engine.url, "second": second.url}
+    text = table_config(urls, {"tts-1": ("speech", [(n, "kokoro") for n in urls])}, tmp_path / "spool") \
+        + "outlier: {consecutive_failures: 2, base_ejection_s: 30}\n"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    (tmp_path / "spool").mkdir()
+    config = load_config(path, kinds=ADAPTERS.keys())
+    gw = servers.run(serve_app(build_app(config), config, tmp_path / "spool"))
+    try:
+        engine.mode = "500"
+        with sdk(gw) as c:
+            for _ in range(2):
+                speech(c)
+        assert _ejected(servers, gw)["first"] is not None
+        path.write_text(text.replace("tts-1:", "tts-2: {task: speech, routes: [{backend: second}]}\n  tts-1:"))
+        assert servers.run(gw.app[RELOADER].reload("test")) is True
+        assert _ejected(servers, gw)["first"] is not None  # unchanged: still ejected
+        path.write_text(text.replace(" timeout_s: 2", " timeout_s: 3", 1))  # first's settings change: afresh
+        assert servers.run(gw.app[RELOADER].reload("test")) is True
+        assert _ejected(servers, gw)["first"] is None
+    finally:
+        servers.run(gw.runner.cleanup())
+
+
+# -- config ------------------------------------------------------------------------------------------------
+
+BASE = """
+keys: [{name: a, key: k}]
+backends:
+  one: {kind: openai, url: "http://127.0.0.1:1/v1"%s}
+  two: {kind: openai, url: "http://127.0.0.1:2/v1"}
+models:
+  m: {task: speech, routes: [{backend: one}, {backend: two}]}
+"""
+
+
+def test_defaults_are_envoys_and_a_backend_overrides_them() -> None:
+    assert Outlier() == Outlier(True, 5, 30.0, 300.0, 10.0)
+    config = parse_config(BASE % ", outlier: {consecutive_failures: 2}" + "outlier: {base_ejection_s: 1}\n")
+    assert config.outlier["one"] == Outlier(True, 2, 1.0, 300.0, 10.0)
+    assert config.outlier["two"] == Outlier(True, 5, 1.0, 300.0, 10.0)
+    assert "outlier" not in config.backends["one"].options
+
+
+@pytest.mark.parametrize(("section", "problem"), [
+    ("outlier: {consecutive_failures: .nan}", "outlier.consecutive_failures: expected a number >= 1"),
+    ("outlier: {consecutive_failures: 0}", "outlier.consecutive_failures: expected a number >= 1"),
+    ("outlier: {consecutive_failures: 1e12}", "outlier.consecutive_failures: expected a number <= 1000000"),
+    ("outlier: {consecutive_failures: true}", "outlier.consecutive_failures: expected a number >= 1"),
+    ("outlier: {base_ejection_s: .inf}", "outlier.base_ejection_s: expected a number >= 0.001"),
+    ("outlier: {base_ejection_s: -1}", "outlier.base_ejection_s: expected a number >= 0.001"),
+    ("outlier: {max_ejection_s: 1e300}", "outlier.max_ejection_s: expected a number <= 86400"),
+    ("outlier: {base_ejection_s: 60, max_ejection_s: 10}", "outlier.max_ejection_s: expected a number >= "
+                                                           "base_ejection_s"),
+    ("outlier: {max_ejected_percent: 101}", "outlier.max_ejected_percent: expected a number <= 100"),
+    ("outlier: {max_ejected_percent: -5}", "outlier.max_ejected_percent: expected a number >= 0"),
+    ("outlier: {max_ejected_percent: [10]}", "outlier.max_ejected_percent: expected a number >= 0"),
+    ("outlier: {enabled: 'no'}", "outlier.enabled: expected true or false"),
+    ("outlier: {consecutive: 5}", "outlier.consecutive: unknown setting"),
+    ("outlier: [5]", "outlier: expected a mapping"),
+    ("outlier: 5", "outlier: expected a mapping"),
+])
+def test_hostile_values_are_refused_by_path(section: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE % "" + section + "\n")
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize(("override", "problem"), [
+    ("{base_ejection_s: .nan}", "backends.one.outlier.base_ejection_s: expected a number >= 0.001"),
+    ("{max_ejection_s: 'soon'}", "backends.one.outlier.max_ejection_s: expected a number >= 0.001"),
+    ("7", "backends.one.outlier: expected a mapping"),
+])
+def test_hostile_overrides_are_refused_by_path(override: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE % f", outlier: {override}")
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
