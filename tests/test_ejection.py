@@ -201,7 +201,7 @@ def test_disabled_never_ejects(servers: ServerThread, make_gateway: Callable[[st
 def test_a_request_in_flight_when_its_backend_is_ejected_completes(
         servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
         second: FakeOpenAIEngine) -> None:
-    engine.chunk_delay, engine.chunk_size = 0.05, 2048
+    engine.chunk_delay, engine.chunk_size = 0.05, 8192  # about 20 chunks, 1 s
     gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url},
                   "outlier: {consecutive_failures: 3, base_ejection_s: 30}\n")
     long_input = "Long enough to stream for a while, in several chunks."
