@@ -35,6 +35,12 @@ from gateway.yaml_tree import YamlTree
 
 TASKS = ("speech", "transcription")
 DEFAULT_MAX_CONNECTIONS = 64
+BALANCES = ("weighted", "least_busy", "ordered")
+"""A model's `balance` (gateway/balance.py)."""
+MAX_PRIORITY = 1000
+MIN_WEIGHT, MAX_WEIGHT = 0.001, 1_000_000
+"""A route's weight: positive (0 would be a route never used: remove it instead), and bounded, so that the
+ratio of two weights stays a meaningful share."""
 
 
 class ConfigError(Exception):
@@ -70,6 +76,10 @@ class Backend:
 class Route:
     backend: str
     model: str
+    priority: int = 0
+    """Lower is tried first (Envoy's: 0 is the highest); a lower group only once every route above failed."""
+    weight: float = 1.0
+    """Its share within its priority under `balance: weighted` (gateway/balance.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +103,10 @@ class Model:
     """None: no cost is counted for this model."""
     limits: tuple[Limit, ...] | None = None
     """Limits of each tenant on this model (None: `limits.model`, the default)."""
+    balance: str = "ordered"
+    """How routes of one priority share its requests: weighted, least_busy or ordered (gateway/balance.py);
+    default `ordered` when no route sets priority or weight (the YAML order, as before balancing), else
+    `weighted`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +239,7 @@ def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
             p.fail(f"{path}.routes", "expected a non-empty list of {backend, model}")
             raw_routes = []
         routes: list[Route] = []
+        balancing = False
         for i, r in enumerate(raw_routes):
             rpath = f"{path}.routes[{i}]"
             rnode = p.mapping(r, rpath)
@@ -232,12 +247,34 @@ def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
             if backend is not None and backend not in backends:
                 p.fail(f"{rpath}.backend", f"unknown backend '{backend}'")
             model = p.str_(rnode, "model", rpath, name) or name
+            balancing = balancing or "priority" in rnode or "weight" in rnode
+            priority, weight = _priority(p, rnode, rpath), _weight(p, rnode, rpath)
             if backend:
-                routes.append(Route(backend, model))
+                routes.append(Route(backend, model, priority, weight))
+        balance = p.str_(node, "balance", path, "weighted" if balancing else "ordered") or "ordered"
+        if balance not in BALANCES:
+            p.fail(f"{path}.balance", f"expected one of {', '.join(BALANCES)}, got {balance!r}")
+            balance = "ordered"
         owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
         models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"),
-                             policy_rules.limits(p, node.get("limits"), f"{path}.limits"))
+                             policy_rules.limits(p, node.get("limits"), f"{path}.limits"), balance)
     return models
+
+
+def _priority(p: YamlTree, node: dict[str, Any], path: str) -> int:
+    value = node.get("priority", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
+        p.fail(f"{path}.priority", f"expected an integer from 0 (tried first) to {MAX_PRIORITY}, got {value!r}")
+        return 0
+    return value
+
+
+def _weight(p: YamlTree, node: dict[str, Any], path: str) -> float:
+    weight = p.number(node, "weight", path, 1.0, MIN_WEIGHT)
+    if weight > MAX_WEIGHT:
+        p.fail(f"{path}.weight", f"expected a number from {MIN_WEIGHT} to {MAX_WEIGHT}, got {weight!r}")
+        return 1.0
+    return float(weight)
 
 
 def _outlier(p: YamlTree, root: dict[str, Any], backends: Mapping[str, Backend]) -> dict[str, Outlier]:

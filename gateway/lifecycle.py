@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.adapters import build_adapters
 from gateway.audio.workers import AudioWorkers
+from gateway.balance import InFlight
 from gateway.config import Config
 from gateway.ejection import Ejections
 from gateway.ledger import LedgerWriter
@@ -22,6 +23,7 @@ from gateway.state import (
     CONFIG,
     DRAINING,
     EJECTIONS,
+    IN_FLIGHT,
     LEDGER,
     METERING,
     METRICS,
@@ -114,3 +116,4 @@ def init_state(app: web.Application, config: Config) -> None:
     if config.metrics.enabled:
         app[METRICS] = Metrics()
     app[EJECTIONS] = Ejections(app[TABLES], app.get(METRICS))
+    app[IN_FLIGHT] = InFlight(app.get(METRICS))

@@ -90,6 +90,9 @@ class Metrics:
                                        ["feature", "action"], registry=r)
         self.ejections = Counter("gateway_backend_ejections", "Times a backend was ejected (outlier ejection).",
                                  ["backend"], registry=r)
+        self.backend_in_flight = Gauge("gateway_backend_in_flight", "Attempts in flight to a backend (a stream "
+                                       "until its last byte).", ["backend"], registry=r,
+                                       multiprocess_mode="livesum")
         self.view = ProcessView()
         if self.multiprocess:  # what /metrics exposes: every worker's files, not this process's registry
             self.registry = CollectorRegistry()

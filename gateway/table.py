@@ -20,7 +20,7 @@ from gateway.adapters.base import SPEECH, TRANSCRIPTION, TRANSLATION, Adapter
 from gateway.auth import Identity
 from gateway.config import Config, Model, NativeVoice, Route
 from gateway.errors import InvalidRequestError, UnsupportedError, model_not_found
-from gateway.state import TABLE, TABLES
+from gateway.state import IN_FLIGHT, TABLE, TABLES
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway.table")
@@ -167,10 +167,13 @@ async def close_adapters(adapters: Iterable[Adapter], upstreams: Upstreams) -> N
 
 @web.middleware
 async def table_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Pin the current mapping-table snapshot for the whole request."""
+    """Pin the current mapping-table snapshot for the whole request; when it is over, end its attempts'
+    in-flight counts (gateway/balance.py)."""
     tables = request.app[TABLES]
     table = request[TABLE] = tables.pin()
     try:
         return await handler(request)
     finally:
         tables.unpin(table)
+        if (in_flight := request.app.get(IN_FLIGHT)) is not None:
+            in_flight.release(request)

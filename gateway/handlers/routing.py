@@ -9,10 +9,11 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from gateway.balance import ORDERED, order
 from gateway.ejection import BUSY, FAILURE, SUCCESS, UNDECIDED
 from gateway.errors import REASONS, GatewayError, RateLimitError, Reason, UpstreamError
 from gateway.metering import endpoint_of
-from gateway.state import EJECTIONS, METRICS, REQUEST_ID
+from gateway.state import EJECTIONS, IN_FLIGHT, METRICS, REQUEST_ID
 from gateway.table import Candidate
 
 log = logging.getLogger("gateway.routing")
@@ -20,22 +21,28 @@ T = TypeVar("T")
 
 
 async def first_success(request: web.Request, candidates: list[Candidate],
-                        attempt: Callable[[Candidate], Awaitable[T]]) -> T:
-    """`attempt` each candidate in order until one succeeds, skipping ejected backends (gateway/ejection.py),
-    each outcome fed back to them. Only backend failures (UpstreamError: unreachable, 5xx, timeout, garbage)
-    and a backend's own rate limit move on to the next route (spill-over is what routes are for); the
-    client's own errors do not. The last route's error is the client's."""
+                        attempt: Callable[[Candidate], Awaitable[T]], balance: str = ORDERED) -> T:
+    """`attempt` each candidate until one succeeds, in the order the model's `balance` makes
+    (gateway/balance.py), skipping ejected backends (gateway/ejection.py), each outcome fed back to them.
+    Each attempt counts as in flight to its backend until it fails, or, when it answered, until the request
+    is over. Only backend failures (UpstreamError: unreachable, 5xx, timeout, garbage) and a backend's own
+    rate limit move on to the next route (spill-over is what routes are for); the client's own errors do
+    not. The last route's error is the client's."""
     metrics = request.app.get(METRICS)
     ejections = request.app[EJECTIONS]
-    picked = ejections.pick(candidates)
+    in_flight = request.app[IN_FLIGHT]
+    picked = ejections.pick(order(candidates, balance, in_flight.counts))
     for i, (candidate, forced) in enumerate(picked):
         started, backend, outcome = time.monotonic(), candidate.adapter.backend, UNDECIDED
         trial = ejections.begin(backend)
         if trial is None and not forced and i < len(picked) - 1:
             continue  # ejected, or its one trial is taken, since `pick`
+        in_flight.start(backend.name)
+        held = False
         try:
             result = await attempt(candidate)
-            outcome = SUCCESS
+            outcome, held = SUCCESS, True
+            in_flight.hold(request, backend.name)
         except GatewayError as exc:
             outcome = _outcome(exc)
             if metrics is not None and (isinstance(exc, UpstreamError | RateLimitError) or exc.reason in REASONS):
@@ -48,6 +55,8 @@ async def first_success(request: web.Request, candidates: list[Candidate],
             continue
         finally:  # a cancelled attempt (the client left) decides nothing, but frees the trial
             ejections.record(backend, outcome, bool(trial))
+            if not held:
+                in_flight.end(backend.name)
         if metrics is not None:
             metrics.upstream.labels(candidate.route.backend, endpoint_of(request)).observe(time.monotonic() - started)
         return result
