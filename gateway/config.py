@@ -243,6 +243,8 @@ def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
         for i, r in enumerate(raw_routes):
             rpath = f"{path}.routes[{i}]"
             rnode = p.mapping(r, rpath)
+            for unknown in [k for k in rnode if k not in _ROUTE_FIELDS]:  # a misspelt `weight` would go unseen
+                p.fail(f"{rpath}.{unknown}", f"unknown setting (a route has {', '.join(_ROUTE_FIELDS)})")
             backend = p.str_(rnode, "backend", rpath, required=True)
             if backend is not None and backend not in backends:
                 p.fail(f"{rpath}.backend", f"unknown backend '{backend}'")
@@ -259,6 +261,9 @@ def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
         models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"),
                              policy_rules.limits(p, node.get("limits"), f"{path}.limits"), balance)
     return models
+
+
+_ROUTE_FIELDS = ("backend", "model", "priority", "weight")
 
 
 def _priority(p: YamlTree, node: dict[str, Any], path: str) -> int:

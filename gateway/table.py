@@ -53,7 +53,8 @@ class Table:
         return model
 
     def candidates(self, model: Model, task: str) -> list[Candidate]:
-        """The model's routes in failover order, keeping those whose backend can do `task`."""
+        """The model's routes in YAML order, keeping those whose backend can do `task` (each request tries
+        them in the order gateway/balance.py makes)."""
         found = [Candidate(r, self.adapters[r.backend]) for r in model.routes]
         able = [c for c in found if c.adapter.capabilities.can(task)]
         if not able:

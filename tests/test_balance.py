@@ -20,7 +20,7 @@ from gateway.table import Candidate
 from tests.conftest import Gateway, ServerThread, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import scrape, total
-from tests.support import table_config, wait_for
+from tests.support import WAV, table_config, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 
@@ -159,6 +159,21 @@ def test_least_busy_sends_to_the_idle_backend_and_the_gauge_counts_streams(
     assert (_said(engine), _said(second)) == (2, 5)
 
 
+def test_transcriptions_count_in_flight_and_end_at_zero(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path,
+        engine: FakeOpenAIEngine) -> None:
+    gw = make_gateway(table_config({"first": engine.url}, {"whisper-1": ("transcription", [("first", "whisper")])},
+                                   tmp_path / "spool"))
+    with sdk(gw) as c:
+        assert c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav")).text
+        events = list(c.audio.transcriptions.create(model="whisper-1", file=("a.wav", WAV, "audio/wav"),
+                                                    stream=True))
+        assert events[-1].type == "transcript.text.done"
+    wait_for(lambda: servers.call(lambda: dict(gw.app[IN_FLIGHT].counts)) == {}, what="no attempt left in flight")
+    _, samples = scrape(gw.url + "/metrics")
+    assert samples[("gateway_backend_in_flight", frozenset({("backend", "first")}))] == 0  # counted, then ended
+
+
 def test_a_lower_priority_serves_only_when_the_group_above_is_down(
         servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
         second: FakeOpenAIEngine, third: FakeOpenAIEngine) -> None:
@@ -217,11 +232,15 @@ models:
     (", priority: .nan", "models.m.routes[0].priority: expected an integer from 0"),
     (", priority: true", "models.m.routes[0].priority: expected an integer from 0"),
     (", priority: high", "models.m.routes[0].priority: expected an integer from 0"),
-    ("}], balance: random, x: [{", "models.m.balance: expected one of weighted, least_busy, ordered"),
-    ("}], balance: 5, x: [{", "models.m.balance: expected one of weighted, least_busy, ordered"),
-    ("}], balance: [weighted], x: [{", "models.m.balance: expected a string"),
+    ("balance: random", "models.m.balance: expected one of weighted, least_busy, ordered"),
+    ("balance: 5", "models.m.balance: expected one of weighted, least_busy, ordered"),
+    ("balance: [weighted]", "models.m.balance: expected a string"),
+    (", wieght: 3", "models.m.routes[0].wieght: unknown setting (a route has backend, model, priority, weight)"),
 ])
 def test_hostile_values_are_refused_by_path(fields: str, problem: str) -> None:
+    """`fields` go into the first route, or, for `balance:`, into the model."""
+    text = (BASE % "").replace("task: speech,", f"task: speech, {fields},") if fields.startswith("balance") \
+        else BASE % fields
     with pytest.raises(ConfigError) as info:
-        parse_config(BASE % fields)
+        parse_config(text)
     assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
