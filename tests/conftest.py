@@ -145,12 +145,28 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield cluster
 
 
-@pytest.fixture
-def engine(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
+def running_engine(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
+    """An OpenAI-compatible engine double on a loopback port, for as long as the fixture lives."""
     eng = FakeOpenAIEngine()
     servers.run(eng.start())
     yield eng
     servers.run(eng.stop())
+
+
+@pytest.fixture
+def engine(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
+    yield from running_engine(servers)
+
+
+@pytest.fixture
+def second(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
+    """Another engine double, for a model's second route."""
+    yield from running_engine(servers)
+
+
+@pytest.fixture
+def third(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
+    yield from running_engine(servers)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,7 @@ from tests.metering_support import scrape, total
 from tests.support import WAV, table_config, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
-
-
-@pytest.fixture
-def second(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
-    eng = FakeOpenAIEngine()
-    servers.run(eng.start())
-    yield eng
-    servers.run(eng.stop())
-
-
-@pytest.fixture
-def third(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
-    eng = FakeOpenAIEngine()
-    servers.run(eng.start())
-    yield eng
-    servers.run(eng.stop())
+SPEECH = "/v1/audio/speech"
 
 
 def _gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path, routes: dict[str, tuple[str, str]],
@@ -55,10 +40,6 @@ def _gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path, routes: dic
 def speech(c: openai.OpenAI, **kw: Any) -> bytes:
     return c.audio.speech.create(**{"model": "tts-1", "voice": "nova", "input": "Hi.",
                                     "response_format": "pcm", **kw}).content
-
-
-def _said(engine: FakeOpenAIEngine) -> int:
-    return sum(r.path == "/v1/audio/speech" for r in engine.requests)
 
 
 def _candidates(*routes: Route) -> list[Candidate]:
@@ -128,8 +109,8 @@ def test_weighted_requests_reach_both_backends_by_their_weights(
     with sdk(gw) as c:
         for _ in range(100):
             speech(c)
-    assert _said(engine) + _said(second) == 100
-    assert 5 <= _said(engine) <= 45, (_said(engine), _said(second))
+    assert engine.calls(SPEECH) + second.calls(SPEECH) == 100
+    assert 5 <= engine.calls(SPEECH) <= 45, (engine.calls(SPEECH), second.calls(SPEECH))
 
 
 def test_least_busy_sends_to_the_idle_backend_and_the_gauge_counts_streams(
@@ -149,16 +130,16 @@ def test_least_busy_sends_to_the_idle_backend_and_the_gauge_counts_streams(
                                                            response_format="pcm") as response:
             chunks = response.iter_bytes(2048)
             next(chunks)  # a tie at 0 in flight: the heavier `first` took it, and streams
-            assert _said(engine) == 1
+            assert engine.calls(SPEECH) == 1
             assert gauge() == {"first": 1, "second": 0}  # after the first byte, still in flight
             for _ in range(5):
                 speech(c)  # `first` is busy: `second`, although lighter
-            assert (_said(engine), _said(second)) == (1, 5)
+            assert (engine.calls(SPEECH), second.calls(SPEECH)) == (1, 5)
             b"".join(chunks)
         wait_for(lambda: gauge() == {"first": 0, "second": 0}, what="the gauge back to 0")
         assert servers.call(lambda: dict(gw.app[IN_FLIGHT].counts)) == {}
         speech(c)  # idle again: the tie goes to the heavier
-    assert (_said(engine), _said(second)) == (2, 5)
+    assert (engine.calls(SPEECH), second.calls(SPEECH)) == (2, 5)
 
 
 def test_transcriptions_count_in_flight_and_end_at_zero(
@@ -184,15 +165,15 @@ def test_a_lower_priority_serves_only_when_the_group_above_is_down(
     with sdk(gw, max_retries=0) as c:
         for _ in range(20):
             speech(c)
-        assert _said(third) == 0 and _said(engine) > 0 and _said(second) > 0
+        assert third.calls(SPEECH) == 0 and engine.calls(SPEECH) > 0 and second.calls(SPEECH) > 0
         engine.mode = "500"
         for _ in range(5):
             speech(c)
-        assert _said(third) == 0  # one of the group is up
+        assert third.calls(SPEECH) == 0  # one of the group is up
         second.mode = "500"
         for _ in range(3):
             speech(c)
-        assert _said(third) == 3
+        assert third.calls(SPEECH) == 3
     assert servers.call(lambda: dict(gw.app[IN_FLIGHT].counts)) == {}  # failed attempts ended too
 
 
@@ -203,7 +184,7 @@ def test_routes_without_priority_or_weight_fail_over_in_yaml_order(
     with sdk(gw) as c:
         for _ in range(10):
             speech(c)
-    assert (_said(engine), _said(second)) == (10, 0)
+    assert (engine.calls(SPEECH), second.calls(SPEECH)) == (10, 0)
 
 
 # -- config ------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_200_concurrent_requests_against_a_budget_for_exactly_50(
     assert "budget per month of tenant 'acme'" in first.message
     assert first.response.headers["x-should-retry"] == "false"
     assert int(first.response.headers["retry-after"]) <= 31 * 86400
-    assert sum(1 for r in engine.requests if r.path.endswith("/audio/speech")) == 50
+    assert engine.calls("/v1/audio/speech") == 50
     records = wait_ledger(ledger, 200)
     assert round(sum(r["cost_usd"] or 0 for r in records if r["billable"]), 9) == 0.5
     assert {r["rejected_by"] for r in records if r["status"] == 429} == {"tenant:budget/month"}

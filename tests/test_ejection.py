@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,8 @@ from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import probe_backends, quick_timeouts, table_config, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+SPEECH = "/v1/audio/speech"
 QUICK = "outlier: {consecutive_failures: 3, base_ejection_s: 1, max_ejection_s: 4, max_ejected_percent: 50}\n"
-
-
-@pytest.fixture
-def second(servers: ServerThread) -> Iterator[FakeOpenAIEngine]:
-    eng = FakeOpenAIEngine()
-    servers.run(eng.start())
-    yield eng
-    servers.run(eng.stop())
 
 
 def _gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path, urls: dict[str, str],
@@ -48,10 +41,6 @@ def _gateway(make_gateway: Callable[[str], Gateway], tmp_path: Path, urls: dict[
 def speech(c: openai.OpenAI, **kw: Any) -> bytes:
     return c.audio.speech.create(**{"model": "tts-1", "voice": "nova", "input": "Hello there.",
                                     "response_format": "pcm", **kw}).content
-
-
-def _said(engine: FakeOpenAIEngine) -> int:
-    return sum(r.path == "/v1/audio/speech" for r in engine.requests)
 
 
 def _ejected(servers: ServerThread, gw: Gateway) -> dict[str, float | None]:
@@ -74,11 +63,11 @@ def test_a_failing_backend_is_ejected_skipped_tried_once_and_returned(
     with sdk(gw) as c:
         for _ in range(3):  # each fails over: the first route's 500, then the second answers
             assert len(speech(c)) > 100
-        assert (_said(engine), _said(second)) == (3, 3)
+        assert (engine.calls(SPEECH), second.calls(SPEECH)) == (3, 3)
         assert _ejected(servers, gw)["first"] is not None
         for n in range(1, 4):  # ejected: the first attempt goes to the healthy route, no failover cost
             assert len(speech(c)) > 100
-            assert (_said(engine), _said(second)) == (3, 3 + n)
+            assert (engine.calls(SPEECH), second.calls(SPEECH)) == (3, 3 + n)
         metrics = httpx.get(f"{gw.url}/metrics", verify=LOOPBACK_TLS).text
         assert 'gateway_backend_ejected{backend="first"} 1.0' in metrics
         assert 'gateway_backend_ejected{backend="second"} 0.0' in metrics
@@ -89,10 +78,10 @@ def test_a_failing_backend_is_ejected_skipped_tried_once_and_returned(
         engine.mode = "ok"
         _until_the_trial(servers, gw)  # the ejection ends: the next request is the trial
         assert len(speech(c)) > 100
-        assert (_said(engine), _said(second)) == (4, 6)
+        assert (engine.calls(SPEECH), second.calls(SPEECH)) == (4, 6)
         assert _ejected(servers, gw)["first"] is None  # back in rotation
         assert len(speech(c)) > 100
-        assert (_said(engine), _said(second)) == (5, 6)
+        assert (engine.calls(SPEECH), second.calls(SPEECH)) == (5, 6)
     metrics = httpx.get(f"{gw.url}/metrics", verify=LOOPBACK_TLS).text
     assert 'gateway_backend_ejected{backend="first"} 0.0' in metrics
     messages = [r.getMessage() for r in caplog.records if r.name == "gateway.ejection"]
@@ -111,9 +100,9 @@ def test_a_failed_trial_ejects_for_longer(servers: ServerThread, make_gateway: C
             speech(c)
         _until_the_trial(servers, gw)
         speech(c)  # the trial: the first route fails once more, the second answers
-        assert (_said(engine), _said(second)) == (4, 4)
+        assert (engine.calls(SPEECH), second.calls(SPEECH)) == (4, 4)
         speech(c)
-        assert _said(engine) == 4
+        assert engine.calls(SPEECH) == 4
     assert "backend first: ejected for 2 s (its trial failed; ejection 2)" in caplog.text
 
 
@@ -134,9 +123,9 @@ def test_only_one_trial_at_a_time(servers: ServerThread, make_gateway: Callable[
         wait_for(lambda: engine.started == 4, what="the trial to reach the engine")
         for _ in range(3):
             speech(c)
-        assert engine.started == 4 and _said(second) == 6
+        assert engine.started == 4 and second.calls(SPEECH) == 6
         trial.join(10)  # the trial timed out and failed over
-        assert _said(second) == 7
+        assert second.calls(SPEECH) == 7
         assert _ejected(servers, gw)["first"] is not None
 
 
@@ -154,7 +143,7 @@ def test_the_share_of_ejected_routes_is_capped(servers: ServerThread, make_gatew
                 speech(c)
         ejected = _ejected(servers, gw)
         assert ejected["first"] is not None and ejected["second"] is not None
-        assert (_said(engine), _said(second)) == (2, 4)  # the second was tried, alone, by the last two
+        assert (engine.calls(SPEECH), second.calls(SPEECH)) == (2, 4)  # the second was tried, alone, by the last two
 
 
 def test_a_models_only_backend_is_never_skipped(make_gateway: Callable[[str], Gateway], tmp_path: Path,
@@ -165,7 +154,7 @@ def test_a_models_only_backend_is_never_skipped(make_gateway: Callable[[str], Ga
         for _ in range(5):
             with pytest.raises(openai.InternalServerError):
                 speech(c)
-    assert _said(engine) == 5
+    assert engine.calls(SPEECH) == 5
     assert _ejected(servers, gw)["only"] is not None  # ejected all the same: metrics and /readyz say so
 
 
@@ -183,7 +172,7 @@ def test_client_errors_and_a_busy_backend_never_eject(servers: ServerThread, mak
                     speech(c)
             else:
                 speech(c)  # the second route answers
-    assert _said(engine) == 5
+    assert engine.calls(SPEECH) == 5
     assert _ejected(servers, gw) == {"first": None, "second": None}
 
 
@@ -195,7 +184,7 @@ def test_disabled_never_ejects(servers: ServerThread, make_gateway: Callable[[st
     with sdk(gw) as c:
         for _ in range(4):
             speech(c)
-    assert _said(engine) == 4
+    assert engine.calls(SPEECH) == 4
     assert _ejected(servers, gw)["first"] is None
 
 
@@ -221,7 +210,7 @@ def test_a_request_in_flight_when_its_backend_is_ejected_completes(
         assert len(got) == expected and engine.cancelled == 0
         assert _ejected(servers, gw)["first"] is not None  # its success was not a trial
         speech(c)
-        assert (_said(engine), _said(second)) == (1, 2)
+        assert (engine.calls(SPEECH), second.calls(SPEECH)) == (1, 2)
 
 
 def test_failed_probes_feed_the_ejection(servers: ServerThread, make_gateway: Callable[[str], Gateway],
@@ -234,7 +223,7 @@ def test_failed_probes_feed_the_ejection(servers: ServerThread, make_gateway: Ca
     assert _ejected(servers, gw)["first"] is not None
     with sdk(gw) as c:
         speech(c)
-    assert _said(engine) == 0 and _said(second) == 1
+    assert engine.calls(SPEECH) == 0 and second.calls(SPEECH) == 1
     engine.mode = "ok"
     probe_backends(servers, gw)  # a probe's success does not end it early: the requests' trial decides
     assert _ejected(servers, gw)["first"] is not None

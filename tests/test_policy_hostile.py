@@ -40,10 +40,6 @@ def limited(engine: FakeOpenAIEngine, tmp_path: Path, policy: str = "", key_rule
     return text + "state: {backend: memory}\n" + policy
 
 
-def speech_requests(engine: FakeOpenAIEngine) -> int:
-    return sum(1 for r in engine.requests if r.path.endswith("/audio/speech"))
-
-
 def budget_remaining(gw: Gateway) -> float:
     samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
     return samples[("gateway_budget_remaining", frozenset({("tenant", "acme")}))]
@@ -66,7 +62,7 @@ def test_an_input_at_the_characters_limit_counts_code_points_and_an_oversized_on
         assert "Limit 5000, Used 4096, Requested 4096" in refused.value.message
         assert refused.value.response.headers["x-ratelimit-remaining-characters"] == "904"
         assert speak("é☃" * 452).headers["x-ratelimit-remaining-characters"] == "0"  # characters, not bytes
-    assert speech_requests(engine) == 2
+    assert engine.calls("/v1/audio/speech") == 2
 
 
 def test_uploads_refused_by_their_measurement_count_nothing(
@@ -92,7 +88,7 @@ def test_uploads_refused_by_their_measurement_count_nothing(
         with pytest.raises(openai.RateLimitError) as over:
             transcribe(one_second)
         assert over.value.body["code"] == "insufficient_quota"
-    assert sum(1 for r in engine.requests if r.path.endswith("/transcriptions")) == 2
+    assert engine.calls("/v1/audio/transcriptions") == 2
 
 
 async def _wait(predicate: Callable[[], bool], what: str) -> None:
@@ -168,7 +164,7 @@ def test_a_refusal_at_the_model_level_refunds_the_key_and_tenant_hits(
     samples = parse_metrics(http_get(f"{gw.url}/metrics")[2].decode())
     assert samples[("gateway_ratelimit_rejections_total",
                     frozenset({("tenant", "acme"), ("limit", "model:characters/minute")}))] == 1
-    assert speech_requests(engine) == 2
+    assert engine.calls("/v1/audio/speech") == 2
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.conftest import BETA_KEY, DEMO_KEY, LOOPBACK_TLS, ServerThread, engine_config, sdk
+from tests.conftest import BETA_KEY, DEMO_KEY, LOOPBACK_TLS, engine_config, sdk
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import http_get, parse_metrics, wait_ledger
 from tests.process import GatewayProcess
@@ -175,10 +175,6 @@ def speak_at_once(processes: list[GatewayProcess], count: int, key: str = DEMO_K
     return asyncio.run(run())
 
 
-def speech_requests(engine: FakeOpenAIEngine) -> int:
-    return sum(1 for r in engine.requests if r.path.endswith("/audio/speech"))
-
-
 def metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return parse_metrics(http_get(f"{url}/metrics")[2].decode())
 
@@ -212,7 +208,7 @@ def check_request_limit(results: list[Any], engine: FakeOpenAIEngine) -> None:
         headers = error.response.headers
         assert headers["x-ratelimit-limit-requests"] == "10" and headers["x-ratelimit-remaining-requests"] == "0"
         assert 1 <= int(headers["retry-after"]) <= 60 and 0 < int(headers["retry-after-ms"]) <= 60_000
-    assert speech_requests(engine) == 10
+    assert engine.calls("/v1/audio/speech") == 10
 
 
 def check_budget(results: list[Any], engine: FakeOpenAIEngine, records: list[dict[str, Any]]) -> None:
@@ -226,7 +222,7 @@ def check_budget(results: list[Any], engine: FakeOpenAIEngine, records: list[dic
     assert isinstance(first, openai.RateLimitError) and first.body["type"] == "insufficient_quota"
     assert "the 0.5 usd budget per month of tenant 'beta'" in first.message
     assert first.response.headers["x-should-retry"] == "false" and int(first.response.headers["retry-after"]) > 0
-    assert speech_requests(engine) == 10 + 50
+    assert engine.calls("/v1/audio/speech") == 10 + 50
     assert len(records) == 200
     assert round(sum(r["cost_usd"] or 0 for r in records if r["billable"]), 9) == 0.5
     assert sum(1 for r in records if r["billable"]) == 50
@@ -262,36 +258,32 @@ def test_two_processes_on_redis_let_exactly_the_request_limit_and_the_budget_thr
 
 @needs_redis
 def test_two_concurrency_slots_hold_across_two_processes(
-        launch: Launch, servers: ServerThread, tmp_path: Path, redis_url: str) -> None:
-    slow = FakeOpenAIEngine(chunk_size=4096, chunk_delay=0.05)  # a long input streams for seconds
-    servers.run(slow.start())
-    try:
-        config = table(slow, tmp_path, on_redis(redis_url, **LOADED), "limits: [{concurrent: 2}]")
-        a, b = launch(config, config)
-        with sdk(f"{a.url}/v1") as on_a, sdk(f"{b.url}/v1") as on_b:
-            with ExitStack() as streams:
-                held = []  # the readers too: one dropped closes its stream
-                for client in (on_a, on_b):  # one stream held open on each process
-                    stream = streams.enter_context(client.audio.speech.with_streaming_response.create(
-                        model="tts-1", voice="nova", input="A stream held open. " * 10, response_format="pcm"))
-                    held.append(stream.iter_bytes(4096))
-                    assert next(held[-1])
-                for client in (on_a, on_b):
-                    with pytest.raises(openai.RateLimitError) as refused:
-                        client.audio.speech.create(model="tts-1", voice="nova", input="Hi.", response_format="pcm")
-                    assert "Too many concurrent requests on key 'demo': Limit 2" in refused.value.message
-                    assert refused.value.body["code"] == "rate_limit_exceeded"
-            # both streams closed unread: each process frees its slot as its client goes away
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    on_b.audio.speech.create(model="tts-1", voice="nova", input="Hi.", response_format="pcm")
-                    break
-                except openai.RateLimitError:
-                    assert time.monotonic() < deadline, "the slots did not come back"
-                    time.sleep(0.05)
-    finally:
-        servers.run(slow.stop())
+        launch: Launch, engine: FakeOpenAIEngine, tmp_path: Path, redis_url: str) -> None:
+    engine.chunk_size, engine.chunk_delay = 4096, 0.05  # a long input streams for seconds
+    config = table(engine, tmp_path, on_redis(redis_url, **LOADED), "limits: [{concurrent: 2}]")
+    a, b = launch(config, config)
+    with sdk(f"{a.url}/v1") as on_a, sdk(f"{b.url}/v1") as on_b:
+        with ExitStack() as streams:
+            held = []  # the readers too: one dropped closes its stream
+            for client in (on_a, on_b):  # one stream held open on each process
+                stream = streams.enter_context(client.audio.speech.with_streaming_response.create(
+                    model="tts-1", voice="nova", input="A stream held open. " * 10, response_format="pcm"))
+                held.append(stream.iter_bytes(4096))
+                assert next(held[-1])
+            for client in (on_a, on_b):
+                with pytest.raises(openai.RateLimitError) as refused:
+                    client.audio.speech.create(model="tts-1", voice="nova", input="Hi.", response_format="pcm")
+                assert "Too many concurrent requests on key 'demo': Limit 2" in refused.value.message
+                assert refused.value.body["code"] == "rate_limit_exceeded"
+        # both streams closed unread: each process frees its slot as its client goes away
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                on_b.audio.speech.create(model="tts-1", voice="nova", input="Hi.", response_format="pcm")
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the slots did not come back"
+                time.sleep(0.05)
 
 
 @pytest.fixture
@@ -332,7 +324,7 @@ def test_killing_redis_mid_run_follows_the_failure_policy_and_the_store_is_used_
         assert refused.value.status_code == 503 and refused.value.body["code"] == "state_unavailable"
         assert refused.value.response.headers["retry-after"] == "1"
         assert "redis" not in refused.value.message.lower() and str(own_redis.port) not in refused.value.message
-        assert speech_requests(engine) == 2 + 1 + 6  # the refusals called no backend
+        assert engine.calls("/v1/audio/speech") == 2 + 1 + 6  # the refusals called no backend
         assert fallbacks(a.url, "limits", "memory") == fallbacks(b.url, "limits", "memory") == 4
         assert fallbacks(a.url, "budgets", "refused") == 1
         assert metrics(a.url)[("gateway_state_errors_total", frozenset({("op", "take")}))] >= 1

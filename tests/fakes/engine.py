@@ -158,6 +158,10 @@ class FakeHttpEngine:
         """The most recent recorded request."""
         return self.requests[-1]
 
+    def calls(self, path: str) -> int:
+        """How many whole requests for `path` (e.g. "/v1/audio/speech") the double received."""
+        return sum(r.path == path for r in self.requests)
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.active += 1
