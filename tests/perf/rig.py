@@ -1,4 +1,4 @@
-"""The processes of tests/perf/test_cpu_per_request.py: the backend, nginx, the gateway and wrk, each pinned
+"""What the benchmarks run: the gateway's config, and the backend, nginx, the gateway and wrk, each pinned
 to a core, and the CPU time of a process tree read from /proc.
 
 The proxy under test (nginx or the gateway) gets PROXY_CORES, the backend and the load generator get
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conftest import DEMO_KEY, sha
 from tests.support import free_port
 
 ROOT = Path(__file__).parent.parent.parent
@@ -130,6 +131,31 @@ def redis(workdir: Path) -> Iterator[tuple[str, int] | None]:
         yield f"redis://127.0.0.1:{port}/0", proc.pid
     finally:
         stop(proc)
+
+
+GATEWAY_YAML = """
+server:
+  spool_dir: {spool}
+  drain_delay_s: 0
+  grace_s: 5
+keys:
+  - {{name: bench, tenant: bench, sha256: "{sha}"}}
+backends:
+  engine: {{kind: openai, url: "{backend}", api_key: "bench-engine-key"}}
+models:
+  tts-1: {{task: speech, routes: [{{backend: engine, model: kokoro}}]{price}}}
+  whisper-1: {{task: transcription, routes: [{{backend: engine, model: whisper}}]}}
+voices:
+  nova: {{engine: af_nova}}
+"""
+
+
+def gateway_yaml(spool: Path, backend_url: str, tts_price: str = "") -> str:
+    """The benchmarks' gateway: the shipped defaults (metrics on, ledger off, spool_memory_bytes,
+    audio_workers) with one backend, the demo key, tts-1 priced as `tts_price` says (e.g.
+    "per_million_characters: 15"); no drain delay, so that each gateway stops at once."""
+    price = f", price: {{{tts_price}}}" if tts_price else ""
+    return GATEWAY_YAML.format(spool=spool, sha=sha(DEMO_KEY), backend=backend_url, price=price)
 
 
 NGINX_CONF = """

@@ -24,7 +24,7 @@ from pathlib import Path
 import av
 import pytest
 
-from tests.conftest import DEMO_KEY, sha
+from tests.conftest import DEMO_KEY
 from tests.fakes.audio import encode
 from tests.perf import rig
 from tests.perf.perfkit import environment, median, print_table
@@ -73,25 +73,6 @@ def multipart_upload(boundary: str, size: int) -> bytes:
                    for k, v in (("model", "whisper-1"), ("response_format", "json")))
     return (head + f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.wav"\r\n'
             "Content-Type: audio/wav\r\n\r\n").encode() + wav + f"\r\n--{boundary}--\r\n".encode()
-
-
-GATEWAY_YAML = """
-server:
-  spool_dir: {spool}
-  drain_delay_s: 0
-  grace_s: 5
-keys:
-  - {{name: bench, tenant: bench, sha256: "{sha}"}}
-backends:
-  engine: {{kind: openai, url: "{backend}", api_key: "bench-engine-key"}}
-models:
-  tts-1: {{task: speech, routes: [{{backend: engine, model: kokoro}}]}}
-  whisper-1: {{task: transcription, routes: [{{backend: engine, model: whisper}}]}}
-voices:
-  nova: {{engine: af_nova}}
-"""
-"""The shipped defaults (metrics on, ledger off, spool_memory_bytes, audio_workers) with one backend; no drain
-delay, so that each gateway stops at once."""
 
 
 @dataclass
@@ -158,7 +139,7 @@ def test_cpu_per_request(tmp_path: Path) -> None:
     with ExitStack() as stack:
         backend_url, backend_pid = stack.enter_context(rig.backend(tmp_path / "speech.mp3", SPEECH_CHUNK))
         config = tmp_path / "gateway.yaml"
-        config.write_text(GATEWAY_YAML.format(spool=tmp_path / "spool", sha=sha(DEMO_KEY), backend=backend_url))
+        config.write_text(rig.gateway_yaml(tmp_path / "spool", backend_url))
         paths: dict[str, tuple[str, int | None, bool]] = {"direct to the backend": (backend_url, None, False)}
         proxy = stack.enter_context(rig.nginx(backend_url, free_port(), tmp_path / "nginx"))
         if proxy is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_KEY, sha
+from tests.conftest import DEMO_KEY
 from tests.metering_support import scrape
 from tests.perf import rig
 from tests.perf.perfkit import environment, median, print_table
@@ -50,22 +50,6 @@ OPS = {"take": 1, "give": 2}
 budget gauge's read, shared by the requests that finish while one is under way (SharedState.read_soon)."""
 
 OFF, SQLITE, REDIS = "(a) no limits", "(b) limits + budget, sqlite", "(c) limits + budget, redis"
-
-GATEWAY_YAML = """
-server:
-  spool_dir: {spool}
-  drain_delay_s: 0
-  grace_s: 5
-keys:
-  - {{name: bench, tenant: bench, sha256: "{sha}"}}
-backends:
-  engine: {{kind: openai, url: "{backend}", api_key: "bench-engine-key"}}
-models:
-  tts-1: {{task: speech, routes: [{{backend: engine, model: kokoro}}], price: {{per_million_characters: 15}}}}
-voices:
-  nova: {{engine: af_nova}}
-"""
-"""The shipped defaults (metrics on, ledger off); tts-1 priced in every configuration, so only the policy differs."""
 
 POLICY_YAML = """
 limits:
@@ -140,7 +124,7 @@ def test_policy_overhead(tmp_path: Path) -> None:
     notes: list[str] = []
     with ExitStack() as stack:
         backend_url, _ = stack.enter_context(rig.backend(tmp_path / "speech.pcm", len(PCM)))
-        base = GATEWAY_YAML.format(spool=tmp_path / "spool", sha=sha(DEMO_KEY), backend=backend_url)
+        base = rig.gateway_yaml(tmp_path / "spool", backend_url, tts_price="per_million_characters: 15")  # in every row
         sqlite = f"{{backend: sqlite, path: {tmp_path / 'state.db'}, timeout_s: 5}}"
         states: dict[str, tuple[str, int | None]] = {OFF: ("", None), SQLITE: (POLICY_YAML.format(state=sqlite), None)}
         redis = stack.enter_context(rig.redis(tmp_path / "redis"))
