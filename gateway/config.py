@@ -31,7 +31,7 @@ from gateway.settings import (
     outlier_section,
     server_section,
 )
-from gateway.yaml_tree import YamlTree
+from gateway.yaml_tree import YamlTree, shown
 
 TASKS = ("speech", "transcription")
 DEFAULT_MAX_CONNECTIONS = 64
@@ -255,7 +255,7 @@ def _models(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
                 routes.append(Route(backend, model, priority, weight))
         balance = p.str_(node, "balance", path, "weighted" if balancing else "ordered") or "ordered"
         if balance not in BALANCES:
-            p.fail(f"{path}.balance", f"expected one of {', '.join(BALANCES)}, got {balance!r}")
+            p.fail(f"{path}.balance", f"expected one of {', '.join(BALANCES)}, got {shown(balance)}")
             balance = "ordered"
         owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
         models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"),
@@ -269,7 +269,7 @@ _ROUTE_FIELDS = ("backend", "model", "priority", "weight")
 def _priority(p: YamlTree, node: dict[str, Any], path: str) -> int:
     value = node.get("priority", 0)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
-        p.fail(f"{path}.priority", f"expected an integer from 0 (tried first) to {MAX_PRIORITY}, got {value!r}")
+        p.fail(f"{path}.priority", f"expected an integer from 0 (tried first) to {MAX_PRIORITY}, got {shown(value)}")
         return 0
     return value
 
@@ -277,7 +277,7 @@ def _priority(p: YamlTree, node: dict[str, Any], path: str) -> int:
 def _weight(p: YamlTree, node: dict[str, Any], path: str) -> float:
     weight = p.number(node, "weight", path, 1.0, MIN_WEIGHT)
     if weight > MAX_WEIGHT:
-        p.fail(f"{path}.weight", f"expected a number from {MIN_WEIGHT} to {MAX_WEIGHT}, got {weight!r}")
+        p.fail(f"{path}.weight", f"expected a number from {MIN_WEIGHT} to {MAX_WEIGHT}, got {shown(weight)}")
         return 1.0
     return float(weight)
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.yaml_tree import YamlTree
+from gateway.yaml_tree import YamlTree, shown
 
 DEFAULT_MAX_UPLOAD = 26_214_400
 DEFAULT_MAX_AUDIO_SECONDS = 7_200.0
@@ -116,19 +116,19 @@ def outlier_section(p: YamlTree, value: Any, path: str, d: Outlier = Outlier()) 
         p.fail(f"{path}.{unknown}", f"unknown setting ({', '.join(_OUTLIER_FIELDS)})")
     failures = p.number(node, "consecutive_failures", path, d.consecutive_failures, 1)
     if failures > 1_000_000:
-        p.fail(f"{path}.consecutive_failures", f"expected a number <= 1000000, got {failures!r}")
+        p.fail(f"{path}.consecutive_failures", f"expected a number <= 1000000, got {shown(failures)}")
         failures = d.consecutive_failures
     percent = p.number(node, "max_ejected_percent", path, d.max_ejected_percent)
     if percent > 100:
-        p.fail(f"{path}.max_ejected_percent", f"expected a number <= 100, got {percent!r}")
+        p.fail(f"{path}.max_ejected_percent", f"expected a number <= 100, got {shown(percent)}")
         percent = d.max_ejected_percent
     base = p.number(node, "base_ejection_s", path, d.base_ejection_s, 0.001)
     cap = p.number(node, "max_ejection_s", path, d.max_ejection_s, 0.001)
     for key, seconds in (("base_ejection_s", base), ("max_ejection_s", cap)):
         if seconds > 86_400:
-            p.fail(f"{path}.{key}", f"expected a number <= 86400 (a day), got {seconds!r}")
+            p.fail(f"{path}.{key}", f"expected a number <= 86400 (a day), got {shown(seconds)}")
     if cap < base:
-        p.fail(f"{path}.max_ejection_s", f"expected a number >= base_ejection_s ({base!r}), got {cap!r}")
+        p.fail(f"{path}.max_ejection_s", f"expected a number >= base_ejection_s ({shown(base)}), got {shown(cap)}")
     return Outlier(enabled=p.bool_(node, "enabled", path, d.enabled), consecutive_failures=int(failures),
                    base_ejection_s=min(base, 86_400), max_ejection_s=min(max(cap, base), 86_400),
                    max_ejected_percent=percent)

@@ -93,14 +93,14 @@ class YamlTree:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or (isinstance(value, float) and not math.isfinite(value)) \
                 or value < minimum:  # NaN compares false with everything, and int(inf) raises
-            self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {value!r}")
+            self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {shown(value)}")
             return default
         return value
 
     def bool_(self, node: dict[str, Any], key: str, path: str, default: bool) -> bool:
         value = node.get(key, default)
         if not isinstance(value, bool):
-            self.fail(f"{path}.{key}", f"expected true or false, got {value!r}")
+            self.fail(f"{path}.{key}", f"expected true or false, got {shown(value)}")
             return default
         return value
 
@@ -113,6 +113,12 @@ class YamlTree:
             self.fail(path, "expected a list of strings")
             return ()
         return tuple(str(v) for v in value)
+
+
+def shown(value: Any) -> str:
+    """A value as a problem quotes it: cut short, so a huge list or a 4000-digit number stays one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
 
 
 def _encodable(text: str) -> bool:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from gateway.policy.windows import Window, parse_window
 from gateway.store import BACKENDS, StoreConfig
-from gateway.yaml_tree import YamlTree
+from gateway.yaml_tree import YamlTree, shown
 
 MEASURES = ("requests", "characters", "audio_seconds", "speech_seconds", "concurrent")
 """requests: speech, transcription and translation requests per window; characters: speech input;
@@ -112,15 +112,9 @@ class Policy:
     """Whether any limit or budget is configured anywhere (else requests skip the policy entirely)."""
 
 
-def _shown(value: Any) -> str:
-    """A value as an error quotes it: cut short, so a huge list or a 4000-digit number stays one line."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
-
-
 def _amount(p: YamlTree, value: Any, path: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_AMOUNT:
-        p.fail(path, f"expected a number above 0 and at most {MAX_AMOUNT:g}, got {_shown(value)}")
+        p.fail(path, f"expected a number above 0 and at most {MAX_AMOUNT:g}, got {shown(value)}")
         return None
     return float(value)
 
@@ -148,7 +142,7 @@ def limits(p: YamlTree, value: Any, path: str) -> tuple[Limit, ...] | None:
         measure = measures[0]
         amount = _amount(p, node[measure], f"{lpath}.{measure}")
         if measure == "concurrent" and amount is not None and amount != math.floor(amount):
-            p.fail(f"{lpath}.concurrent", f"expected a whole number, got {amount!r}")
+            p.fail(f"{lpath}.concurrent", f"expected a whole number, got {shown(amount)}")
         per = None
         if measure == "concurrent":
             if "per" in node:
@@ -156,7 +150,7 @@ def limits(p: YamlTree, value: Any, path: str) -> tuple[Limit, ...] | None:
         elif "per" not in node:
             p.fail(f"{lpath}.per", "is required (second, minute, hour, day, week, month or seconds)")
         elif isinstance(window := parse_window(node["per"]), str):
-            p.fail(f"{lpath}.per", window if len(window) <= 200 else f"{window[:150]}...")
+            p.fail(f"{lpath}.per", window)
         else:
             per = window
         shadow = p.bool_(node, "shadow", lpath, False)
@@ -182,7 +176,7 @@ def budget(p: YamlTree, value: Any, path: str) -> Budget | None:
     amount = _amount(p, node[units[0]], f"{path}.{units[0]}")
     period = parse_window(node.get("period", "month"))
     if isinstance(period, str):
-        p.fail(f"{path}.period", period if len(period) <= 200 else f"{period[:150]}...")
+        p.fail(f"{path}.period", period)
         return None
     return None if amount is None else Budget(units[0], amount, period)
 
@@ -277,7 +271,7 @@ def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
 def _bounded(p: YamlTree, node: dict[str, Any], key: str, default: float, minimum: float) -> float:
     value = p.number(node, key, "state", default, minimum)
     if value > STATE_MAXIMA[key]:
-        p.fail(f"state.{key}", f"expected at most {STATE_MAXIMA[key]:g}, got {_shown(value)}")
+        p.fail(f"state.{key}", f"expected at most {STATE_MAXIMA[key]:g}, got {shown(value)}")
         return default
     return float(value)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
+from gateway.yaml_tree import shown
+
 NAMED = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0, "week": 604800.0, "month": 0.0}
 MONDAY = 4 * 86400.0
 """1970-01-05T00:00Z, the first Monday after the epoch: weeks are counted from it."""
@@ -40,7 +42,7 @@ def parse_window(value: object) -> Window | str:
     if isinstance(value, str) and value in NAMED:
         return Window(value, NAMED[value])
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"expected one of {', '.join(NAMED)} or a number of seconds, got {value!r}"
+        return f"expected one of {', '.join(NAMED)} or a number of seconds, got {shown(value)}"
     if not 1 <= value <= LONGEST:  # NaN fails this too
-        return f"expected a number of seconds from 1 to {LONGEST:.0f}, got {value!r}"
+        return f"expected a number of seconds from 1 to {LONGEST:.0f}, got {shown(value)}"
     return Window(f"{value:g}s", float(value))
