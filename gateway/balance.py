@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 
 from aiohttp import web
 
-from gateway.config import BALANCES
 from gateway.metering import Metrics
+from gateway.models import BALANCES
 from gateway.state import HELD
 from gateway.table import Candidate
 

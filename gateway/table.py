@@ -18,8 +18,9 @@ from aiohttp import web
 
 from gateway.adapters.base import SPEECH, TRANSCRIPTION, TRANSLATION, Adapter
 from gateway.auth import Identity
-from gateway.config import Config, Model, NativeVoice, Route
+from gateway.config import Config, NativeVoice
 from gateway.errors import InvalidRequestError, UnsupportedError, model_not_found
+from gateway.models import Model, Route
 from gateway.state import IN_FLIGHT, TABLE, TABLES
 from gateway.upstreams import Upstreams
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.audio.meter import AudioMeter
-from gateway.config import Price
 from gateway.ledger import UsageRecord
+from gateway.models import Price
 from gateway.state import IDENTITY, LEDGER, METRICS, OUTCOME, REQUEST_ID, TABLE
 
 SPEECH_ENDPOINT = "/v1/audio/speech"

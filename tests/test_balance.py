@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from gateway.balance import LEAST_BUSY, ORDERED, WEIGHTED, order
-from gateway.config import ConfigError, Route, parse_config
+from gateway.config import ConfigError, parse_config
+from gateway.models import Route
 from gateway.state import IN_FLIGHT
 from gateway.table import Candidate
 from tests.conftest import Gateway, ServerThread, sdk

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from gateway.config import Model
 from gateway.errors import model_not_found
+from gateway.models import Model
 from gateway.state import DRAINING, EJECTIONS, HEALTH, IDENTITY, STARTED_AT, TABLE
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.auth import Identity
-from gateway.config import Config, Price
+from gateway.config import Config
+from gateway.models import Price
 from gateway.policy.rules import Budget, Limit
 
 SPEECH_SECONDS_PER_CHARACTER = 0.2
