@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from aiohttp import web
 
+from gateway.capacity import Slot
 from gateway.metering import Metrics
 from gateway.models import BALANCES
 from gateway.state import HELD
@@ -71,11 +72,12 @@ class InFlight:
         if self.metrics is not None:
             self.metrics.backend_in_flight.labels(backend).dec()
 
-    def hold(self, request: web.Request, backend: str) -> None:
-        """The attempt on `backend` answered: it stays in flight until the request is over."""
-        request.setdefault(HELD, []).append(backend)
+    def hold(self, request: web.Request, backend: str, slot: Slot) -> None:
+        """The attempt on `backend` answered: it stays in flight, holding its slot, until the request is over."""
+        request.setdefault(HELD, []).append((backend, slot))
 
     def release(self, request: web.Request) -> None:
-        """The request is over (its stream relayed or cut): its answered attempts end."""
-        for backend in request.pop(HELD, ()):
+        """The request is over (its stream relayed or cut): its answered attempts end, their slots are freed."""
+        for backend, slot in request.pop(HELD, ()):
+            slot.release()
             self.end(backend)

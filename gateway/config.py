@@ -24,10 +24,13 @@ from gateway.models import Model, models_section
 from gateway.policy import rules as policy_rules
 from gateway.policy.rules import Policy, Rules
 from gateway.settings import (
+    CAPACITY_FIELDS,
+    Capacity,
     Ledger,
     Metrics,
     Outlier,
     Server,
+    capacity_section,
     ledger_section,
     metrics_section,
     outlier_section,
@@ -101,6 +104,9 @@ class Config:
     outlier: Mapping[str, Outlier] = field(default_factory=lambda: MappingProxyType({}))
     """backend name -> its outlier-ejection settings (`outlier:` overridden by `backends.<b>.outlier`); kept
     out of Backend so that changing them reloads without rebuilding the adapter."""
+    capacity: Mapping[str, Capacity] = field(default_factory=lambda: MappingProxyType({}))
+    """backend name -> its admission control (max_concurrency, max_queue, queue_timeout_s); likewise kept out of
+    Backend."""
     source: str = "<memory>"
     digest: str = ""
 
@@ -148,7 +154,8 @@ def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, .
     return tuple(keys)
 
 
-_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "max_connections", "outlier"}
+_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "max_connections", "outlier",
+                   *CAPACITY_FIELDS}
 
 
 def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
@@ -226,6 +233,8 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     voices = _voices(p, root.get("voices"), backends)
     keys = _keys(p, root.get("keys"), models)
     outlier = _outlier(p, root, backends)
+    raw_backends = root.get("backends") if isinstance(root.get("backends"), dict) else {}
+    capacity = {name: capacity_section(p, raw_backends[name], f"backends.{name}") for name in backends}
     metrics = metrics_section(p, p.mapping(root.get("metrics"), "metrics"))
     ledger = ledger_section(p, p.mapping(root.get("ledger"), "ledger"))
     policy = policy_rules.policy_section(p, root, models, any(k.rules.limits or k.rules.budget for k in keys)
@@ -244,6 +253,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         ledger=ledger,
         policy=policy,
         outlier=MappingProxyType(outlier),
+        capacity=MappingProxyType(capacity),
         source=source,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )

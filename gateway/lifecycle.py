@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.adapters import build_adapters
 from gateway.audio.workers import AudioWorkers
 from gateway.balance import InFlight
+from gateway.capacity import Gates
 from gateway.config import Config
 from gateway.ejection import Ejections
 from gateway.ledger import LedgerWriter
@@ -23,6 +24,7 @@ from gateway.state import (
     CONFIG,
     DRAINING,
     EJECTIONS,
+    GATES,
     IN_FLIGHT,
     LEDGER,
     METERING,
@@ -54,12 +56,13 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The state store limits and budgets are counted in (`state:`; opened on first use, so a config
-    without limits never touches it), closed at shutdown. A reload that changes `state:` only warns."""
-    shared = app[SHARED_STATE] = SharedState(app[CONFIG].policy.state, app.get(METRICS))
+    """The state store limits, budgets and backend slots are counted in (`state:`; opened on first use, so
+    a config without them never touches it), closed at shutdown. A reload that changes `state:` only warns."""
+    shared = app[SHARED_STATE] = app[GATES].shared = SharedState(app[CONFIG].policy.state, app.get(METRICS))
     try:
         yield
     finally:
+        await app[GATES].close()
         await shared.close()
 
 
@@ -117,3 +120,4 @@ def init_state(app: web.Application, config: Config) -> None:
         app[METRICS] = Metrics()
     app[EJECTIONS] = Ejections(app[TABLES], app.get(METRICS))
     app[IN_FLIGHT] = InFlight(app.get(METRICS))
+    app[GATES] = Gates(app[TABLES], app.get(METRICS))

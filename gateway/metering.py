@@ -93,6 +93,17 @@ class Metrics:
         self.backend_in_flight = Gauge("gateway_backend_in_flight", "Attempts in flight to a backend (a stream "
                                        "until its last byte).", ["backend"], registry=r,
                                        multiprocess_mode="livesum")
+        self.queue_depth = Gauge("gateway_backend_queue_depth", "Requests waiting for a slot of a backend "
+                                 "(max_concurrency).", ["backend"], registry=r, multiprocess_mode="livesum")
+        self.queue_wait = Histogram("gateway_backend_queue_wait_seconds", "Time a request waited for a slot of a "
+                                    "backend, by how it left the queue (admitted, timeout, left).",
+                                    ["backend", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_full = Counter("gateway_backend_queue_full", "Requests that found a backend's queue full.",
+                                  ["backend"], registry=r)
+        self.retries = Counter("gateway_backend_retries", "Attempts made again after this backend failed or was "
+                               "full, by why (a reason of gateway_upstream_errors_total, queue_full, "
+                               "queue_timeout): on another route or, after a backoff, on the same.",
+                               ["backend", "reason"], registry=r)
         self.view = ProcessView()
         if self.multiprocess:  # what /metrics exposes: every worker's files, not this process's registry
             self.registry = CollectorRegistry()

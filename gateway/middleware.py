@@ -76,6 +76,8 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
             record["error"] = failure.reason
         if outcome.rejected_by:
             record["rejected_by"] = outcome.rejected_by
+        if outcome.attempts:
+            record["attempts"] = outcome.attempts
         if outcome.failed_after_first_byte:
             record["cut_after_first_byte"] = outcome.failed_after_first_byte
         access_log.info(json.dumps(record))

@@ -1,16 +1,17 @@
 """Public models, as the YAML's `models:` section defines them: the task, the routes (backend, native
-model, priority, weight), how routes share requests (`balance`), and the price. Parsed by
+model, priority, weight), how routes share requests (`balance`), retries, and the price. Parsed by
 gateway/config.py's `parse_config` through `models_section`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.policy import rules as policy_rules
 from gateway.policy.rules import Limit
+from gateway.retry import Retry, retry_section
 from gateway.yaml_tree import YamlTree, shown
 
 TASKS = ("speech", "transcription")
@@ -57,6 +58,8 @@ class Model:
     """How routes of one priority share its requests: weighted, least_busy or ordered (gateway/balance.py);
     default `ordered` when no route sets priority or weight (the YAML order, as before balancing), else
     `weighted`."""
+    retry: Retry = field(default_factory=Retry)
+    """Retries before the first byte (gateway/retry.py)."""
 
 
 def _price(p: YamlTree, value: Any, path: str) -> Price | None:
@@ -103,7 +106,8 @@ def models_section(p: YamlTree, value: Any, backends: Collection[str]) -> dict[s
             balance = "ordered"
         owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
         models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"),
-                             policy_rules.limits(p, node.get("limits"), f"{path}.limits"), balance)
+                             policy_rules.limits(p, node.get("limits"), f"{path}.limits"), balance,
+                             retry_section(p, node.get("retry"), f"{path}.retry"))
     return models
 
 

@@ -1,5 +1,6 @@
-"""The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`) sections of the config file, each
-a frozen dataclass with documented defaults, parsed with YAML-path errors. The mapping table itself (keys,
+"""The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`) sections of the config file,
+and a backend's admission settings, each a frozen dataclass with documented defaults, parsed with YAML-path
+errors. The mapping table itself (keys,
 backends, models, voices) is gateway/config.py, which parses the whole file.
 """
 
@@ -132,6 +133,40 @@ def outlier_section(p: YamlTree, value: Any, path: str, d: Outlier = Outlier()) 
     return Outlier(enabled=p.bool_(node, "enabled", path, d.enabled), consecutive_failures=int(failures),
                    base_ejection_s=min(base, 86_400), max_ejection_s=min(max(cap, base), 86_400),
                    max_ejected_percent=percent)
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Admission control of one backend (gateway/capacity.py): `backends.<b>.max_concurrency`, `max_queue` and
+    `queue_timeout_s`."""
+
+    max_concurrency: int | None = None
+    """Attempts in flight to the backend at once, from every process sharing the state store (`sqlite`: the
+    workers of one host; `redis`: every replica) or from this process (`memory`); None: no limit, no queue."""
+    max_queue: int = 100
+    """Requests each process holds waiting for a slot; one more moves on to the next route, else gets a 429."""
+    queue_timeout_s: float = 30.0
+    """The longest a request waits in the queue; then it moves on to the next route, else gets a 503."""
+
+
+CAPACITY_FIELDS = ("max_concurrency", "max_queue", "queue_timeout_s")
+
+
+def capacity_section(p: YamlTree, node: dict[str, Any], path: str) -> Capacity:
+    """A backend's admission settings, from its own entry."""
+    d = Capacity()
+    limit = node.get("max_concurrency")
+    if limit is not None:
+        limit = int(p.number(node, "max_concurrency", path, 1, 1, 1_000_000))
+        if node["max_concurrency"] != limit:
+            p.fail(f"{path}.max_concurrency", f"expected a whole number, got {shown(node['max_concurrency'])}")
+    elif any(key in node for key in CAPACITY_FIELDS[1:]):
+        p.fail(f"{path}.max_concurrency", "is required for a queue (max_queue, queue_timeout_s queue requests "
+               "beyond it)")
+    queue = p.number(node, "max_queue", path, d.max_queue, 0, 1_000_000)
+    if queue != int(queue):
+        p.fail(f"{path}.max_queue", f"expected a whole number, got {shown(queue)}")
+    return Capacity(limit, int(queue), p.number(node, "queue_timeout_s", path, d.queue_timeout_s, 0.001, 86_400))
 
 
 def server_section(p: YamlTree, node: dict[str, Any]) -> Server:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from gateway.audio.workers import AudioWorkers
     from gateway.auth import Identity
     from gateway.balance import InFlight
+    from gateway.capacity import Gates, Slot
     from gateway.config import Config
     from gateway.ejection import Ejections
     from gateway.errors import GatewayError
@@ -49,6 +50,8 @@ EJECTIONS: web.AppKey[Ejections] = web.AppKey("ejections")
 """Outlier ejection of failing backends, fed by every attempt and probe (gateway/ejection.py); per process."""
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 """Attempts in flight per backend from this process, for least_busy balancing (gateway/balance.py)."""
+GATES: web.AppKey[Gates] = web.AppKey("gates")
+"""Admission control per backend: max_concurrency slots and queues (gateway/capacity.py)."""
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
 SHARED_STATE: web.AppKey[SharedState] = web.AppKey("shared_state")
 """The state store limits and budgets are counted in, behind its failure policy (gateway/policy/shared.py)."""
@@ -66,8 +69,8 @@ PREPARED: web.RequestKey[web.StreamResponse] = web.RequestKey("prepared")
 """The response whose status line went out (gateway.streaming): no other response may follow it."""
 TABLE: web.RequestKey[Table] = web.RequestKey("table")
 """The mapping-table snapshot this request started with (a reload does not change it)."""
-HELD: web.RequestKey[list[str]] = web.RequestKey("held")
-"""Backends whose attempt answered this request: in flight until it is over (gateway/balance.py)."""
+HELD: web.RequestKey[list[tuple[str, Slot]]] = web.RequestKey("held")
+"""Backends whose attempt answered this request, with its slot: in flight until it is over (gateway/balance.py)."""
 ADMISSION: web.RequestKey[Admission] = web.RequestKey("admission")
 """What the traffic policy took for this request (gateway/policy/admission.py), given back when it is over."""
 RATE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("rate_headers")

@@ -61,9 +61,15 @@ class Outcome:
     failed_after_first_byte: str | None = None
     """Why a stream was cut after its status had been sent, if it was."""
     meter: AudioMeter | None = None
+    """Speech: measures the audio that went out (set only while metering is on)."""
     rejected_by: str | None = None
     """The limit or budget that refused the request (`key:requests/minute`, gateway/policy/admission.py)."""
-    """Speech: measures the audio that went out (set only while metering is on)."""
+    attempts: list[dict[str, object]] = field(default_factory=list)
+    """Each attempt on a backend: {backend, outcome, ms} (gateway/handlers/routing.py)."""
+
+    def attempted(self, backend: str, outcome: str, seconds: float) -> None:
+        """One attempt on `backend` came to `outcome` (ok, a failure's reason, cancelled): the access log's."""
+        self.attempts.append({"backend": backend, "outcome": outcome, "ms": round(seconds * 1000, 1)})
 
     def route(self, public_model: str, backend: str, native_model: str, voice: str | None = None) -> None:
         self.public_model, self.backend, self.native_model, self.voice = (

@@ -83,7 +83,7 @@ class YamlTree:
         return str(value)
 
     def number(self, node: dict[str, Any], key: str, path: str, default: float,
-               minimum: float = 0.0) -> float:
+               minimum: float = 0.0, maximum: float | None = None) -> float:
         value = node.get(key, default)
         if isinstance(value, str):
             try:
@@ -94,6 +94,9 @@ class YamlTree:
                 or (isinstance(value, float) and not math.isfinite(value)) \
                 or value < minimum:  # NaN compares false with everything, and int(inf) raises
             self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {shown(value)}")
+            return default
+        if maximum is not None and value > maximum:
+            self.fail(f"{path}.{key}", f"expected a number from {minimum} to {maximum:g}, got {shown(value)}")
             return default
         return value
 

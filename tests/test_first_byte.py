@@ -55,7 +55,8 @@ async def broken_speech(request: web.Request) -> web.StreamResponse:
     handler, once the whole answer went out)."""
     fail, sse = request.query["fail"], "sse" in request.query
     table, outcome = request[TABLE], request[OUTCOME]
-    candidate = table.candidates(table.model("tts-1", request[IDENTITY], SPEECH), SPEECH)[0]
+    model = table.model("tts-1", request[IDENTITY], SPEECH)
+    candidate = table.candidates(model, SPEECH)[0]
     outcome.route("tts-1", candidate.route.backend, candidate.route.model)
     outcome.input_chars = len("Hello.")
     attempts = 0
@@ -76,7 +77,7 @@ async def broken_speech(request: web.Request) -> web.StreamResponse:
             stages.add(AudioMeter("wav", request.app[AUDIO_WORKERS]).tap)
         return await first_chunk(stages), stages
 
-    first, rest = await first_success(request, [candidate, candidate], attempt)
+    first, rest = await first_success(request, [candidate, candidate], attempt, model)
     response = await relay(request, first, rest, "text/event-stream" if sse else "audio/pcm", sse=sse)
     if fail == "handler":
         raise RuntimeError(SECRET)

@@ -1,7 +1,16 @@
-"""Calling a model's routes in failover order: the next route is tried only before the first byte."""
+"""Calling a model's routes: balancing, ejection, admission, failover and retries, all before the first byte.
+
+One request's routes are tried in the order its model's `balance` makes (gateway/balance.py), ejected
+backends skipped (gateway/ejection.py). A route whose backend has a free slot (gateway/capacity.py) is tried
+at once; one whose backend is saturated is set aside, and tried only after every route with a free slot
+failed: then the request waits in its queue. So a lower priority is reached when every route above is
+ejected, saturated or failed for this request. Routes whose failure was transient are then tried again,
+after a backoff (gateway/retry.py). The first answer wins; the last failure is the client's error.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -9,11 +18,14 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from gateway.balance import ORDERED, order
+from gateway.balance import order
+from gateway.capacity import FULL, Refused, Slot, rank
 from gateway.ejection import BUSY, FAILURE, SUCCESS, UNDECIDED
-from gateway.errors import REASONS, GatewayError, RateLimitError, Reason, UpstreamError
+from gateway.errors import REASONS, GatewayError, RateLimitError, Reason, ServiceUnavailableError, UpstreamError
 from gateway.metering import endpoint_of
-from gateway.state import EJECTIONS, IN_FLIGHT, METRICS, REQUEST_ID
+from gateway.models import Model
+from gateway.retry import FINAL
+from gateway.state import EJECTIONS, GATES, IDENTITY, IN_FLIGHT, METRICS, OUTCOME, REQUEST_ID, TABLE
 from gateway.table import Candidate
 
 log = logging.getLogger("gateway.routing")
@@ -21,46 +33,133 @@ T = TypeVar("T")
 
 
 async def first_success(request: web.Request, candidates: list[Candidate],
-                        attempt: Callable[[Candidate], Awaitable[T]], balance: str = ORDERED) -> T:
-    """`attempt` each candidate until one succeeds, in the order the model's `balance` makes
-    (gateway/balance.py), skipping ejected backends (gateway/ejection.py), each outcome fed back to them.
-    Each attempt counts as in flight to its backend until it fails, or, when it answered, until the request
-    is over. Only backend failures (UpstreamError: unreachable, 5xx, timeout, garbage) and a backend's own
-    rate limit move on to the next route (spill-over is what routes are for); the client's own errors do
-    not. The last route's error is the client's."""
-    metrics = request.app.get(METRICS)
-    ejections = request.app[EJECTIONS]
-    in_flight = request.app[IN_FLIGHT]
-    picked = ejections.pick(order(candidates, balance, in_flight.counts))
-    for i, (candidate, forced) in enumerate(picked):
-        started, backend, outcome = time.monotonic(), candidate.adapter.backend, UNDECIDED
-        trial = ejections.begin(backend)
-        if trial is None and not forced and i < len(picked) - 1:
-            continue  # ejected, or its one trial is taken, since `pick`
-        in_flight.start(backend.name)
-        held = False
+                        attempt: Callable[[Candidate], Awaitable[T]], model: Model) -> T:
+    """`attempt` candidates until one succeeds. Only backend failures (UpstreamError: unreachable, 5xx,
+    timeout, garbage), a backend's own rate limit and a full or timed-out queue move on to another route;
+    the client's own errors do not."""
+    return await _Routing(request, model, attempt).run(candidates)
+
+
+class _Routing:
+    def __init__(self, request: web.Request, model: Model, attempt: Callable[[Candidate], Awaitable[T]]) -> None:
+        app = request.app
+        self.request, self.model, self.attempt = request, model, attempt
+        self.metrics, self.ejections, self.in_flight, self.gates = (
+            app.get(METRICS), app[EJECTIONS], app[IN_FLIGHT], app[GATES])
+        self.started = time.monotonic()
+        self.retry_at: dict[int, float | None] = {}
+        """Per candidate (its position in the order) that failed: when it may be tried again (monotonic), or
+        None: not again."""
+        self.last: tuple[str, GatewayError] | None = None
+        """The last failure: its backend and error."""
+        self.tries: dict[int, int] = {}
+
+    async def run(self, candidates: list[Candidate]) -> T:
+        ordered = order(candidates, self.model.balance, self.in_flight.counts)
+        todo, due = list(range(len(ordered))), dict[int, float]()
+        while todo:
+            picked = _positions(todo, ordered, self.ejections.pick([ordered[i] for i in todo]))
+            saturated: list[tuple[int, bool]] = []
+            for n, (i, forced) in enumerate(picked):
+                if (wait := due.get(i, 0.0) - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)  # a retry's backoff
+                slot = await self.gates.enter(ordered[i].route.backend)
+                if slot is None:
+                    saturated.append((i, forced))
+                    continue
+                found = await self._try(ordered[i], i, slot, forced, more=n < len(picked) - 1 or bool(saturated))
+                if found is not _MISS:
+                    return found  # type: ignore[return-value]
+            for n, (i, forced) in enumerate(saturated):
+                try:
+                    slot = await self.gates.wait(ordered[i].route.backend, rank(self.request[IDENTITY],
+                                                                               self.request[TABLE].config.policy))
+                except Refused as refused:
+                    self._failed(ordered[i], i, _refusal(refused, self.model.name))
+                    continue
+                found = await self._try(ordered[i], i, slot, forced, more=n < len(saturated) - 1)
+                if found is not _MISS:
+                    return found  # type: ignore[return-value]
+            due = {i: at for i, at in self.retry_at.items() if at is not None}
+            todo = sorted(due, key=lambda i: (due[i], i))
+            self.retry_at = {}  # each retry is planned when its attempt fails
+        assert self.last is not None  # candidates is never empty (Table.candidates ensures it)
+        raise _final(self.last[1])
+
+    async def _try(self, c: Candidate, i: int, slot: Slot, forced: bool, more: bool) -> object:
+        """One attempt on `c` holding `slot`: its result, or _MISS when it failed in a way that moves on."""
+        backend, name = c.adapter.backend, c.route.backend
+        trial = self.ejections.begin(backend)
+        if trial is None and not forced and more:
+            slot.release()
+            return _MISS  # ejected, or its one trial is taken, since `pick`
+        if self.last is not None and self.metrics is not None:
+            self.metrics.retries.labels(self.last[0], self.last[1].reason).inc()
+        self.tries[i] = self.tries.get(i, 0) + 1
+        self.in_flight.start(name)
+        started, outcome, said, held = time.monotonic(), UNDECIDED, "cancelled", False
         try:
-            result = await attempt(candidate)
-            outcome, held = SUCCESS, True
-            in_flight.hold(request, backend.name)
+            result = await self.attempt(c)
+            outcome, said, held = SUCCESS, "ok", True
+            self.in_flight.hold(self.request, name, slot)
         except GatewayError as exc:
-            outcome = _outcome(exc)
-            if metrics is not None and (isinstance(exc, UpstreamError | RateLimitError) or exc.reason in REASONS):
-                metrics.upstream_error(candidate.route.backend, exc.reason)
-            if not _fails_over(exc) or i == len(picked) - 1:
+            outcome, said = _outcome(exc), exc.reason
+            if self.metrics is not None and (isinstance(exc, UpstreamError | RateLimitError) or exc.reason in REASONS):
+                self.metrics.upstream_error(name, exc.reason)
+            if not _fails_over(exc):
                 raise
-            log.warning("request %s: backend '%s' failed (%s); failing over to '%s'",
-                        request.get(REQUEST_ID), candidate.route.backend, exc.reason,
-                        picked[i + 1][0].route.backend)
-            continue
-        finally:  # a cancelled attempt (the client left) decides nothing, but frees the trial
-            ejections.record(backend, outcome, bool(trial))
+            self._failed(c, i, exc)
+            return _MISS
+        finally:  # a cancelled attempt (the client left) decides nothing, but frees the trial and the slot
+            self.ejections.record(backend, outcome, bool(trial))
             if not held:
-                in_flight.end(backend.name)
-        if metrics is not None:
-            metrics.upstream.labels(candidate.route.backend, endpoint_of(request)).observe(time.monotonic() - started)
+                slot.release()
+                self.in_flight.end(name)
+            self.request[OUTCOME].attempted(name, said, time.monotonic() - started)
+        if self.metrics is not None:
+            self.metrics.upstream.labels(name, endpoint_of(self.request)).observe(time.monotonic() - started)
         return result
-    raise AssertionError("no candidates")  # candidates is never empty (Table.candidates ensures it)
+
+    def _failed(self, c: Candidate, i: int, exc: GatewayError) -> None:
+        """`c` failed with `exc` (or its queue refused): plan its retry, if it is to have one."""
+        now = time.monotonic()
+        delay = self.model.retry.delay(self.tries.get(i, 0), exc)
+        retry_at = None if delay is None else now + delay
+        if retry_at is not None and retry_at > self.started + self.model.retry.budget_s:
+            retry_at = None
+        self.retry_at[i] = retry_at
+        self.last = (c.route.backend, exc)
+        log.warning("request %s: backend '%s' failed (%s)%s", self.request.get(REQUEST_ID), c.route.backend,
+                    exc.reason, "" if retry_at is None else f"; it may be retried in {retry_at - now:.3g} s")
+
+
+_MISS = object()
+
+
+def _positions(todo: list[int], ordered: list[Candidate],
+               picked: list[tuple[Candidate, bool]]) -> list[tuple[int, bool]]:
+    """`picked` (a subsequence of the candidates at `todo`) as positions in `ordered`: a model may route to one
+    backend twice (two native models), so candidates are told apart by position, not by value."""
+    positions, it = [], iter(todo)
+    for c, forced in picked:
+        i = next(i for i in it if ordered[i] is c)
+        positions.append((i, forced))
+    return positions
+
+
+def _refusal(refused: Refused, model: str) -> GatewayError:
+    if refused.reason == FULL:
+        return RateLimitError(f"The model `{model}` is at capacity: its backends' queues are full. Please retry "
+                              "shortly.", retry_after=1, reason=refused.reason)
+    return ServiceUnavailableError("That model is currently overloaded with other requests. You can retry your "
+                                   "request.", retry_after=1, reason=refused.reason)
+
+
+def _final(exc: GatewayError) -> GatewayError:
+    """The error the client gets: told not to retry where no retry can help."""
+    if exc.reason in FINAL and exc.should_retry is None:
+        exc.should_retry = False
+    return exc
 
 
 def _outcome(exc: GatewayError) -> str:

@@ -44,7 +44,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
             raise
         return await first_chunk(stages), stages
 
-    first, rest = await first_success(request, table.candidates(model, SPEECH), attempt, model.balance)
+    first, rest = await first_success(request, table.candidates(model, SPEECH), attempt, model)
     sse = req.stream_format == "sse"
     return await relay(request, first, rest, "text/event-stream" if sse else CONTENT_TYPES[req.response_format],
                        sse=sse)

@@ -88,8 +88,8 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
             seconds = await measuring
             request[OUTCOME].upload_measured(seconds)
             await admit(request, Demand(req.model, speech=False, audio_seconds=seconds))
-            return await first_success(request, candidates, attempt, model.balance)
-        answering = asyncio.ensure_future(first_success(request, candidates, attempt, model.balance))
+            return await first_success(request, candidates, attempt, model)
+        answering = asyncio.ensure_future(first_success(request, candidates, attempt, model))
         try:
             request[OUTCOME].upload_measured(await measuring)
         except BaseException:

@@ -75,6 +75,8 @@ class Rules:
     limits: tuple[Limit, ...] | None = None
     """None: its level's defaults apply; an empty list turns them off."""
     budget: Budget | None = None
+    queue_priority: str | None = None
+    """Its place in backend queues (gateway/capacity.py): high, normal or low; None: the tenant's, else normal."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +183,17 @@ def budget(p: YamlTree, value: Any, path: str) -> Budget | None:
     return None if amount is None else Budget(units[0], amount, period)
 
 
+QUEUE_PRIORITIES = ("high", "normal", "low")
+
+
 def rules(p: YamlTree, node: dict[str, Any], path: str) -> Rules:
-    """The `limits` and `budget` of a key or tenant entry."""
-    return Rules(limits(p, node.get("limits"), f"{path}.limits"), budget(p, node.get("budget"), f"{path}.budget"))
+    """The `limits`, `budget` and `queue_priority` of a key or tenant entry."""
+    priority = p.str_(node, "queue_priority", path)
+    if priority is not None and priority not in QUEUE_PRIORITIES:
+        p.fail(f"{path}.queue_priority", f"expected one of {', '.join(QUEUE_PRIORITIES)}, got {shown(priority)}")
+        priority = None
+    return Rules(limits(p, node.get("limits"), f"{path}.limits"), budget(p, node.get("budget"), f"{path}.budget"),
+                 priority)
 
 
 def tenants_section(p: YamlTree, value: Any, models: Collection[str]) -> dict[str, Tenant]:
@@ -192,8 +202,8 @@ def tenants_section(p: YamlTree, value: Any, models: Collection[str]) -> dict[st
     for name, raw in p.mapping(value, "tenants").items():
         path = f"tenants.{name}"
         node = p.mapping(raw, path)
-        for unknown in sorted(set(node) - {"limits", "budget", "models"}):
-            p.fail(f"{path}.{unknown}", "unknown field (limits, budget, models)")
+        for unknown in sorted(set(node) - {"limits", "budget", "models", "queue_priority"}):
+            p.fail(f"{path}.{unknown}", "unknown field (limits, budget, models, queue_priority)")
         per_model: dict[str, tuple[Limit, ...]] = {}
         _distinct_names(p, node.get("models"), f"{path}.models")
         for model, raw_limits in p.mapping(node.get("models"), f"{path}.models").items():
