@@ -20,7 +20,7 @@ import pytest
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import ConfigError, load_config, parse_config
-from gateway.ejection import FAILURE
+from gateway.ejection import FAILURE, SUCCESS
 from gateway.settings import Outlier
 from gateway.state import EJECTIONS, RELOADER
 from tests.conftest import LOOPBACK_TLS, Gateway, ServerThread, sdk, serve_app
@@ -341,6 +341,33 @@ def test_probes_count_toward_the_run_not_the_ratio(servers: ServerThread, make_g
         _requests(c, engine, "F")
     assert _ejected(servers, gw)["first"] is not None
     assert "(10 of 10 attempts failed within " in caplog.text
+
+
+def test_a_backend_back_from_a_ratio_ejection_is_judged_on_new_attempts(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
+        second: FakeOpenAIEngine) -> None:
+    """Outcomes fed as first_success would, on a clock of the test's: the failures sent to it while ejected
+    and before its ejection do not count once its trial brought it back, although its window (100 s) is not
+    over; ten new attempts are needed."""
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url},
+                  _ratio(run=100, interval=100))
+    ej = gw.app[EJECTIONS]
+    backend = ej.tables.current.config.backends["first"]
+
+    def feed(outcome: str, at: float, n: int = 1, trial: bool = False) -> None:
+        for _ in range(n):
+            servers.call(lambda: ej.record(backend, outcome, trial, now=at))
+
+    feed(SUCCESS, 1000.0, 2)
+    feed(FAILURE, 1000.0, 8)
+    assert servers.call(lambda: ej.ejected(now=1000.0))["first"] == 30
+    feed(FAILURE, 1010.0, 5)  # requests already sent to it, answering while it is ejected
+    assert servers.call(lambda: ej.begin(backend, now=1031.0)) is True
+    feed(SUCCESS, 1031.0, trial=True)
+    feed(FAILURE, 1032.0, 9)
+    assert servers.call(lambda: ej.ejected(now=1032.0))["first"] is None
+    feed(FAILURE, 1032.0)
+    assert servers.call(lambda: ej.ejected(now=1032.0))["first"] == 60
 
 
 # -- config ------------------------------------------------------------------------------------------------
