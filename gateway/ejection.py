@@ -171,7 +171,7 @@ class Ejections:
                                               f"{now - state.window_start:.3g} s")
 
     def _eject(self, state: _Backend, settings: Outlier, now: float, why: str) -> None:
-        state.window_start, state.attempts, state.failed = -math.inf, 0, 0  # back in rotation: a new window
+        state.window_start, state.attempts, state.failed = -math.inf, 0, 0  # counted afresh once back
         state.ejections += 1
         seconds = min(settings.base_ejection_s * state.ejections, settings.max_ejection_s)
         state.until = now + seconds
