@@ -1,6 +1,8 @@
 """Passive health: outlier ejection per backend, in memory, per process (Envoy's outlier detection).
 
-A backend that fails `consecutive_failures` times in a row is ejected: requests skip it for
+A backend that fails `consecutive_failures` times in a row is ejected, and so is one that, within a window of
+`interval_s`, had at least `failure_percentage_request_volume` attempts of which at least `failure_percentage`
+percent failed (a backend failing 9 requests in 10 may never fail 5 in a row). Either way requests skip it for
 `base_ejection_s` x the number of times it was ejected, capped at `max_ejection_s`. Then it is half-open:
 the next request may use it as the one trial (one at a time); the trial's success returns it to rotation,
 its failure ejects it again for longer. The multiplier drops back to zero once the backend has stayed in
@@ -13,6 +15,15 @@ What counts (`first_success` and the background prober report it):
   429 either); the retry policy moves such a request to another route instead;
 - a success: any answer, including the client's own 4xx relayed from the backend (as in Envoy, where any
   non-5xx resets the run): the backend worked, the request was wrong.
+The ratio's window is fixed, per backend: it begins with the first attempt counted after the last window
+ended and lasts `interval_s`; then the counts start afresh. It is judged at each attempt counted once the
+volume is reached, not at the window's end as Envoy's interval timer does: a backend failing every request
+is ejected at its `failure_percentage_request_volume`th attempt, not up to `interval_s` and many failed
+requests later. Only attempts while the backend is in rotation count (not those sent to it while ejected,
+nor its trial), and an ejection empties the window, so a backend back from one is judged on new attempts.
+Probes count toward the consecutive failures but not toward the ratio: they are not requests, and only the
+failed ones are reported (a probe's success says nothing of inference), so they would only ever push the
+ratio up, the more so the quieter the gateway.
 A successful probe does not end an ejection early (Envoy's default does when it runs active checks): the
 probe asks a cheap path (a model list, a socket) while the ejection came from real requests, so a backend
 whose inference fails but whose list answers would otherwise bounce in and out every probe interval.
@@ -52,6 +63,12 @@ class _Backend:
     trial: bool = False
     """The half-open trial request is in flight."""
     returned_at: float = 0.0
+    window_start: float = -math.inf
+    """When the ratio's current window began."""
+    attempts: int = 0
+    """Attempts counted in the current window (failures and successes, not "busy", not probes)..."""
+    failed: int = 0
+    """...and the failures among them."""
 
 
 class Ejections:
@@ -112,8 +129,9 @@ class Ejections:
         state.trial = True
         return True
 
-    def record(self, backend: Backend, outcome: str, trial: bool = False, now: float | None = None) -> None:
-        """What an attempt (or a probe, never a trial) on `backend` came to."""
+    def record(self, backend: Backend, outcome: str, trial: bool = False, now: float | None = None,
+               probe: bool = False) -> None:
+        """What an attempt (or a `probe`, never a trial) on `backend` came to."""
         state = self._state(backend)
         settings = self._settings(backend.name)
         if state is None:
@@ -122,8 +140,11 @@ class Ejections:
         if trial:
             state.trial = False
         if not settings.enabled:
-            state.failures, state.until = 0, None
+            state.failures, state.until, state.attempts, state.failed = 0, None, 0, 0
             return
+        if state.until is None and not probe and outcome in (SUCCESS, FAILURE) \
+                and settings.failure_percentage is not None:
+            self._count(state, settings, outcome == FAILURE, now)
         if outcome == SUCCESS:
             state.failures = 0
             if trial:
@@ -137,7 +158,20 @@ class Ejections:
                 self._eject(state, settings, now, "its trial failed" if trial
                             else f"{state.failures} consecutive failures")
 
+    def _count(self, state: _Backend, settings: Outlier, failed: bool, now: float) -> None:
+        """One attempt in the ratio's window (a new window once the last one is `interval_s` old); ejects the
+        backend once the window holds the volume and the failures reach the percentage."""
+        if now - state.window_start >= settings.interval_s:
+            state.window_start, state.attempts, state.failed = now, 0, 0
+        state.attempts += 1
+        state.failed += failed
+        if state.attempts >= settings.failure_percentage_request_volume \
+                and state.failed * 100 >= (settings.failure_percentage or 0) * state.attempts:
+            self._eject(state, settings, now, f"{state.failed} of {state.attempts} attempts failed within "
+                                              f"{now - state.window_start:.3g} s")
+
     def _eject(self, state: _Backend, settings: Outlier, now: float, why: str) -> None:
+        state.window_start, state.attempts, state.failed = -math.inf, 0, 0  # counted afresh once back
         state.ejections += 1
         seconds = min(settings.base_ejection_s * state.ejections, settings.max_ejection_s)
         state.until = now + seconds

@@ -80,7 +80,7 @@ class Health:
         if self.tables.current.config.backends.get(backend.name) != backend:
             return  # reloaded meanwhile: this answer is about settings no longer served
         if not up and self.ejections is not None:
-            self.ejections.record(backend, FAILURE)
+            self.ejections.record(backend, FAILURE, probe=True)
         before = self._probes.get(backend.name)
         if before is not None and before.backend == backend and before.up != up:
             log.warning("backend %s is %s", backend.name, "up" if up else "down")

@@ -20,7 +20,7 @@ import pytest
 from gateway.adapters import ADAPTERS
 from gateway.app import build_app
 from gateway.config import ConfigError, load_config, parse_config
-from gateway.ejection import FAILURE
+from gateway.ejection import FAILURE, SUCCESS
 from gateway.settings import Outlier
 from gateway.state import EJECTIONS, RELOADER
 from tests.conftest import LOOPBACK_TLS, Gateway, ServerThread, sdk, serve_app
@@ -255,6 +255,121 @@ def test_a_reload_keeps_the_state_of_unchanged_backends(servers: ServerThread, t
         servers.run(gw.runner.cleanup())
 
 
+def _ratio(percentage: str = "80", volume: int = 10, interval: float = 30, run: int = 5) -> str:
+    return (f"outlier: {{consecutive_failures: {run}, base_ejection_s: 30, failure_percentage: {percentage}, "
+            f"failure_percentage_request_volume: {volume}, interval_s: {interval}}}\n")
+
+
+def _requests(c: openai.OpenAI, engine: FakeOpenAIEngine, outcomes: str) -> None:
+    """One request per letter, the first route's engine in that mode: S answers, F fails (500), B is busy
+    (429), 4 refuses the request (400, the client's error). F and B fail over to the second route."""
+    for outcome in outcomes:
+        engine.mode = {"S": "ok", "F": "500", "B": "429", "4": "400"}[outcome]
+        if outcome == "4":
+            with pytest.raises(openai.BadRequestError):
+                speech(c)
+        else:
+            assert len(speech(c)) > 100
+
+
+@pytest.mark.parametrize(("percentage", "volume", "ejected"), [
+    ("80", 10, True), ("85", 10, False), ("80", 11, False), ("null", 10, False)])
+def test_a_backend_failing_often_but_never_five_in_a_row_is_ejected_by_ratio(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
+        second: FakeOpenAIEngine, caplog: pytest.LogCaptureFixture, percentage: str, volume: int,
+        ejected: bool) -> None:
+    """8 failures in 10 attempts, never more than 4 in a row: ejected at 80 % of a volume of 10, not at
+    85 %, not below the volume, not with the detector off."""
+    caplog.set_level(logging.INFO, logger="gateway.ejection")
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url}, _ratio(percentage, volume))
+    with sdk(gw) as c:
+        _requests(c, engine, "SFFFF" * 2)
+        assert (_ejected(servers, gw)["first"] is not None) == ejected
+        _requests(c, engine, "S")
+    assert engine.calls(SPEECH) == (10 if ejected else 11)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.ejection"]
+    assert len(messages) == ejected
+    if ejected:
+        assert messages[0].startswith("backend first: ejected for 30 s (8 of 10 attempts failed within ")
+
+
+def test_the_clients_4xx_counts_as_a_success_and_a_429_in_neither(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
+        second: FakeOpenAIEngine, caplog: pytest.LogCaptureFixture) -> None:
+    """Counted as a success the 429 would keep the ratio under 80 % (8 of 11); as a failure it would eject a
+    request earlier; not counted, the eleventh request ejects at 8 of 10. Without the 4xx counted, 8
+    attempts would stay under the volume."""
+    caplog.set_level(logging.INFO, logger="gateway.ejection")
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url}, _ratio())
+    with sdk(gw) as c:
+        _requests(c, engine, "4FFFFB4FFF")
+        assert _ejected(servers, gw)["first"] is None
+        _requests(c, engine, "F")
+        assert _ejected(servers, gw)["first"] is not None
+    assert engine.calls(SPEECH) == 11
+    assert "(8 of 10 attempts failed within " in caplog.text
+
+
+@pytest.mark.parametrize(("interval", "ejected"), [(0.25, False), (30, True)])
+def test_the_ratios_window_starts_afresh(servers: ServerThread, make_gateway: Callable[[str], Gateway],
+                                         tmp_path: Path, engine: FakeOpenAIEngine, second: FakeOpenAIEngine,
+                                         interval: float, ejected: bool) -> None:
+    """Two halves of an ejecting run, a pause between them: a window shorter than the pause forgets the
+    first half (however slowly the machine serves them, no window holds more than one half)."""
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url}, _ratio(interval=interval))
+    with sdk(gw) as c:
+        _requests(c, engine, "SFFFF")
+        time.sleep(0.3)
+        _requests(c, engine, "SFFFF")
+    assert (_ejected(servers, gw)["first"] is not None) == ejected
+
+
+def test_probes_count_toward_the_run_not_the_ratio(servers: ServerThread, make_gateway: Callable[[str], Gateway],
+                                                   tmp_path: Path, engine: FakeOpenAIEngine,
+                                                   second: FakeOpenAIEngine, caplog: pytest.LogCaptureFixture
+                                                   ) -> None:
+    """Ten failed probes are no attempts: nine failed requests after them are still under the volume."""
+    caplog.set_level(logging.INFO, logger="gateway.ejection")
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url}, _ratio(run=100))
+    engine.mode = "500"  # its model list too: the probe fails
+    for _ in range(10):
+        probe_backends(servers, gw)
+    assert _ejected(servers, gw)["first"] is None
+    with sdk(gw) as c:
+        _requests(c, engine, "F" * 9)
+        assert _ejected(servers, gw)["first"] is None
+        _requests(c, engine, "F")
+    assert _ejected(servers, gw)["first"] is not None
+    assert "(10 of 10 attempts failed within " in caplog.text
+
+
+def test_a_backend_back_from_a_ratio_ejection_is_judged_on_new_attempts(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
+        second: FakeOpenAIEngine) -> None:
+    """Outcomes fed as first_success would, on a clock of the test's: the failures sent to it while ejected
+    and before its ejection do not count once its trial brought it back, although its window (100 s) is not
+    over; ten new attempts are needed."""
+    gw = _gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url},
+                  _ratio(run=100, interval=100))
+    ej = gw.app[EJECTIONS]
+    backend = ej.tables.current.config.backends["first"]
+
+    def feed(outcome: str, at: float, n: int = 1, trial: bool = False) -> None:
+        for _ in range(n):
+            servers.call(lambda: ej.record(backend, outcome, trial, now=at))
+
+    feed(SUCCESS, 1000.0, 2)
+    feed(FAILURE, 1000.0, 8)
+    assert servers.call(lambda: ej.ejected(now=1000.0))["first"] == 30
+    feed(FAILURE, 1010.0, 5)  # requests already sent to it, answering while it is ejected
+    assert servers.call(lambda: ej.begin(backend, now=1031.0)) is True
+    feed(SUCCESS, 1031.0, trial=True)
+    feed(FAILURE, 1032.0, 9)
+    assert servers.call(lambda: ej.ejected(now=1032.0))["first"] is None
+    feed(FAILURE, 1032.0)
+    assert servers.call(lambda: ej.ejected(now=1032.0))["first"] == 60
+
+
 # -- config ------------------------------------------------------------------------------------------------
 
 BASE = """
@@ -268,11 +383,18 @@ models:
 
 
 def test_defaults_are_envoys_and_a_backend_overrides_them() -> None:
-    assert Outlier() == Outlier(True, 5, 30.0, 300.0, 10.0)
+    assert Outlier() == Outlier(True, 5, 30.0, 300.0, 10.0, 85.0, 50, 10.0)
     config = parse_config(BASE % ", outlier: {consecutive_failures: 2}" + "outlier: {base_ejection_s: 1}\n")
-    assert config.outlier["one"] == Outlier(True, 2, 1.0, 300.0, 10.0)
-    assert config.outlier["two"] == Outlier(True, 5, 1.0, 300.0, 10.0)
+    assert config.outlier["one"] == Outlier(True, 2, 1.0, 300.0, 10.0, 85.0, 50, 10.0)
+    assert config.outlier["two"] == Outlier(True, 5, 1.0, 300.0, 10.0, 85.0, 50, 10.0)
     assert "outlier" not in config.backends["one"].options
+
+
+def test_null_turns_the_ratio_off_everywhere_or_for_one_backend() -> None:
+    config = parse_config(BASE % ", outlier: {failure_percentage: null}")
+    assert (config.outlier["one"].failure_percentage, config.outlier["two"].failure_percentage) == (None, 85.0)
+    config = parse_config(BASE % ", outlier: {failure_percentage: 90}" + "outlier: {failure_percentage: null}\n")
+    assert (config.outlier["one"].failure_percentage, config.outlier["two"].failure_percentage) == (90.0, None)
 
 
 @pytest.mark.parametrize(("section", "problem"), [
@@ -289,6 +411,27 @@ def test_defaults_are_envoys_and_a_backend_overrides_them() -> None:
     ("outlier: {max_ejected_percent: -5}", "outlier.max_ejected_percent: expected a number >= 0"),
     ("outlier: {max_ejected_percent: [10]}", "outlier.max_ejected_percent: expected a number >= 0"),
     ("outlier: {enabled: 'no'}", "outlier.enabled: expected true or false"),
+    ("outlier: {failure_percentage: .nan}", "outlier.failure_percentage: expected a number >= 0"),
+    ("outlier: {failure_percentage: .inf}", "outlier.failure_percentage: expected a number >= 0"),
+    ("outlier: {failure_percentage: -1}", "outlier.failure_percentage: expected a number >= 0"),
+    ("outlier: {failure_percentage: 0}", "outlier.failure_percentage: expected a number > 0 and <= 100 (null: off)"),
+    ("outlier: {failure_percentage: 100.5}", "outlier.failure_percentage: expected a number > 0 and <= 100"),
+    ("outlier: {failure_percentage: 'most'}", "outlier.failure_percentage: expected a number >= 0"),
+    ("outlier: {failure_percentage: [85]}", "outlier.failure_percentage: expected a number >= 0"),
+    ("outlier: {failure_percentage: false}", "outlier.failure_percentage: expected a number >= 0"),
+    ("outlier: {failure_percentage_request_volume: 0}",
+     "outlier.failure_percentage_request_volume: expected a number >= 1"),
+    ("outlier: {failure_percentage_request_volume: 1e12}",
+     "outlier.failure_percentage_request_volume: expected a number <= 1000000"),
+    ("outlier: {failure_percentage_request_volume: .inf}",
+     "outlier.failure_percentage_request_volume: expected a number >= 1"),
+    ("outlier: {failure_percentage_request_volume: null}",
+     "outlier.failure_percentage_request_volume: expected a number >= 1"),
+    ("outlier: {interval_s: 0}", "outlier.interval_s: expected a number >= 0.001"),
+    ("outlier: {interval_s: -10}", "outlier.interval_s: expected a number >= 0.001"),
+    ("outlier: {interval_s: .nan}", "outlier.interval_s: expected a number >= 0.001"),
+    ("outlier: {interval_s: 1e300}", "outlier.interval_s: expected a number <= 86400"),
+    ("outlier: {interval_s: {s: 10}}", "outlier.interval_s: expected a number >= 0.001"),
     ("outlier: {consecutive: 5}", "outlier.consecutive: unknown setting"),
     ("outlier: [5]", "outlier: expected a mapping"),
     ("outlier: 5", "outlier: expected a mapping"),
@@ -303,6 +446,10 @@ def test_hostile_values_are_refused_by_path(section: str, problem: str) -> None:
     ("{base_ejection_s: .nan}", "backends.one.outlier.base_ejection_s: expected a number >= 0.001"),
     ("{max_ejection_s: 'soon'}", "backends.one.outlier.max_ejection_s: expected a number >= 0.001"),
     ("7", "backends.one.outlier: expected a mapping"),
+    ("{failure_percentage: 850}", "backends.one.outlier.failure_percentage: expected a number > 0 and <= 100"),
+    ("{failure_percentage_request_volume: 2e9}",
+     "backends.one.outlier.failure_percentage_request_volume: expected a number <= 1000000"),
+    ("{interval_s: -.inf}", "backends.one.outlier.interval_s: expected a number >= 0.001"),
 ])
 def test_hostile_overrides_are_refused_by_path(override: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
