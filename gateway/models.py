@@ -57,6 +57,10 @@ class Model:
     """How routes of one priority share its requests: weighted, least_busy or ordered (gateway/balance.py);
     default `ordered` when no route sets priority or weight (the YAML order, as before balancing), else
     `weighted`."""
+    deadline_s: float | None = None
+    """Transcription only: the longest the gateway works on one request across all its attempts and failovers,
+    from when its routes are first tried; then a 504 (gateway/deadlines.py). None: off (each attempt is bounded
+    by its backend's timeout_s between reads only). A retry loop must not start an attempt past it."""
 
 
 def _price(p: YamlTree, value: Any, path: str) -> Price | None:
@@ -102,8 +106,12 @@ def models_section(p: YamlTree, value: Any, backends: Collection[str]) -> dict[s
             p.fail(f"{path}.balance", f"expected one of {', '.join(BALANCES)}, got {shown(balance)}")
             balance = "ordered"
         owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
+        deadline = p.seconds(node, "deadline_s", path)
+        if deadline is not None and task == "speech":
+            p.fail(f"{path}.deadline_s", "only for transcription models: a speech stream lasts as long as its "
+                   "audio (bound the wait for its first byte with backends.<b>.first_byte_timeout_s)")
         models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"),
-                             policy_rules.limits(p, node.get("limits"), f"{path}.limits"), balance)
+                             policy_rules.limits(p, node.get("limits"), f"{path}.limits"), balance, deadline)
     return models
 
 
