@@ -140,13 +140,13 @@ def test_the_deadline_spans_every_attempt_and_failover(
         second: FakeOpenAIEngine) -> None:
     """The first route times out by its own timeout_s (0.2 s), within the deadline: that counts against it
     (ejected at once). The failover goes on under the same deadline, which cuts the second route's attempt
-    at 0.5 s from the first's start; that says nothing of its backend."""
+    at 0.6 s from the first's start; that says nothing of its backend."""
     engine.mode = second.mode = "hang"
-    gw = _transcription_gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url}, 0.5,
+    gw = _transcription_gateway(make_gateway, tmp_path, {"first": engine.url, "second": second.url}, 0.6,
                                 EJECT_AT_ONCE, first_read_timeout_s=0.2)
     with sdk(gw) as c, pytest.raises(openai.APIStatusError) as caught:
         _transcribe(c, ("a.mp3", MP3, "audio/mpeg"))
-    expect_error(caught.value, 504, "upstream_error", "upstream_timeout", message="deadline of 0.5 seconds")
+    expect_error(caught.value, 504, "upstream_error", "upstream_timeout", message="deadline of 0.6 seconds")
     assert (engine.started, second.started) == (1, 1)
     wait_for(lambda: engine.active == second.active == 0, what="both attempts to end")
     assert second.cancelled == 1
