@@ -7,10 +7,10 @@ production. Its middleware records every request (`requests`, `last`; the handle
 and hands the request to the subclass's `_answer`, where each double checks credentials and failure
 modes in its engine's words before calling the route's handler. `mode` is checked against the subclass's `MODES`.
 
-`_write` writes pieces of a body as a chunked response, `chunk_delay` apart (the first `first_chunk_delay`
-after the headers); `cut` closes the
-connection after what was written has had a moment to reach the client (the "drop mid-stream"
-failure); `_send` does both for a whole body in `chunk_size` pieces.
+`_write` writes pieces of a body as a chunked response, `chunk_delay` apart (the first
+`first_chunk_delay` after the headers); `cut` closes the connection after what was written has had a
+moment to reach the client (the "drop mid-stream" failure); `_send` does both for a whole body in
+`chunk_size` pieces.
 """
 
 from __future__ import annotations
