@@ -54,6 +54,10 @@ class Timeouts:
     connect: float = 5.0
     read: float = 120.0
     """Longest silence between two reads from the backend (not a cap on the whole call)."""
+    first_byte: float | None = None
+    """Speech: longest wait from the start of an attempt until its first audio chunk (`first_byte_timeout_s`),
+    then the next route is tried (gateway/deadlines.py). None: off, only `read` applies. A backend that
+    queues requests silently would otherwise hold a client for `read` seconds before any failover."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +158,8 @@ def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, .
     return tuple(keys)
 
 
-_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "max_connections", "outlier",
-                   *CAPACITY_FIELDS}
+_BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "first_byte_timeout_s",
+                   "max_connections", "outlier", *CAPACITY_FIELDS}
 
 
 def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
@@ -173,6 +177,7 @@ def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[st
         timeouts = Timeouts(
             connect=p.number(node, "connect_timeout_s", path, default.connect, 0.001),
             read=p.number(node, "timeout_s", path, default.read, 0.001),
+            first_byte=p.seconds(node, "first_byte_timeout_s", path),
         )
         options = MappingProxyType({k: v for k, v in node.items() if k not in _BACKEND_FIELDS})
         backends[name] = Backend(name, kind, url.rstrip("/") if url else None,

@@ -60,6 +60,10 @@ class Model:
     `weighted`."""
     retry: Retry = field(default_factory=Retry)
     """Retries before the first byte (gateway/retry.py)."""
+    deadline_s: float | None = None
+    """Transcription only: the longest the gateway works on one request across all its attempts and failovers,
+    from when its routes are first tried; then a 504 (gateway/deadlines.py). None: off (each attempt is bounded
+    by its backend's timeout_s between reads only). A retry loop must not start an attempt past it."""
 
 
 def _price(p: YamlTree, value: Any, path: str) -> Price | None:
@@ -105,9 +109,13 @@ def models_section(p: YamlTree, value: Any, backends: Collection[str]) -> dict[s
             p.fail(f"{path}.balance", f"expected one of {', '.join(BALANCES)}, got {shown(balance)}")
             balance = "ordered"
         owned_by = p.str_(node, "owned_by", path, "gateway") or "gateway"
+        deadline = p.seconds(node, "deadline_s", path)
+        if deadline is not None and task == "speech":
+            p.fail(f"{path}.deadline_s", "only for transcription models: a speech stream lasts as long as its "
+                   "audio (bound the wait for its first byte with backends.<b>.first_byte_timeout_s)")
         models[name] = Model(name, task, tuple(routes), owned_by, _price(p, node.get("price"), f"{path}.price"),
                              policy_rules.limits(p, node.get("limits"), f"{path}.limits"), balance,
-                             retry_section(p, node.get("retry"), f"{path}.retry"))
+                             retry_section(p, node.get("retry"), f"{path}.retry"), deadline)
     return models
 
 

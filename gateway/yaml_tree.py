@@ -14,6 +14,8 @@ MAX_DEPTH = 32
 MAX_VALUES = 100_000
 """Most values a config may hold once YAML aliases are expanded (a few "billion laughs" lines would
 otherwise expand to gigabytes on every reload)."""
+MAX_SECONDS = 86_400.0
+"""The longest optional duration (`seconds`): a day."""
 
 
 class YamlTree:
@@ -99,6 +101,22 @@ class YamlTree:
             self.fail(f"{path}.{key}", f"expected a number from {minimum} to {maximum:g}, got {shown(value)}")
             return default
         return value
+
+    def seconds(self, node: dict[str, Any], key: str, path: str, maximum: float = MAX_SECONDS) -> float | None:
+        """An optional duration: absent (or null) is None, "off"; else a finite number of seconds above 0 and at
+        most `maximum` (0 would refuse every request, a day already means "never")."""
+        value = node.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= maximum:
+            self.fail(f"{path}.{key}", f"expected seconds above 0 and at most {maximum:g}, got {shown(value)}")
+            return None
+        return float(value)
 
     def bool_(self, node: dict[str, Any], key: str, path: str, default: bool) -> bool:
         value = node.get(key, default)

@@ -134,7 +134,8 @@ def check_options(backend: Backend, known: Collection[str]) -> None:
     """Refuse YAML keys a kind does not know, by path (a typo must not be silently ignored)."""
     unknown = sorted(set(backend.options) - set(known))
     if unknown:
-        listed = ", ".join(["url", "api_key", "timeout_s", "connect_timeout_s", "max_connections", *sorted(known)])
+        listed = ", ".join(["url", "api_key", "timeout_s", "connect_timeout_s", "first_byte_timeout_s",
+                            "max_connections", *sorted(known)])
         raise ValueError(f"backends.{backend.name}.{unknown[0]}: unknown option for kind '{backend.kind}' "
                          f"(known: {listed})")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -125,8 +126,9 @@ class _Routing:
         now = time.monotonic()
         delay = self.model.retry.delay(self.tries.get(i, 0), exc)
         retry_at = None if delay is None else now + delay
-        if retry_at is not None and retry_at > self.started + self.model.retry.budget_s:
-            retry_at = None
+        limit = min(self.model.retry.budget_s, self.model.deadline_s or math.inf)
+        if retry_at is not None and retry_at > self.started + limit:
+            retry_at = None  # past the retry budget, or the model's deadline (gateway/deadlines.py)
         self.retry_at[i] = retry_at
         self.last = (c.route.backend, exc)
         log.warning("request %s: backend '%s' failed (%s)%s", self.request.get(REQUEST_ID), c.route.backend,

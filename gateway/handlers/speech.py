@@ -11,6 +11,7 @@ from gateway.audio.meter import AudioMeter
 from gateway.audio.transcode import encode
 from gateway.audio.workers import AudioWorkers
 from gateway.body import JSON_BODY_LIMIT, read_body
+from gateway.deadlines import first_byte
 from gateway.handlers.routing import first_success
 from gateway.policy.admission import admit
 from gateway.policy.demand import Demand
@@ -31,6 +32,10 @@ async def speech(request: web.Request) -> web.StreamResponse:
     outcome.speech_input(req.input, meter)
 
     async def attempt(candidate: Candidate) -> tuple[bytes, Stages]:
+        return await first_byte(candidate.adapter.backend, start(candidate))
+
+    async def start(candidate: Candidate) -> tuple[bytes, Stages]:
+        """One route's call and its first chunk (bounded by the backend's first_byte_timeout_s)."""
         job = speech_job(request, req, candidate)
         outcome.route(req.model, candidate.route.backend, candidate.route.model, job.voice.id)
         audio = await candidate.adapter.synthesize(job)

@@ -14,6 +14,8 @@ measurement before decoding, so a bomb never reaches them either.
 
 With limits or budgets configured (gateway/policy/), the measurement comes first: the request is admitted
 with its measured seconds before any backend is called.
+
+A model's `deadline_s` bounds all its routes' attempts together, from the first (gateway/deadlines.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
 from gateway.audio.duration import header_seconds, upload_seconds
+from gateway.deadlines import within_deadline
 from gateway.errors import UnsupportedError
 from gateway.form import Form, read_form
 from gateway.handlers.routing import first_success
@@ -88,8 +91,10 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
             seconds = await measuring
             request[OUTCOME].upload_measured(seconds)
             await admit(request, Demand(req.model, speech=False, audio_seconds=seconds))
-            return await first_success(request, candidates, attempt, model)
-        answering = asyncio.ensure_future(first_success(request, candidates, attempt, model))
+            return await within_deadline(model, first_success(request, candidates, attempt, model),
+                                         request[REQUEST_ID])
+        answering = asyncio.ensure_future(within_deadline(
+            model, first_success(request, candidates, attempt, model), request[REQUEST_ID]))
         try:
             request[OUTCOME].upload_measured(await measuring)
         except BaseException:

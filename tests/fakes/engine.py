@@ -7,9 +7,10 @@ production. Its middleware records every request (`requests`, `last`; the handle
 and hands the request to the subclass's `_answer`, where each double checks credentials and failure
 modes in its engine's words before calling the route's handler. `mode` is checked against the subclass's `MODES`.
 
-`_write` writes pieces of a body as a chunked response, `chunk_delay` apart; `cut` closes the
-connection after what was written has had a moment to reach the client (the "drop mid-stream"
-failure); `_send` does both for a whole body in `chunk_size` pieces.
+`_write` writes pieces of a body as a chunked response, `chunk_delay` apart (the first
+`first_chunk_delay` after the headers); `cut` closes the connection after what was written has had a
+moment to reach the client (the "drop mid-stream" failure); `_send` does both for a whole body in
+`chunk_size` pieces.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class FakeHttpEngine:
         """Retry-After of the double's 429 answer; None: the double's own default."""
         self.chunk_size = chunk_size
         self.chunk_delay = chunk_delay
+        self.first_chunk_delay = 0.0
+        """Seconds between a streamed answer's headers (sent at once) and its first piece."""
         self._mode = "ok"
         self.hang_seconds = 3600.0
         self.requests: list[Recorded] = []
@@ -192,8 +195,8 @@ class FakeHttpEngine:
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         for i, piece in enumerate(pieces):
-            if i and self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
+            if delay := self.chunk_delay if i else self.first_chunk_delay:
+                await asyncio.sleep(delay)
             await resp.write(piece)
         self.finished.append(time.monotonic())
         return resp
