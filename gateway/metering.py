@@ -86,7 +86,7 @@ class Metrics:
         self.state_errors = Counter("gateway_state_errors", "State-store operations that failed.", ["op"],
                                     registry=r)
         self.state_fallbacks = Counter("gateway_state_fallbacks", "Requests that met a failed state store, by "
-                                       "feature (limits, budgets) and what the policy did (memory, refused).",
+                                       "feature (limits, budgets, backends) and what the policy did (memory, refused).",
                                        ["feature", "action"], registry=r)
         self.ejections = Counter("gateway_backend_ejections", "Times a backend was ejected (outlier ejection).",
                                  ["backend"], registry=r)
@@ -100,9 +100,9 @@ class Metrics:
                                     ["backend", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_full = Counter("gateway_backend_queue_full", "Requests that found a backend's queue full.",
                                   ["backend"], registry=r)
-        self.retries = Counter("gateway_backend_retries", "Attempts made again after this backend failed or was "
-                               "full, by why (a reason of gateway_upstream_errors_total, queue_full, "
-                               "queue_timeout): on another route or, after a backoff, on the same.",
+        self.retries = Counter("gateway_backend_retries", "Attempts made after this backend failed or refused, "
+                               "by why (a reason of gateway_upstream_errors_total, queue_full, queue_timeout): "
+                               "on another route or, after a backoff, on the same.",
                                ["backend", "reason"], registry=r)
         self.view = ProcessView()
         if self.multiprocess:  # what /metrics exposes: every worker's files, not this process's registry
