@@ -131,8 +131,4 @@ def _priority(p: YamlTree, node: dict[str, Any], path: str) -> int:
 
 
 def _weight(p: YamlTree, node: dict[str, Any], path: str) -> float:
-    weight = p.number(node, "weight", path, 1.0, MIN_WEIGHT)
-    if weight > MAX_WEIGHT:
-        p.fail(f"{path}.weight", f"expected a number from {MIN_WEIGHT} to {MAX_WEIGHT}, got {shown(weight)}")
-        return 1.0
-    return float(weight)
+    return float(p.number(node, "weight", path, 1.0, MIN_WEIGHT, MAX_WEIGHT))

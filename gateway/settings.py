@@ -125,32 +125,24 @@ def outlier_section(p: YamlTree, value: Any, path: str, d: Outlier = Outlier()) 
     node = p.mapping(value, path)
     for unknown in sorted(set(node) - set(_OUTLIER_FIELDS)):
         p.fail(f"{path}.{unknown}", f"unknown setting ({', '.join(_OUTLIER_FIELDS)})")
-    failures = p.number(node, "consecutive_failures", path, d.consecutive_failures, 1)
-    volume = p.number(node, "failure_percentage_request_volume", path, d.failure_percentage_request_volume, 1)
-    for key, count in (("consecutive_failures", failures), ("failure_percentage_request_volume", volume)):
-        if count > 1_000_000:
-            p.fail(f"{path}.{key}", f"expected a number <= 1000000, got {shown(count)}")
+    failures = p.number(node, "consecutive_failures", path, d.consecutive_failures, 1, 1_000_000)
+    volume = p.number(node, "failure_percentage_request_volume", path, d.failure_percentage_request_volume, 1,
+                      1_000_000)
     ratio: float | None = None
     if node.get("failure_percentage", d.failure_percentage) is not None:  # null: the ratio detector is off
         ratio = p.number(node, "failure_percentage", path, d.failure_percentage or 85.0)
         if not 0 < ratio <= 100:  # 0 would eject every backend that reaches the volume
             p.fail(f"{path}.failure_percentage", f"expected a number > 0 and <= 100 (null: off), got {shown(ratio)}")
-    percent = p.number(node, "max_ejected_percent", path, d.max_ejected_percent)
-    if percent > 100:
-        p.fail(f"{path}.max_ejected_percent", f"expected a number <= 100, got {shown(percent)}")
-        percent = d.max_ejected_percent
-    base = p.number(node, "base_ejection_s", path, d.base_ejection_s, 0.001)
-    cap = p.number(node, "max_ejection_s", path, d.max_ejection_s, 0.001)
-    interval = p.number(node, "interval_s", path, d.interval_s, 0.001)
-    for key, seconds in (("base_ejection_s", base), ("max_ejection_s", cap), ("interval_s", interval)):
-        if seconds > 86_400:
-            p.fail(f"{path}.{key}", f"expected a number <= 86400 (a day), got {shown(seconds)}")
+    percent = p.number(node, "max_ejected_percent", path, d.max_ejected_percent, 0, 100)
+    base = p.number(node, "base_ejection_s", path, d.base_ejection_s, 0.001, 86_400)
+    cap = p.number(node, "max_ejection_s", path, d.max_ejection_s, 0.001, 86_400)
+    interval = p.number(node, "interval_s", path, d.interval_s, 0.001, 86_400)
     if cap < base:
         p.fail(f"{path}.max_ejection_s", f"expected a number >= base_ejection_s ({shown(base)}), got {shown(cap)}")
-    return Outlier(enabled=p.bool_(node, "enabled", path, d.enabled), consecutive_failures=int(min(failures, 1e6)),
-                   base_ejection_s=min(base, 86_400), max_ejection_s=min(max(cap, base), 86_400),
+    return Outlier(enabled=p.bool_(node, "enabled", path, d.enabled), consecutive_failures=int(failures),
+                   base_ejection_s=base, max_ejection_s=max(cap, base),
                    max_ejected_percent=percent, failure_percentage=ratio,
-                   failure_percentage_request_volume=int(min(volume, 1e6)), interval_s=min(interval, 86_400))
+                   failure_percentage_request_volume=int(volume), interval_s=interval)
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,7 @@ class YamlTree:
             self.fail(f"{path}.{key}", f"expected a number >= {minimum}, got {shown(value)}")
             return default
         if maximum is not None and value > maximum:
-            self.fail(f"{path}.{key}", f"expected a number from {minimum} to {maximum:g}, got {shown(value)}")
+            self.fail(f"{path}.{key}", f"expected a number from {minimum} to {maximum:.15g}, got {shown(value)}")
             return default
         return value
 

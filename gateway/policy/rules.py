@@ -279,11 +279,7 @@ def state_section(p: YamlTree, node: dict[str, Any]) -> StateSettings:
 
 
 def _bounded(p: YamlTree, node: dict[str, Any], key: str, default: float, minimum: float) -> float:
-    value = p.number(node, key, "state", default, minimum)
-    if value > STATE_MAXIMA[key]:
-        p.fail(f"state.{key}", f"expected at most {STATE_MAXIMA[key]:g}, got {shown(value)}")
-        return default
-    return float(value)
+    return float(p.number(node, key, "state", default, minimum, STATE_MAXIMA[key]))
 
 
 def policy_section(p: YamlTree, root: dict[str, Any], models: Collection[str], others_active: bool) -> Policy:
