@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from aiohttp import web
 
@@ -41,7 +41,9 @@ async def first_success(request: web.Request, candidates: list[Candidate],
     return await _Routing(request, model, attempt).run(candidates)
 
 
-class _Routing:
+class _Routing(Generic[T]):
+    """One request's way through its model's routes."""
+
     def __init__(self, request: web.Request, model: Model, attempt: Callable[[Candidate], Awaitable[T]]) -> None:
         app = request.app
         self.request, self.model, self.attempt = request, model, attempt
@@ -87,7 +89,7 @@ class _Routing:
         assert self.last is not None  # candidates is never empty (Table.candidates ensures it)
         raise _final(self.last[1])
 
-    async def _try(self, c: Candidate, i: int, slot: Slot, forced: bool, more: bool) -> object:
+    async def _try(self, c: Candidate, i: int, slot: Slot, forced: bool, more: bool) -> T | object:
         """One attempt on `c` holding `slot`: its result, or _MISS when it failed in a way that moves on."""
         backend, name = c.adapter.backend, c.route.backend
         trial = self.ejections.begin(backend)
