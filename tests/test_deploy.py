@@ -197,7 +197,8 @@ def test_prometheusrule_structure_and_groups_equal_rules_yml() -> None:
 
 
 def test_alerts_cover_errors_latency_backends_reloads_and_the_state_store() -> None:
-    exprs = {r["alert"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    exprs = {name: r["expr"] for name, r in rules.items()}
     assert any("gateway_requests_total" in e and '"5.."' in e and "0.05" in e for e in exprs.values())
     assert any("gateway_speech_first_byte_seconds_bucket" in e for e in exprs.values())
     assert any("gateway_request_duration_seconds_bucket" in e for e in exprs.values())
@@ -207,6 +208,18 @@ def test_alerts_cover_errors_latency_backends_reloads_and_the_state_store() -> N
     assert any('gateway_state_fallbacks_total{action="refused"}' in e for e in exprs.values()), \
         "requests refused because a feature fails closed"
     assert any("gateway_ratelimit_rejections_total" in e and ":budget/" in e for e in exprs.values())
+    # resilience (issue 13): an ejected backend, its queue timing out or full, failovers and retries
+    assert "gateway_backend_ejected" in exprs["AudioGatewayBackendEjected"]
+    assert 'gateway_backend_queue_wait_seconds_count{outcome="timeout"}' in exprs["AudioGatewayBackendQueueTimeouts"]
+    assert "gateway_backend_queue_full_total" in exprs["AudioGatewayBackendQueueFull"]
+    retries = exprs["AudioGatewayRetriesHigh"]
+    assert "gateway_backend_retries_total" in retries and "gateway_requests_total" in retries and "0.1" in retries
+    for name in ("AudioGatewayBackendEjected", "AudioGatewayBackendQueueTimeouts", "AudioGatewayBackendQueueFull",
+                 "AudioGatewayRetriesHigh"):
+        assert rules[name]["labels"]["severity"] == "warning" and rules[name].get("for"), name
+    tested = {t["alertname"] for case in yaml.safe_load(RULES_TEST.read_text())["tests"]
+              for t in case["alert_rule_test"]}
+    assert tested == set(rules), f"alerts without a promtool unit test: {set(rules) - tested}"
 
 
 # Kustomization --------------------------------------------------------------------------------------
@@ -571,7 +584,10 @@ def test_the_gateway_exports_the_metrics_the_deploy_files_rely_on() -> None:
                  "gateway_speech_first_byte_seconds_bucket", "gateway_in_flight_requests",
                  "gateway_state_errors_total", "gateway_state_fallbacks_total", "gateway_ratelimit_rejections_total",
                  "gateway_ratelimit_shadow_rejections_total", "gateway_state_operation_seconds_bucket",
-                 "gateway_budget_remaining"):
+                 "gateway_budget_remaining", "gateway_backend_ejected", "gateway_backend_in_flight",
+                 "gateway_backend_queue_depth", "gateway_backend_queue_wait_seconds_bucket",
+                 "gateway_backend_queue_wait_seconds_count", "gateway_backend_queue_full_total",
+                 "gateway_backend_retries_total"):
         assert name in exported
 
 
@@ -638,8 +654,13 @@ def test_dashboard_is_well_formed() -> None:
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert {"tenant", "model"} <= set(variables)
+    cells: dict[tuple[int, int], str] = {}
     for panel in panels:
         assert set(panel["gridPos"]) == {"x", "y", "w", "h"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        x, y, w, h = (panel["gridPos"][k] for k in "xywh")
+        for cell in ((i, j) for i in range(x, x + w) for j in range(y, y + h)):
+            assert cell not in cells, f"panels {cells[cell]!r} and {panel['title']!r} overlap"
+            cells[cell] = panel["title"]
         if panel["type"] == "row":
             continue
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
@@ -648,6 +669,8 @@ def test_dashboard_is_well_formed() -> None:
         assert len(ref_ids) == len(set(ref_ids)), panel["title"]
         for target in panel["targets"]:
             assert isinstance(target.get("expr"), str) and target["expr"].strip(), panel["title"]
+    tops = [p["gridPos"]["y"] for p in panels if p["type"] == "row"]
+    assert tops == sorted(tops), "rows are listed top to bottom"
 
 
 def test_dashboard_has_the_panels_operators_need() -> None:
@@ -662,8 +685,17 @@ def test_dashboard_has_the_panels_operators_need() -> None:
                    "sum by (tenant, limit) (rate(gateway_ratelimit_rejections_total",
                    "sum by (tenant, limit) (rate(gateway_ratelimit_shadow_rejections_total",
                    "histogram_quantile(0.99, sum by (op, le) (rate(gateway_state_operation_seconds_bucket",
-                   "gateway_state_errors_total", "gateway_state_fallbacks_total", "gateway_budget_remaining"):
+                   "gateway_state_errors_total", "gateway_state_fallbacks_total", "gateway_budget_remaining",
+                   # Backends: resilience (issue 13)
+                   "sum by (backend) (gateway_backend_in_flight)", "sum by (backend) (gateway_backend_queue_depth)",
+                   "histogram_quantile(0.5, sum by (backend, outcome, le) (rate(gateway_backend_queue_wait_seconds",
+                   "histogram_quantile(0.95, sum by (backend, outcome, le) (rate(gateway_backend_queue_wait_seconds",
+                   "max by (backend) (gateway_backend_ejected)", "gateway_backend_queue_full_total",
+                   'gateway_backend_queue_wait_seconds_count{outcome="timeout"}',
+                   "sum by (backend, reason) (rate(gateway_backend_retries_total"):
         assert needle in exprs, needle
+    rows = [p["title"] for p in dashboard()["panels"] if p["type"] == "row"]
+    assert "Backends: resilience" in rows
     exported = exported_metrics()
     for target in dashboard_targets():
         for name in re.findall(r"gateway_[a-z0-9_]+", target["expr"]):
