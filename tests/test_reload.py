@@ -215,7 +215,7 @@ def test_a_reload_keeps_the_adapters_of_unchanged_backends(process: GatewayProce
     assert "backends kept: speaches" in process.log()
     configmap.update(with_models(base_config, TTS2).replace("timeout_s: 2", "timeout_s: 3"))
     eventually(lambda: reloads(process).get("success", 0) == 2)
-    assert "backends kept: none" in process.log()
+    eventually(lambda: "backends kept: none" in process.log())  # the log writer thread may lag the metric
 
 
 def test_check_config_names_each_bad_edit_by_file_and_path(tmp_path: Path, base_config: str) -> None:
