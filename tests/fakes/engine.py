@@ -11,6 +11,10 @@ modes in its engine's words before calling the route's handler. `mode` is checke
 `first_chunk_delay` after the headers); `cut` closes the connection after what was written has had a
 moment to reach the client (the "drop mid-stream" failure); `_send` does both for a whole body in
 `chunk_size` pieces.
+
+`peak` is the most requests the double had running at once (heads arrived, answers not yet over); with
+`max_active` set, one request beyond it is answered 503 at once and counted in `over_capacity`, so the
+double itself asserts a gateway's concurrency limit (an engine that serializes and sheds the rest).
 """
 
 from __future__ import annotations
@@ -122,6 +126,10 @@ class FakeHttpEngine:
         self.started = 0
         """Requests whose head arrived (`requests` has only those whose whole body arrived)."""
         self.cancelled = 0
+        self.peak = 0
+        self.max_active: int | None = None
+        """Requests answered at once; one more gets a 503 (`over_capacity`). None: no limit."""
+        self.over_capacity = 0
         self.port = 0
         self.url = ""
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
@@ -169,7 +177,11 @@ class FakeHttpEngine:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.active += 1
         self.started += 1
+        self.peak = max(self.peak, self.active)
         try:
+            if self.max_active is not None and self.active > self.max_active:
+                self.over_capacity += 1
+                return web.Response(status=503, text="engine over capacity")
             request[RECORDED] = rec = await self._record(request)
             self.requests.append(rec)
             return await self._answer(request, handler)
