@@ -32,8 +32,8 @@ from tests.raw_http import request as raw_request
 from tests.support import WAV, assert_settled, expect_error, wait_for
 
 SPEECH = "/v1/audio/speech"
-LONG = "A stream the test holds open while other requests queue behind it. " * 3
-"""About 12 s of audio, 4 KiB every 0.05 s: a stream that lasts until the test closes it."""
+LONG = "A stream the test holds open while other requests queue behind it. " * 8
+"""About 30 s of audio, 16 KiB every 0.1 s (`slow`): a stream that lasts until the test closes it."""
 SHORT = "Hi."
 
 
@@ -112,9 +112,10 @@ def queue(pool: ThreadPoolExecutor, gw: Gateway, backend: str, call: Callable[[]
 
 @pytest.fixture
 def slow(engine: FakeOpenAIEngine, second: FakeOpenAIEngine) -> tuple[FakeOpenAIEngine, FakeOpenAIEngine]:
-    """Both doubles stream 4 KiB every 0.05 s: SHORT in 0.3 s, LONG for as long as it is held."""
+    """Both doubles stream 16 KiB every 0.1 s: SHORT in two pieces 0.1 s apart, LONG for as long as it is
+    held."""
     for e in (engine, second):
-        e.chunk_size, e.chunk_delay = 4096, 0.05
+        e.chunk_size, e.chunk_delay = 16384, 0.1
     return engine, second
 
 
@@ -269,7 +270,7 @@ def test_a_slot_is_held_until_a_streams_last_byte(servers: ServerThread, make_ga
                                                   tmp_path: Path, slow: Any, engine: FakeOpenAIEngine) -> None:
     """Two streams of 0.3 s on one slot: the second waits the first out (the double, at max_active 1, would
     refuse it otherwise), and each arrives whole."""
-    engine.max_active = 1
+    engine.max_active, engine.chunk_size, engine.chunk_delay = 1, 4096, 0.05
     gw = make_gateway(config(tmp_path, {"a": (engine.url, "max_concurrency: 1")}))
     with sdk(gw) as c, ThreadPoolExecutor(2) as pool:
         first = pool.submit(speak, c, SHORT)
@@ -290,9 +291,8 @@ def test_a_failed_attempt_frees_its_slot(servers: ServerThread, make_gateway: Ca
     text = config(tmp_path, {"a": (engine.url, "max_concurrency: 1, queue_timeout_s: 0.2")})
     gw = make_gateway(text.replace("timeout_s: 2,", "timeout_s: 0.3,"))
     with sdk(gw) as c:
-        for _ in range(2):
-            with pytest.raises((openai.APIStatusError, openai.APIConnectionError)):
-                speak(c)
+        with pytest.raises((openai.APIStatusError, openai.APIConnectionError)):
+            speak(c)
         engine.mode = "ok"
         assert len(speak(c)) == PCM_BYTES
     assert waited(gw, "a", "admitted") == waited(gw, "a", "timeout") == 0
