@@ -167,9 +167,10 @@ def capacity_section(p: YamlTree, node: dict[str, Any], path: str) -> Capacity:
     d = Capacity()
     limit = node.get("max_concurrency")
     if limit is not None:
-        limit = int(p.number(node, "max_concurrency", path, 1, 1, 1_000_000))
-        if node["max_concurrency"] != limit:
-            p.fail(f"{path}.max_concurrency", f"expected a whole number, got {shown(node['max_concurrency'])}")
+        number = p.number(node, "max_concurrency", path, 1, 1, 1_000_000)  # the default 1 once refused
+        if number != int(number):
+            p.fail(f"{path}.max_concurrency", f"expected a whole number, got {shown(number)}")
+        limit = int(number)
     elif any(key in node for key in CAPACITY_FIELDS[1:]):
         p.fail(f"{path}.max_concurrency", "is required for a queue (max_queue, queue_timeout_s queue requests "
                "beyond it)")
