@@ -25,11 +25,17 @@ from typing import Any
 import openai
 import pytest
 
+from gateway.config import Config, ConfigError, parse_config
+from gateway.settings import Capacity
+from tests import test_shared_state
 from tests.conftest import BETA_KEY, DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, server_yaml
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
 from tests.metering_support import scrape, total
 from tests.raw_http import request as raw_request
+from tests.redis_server import needs_redis
 from tests.support import WAV, assert_settled, expect_error, wait_for
+from tests.test_shared_state import LOADED, Launch, on_redis, on_sqlite, served_by, speak_at_once
+from tests.test_shared_state import table as shared_table
 
 SPEECH = "/v1/audio/speech"
 LONG = "A stream the test holds open while other requests queue behind it. " * 8
@@ -43,6 +49,8 @@ def pcm_bytes(text: str) -> int:
 
 
 PCM_BYTES = pcm_bytes(SHORT)
+launch, redis_url = test_shared_state.launch, test_shared_state.redis_url
+"""Its fixtures: gateway processes started at once (stopped with the test), and the real Redis of the module."""
 
 
 def config(tmp_path: Path, backends: dict[str, tuple[str, str]], routes: str = "", *, state: str = "memory",
@@ -346,3 +354,106 @@ def test_a_transcription_waits_for_the_slot_a_speech_stream_holds(
         assert "quick brown fox" in transcript.result(10)
     assert engine.peak == 1 and engine.over_capacity == 0 and waited(gw, "a", "admitted") == 1
     assert_settled(servers, gw, engine)
+
+
+# -- the settings -----------------------------------------------------------------------------------------
+
+_CONFIG = """
+keys: [{{name: demo, key: k, tenant: t{key}}}]
+backends:
+  b: {{kind: openai, url: "http://127.0.0.1:9/v1"{backend}}}
+models:
+  tts-1: {{task: speech, routes: [{{backend: b}}]}}
+{extra}"""
+HUGE = "1" + "0" * 4000
+HOSTILE = {
+    "max_concurrency": [".nan", ".inf", "-.inf", "-1", "0", "0.0", "1.5", "1000001", HUGE, "1e400", "'abc'", "''",
+                        "true", "false", "[1]", "{a: 1}"],
+    "max_queue": [".nan", ".inf", "-1", "0.5", "1000001", HUGE, "'abc'", "true", "false", "[1]", "null"],
+    "queue_timeout_s": [".nan", ".inf", "-1", "0", "0.0", "86401", HUGE, "'abc'", "true", "false", "[1]", "null"],
+}
+
+
+def _parse(backend: str = "", key: str = "", extra: str = "") -> Config:
+    return parse_config(_CONFIG.format(backend=backend, key=key, extra=extra))
+
+
+def _problem(**parts: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        _parse(**parts)
+    [problem] = caught.value.problems
+    assert len(problem) < 200, problem  # a 4000-digit number quoted cut short
+    return problem
+
+
+@pytest.mark.parametrize(("field", "value"), [(f, v) for f, values in HOSTILE.items() for v in values],
+                         ids=[f"{f}={v[:12]}" for f, values in HOSTILE.items() for v in values])
+def test_hostile_admission_settings_are_refused_by_path(field: str, value: str) -> None:
+    limit = "" if field == "max_concurrency" else ", max_concurrency: 2"
+    assert _problem(backend=f"{limit}, {field}: {value}").startswith(f"backends.b.{field}: expected ")
+
+
+@pytest.mark.parametrize("value", ["urgent", "HIGH", "1", "true", "[high]", "''", "{a: 1}"])
+def test_hostile_queue_priorities_are_refused_by_path(value: str) -> None:
+    assert _problem(key=f", queue_priority: {value}").startswith("keys[0].queue_priority: expected ")
+    tenant = _problem(extra=f"tenants: {{t: {{queue_priority: {value}}}}}")
+    assert tenant.startswith("tenants.t.queue_priority: expected "), tenant
+
+
+@pytest.mark.parametrize("fields", ["max_queue: 5", "queue_timeout_s: 5", "max_concurrency: null, max_queue: 5"])
+def test_a_queue_without_max_concurrency_is_refused(fields: str) -> None:
+    assert _problem(backend=f", {fields}") == ("backends.b.max_concurrency: is required for a queue (max_queue, "
+                                               "queue_timeout_s queue requests beyond it)")
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ("max_concurrency: 3", Capacity(3, 100, 30.0)),
+    ("max_concurrency: '3', max_queue: '0', queue_timeout_s: '0.25'", Capacity(3, 0, 0.25)),
+    ("max_concurrency: 2.0, max_queue: 1000000, queue_timeout_s: 86400", Capacity(2, 1_000_000, 86_400)),
+    ("max_concurrency: null", Capacity(None, 100, 30.0)),
+])
+def test_admission_settings_parse_with_their_defaults(fields: str, expected: Capacity) -> None:
+    assert _parse(backend=f", {fields}").capacity["b"] == expected
+    assert _parse().capacity["b"] == Capacity()  # no limit, no queue
+
+
+def test_queue_priorities_parse() -> None:
+    config = _parse(key=", queue_priority: low", extra="tenants: {t: {queue_priority: high}}")
+    assert config.keys[0].rules.queue_priority == "low"
+    assert config.policy.tenants["t"].rules.queue_priority == "high"
+
+
+# -- one limit shared by processes ------------------------------------------------------------------------
+
+K = 3
+
+
+def _shared(engine: FakeOpenAIEngine, tmp_path: Path, state: str) -> str:
+    """tests/test_shared_state.py's table, its backend at max_concurrency K; the double streams each request
+    (0.6 s of audio) in 8 pieces 0.05 s apart and answers 503 past K at once."""
+    engine.chunk_size, engine.chunk_delay, engine.max_active = 4096, 0.05, K
+    text = shared_table(engine, tmp_path, state)
+    assert text.count("    connect_timeout_s: 1\n") == 1
+    return text.replace("    connect_timeout_s: 1\n", f"    connect_timeout_s: 1\n    max_concurrency: {K}\n")
+
+
+def _check_shared(results: list[Any], engine: FakeOpenAIEngine) -> None:
+    """K + 3 requests sent at once, dealt between processes that would each let K through on their own:
+    all served, never more than K at the engine."""
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert engine.calls(SPEECH) == K + 3
+    assert engine.peak <= K and engine.over_capacity == 0, (engine.peak, engine.over_capacity)
+
+
+def test_sqlite_holds_one_max_concurrency_over_two_workers(launch: Launch, engine: FakeOpenAIEngine,
+                                                           tmp_path: Path) -> None:
+    (gateway,) = launch(_shared(engine, tmp_path, on_sqlite(tmp_path)), workers=2)
+    _check_shared(speak_at_once([gateway], K + 3), engine)
+    assert len(served_by(gateway, K + 3)) == 2  # both workers answered
+
+
+@needs_redis
+def test_two_gateways_on_redis_hold_one_max_concurrency_together(launch: Launch, engine: FakeOpenAIEngine,
+                                                                 tmp_path: Path, redis_url: str) -> None:
+    config = _shared(engine, tmp_path, on_redis(redis_url, **LOADED))
+    _check_shared(speak_at_once(launch(config, config), K + 3), engine)
