@@ -157,9 +157,9 @@ def test_a_high_priority_request_goes_before_a_low_one_queued_earlier(
     engine.max_active = 1
     with sdk(gw) as low, sdk(gw, key=BETA_KEY) as high, ThreadPoolExecutor(2) as pool:
         with held(low, engine):
-            first = queue(pool, gw, "a", lambda: speak(low, "Low, queued first."))
-            second = queue(pool, gw, "a", lambda: speak(high, "High, queued second."))
-        first.result(10), second.result(10)
+            on_low = queue(pool, gw, "a", lambda: speak(low, "Low, queued first."))
+            on_high = queue(pool, gw, "a", lambda: speak(high, "High, queued second."))
+        assert on_low.result(10) and on_high.result(10)
     assert inputs(engine)[1:] == ["High, queued second.", "Low, queued first."]
 
 
@@ -275,15 +275,16 @@ def test_a_saturated_route_is_passed_over_without_waiting(make_gateway: Callable
 
 def test_a_slot_is_held_until_a_streams_last_byte(servers: ServerThread, make_gateway: Callable[[str], Gateway],
                                                   tmp_path: Path, slow: Any, engine: FakeOpenAIEngine) -> None:
-    """Two streams of 0.3 s on one slot: the second waits the first out (the double, at max_active 1, would
-    refuse it otherwise), and each arrives whole."""
-    engine.max_active, engine.chunk_size, engine.chunk_delay = 1, 4096, 0.05
+    """Two streams on one slot, the first of 0.5 s (11 pieces 0.05 s apart): the second, queued while it
+    streams, waits it out (the double, at max_active 1, would refuse it otherwise), and each arrives whole."""
+    engine.max_active, engine.chunk_size, engine.chunk_delay = 1, 8192, 0.05
+    first_text = "The first stream, a longer one."
     gw = make_gateway(config(tmp_path, {"a": (engine.url, "max_concurrency: 1")}))
     with sdk(gw) as c, ThreadPoolExecutor(2) as pool:
-        first = pool.submit(speak, c, SHORT)
+        first = pool.submit(speak, c, first_text)
         wait_for(lambda: engine.started == 1, what="the first stream at the engine")
         after = queue(pool, gw, "a", lambda: speak(c, SHORT))
-        assert len(first.result(10)) == len(after.result(10)) == PCM_BYTES
+        assert len(first.result(10)) == pcm_bytes(first_text) and len(after.result(10)) == PCM_BYTES
     assert engine.peak == 1 and engine.over_capacity == 0 and len(engine.finished) == 2
     assert waited(gw, "a", "admitted") == 1
     assert_settled(servers, gw, engine)
@@ -387,5 +388,5 @@ def test_sqlite_holds_one_max_concurrency_over_two_workers(launch: Launch, engin
 @needs_redis
 def test_two_gateways_on_redis_hold_one_max_concurrency_together(launch: Launch, engine: FakeOpenAIEngine,
                                                                  tmp_path: Path, redis_url: str) -> None:
-    config = _shared(engine, tmp_path, on_redis(redis_url, **LOADED))
-    _check_shared(speak_at_once(launch(config, config), K + 3), engine)
+    text = _shared(engine, tmp_path, on_redis(redis_url, **LOADED))
+    _check_shared(speak_at_once(launch(text, text), K + 3), engine)
