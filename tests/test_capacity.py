@@ -163,11 +163,12 @@ def test_a_high_priority_request_goes_before_a_low_one_queued_earlier(
     assert inputs(engine)[1:] == ["High, queued second.", "Low, queued first."]
 
 
+@pytest.mark.parametrize("state", ["memory", "sqlite"])
 def test_a_client_that_disconnects_while_queued_leaves_the_queue_at_once(
         servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, slow: Any,
-        engine: FakeOpenAIEngine) -> None:
+        engine: FakeOpenAIEngine, state: str) -> None:
     """queue_timeout_s is its default, 30 s: only the client's going away can take it out of the queue."""
-    gw = make_gateway(config(tmp_path, {"a": (engine.url, "max_concurrency: 1")}))
+    gw = make_gateway(config(tmp_path, {"a": (engine.url, "max_concurrency: 1")}, state=state))
     body = json.dumps({"model": "tts-1", "voice": "nova", "input": "Gone.", "response_format": "pcm"}).encode()
     with sdk(gw) as c:
         with held(c, engine):
