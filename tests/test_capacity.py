@@ -206,7 +206,8 @@ def test_a_full_queue_moves_on_to_the_next_route(make_gateway: Callable[[str], G
 
 def test_a_full_queue_on_the_last_route_is_a_429_the_sdk_reads_as_a_rate_limit(
         servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, slow: Any,
-        engine: FakeOpenAIEngine) -> None:
+        engine: FakeOpenAIEngine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "gateway.access")
     gw = make_gateway(config(tmp_path, {"a": (engine.url, "max_concurrency: 1, max_queue: 1")}))
     with sdk(gw) as c, ThreadPoolExecutor(1) as pool:
         with held(c, engine):
@@ -220,6 +221,10 @@ def test_a_full_queue_on_the_last_route_is_a_429_the_sdk_reads_as_a_rate_limit(
     assert inputs(engine) == [LONG, "Queued."]  # the refused one never reached the engine
     assert metric(gw, "gateway_backend_queue_full_total", backend="a") == 1
     assert_settled(servers, gw, engine)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    refused_line = next(line for line in lines if line["status"] == 429)  # names the model and the route that refused
+    assert (refused_line["model"], refused_line["backend"]) == ("tts-1", "a")
+    assert [(a["backend"], a["outcome"]) for a in refused_line["attempts"]] == [("a", "queue_full")]
 
 
 def test_a_timed_out_wait_moves_on_to_the_next_route(make_gateway: Callable[[str], Gateway], tmp_path: Path,

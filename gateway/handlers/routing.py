@@ -74,13 +74,17 @@ class _Routing(Generic[T]):
                 if found is not _MISS:
                     return found  # type: ignore[return-value]
             for n, (i, forced) in enumerate(saturated):
+                c, queued = ordered[i], time.monotonic()
                 try:
-                    slot = await self.gates.wait(ordered[i].route.backend, rank(self.request[IDENTITY],
-                                                                               self.request[TABLE].config.policy))
-                except Refused as refused:
-                    self._failed(ordered[i], i, _refusal(refused, self.model.name))
+                    slot = await self.gates.wait(c.route.backend, rank(self.request[IDENTITY],
+                                                                      self.request[TABLE].config.policy))
+                except Refused as refused:  # noted as an attempt, so the access log names the route that refused
+                    outcome = self.request[OUTCOME]
+                    outcome.route(self.model.name, c.route.backend, c.route.model)
+                    outcome.attempted(c.route.backend, refused.reason, time.monotonic() - queued)
+                    self._failed(c, i, _refusal(refused, self.model.name))
                     continue
-                found = await self._try(ordered[i], i, slot, forced, more=n < len(saturated) - 1)
+                found = await self._try(c, i, slot, forced, more=n < len(saturated) - 1)
                 if found is not _MISS:
                     return found  # type: ignore[return-value]
             due = {i: at for i, at in self.retry_at.items() if at is not None}
