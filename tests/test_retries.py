@@ -12,6 +12,7 @@ against an upper wall-clock bound.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -21,14 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.retry import Retry
-from gateway.state import EJECTIONS
-from tests.conftest import LOOPBACK_TLS, Gateway, ServerThread, sdk
+from gateway.state import EJECTIONS, IN_FLIGHT
+from tests.conftest import DEMO_KEY, LOOPBACK_TLS, Gateway, ServerThread, sdk
 from tests.fakes.engine import Recorded
 from tests.fakes.openai_engine import RATE, FakeOpenAIEngine, speech_seconds
 from tests.metering_support import scrape, scrape_settled, total, wait_ledger
@@ -43,6 +45,7 @@ NO_EJECTION = "outlier: {enabled: false}\n"
 """Retries alone: no failure here ejects a backend (unless a test is about ejection)."""
 EJECT_AT_ONCE = "outlier: {consecutive_failures: 1, base_ejection_s: 30, max_ejected_percent: 100}\n"
 """One failure ejects a backend: an attempt wrongly counted as failed would show at once."""
+AUTH = {"Authorization": f"Bearer {DEMO_KEY}"}
 PRICE = "price: {per_million_characters: 15.0, per_audio_minute: 0.6}"
 
 
@@ -247,6 +250,33 @@ def test_no_retry_starts_once_the_budget_is_spent(servers: ServerThread, make_ga
     assert_settled(servers, gw, engine)
 
 
+async def test_a_client_that_leaves_during_a_backoff_gets_no_more_attempts(
+        servers: ServerThread, make_gateway: Callable[[str], Gateway], tmp_path: Path, engine: FakeOpenAIEngine,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The engine fails; the gateway plans a retry 0.5-1 s later, and the client leaves meanwhile: the request
+    ends there (499, one attempt logged), no retry reaches the engine, nothing is left held. (Waits only as
+    long as the cancellation takes; a gateway that kept retrying would fail it after about a second.)"""
+    engine.mode = "500"
+    caplog.set_level(logging.INFO, logger="gateway")
+    gw = _gateway(make_gateway, tmp_path, {"only": engine.url}, "attempts: 3, backoff_s: 1, max_backoff_s: 1")
+    body = {"model": "tts-1", "voice": "nova", "input": TEXT, "response_format": "pcm"}
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.ensure_future(session.post(gw.base_url + "/audio/speech", json=body, headers=AUTH))
+        planned = "failed (backend_5xx); it may be retried in"
+        await asyncio.to_thread(wait_for, lambda: any(planned in r.getMessage() for r in caplog.records),
+                                2.0, "the retry to be planned")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await asyncio.to_thread(wait_for, lambda: bool(_access_lines(caplog)), 3.0, "the access log line")
+    [line] = _access_lines(caplog)
+    assert line["status"] == 499
+    assert [(a["backend"], a["outcome"]) for a in line["attempts"]] == [("only", "backend_5xx")]
+    assert engine.started == 1
+    await asyncio.to_thread(assert_settled, servers, gw, engine)
+    assert servers.call(lambda: dict(gw.app[IN_FLIGHT].counts)) == {}
+
+
 # -- a backend's 429 ----------------------------------------------------------------------------------------------
 
 
@@ -296,20 +326,6 @@ def test_what_no_retry_fixes_is_tried_once_and_says_so(make_gateway: Callable[[s
     [line] = _access_lines(caplog)
     assert line["error"] == failure
     assert [(a["backend"], a["outcome"]) for a in line["attempts"]] == [("only", failure)]
-
-
-def test_a_transient_failure_leaves_the_sdk_free_to_retry(make_gateway: Callable[[str], Gateway], tmp_path: Path,
-                                                          engine: FakeOpenAIEngine) -> None:
-    """The contrast: a 500 from the engine, retried by the gateway (attempts: 2), then left to the SDK, which
-    retries twice itself: three requests to the gateway, six to the engine."""
-    engine.mode = "500"
-    gw = _gateway(make_gateway, tmp_path, {"only": engine.url}, "attempts: 2, backoff_s: 0.01")
-    sent: list[str] = []
-    http = httpx2.Client(verify=LOOPBACK_TLS, event_hooks={"request": [lambda r: sent.append(r.url.path)]})
-    with sdk(gw, max_retries=2, http_client=http) as c, pytest.raises(openai.InternalServerError) as caught:
-        _speak(c)
-    assert "x-should-retry" not in caught.value.response.headers
-    assert len(sent) == 3 and engine.calls(SPEECH) == 6
 
 
 # -- billed once ----------------------------------------------------------------------------------------------------
