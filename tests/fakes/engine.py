@@ -5,7 +5,8 @@ created with `handler_cancellation=True`, so a client that disconnects cancels t
 production. Its middleware records every request (`requests`, `last`; the handler finds it under
 `RECORDED`), counts started, running and client-cancelled handlers (`started`, `active`, `cancelled`)
 and hands the request to the subclass's `_answer`, where each double checks credentials and failure
-modes in its engine's words before calling the route's handler. `mode` is checked against the subclass's `MODES`.
+modes in its engine's words before calling the route's handler. `mode` is checked against the subclass's `MODES`;
+`fail_next` limits it to the next few requests.
 
 `_write` writes pieces of a body as a chunked response, `chunk_delay` apart (the first
 `first_chunk_delay` after the headers); `cut` closes the connection after what was written has had a
@@ -45,6 +46,8 @@ class Recorded:
     form: list[tuple[str, str]] = field(default_factory=list)
     files: list[tuple[str, str, str, bytes]] = field(default_factory=list)
     """(name, filename, content_type, bytes) per file part."""
+    arrived: float = field(default_factory=time.monotonic)
+    """time.monotonic() when its head arrived: the gaps between a gateway's attempts (retry backoffs)."""
 
     def form_values(self, name: str) -> list[str]:
         return [v for k, v in self.form if k == name]
@@ -118,6 +121,9 @@ class FakeHttpEngine:
         self.first_chunk_delay = 0.0
         """Seconds between a streamed answer's headers (sent at once) and its first piece."""
         self._mode = "ok"
+        self.fail_next: int | None = None
+        """None: every request is answered in `mode`. N: only the next N are; the one after them finds the
+        double back in "ok" (a backend that recovers, for retries)."""
         self.hang_seconds = 3600.0
         self.requests: list[Recorded] = []
         self.finished: list[float] = []
@@ -184,6 +190,11 @@ class FakeHttpEngine:
                 return web.Response(status=503, text="engine over capacity")
             request[RECORDED] = rec = await self._record(request)
             self.requests.append(rec)
+            if self.fail_next is not None:
+                if self.fail_next > 0:
+                    self.fail_next -= 1
+                else:
+                    self._mode, self.fail_next = "ok", None
             return await self._answer(request, handler)
         except asyncio.CancelledError:
             self.cancelled += 1

@@ -129,7 +129,7 @@ class FakeOpenAIEngine(FakeHttpEngine):
         if self.mode in _MODE_ERRORS:
             status, message, type_, code = _MODE_ERRORS[self.mode]
             param = _PARAM_400.get(request.path) if self.mode == "400" else None
-            headers = {"Retry-After": "7"} if self.mode == "429" else None
+            headers = {"Retry-After": self.retry_after or "7"} if self.mode == "429" else None
             return _error(status, message, type_, param, code, headers)
         if self.mode == "hang":
             await self._hang()
