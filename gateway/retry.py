@@ -5,8 +5,9 @@ whose failure was transient is then tried again, up to `attempts` times in all, 
 route had its turn and after a backoff: `backoff_s` doubled per retry, capped at `max_backoff_s`, jittered
 (a uniform draw between half and all of it, so that requests failed together do not return together), or
 the backend's own `Retry-After` when it is longer and at most `retry_after_max_s` (a longer one: that
-route is not retried). No retry starts past `budget_s` after the first attempt began, nor past the model's
-`deadline_s`. Once a byte went to the client nothing is retried (gateway/streaming.py): the loop in
+route is not retried; a 429 without one counts as 1 s, whole seconds as the client gets them). No retry
+starts past `budget_s` after the first attempt began, nor past the model's `deadline_s`, nor on a backend
+ejected meanwhile. Once a byte went to the client nothing is retried (gateway/streaming.py): the loop in
 gateway/handlers/routing.py returns at the first attempt that answered.
 
 Transient (retried on the same route): unreachable, timed out, cut mid-answer, the backend's 5xx, its own

@@ -144,6 +144,17 @@ def test_without_retries_each_route_is_tried_once(make_gateway: Callable[[str], 
     assert (engine.calls(SPEECH), second.calls(SPEECH)) == (1, 1)
 
 
+def test_a_backend_its_own_failure_ejected_is_not_retried(make_gateway: Callable[[str], Gateway], tmp_path: Path,
+                                                         engine: FakeOpenAIEngine) -> None:
+    """attempts: 3 on the only route, and one failure ejects: the retry would hit a backend known to be
+    failing, so there is none (without the ejection there would be three calls, as the next test shows)."""
+    engine.mode = "500"
+    gw = _gateway(make_gateway, tmp_path, {"a": engine.url}, "attempts: 3, backoff_s: 0.01", extra=EJECT_AT_ONCE)
+    with sdk(gw, max_retries=0) as c, pytest.raises(openai.InternalServerError):
+        _speak(c)
+    assert engine.calls(SPEECH) == 1
+
+
 # -- the same route: jittered exponential backoff -------------------------------------------------------------
 
 

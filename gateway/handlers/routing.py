@@ -97,9 +97,9 @@ class _Routing(Generic[T]):
         """One attempt on `c` holding `slot`: its result, or _MISS when it failed in a way that moves on."""
         backend, name = c.adapter.backend, c.route.backend
         trial = self.ejections.begin(backend)
-        if trial is None and not forced and more:
+        if trial is None and ((not forced and more) or i in self.tries):
             slot.release()
-            return _MISS  # ejected, or its one trial is taken, since `pick`
+            return _MISS  # ejected, or its one trial is taken, since `pick`; or ejected by its own failure
         if self.last is not None and self.metrics is not None:
             self.metrics.retries.labels(self.last[0], self.last[1].reason).inc()
         self.tries[i] = self.tries.get(i, 0) + 1
