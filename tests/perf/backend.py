@@ -4,7 +4,9 @@ tests.fakes.openai_engine is the double for behaviour (it records every request,
 makes audio per request); here every column of a benchmark (direct, nginx, the gateway) needs the same
 backend costing as little as possible, so that it is not what limits the load. Speech answers
 `speech.mp3` (real MP3 frames) in `--chunk` pieces as a chunked stream; a transcription reads the
-whole upload and answers a fixed transcript. It runs on uvloop when that is installed.
+whole upload and answers a fixed transcript. `GET /v1/peak` answers the most speech requests it has had
+in flight at once since the last such GET (an admission-control benchmark checks its limit with it). It
+runs on uvloop when that is installed.
 
     python -m tests.perf.backend SPEECH_FILE [--chunk 8192]   # prints its base URL, serves until stdin closes
 """
@@ -25,18 +27,28 @@ MODELS = {"object": "list", "data": [{"id": "tts-1", "object": "model", "created
 
 def build(speech: bytes, chunk: int) -> web.Application:
     pieces = [speech[i : i + chunk] for i in range(0, len(speech), chunk)]
+    in_flight = {"now": 0, "peak": 0}
 
     async def speech_route(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+        in_flight["now"] += 1
+        in_flight["peak"] = max(in_flight["peak"], in_flight["now"])
         try:
-            await response.prepare(request)
-            for piece in pieces:
-                await response.write(piece)
-            await response.write_eof()
-        except ConnectionResetError:  # wrk hangs up on the requests in flight when its time is up
-            pass
-        return response
+            await request.read()
+            response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+            try:
+                await response.prepare(request)
+                for piece in pieces:
+                    await response.write(piece)
+                await response.write_eof()
+            except ConnectionResetError:  # wrk hangs up on the requests in flight when its time is up
+                pass
+            return response
+        finally:
+            in_flight["now"] -= 1
+
+    async def peak_route(request: web.Request) -> web.Response:
+        peak, in_flight["peak"] = in_flight["peak"], in_flight["now"]
+        return web.json_response({"peak": peak})
 
     async def transcription_route(request: web.Request) -> web.Response:
         received = 0
@@ -57,6 +69,7 @@ def build(speech: bytes, chunk: int) -> web.Application:
     app.router.add_post("/v1/audio/speech", speech_route)
     app.router.add_post("/v1/audio/transcriptions", transcription_route)
     app.router.add_get("/v1/models", models_route)
+    app.router.add_get("/v1/peak", peak_route)
     return app
 
 
