@@ -1,8 +1,8 @@
 """What admission control (`backends.<b>.max_concurrency`, gateway/capacity.py) costs per request: small
 speech through the gateway with no limit, against the same with a limit too large ever to queue, its slots
-counted in memory, on SQLite and on a real redis-server; the backend called directly for reference; and one
-gateway whose limit does queue, in one run, against one backend (tests/perf/backend.py, a small PCM body
-after a 5 ms wait, HOLD_MS: an engine's requests overlap, so its concurrency is there to limit).
+counted in memory, on SQLite and on a real redis-server; the backend called directly for reference; and
+two gateways whose limit does queue; in one run, against one backend (tests/perf/backend.py, a small PCM
+body after a 5 ms wait, HOLD_MS: an engine's requests overlap, so there is a concurrency to limit).
 
 Run: .venv/bin/python -m pytest tests/perf/test_admission_overhead.py -q -s -p no:cacheprovider
 Needs `wrk`; the redis row needs `redis-server` (without it that row is skipped and said so).
@@ -15,6 +15,7 @@ and on SQLite (the default store: a slot freed goes back to the store before the
 lease it): the backend answers at most 4 / 5 ms = 800 a second there, 28 requests wait at any time, and
 req/s, p99 at 32 connections and the queue wait histogram (gateway_backend_queue_wait_seconds, read from
 /metrics) show what that does. At 1 connection nothing queues.
+
 As tests/perf/test_policy_overhead.py: the gateways run side by side on core 0 (tests/perf/rig.py), the
 backend, wrk and redis-server on core 1, and take turns, BENCH_ROUNDS (3) rounds of BENCH_SECONDS (3) of
 wrk per row, each after a 1 s warm-up. Per row: requests per second and p99 at 32 connections, p50 and p99 at
