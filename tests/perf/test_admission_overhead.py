@@ -14,7 +14,9 @@ path's own cost. The queue rows have `max_concurrency: 4` under 32 connections, 
 and on SQLite (the default store: a slot freed goes back to the store before the head of the queue can
 lease it): the backend answers at most 4 / 5 ms = 800 a second there, 28 requests wait at any time, and
 req/s, p99 at 32 connections and the queue wait histogram (gateway_backend_queue_wait_seconds, read from
-/metrics) show what that does. At 1 connection nothing queues.
+/metrics) show what that does. At 1 connection nothing queues. A gateway spends more CPU on each request
+when it serves fewer a second, so the gateway without a limit is also measured at 4 connections: the queue's
+own cost is a queue row's CPU against that row's.
 
 As tests/perf/test_policy_overhead.py: the gateways run side by side on core 0 (tests/perf/rig.py), the
 backend, wrk and redis-server on core 1, and take turns, BENCH_ROUNDS (3) rounds of BENCH_SECONDS (3) of
@@ -60,6 +62,10 @@ SPEECH = {"model": "tts-1", "voice": "nova", "response_format": "pcm", "input": 
 DIRECT, OFF = "direct to the backend", "gateway, no max_concurrency"
 MEMORY, SQLITE, REDIS = (f"max_concurrency {NEVER_QUEUES}, {store}" for store in ("memory", "sqlite", "redis"))
 QUEUE_MEMORY, QUEUE_SQLITE = (f"max_concurrency {QUEUES} (queues), {store}" for store in ("memory", "sqlite"))
+FEW = f"gateway, no max_concurrency, {QUEUES} conn (not 32)"
+"""The no-limit gateway at the queue rows' concurrency: a gateway serving fewer requests a second spends more
+CPU on each (fewer requests per wake-up of its event loop), so the queue's own cost is a queue row's CPU
+against this row's, not against the 32-connection one's."""
 
 
 @dataclass
@@ -82,6 +88,10 @@ class Row:
     """The backend's most speech requests in flight at once, per round (warm-ups included)."""
     served: int = 0
     """Answers of every run, warm-ups included: what the gateway's counters saw."""
+    connections: int = CONNECTIONS
+    """Of the `wide` runs."""
+    singles: bool = True
+    """Whether to measure at 1 connection too."""
 
     @property
     def loads(self) -> list[rig.Load]:
@@ -118,18 +128,20 @@ class Row:
     def measure(self, script: Path, peak_url: str) -> None:
         url = self.url + "/audio/speech"
         backend_peak(peak_url)  # from here on
-        warm = rig.wrk(url, script, CONNECTIONS, 1)  # warm-up: connections, pools, the store's connections and pages
+        warm = rig.wrk(url, script, self.connections, 1)  # warm-up: connections, pools, the store's connections, pages
         before = rig.tree_cpu_seconds(self.pid) if self.pid else 0.0
         store_before = rig.tree_cpu_seconds(self.store_pid) if self.store_pid else 0.0
-        self.wide.append(rig.wrk(url, script, CONNECTIONS, SECONDS))
+        self.wide.append(rig.wrk(url, script, self.connections, SECONDS))
         if self.pid:
             self.cpu.append(rig.tree_cpu_seconds(self.pid) - before)
         if self.store_pid:
             self.store_cpu.append(rig.tree_cpu_seconds(self.store_pid) - store_before)
-        warm_single = rig.wrk(url, script, 1, 1)
-        self.single.append(rig.wrk(url, script, 1, SECONDS))
+        self.served += warm.requests + self.wide[-1].requests
+        if self.singles:
+            warm_single = rig.wrk(url, script, 1, 1)
+            self.single.append(rig.wrk(url, script, 1, SECONDS))
+            self.served += warm_single.requests + self.single[-1].requests
         self.peaks.append(backend_peak(peak_url))
-        self.served += warm.requests + warm_single.requests + self.wide[-1].requests + self.single[-1].requests
 
 
 def backend_peak(url: str) -> int:
@@ -180,6 +192,8 @@ def test_admission_overhead(tmp_path: Path) -> None:
             path.write_text(yaml)
             url, pid = stack.enter_context(rig.gateway(path, free_port(), tmp_path / f"gateway-{i}.log"))
             rows.append(Row(name, url, pid, limit, store, store_pid))
+            if name == OFF:
+                rows.append(Row(FEW, url, pid, connections=QUEUES, singles=False))
         for round_ in range(ROUNDS):  # each takes every place in the order in turn: drift hits all alike
             for row in rows[round_ % len(rows):] + rows[: round_ % len(rows)]:
                 row.measure(script, backend_url + "/peak")
@@ -248,14 +262,16 @@ def report(rows: list[Row], scraped: dict[str, Samples], notes: list[str]) -> No
     off = next(row for row in rows if row.name == OFF)
     table = [[r.name, sum(load.requests for load in r.loads), r.rps, r.wide_p99_ms, r.p50_ms, r.p99_ms, r.cpu_us,
               r.store_cpu_us, r.cpu_us - off.cpu_us, r.p50_ms - off.p50_ms, max(r.peaks)] for r in rows]
-    per_round = [f"{r.name}: req/s {' '.join(f'{x.rps:.0f}' for x in r.wide)}; p50 ms "
-                 f"{' '.join(f'{x.p50_ms:.2f}' for x in r.single)}"
+    per_round = [f"{r.name}: req/s {' '.join(f'{x.rps:.0f}' for x in r.wide)}"
+                 + (f"; p50 ms {' '.join(f'{x.p50_ms:.2f}' for x in r.single)}" if r.single else "")
                  + (f"; gateway CPU us/req {' '.join(f'{us:.0f}' for us in r.cpu_us_per_round)}" if r.cpu else "")
                  for r in rows]
     ops = [f"{r.name}: store operations per answer (warm-ups and all): "
            + " ".join(f"{op} {n / r.served:.2f}" for op, n in sorted(store_ops(scraped[r.name]).items()))
            for r in rows if r.limit is not None and r.store != "memory"]
-    queue = [f"{r.name}: {wait_summary(scraped[r.name], r.served)}" for r in rows if r.limit == QUEUES]
+    few = next(row for row in rows if row.name == FEW)
+    queue = [f"{r.name}: {wait_summary(scraped[r.name], r.served)}; gateway CPU us/req "
+             f"{r.cpu_us - few.cpu_us:+.0f} against '{FEW}'" for r in rows if r.limit == QUEUES]
     print_table(f"Admission overhead: speech, {len(PCM)} B PCM answer after {HOLD_MS} ms, {ROUNDS} x {SECONDS:g} s "
                 "of wrk per row",
                 ["configuration", "requests", f"req/s @{CONNECTIONS}", f"p99 ms @{CONNECTIONS}", "p50 ms @1",
