@@ -54,6 +54,7 @@ CONNECTIONS = 32
 NEVER_QUEUES, QUEUES = 10_000, 4
 """The limits: one never reached at 32 connections, one that makes 28 of them wait."""
 HOLD_MS = 5
+"""How long the backend waits before each answer, so that its requests overlap as an engine's do."""
 PCM = b"".join(int(8000 * math.sin(2 * math.pi * 375 * i / 24_000)).to_bytes(2, "little", signed=True)
                for i in range(6_000))
 """The backend's whole answer: 0.25 s of 24 kHz 16-bit mono, 12,000 bytes, one chunk."""
