@@ -87,9 +87,11 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
 
 
 @contextmanager
-def backend(speech: Path, chunk: int) -> Iterator[tuple[str, int]]:
-    """tests/perf/backend.py on LOAD_CORES; yields its base URL and pid."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.perf.backend", str(speech), "--chunk", str(chunk)],
+def backend(speech: Path, chunk: int, hold_ms: float = 0) -> Iterator[tuple[str, int]]:
+    """tests/perf/backend.py on LOAD_CORES, each speech answer held `hold_ms` before its first byte; yields its
+    base URL and pid."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.perf.backend", str(speech), "--chunk", str(chunk),
+                             "--hold-ms", f"{hold_ms:g}"],
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, preexec_fn=_pin(LOAD_CORES))
     try:
         assert proc.stdout is not None
