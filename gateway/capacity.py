@@ -139,8 +139,8 @@ class Gate:
         finally:
             head = self.queue[0] is me
             self.queue.remove(me)
-            if head and self.queue:
-                self.queue[0].woken.set()  # the next may take a slot too
+            if head and self.queue and (outcome != "admitted" or self.held < (capacity.max_concurrency or 0)):
+                self.queue[0].woken.set()  # the next may take a slot too (in a shared store it polls anyway)
             self.gates.depth(self.name, -1)
             self.gates.waited(self.name, outcome, loop.time() - started)
 
