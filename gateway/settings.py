@@ -1,7 +1,7 @@
 """The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`) sections of the config file,
 and a backend's admission settings, each a frozen dataclass with documented defaults, parsed with YAML-path
-errors. The mapping table itself (keys,
-backends, models, voices) is gateway/config.py, which parses the whole file.
+errors. The mapping table itself (keys, backends, models, voices) is gateway/config.py, which parses the
+whole file.
 """
 
 from __future__ import annotations
