@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from gateway import __version__, event_loop, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
-from gateway.config import Config, ConfigError, load_config, unservable
+from gateway.config import Config, ConfigError, has_slots, load_config, unservable
 from gateway.logs import queued_logging
 from gateway.policy.shared import scope_warnings
 from gateway.supervisor import supervise, usable_cpus
@@ -50,7 +50,7 @@ def _check(path: str) -> int:
         config = _load(path)
         for where, why in unavailable_kinds(config).items():
             report(f"warning: {where}: {why}")
-        for warning in scope_warnings(config.policy, None, os.environ):
+        for warning in scope_warnings(config.policy, None, os.environ, has_slots(config)):
             report(f"warning: {warning}")
         asyncio.run(_check_adapters(config))
     except ConfigError as exc:
@@ -80,7 +80,7 @@ def serve(path: str, host: str | None, port: int | None, workers: int = 1, link:
     listen = replace(config.server, host=host or config.server.host, port=port or config.server.port)
     config = replace(config, server=listen)
     if link is None:
-        for warning in scope_warnings(config.policy, workers, os.environ):
+        for warning in scope_warnings(config.policy, workers, os.environ, has_slots(config)):
             logging.warning("WARNING: %s", warning)
     if workers > 1 and link is None:
         return supervise(config, workers)  # each worker runs on the loop GATEWAY_EVENT_LOOP picks

@@ -264,6 +264,11 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     )
 
 
+def has_slots(config: Config) -> bool:
+    """Whether some backend has a max_concurrency, counted in the state store (gateway/capacity.py)."""
+    return any(capacity.max_concurrency for capacity in config.capacity.values())
+
+
 def unservable(config: Config) -> list[str]:
     """Why a config that parses would still serve nobody: no keys (every request a 401) or no models
     (every request a 404), as an empty or truncated file gives. Refused by a reload and check-config."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import Config, ConfigError, parse_config
+from gateway.config import Config, ConfigError, has_slots, parse_config
+from gateway.policy.shared import scope_warnings
 from gateway.settings import Capacity
 
 _CONFIG = """
@@ -73,3 +74,23 @@ def test_queue_priorities_parse() -> None:
     config = _parse(key=", queue_priority: low", extra="tenants: {t: {queue_priority: high}}")
     assert config.keys[0].rules.queue_priority == "low"
     assert config.policy.tenants["t"].rules.queue_priority == "high"
+
+
+@pytest.mark.parametrize(("state", "workers", "environ", "said"), [
+    ("memory", 2, {}, ["state.backend: memory: max_concurrency slots are counted by each worker process"]),
+    ("memory", None, {}, ["state.backend: memory: max_concurrency slots are counted by each process"]),
+    ("memory", 1, {}, []),
+    ("sqlite", 4, {}, []),  # one file for every worker of the host
+    ("sqlite", 1, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+     ["state.backend: sqlite in Kubernetes: max_concurrency slots are counted per pod"]),
+    ("redis", 4, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, []),
+])
+def test_slots_counted_per_process_are_said_at_start(state: str, workers: int | None, environ: dict[str, str],
+                                                     said: list[str]) -> None:
+    """The startup guard of limits (gateway/policy/shared.py) covers max_concurrency too: with a store not
+    shared by every process, each lets `max_concurrency` through on its own."""
+    config = _parse(", max_concurrency: 2", extra=f"state: {{backend: {state}}}\n")
+    warnings = scope_warnings(config.policy, workers, environ, has_slots(config))
+    assert [w[:len(s)] for w, s in zip(warnings, said, strict=False)] == said and len(warnings) == len(said)
+    assert scope_warnings(_parse(extra=f"state: {{backend: {state}}}\n").policy, workers, environ,
+                          has_slots(_parse())) == []  # no slots, no limits: nothing counted

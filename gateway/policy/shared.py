@@ -128,19 +128,22 @@ class SharedState:
             del self._reads[store, key]
 
 
-def scope_warnings(policy: Policy, workers: int | None, environ: Mapping[str, str]) -> list[str]:
+def scope_warnings(policy: Policy, workers: int | None, environ: Mapping[str, str], slots: bool = False) -> list[str]:
     """The "limit x replicas" trap, said at start (`workers`: how many serve) and by check-config (None):
-    a store that is not shared by every process counting lets each count the whole limit."""
+    a store that is not shared by every process counting lets each count the whole limit. `slots`: some
+    backend has a max_concurrency (gateway/capacity.py), counted in the same store."""
     backend = policy.state.store.backend
-    if not policy.active or backend == "redis":
+    if not (policy.active or slots) or backend == "redis":
         return []
+    counted = ("limits, budgets and max_concurrency slots" if policy.active and slots
+               else "limits and budgets" if policy.active else "max_concurrency slots")
     warnings = []
     if backend == "memory" and (workers is None or workers > 1):
         served = "each worker process" if workers else "each process"
-        warnings.append(f"state.backend: memory: limits and budgets are counted by {served} on its own, so "
+        warnings.append(f"state.backend: memory: {counted} are counted by {served} on its own, so "
                         "several workers or replicas let through that many times the limit; use sqlite (one "
                         "host) or redis (several replicas)")
     if "KUBERNETES_SERVICE_HOST" in environ:
-        warnings.append(f"state.backend: {backend} in Kubernetes: limits and budgets are counted per pod; with "
+        warnings.append(f"state.backend: {backend} in Kubernetes: {counted} are counted per pod; with "
                         "more than one replica (the HPA runs 2 to 10) use redis")
     return warnings
