@@ -19,10 +19,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import DEMO_KEY, sha
+from tests.perf.perfkit import median
 from tests.support import free_port
 
 ROOT = Path(__file__).parent.parent.parent
@@ -261,6 +262,54 @@ class Load:
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+
+@dataclass
+class Measured:
+    """One configuration's wrk runs and CPU time, as the overhead benchmarks report them."""
+
+    name: str
+    url: str
+    pid: int | None
+    """The gateway's pid; None: the backend called directly."""
+    store_pid: int | None = None
+    """redis-server's pid, whose CPU is counted apart."""
+    wide: list[Load] = field(default_factory=list)
+    """The runs at many connections."""
+    single: list[Load] = field(default_factory=list)
+    """The runs at 1 connection."""
+    cpu: list[float] = field(default_factory=list)
+    """Gateway CPU seconds of each wide run."""
+    store_cpu: list[float] = field(default_factory=list)
+
+    @property
+    def loads(self) -> list[Load]:
+        return self.wide + self.single
+
+    @property
+    def rps(self) -> float:
+        return sum(load.requests for load in self.wide) / sum(load.seconds for load in self.wide)
+
+    @property
+    def cpu_us(self) -> float:
+        return sum(self.cpu) / sum(load.requests for load in self.wide) * 1e6 if self.cpu else float("nan")
+
+    @property
+    def store_cpu_us(self) -> float:
+        return sum(self.store_cpu) / sum(load.requests for load in self.wide) * 1e6 if self.store_cpu \
+            else float("nan")
+
+    @property
+    def p50_ms(self) -> float:
+        return median([load.p50_ms for load in self.single])
+
+    @property
+    def p99_ms(self) -> float:
+        return median([load.p99_ms for load in self.single])
+
+    @property
+    def wide_p99_ms(self) -> float:
+        return median([load.p99_ms for load in self.wide])
 
 
 def wrk_script(path: Path, body: Path, content_type: str, key: str | None) -> Path:

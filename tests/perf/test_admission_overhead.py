@@ -45,7 +45,7 @@ import pytest
 from tests.conftest import DEMO_KEY
 from tests.metering_support import Samples, scrape
 from tests.perf import rig
-from tests.perf.perfkit import environment, median, print_table
+from tests.perf.perfkit import environment, print_table
 from tests.support import free_port
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
@@ -70,21 +70,11 @@ against this row's, not against the 32-connection one's."""
 
 
 @dataclass
-class Row:
-    name: str
-    url: str
-    pid: int | None
-    """The gateway's pid; None: the backend called directly."""
+class Row(rig.Measured):
+    """One configuration (its `wide` runs at `connections`)."""
+
     limit: int | None = None
     store: str = "memory"
-    store_pid: int | None = None
-    """redis-server's pid, whose CPU is counted apart."""
-    wide: list[rig.Load] = field(default_factory=list)
-    """The CONNECTIONS-connection runs."""
-    single: list[rig.Load] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    """Gateway CPU seconds of each wide run."""
-    store_cpu: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
     """The backend's most speech requests in flight at once, per round (warm-ups included)."""
     served: int = 0
@@ -95,36 +85,8 @@ class Row:
     """Whether to measure at 1 connection too."""
 
     @property
-    def loads(self) -> list[rig.Load]:
-        return self.wide + self.single
-
-    @property
-    def rps(self) -> float:
-        return sum(load.requests for load in self.wide) / sum(load.seconds for load in self.wide)
-
-    @property
-    def wide_p99_ms(self) -> float:
-        return median([load.p99_ms for load in self.wide])
-
-    @property
-    def cpu_us(self) -> float:
-        return sum(self.cpu) / sum(load.requests for load in self.wide) * 1e6 if self.cpu else math.nan
-
-    @property
     def cpu_us_per_round(self) -> list[float]:
         return [cpu / load.requests * 1e6 for cpu, load in zip(self.cpu, self.wide, strict=True)]
-
-    @property
-    def store_cpu_us(self) -> float:
-        return sum(self.store_cpu) / sum(load.requests for load in self.wide) * 1e6 if self.store_cpu else math.nan
-
-    @property
-    def p50_ms(self) -> float:
-        return median([load.p50_ms for load in self.single])
-
-    @property
-    def p99_ms(self) -> float:
-        return median([load.p99_ms for load in self.single])
 
     def measure(self, script: Path, peak_url: str) -> None:
         url = self.url + "/audio/speech"
@@ -192,7 +154,7 @@ def test_admission_overhead(tmp_path: Path) -> None:
             path = tmp_path / f"gateway-{i}.yaml"
             path.write_text(yaml)
             url, pid = stack.enter_context(rig.gateway(path, free_port(), tmp_path / f"gateway-{i}.log"))
-            rows.append(Row(name, url, pid, limit, store, store_pid))
+            rows.append(Row(name, url, pid, store_pid, limit=limit, store=store))
             if name == OFF:
                 rows.append(Row(FEW, url, pid, connections=QUEUES, singles=False))
         for round_ in range(ROUNDS):  # each takes every place in the order in turn: drift hits all alike

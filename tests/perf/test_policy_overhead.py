@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ import pytest
 from tests.conftest import DEMO_KEY
 from tests.metering_support import scrape
 from tests.perf import rig
-from tests.perf.perfkit import environment, median, print_table
+from tests.perf.perfkit import environment, print_table
 from tests.support import free_port
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
@@ -63,42 +63,8 @@ state: {state}
 
 
 @dataclass
-class Setup:
-    name: str
-    url: str
-    pid: int
-    store_pid: int | None = None
-    """redis-server's pid, whose CPU is counted apart."""
-    wide: list[rig.Load] = field(default_factory=list)
-    """The CONNECTIONS-connection runs."""
-    single: list[rig.Load] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    """Gateway CPU seconds of each wide run."""
-    store_cpu: list[float] = field(default_factory=list)
-
-    @property
-    def loads(self) -> list[rig.Load]:
-        return self.wide + self.single
-
-    @property
-    def rps(self) -> float:
-        return sum(load.requests for load in self.wide) / sum(load.seconds for load in self.wide)
-
-    @property
-    def cpu_us(self) -> float:
-        return sum(self.cpu) / sum(load.requests for load in self.wide) * 1e6
-
-    @property
-    def store_cpu_us(self) -> float:
-        return sum(self.store_cpu) / sum(load.requests for load in self.wide) * 1e6 if self.store_cpu else math.nan
-
-    @property
-    def p50_ms(self) -> float:
-        return median([load.p50_ms for load in self.single])
-
-    @property
-    def p99_ms(self) -> float:
-        return median([load.p99_ms for load in self.single])
+class Setup(rig.Measured):
+    """One gateway configuration (its `wide` runs at CONNECTIONS)."""
 
     def measure(self, script: Path) -> None:
         url = self.url + "/audio/speech"
