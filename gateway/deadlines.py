@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from gateway.config import Backend
-from gateway.errors import Reason, UpstreamTimeoutError
+from gateway.errors import GatewayError, Reason, UpstreamTimeoutError
 from gateway.models import Model
 
 log = logging.getLogger("gateway.deadlines")
@@ -41,21 +41,26 @@ async def first_byte(backend: Backend, attempt: Awaitable[T]) -> T:
     """`attempt` (a speech call and its first chunk, which closes its stream on any failure, cancellation
     included), failed as `backend`'s upstream timeout if it takes longer than its first_byte_timeout_s."""
     seconds = backend.timeouts.first_byte
-    if seconds is None:
-        return await attempt
-    try:
-        async with asyncio.timeout(seconds) as timer:
-            return await attempt
-    except TimeoutError:
-        if not timer.expired():
-            raise  # not ours (the adapters turn their own into UpstreamTimeoutError; this is defensive)
-        raise UpstreamTimeoutError(f"Backend '{backend.name}' sent no audio within its first-byte timeout "
-                                   f"({seconds:g} s).", reason=Reason.TIMEOUT) from None
+    return await _within(seconds, attempt, lambda: UpstreamTimeoutError(
+        f"Backend '{backend.name}' sent no audio within its first-byte timeout ({seconds:g} s).",
+        reason=Reason.TIMEOUT))
 
 
 async def within_deadline(model: Model, work: Awaitable[T], request_id: str | None = None) -> T:
     """`work` (all of a transcription's attempts), cancelled past `model`'s deadline_s, then a 504."""
     seconds = model.deadline_s
+
+    def stopped() -> GatewayError:
+        log.warning("request %s: stopped at the deadline of model '%s' (deadline_s: %g)", request_id,
+                    model.name, seconds)
+        return UpstreamTimeoutError(f"The request to model `{model.name}` did not complete within its deadline "
+                                    f"of {seconds:g} seconds and was stopped.", reason=DEADLINE, should_retry=False)
+
+    return await _within(seconds, work, stopped)
+
+
+async def _within(seconds: float | None, work: Awaitable[T], error: Callable[[], GatewayError]) -> T:
+    """`work`, or `error()` once it took `seconds` (None: no bound)."""
     if seconds is None:
         return await work
     try:
@@ -63,10 +68,5 @@ async def within_deadline(model: Model, work: Awaitable[T], request_id: str | No
             return await work
     except TimeoutError:
         if not timer.expired():
-            raise
-        log.warning("request %s: stopped at the deadline of model '%s' (deadline_s: %g)", request_id,
-                    model.name, seconds)
-        raise UpstreamTimeoutError(
-            f"The request to model `{model.name}` did not complete within its deadline of {seconds:g} seconds "
-            "and was stopped.",
-            reason=DEADLINE, should_retry=False) from None
+            raise  # not ours (an adapter's own timeout, which it turns into its error; defensive)
+        raise error() from None
