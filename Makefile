@@ -13,7 +13,7 @@ unexport PYTHONDONTWRITEBYTECODE
 $(BIN)/gateway: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[embedded,fast,test]'
+	$(BIN)/pip install --quiet -e '.[embedded,embedded-lite,fast,test]'
 	touch $@
 
 install: $(BIN)/gateway

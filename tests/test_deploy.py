@@ -748,12 +748,21 @@ def test_dockerfile_installs_the_extras_ci_installs() -> None:
     assert make_extras, "Makefile: cannot find the `pip install -e '.[...]'` line"
     ci_extras = set(make_extras.group(1).split(","))
     image_extras = {e for e in arg_default("EXTRAS").split(",") if e}
-    assert image_extras == ci_extras - {"test"}
+    assert image_extras == ci_extras - {"test", "embedded-lite"}  # the light engines: tested, not in the image
+    assert "embedded" in image_extras, "the default flavour runs config/gateway.yaml's engines"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert image_extras <= set(pyproject["project"]["optional-dependencies"])
     runs = " ".join(args for instruction, args in stages()[0] if instruction == "RUN")
     assert "pip wheel" in runs and "[${EXTRAS}] @ file://" in runs, "a wheel of the project, installed with EXTRAS"
     assert " -e " not in runs, "the image installs the wheel, not an editable checkout"
+
+
+def test_the_slim_flavour_has_no_engine() -> None:
+    """`--build-arg EXTRAS=fast` (the slim image, as the Dockerfile documents it) installs no engine package."""
+    assert re.search(r"^#\s+docker build .*--build-arg EXTRAS=fast .*-slim", DOCKERFILE.read_text(), re.MULTILINE)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    engines = {re.split(r"[<>=\[ ;]", spec)[0] for name in ("embedded", "embedded-lite") for spec in extras[name]}
+    assert engines and not engines & {re.split(r"[<>=\[ ;]", spec)[0] for spec in extras["fast"]}
 
 
 def test_dockerfile_python_is_the_one_the_project_targets() -> None:

@@ -1,5 +1,6 @@
-"""The embedded default config end to end: real speech from eSpeak NG, real words back from PocketSphinx,
-every speech format, speed, every transcript format, and bad audio, all through the official SDK."""
+"""The light embedded config (config/examples/embedded-lite.yaml) end to end: real speech from eSpeak NG, real
+words back from PocketSphinx, every speech format, speed, every transcript format, and bad audio, all through the
+official SDK."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from gateway.adapters import espeak, pocketsphinx
 from tests.conftest import LOOPBACK_TLS, Gateway, ServerThread, sdk, start_gateway
 
 ROOT = Path(__file__).parent.parent
-EMBEDDED_KEY = "sk-gateway-demo"  # config/gateway.yaml's demo key
+LITE = "config/examples/embedded-lite.yaml"
+EMBEDDED_KEY = "sk-gateway-demo"  # config/examples/embedded-lite.yaml's demo key
 SENTENCE = ("Hello world, this is a test of the speech system. The weather today is sunny and warm. "
             "Please call me back when you get home.")
 MIN_OVERLAP = 0.6
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.skipif(bool(espeak.unavailable_reason() or pocketsphinx
 
 @pytest.fixture(scope="module")
 def embedded(servers: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    text = (ROOT / "config" / "gateway.yaml").read_text()
+    text = (ROOT / LITE).read_text()
     gw = servers.run(start_gateway(text, tmp_path_factory.mktemp("spool")))
     yield gw
     servers.run(gw.runner.cleanup())
@@ -240,11 +242,12 @@ def test_damaged_short_or_silent_audio_gets_a_clean_transcript(client: openai.Op
         assert result.text == ""
 
 
-def test_without_the_embedded_extra_the_gateway_starts_and_names_the_missing_kinds(tmp_path: Path) -> None:
-    """A Python where the engines' packages cannot be imported, as on an install without the extra."""
+def test_without_the_lite_extra_the_gateway_starts_and_names_the_missing_kinds(tmp_path: Path) -> None:
+    """A Python where the engines' packages cannot be imported, as on an install without the
+    embedded-lite extra."""
     block = "import sys; sys.modules['espeakng_loader'] = None; sys.modules['pocketsphinx'] = None; "
     check = subprocess.run([sys.executable, "-c", block + "from gateway.__main__ import main; "
-                            "sys.exit(main(['check-config', 'config/gateway.yaml']))"],
+                            f"sys.exit(main(['check-config', '{LITE}']))"],
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert check.returncode == 0, check.stderr
     assert "backends.espeak.kind: kind 'espeak' is unavailable" in check.stderr
@@ -252,7 +255,7 @@ def test_without_the_embedded_extra_the_gateway_starts_and_names_the_missing_kin
     assert "pip install" in check.stderr
 
 
-def test_without_the_embedded_extra_the_gateway_serves_and_reports_them_down(tmp_path: Path) -> None:
+def test_without_the_lite_extra_the_gateway_serves_and_reports_them_down(tmp_path: Path) -> None:
     import httpx2 as httpx
 
     from tests.support import free_port
@@ -260,7 +263,7 @@ def test_without_the_embedded_extra_the_gateway_serves_and_reports_them_down(tmp
     port = free_port()
     block = "import sys; sys.modules['espeakng_loader'] = None; sys.modules['pocketsphinx'] = None; "
     proc = subprocess.Popen([sys.executable, "-c", block + "from gateway.__main__ import main; "
-                             f"sys.exit(main(['serve', '--config', 'config/gateway.yaml', '--port', '{port}']))"],
+                             f"sys.exit(main(['serve', '--config', '{LITE}', '--port', '{port}']))"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -283,6 +286,6 @@ def test_without_the_embedded_extra_the_gateway_serves_and_reports_them_down(tmp
         assert "engine is not installed" in info.value.message
         assert info.value.response.headers["x-should-retry"] == "false"
     finally:
-        proc.kill()  # the default config drains for 5 s on SIGTERM; shutdown is tested elsewhere
+        proc.kill()  # the config drains for 5 s on SIGTERM; shutdown is tested elsewhere
         output = proc.communicate(timeout=20)[0]
     assert "backends.espeak.kind: kind 'espeak' is unavailable" in output

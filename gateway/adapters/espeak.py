@@ -54,7 +54,7 @@ _ENGINE: _Engine | None = None
 def unavailable_reason() -> str | None:
     """Why this adapter cannot run here, or None when it can."""
     if importlib.util.find_spec("espeakng_loader") is None:
-        return "the 'espeakng-loader' package is not installed (pip install 'openai-audio-gateway[embedded]')"
+        return "the 'espeakng-loader' package is not installed (pip install 'openai-audio-gateway[embedded-lite]')"
     return None
 
 

@@ -52,7 +52,7 @@ _ALTERNATE = re.compile(r"\(\d+\)$")
 def unavailable_reason() -> str | None:
     """Why this adapter cannot run here, or None when it can."""
     if importlib.util.find_spec("pocketsphinx") is None:
-        return "the 'pocketsphinx' package is not installed (pip install 'openai-audio-gateway[embedded]')"
+        return "the 'pocketsphinx' package is not installed (pip install 'openai-audio-gateway[embedded-lite]')"
     return None
 
 

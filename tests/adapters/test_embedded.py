@@ -148,8 +148,8 @@ async def test_voices_and_variants_sound_different(tts: espeak.EspeakAdapter) ->
     assert all(1.5 < seconds(pcm) < 5 for pcm in takes.values())
 
 
-async def test_every_voice_of_the_default_config_is_available(tts: espeak.EspeakAdapter) -> None:
-    config = parse_config((ROOT / "config" / "gateway.yaml").read_text())
+async def test_every_voice_of_the_lite_config_is_available(tts: espeak.EspeakAdapter) -> None:
+    config = parse_config((ROOT / "config" / "examples" / "embedded-lite.yaml").read_text())
     natives = {native.id for per_backend in config.voices.values() for backend, native in per_backend.items()
                if config.backends[backend].kind == "espeak"}
     assert natives
@@ -365,6 +365,6 @@ def test_modules_import_without_the_engines() -> None:
     """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == [
-        "the 'espeakng-loader' package is not installed (pip install 'openai-audio-gateway[embedded]')",
-        "the 'pocketsphinx' package is not installed (pip install 'openai-audio-gateway[embedded]')",
+        "the 'espeakng-loader' package is not installed (pip install 'openai-audio-gateway[embedded-lite]')",
+        "the 'pocketsphinx' package is not installed (pip install 'openai-audio-gateway[embedded-lite]')",
     ]

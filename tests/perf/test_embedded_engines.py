@@ -1,5 +1,5 @@
-"""The embedded default (config/gateway.yaml: eSpeak NG + PocketSphinx in-process): latency, real-time
-factors and transcoding throughput through the gateway, each next to the adapter called directly on the
+"""The light embedded config (config/examples/embedded-lite.yaml: eSpeak NG + PocketSphinx in-process): latency,
+real-time factors and transcoding throughput through the gateway, each next to the adapter called directly on the
 same event loop in the same run (no HTTP, no transcoding, no metering) as the baseline.
 
 Run: .venv/bin/python -m pytest tests/perf/test_embedded_engines.py -q -s -p no:cacheprovider
@@ -54,7 +54,7 @@ def _report_environment() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def embedded(servers: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    text = (ROOT / "config" / "gateway.yaml").read_text()
+    text = (ROOT / "config" / "examples" / "embedded-lite.yaml").read_text()
     gw = servers.run(start_gateway(text, tmp_path_factory.mktemp("spool")))
     yield gw
     servers.run(gw.runner.cleanup())
