@@ -141,15 +141,17 @@ def results(client: openai.OpenAI) -> Results:
     as pcm, placed in one wav between silences and heard back with word timestamps (that is pcm's round trip)."""
 
     def speak(text: str, fmt: str) -> bytes:
-        return client.audio.speech.create(model="tts-1", voice="alloy", input=text, response_format=fmt).content  # type: ignore[arg-type]
+        speech = client.audio.speech.create(model="tts-1", voice="alloy", input=text,
+                                            response_format=fmt)  # type: ignore[arg-type]
+        return speech.content
 
     def round_trip(fmt: str) -> str:
         audio = speak(" ".join(SENTENCES), fmt)
         return client.audio.transcriptions.create(model="whisper-1", file=(f"s.{fmt}", audio, UPLOADS[fmt])).text
 
-    with ThreadPoolExecutor(max_workers=6) as pool:
+    with ThreadPoolExecutor(max_workers=len(SENTENCES) + len(UPLOADS)) as pool:
+        clips = [pool.submit(speak, sentence, "pcm") for sentence in SENTENCES]  # first: Piper speaks in turn
         heard: dict[str, Future[str]] = {fmt: pool.submit(round_trip, fmt) for fmt in UPLOADS}
-        clips = [pool.submit(speak, sentence, "pcm") for sentence in SENTENCES]
         placed = place([clip.result() for clip in clips])
         verbose = client.audio.transcriptions.create(
             model="whisper-1", file=("placed.wav", placed.wav, "audio/wav"), response_format="verbose_json",

@@ -748,7 +748,7 @@ def test_dockerfile_installs_the_extras_ci_installs() -> None:
     assert make_extras, "Makefile: cannot find the `pip install -e '.[...]'` line"
     ci_extras = set(make_extras.group(1).split(","))
     image_extras = {e for e in arg_default("EXTRAS").split(",") if e}
-    assert image_extras == ci_extras - {"test", "embedded-lite"}  # the light engines: tested, not in the image
+    assert image_extras == ci_extras - {"test"}
     assert "embedded" in image_extras, "the default flavour runs config/gateway.yaml's engines"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert image_extras <= set(pyproject["project"]["optional-dependencies"])
