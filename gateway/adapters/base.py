@@ -43,6 +43,10 @@ class Capabilities:
     """OpenAI transcript response_formats the engine answers in itself (bytes relayed as they are)."""
     languages: frozenset[str] | None = None
     """ISO-639-1 codes of the speech the engine understands; None for any."""
+    word_timestamps: bool = False
+    """The engine times each word itself. Claimed, never assumed: a route without it is never given a
+    `timestamp_granularities[]=word` request (gateway/handlers/transcribe.py), since the gateway would have to make the
+    times up."""
 
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""

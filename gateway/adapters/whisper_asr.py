@@ -11,7 +11,8 @@ model to its own deployment) and `temperature` (not a parameter of /asr). The se
 authentication; a configured `api_key` is sent as `Authorization: Bearer` for a proxy in front of it.
 
 Backend options: `word_timestamps` (default true; faster_whisper/openai_whisper engines give word
-timings), `vad_filter` (default false; faster_whisper engine only).
+timings; false: the backend serves no `timestamp_granularities[]=word` request), `vad_filter` (default
+false; faster_whisper engine only).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import aiohttp
@@ -57,6 +59,7 @@ class WhisperAsrAdapter:
     capabilities = Capabilities(
         tasks=frozenset({TRANSCRIPTION, TRANSLATION}),
         languages=WHISPER_LANGUAGES,
+        word_timestamps=True,  # unless the backend sets `word_timestamps: false`
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
@@ -71,6 +74,8 @@ class WhisperAsrAdapter:
         self.backend = backend
         self.http = http
         self.word_timestamps: bool = flags["word_timestamps"]
+        if not self.word_timestamps:  # segments only: word requests go to another route, or are a 400
+            self.capabilities = replace(type(self).capabilities, word_timestamps=False)
         self.vad_filter: bool = flags["vad_filter"]
         self.timeout = request_timeout(backend)
         self._in_flight = 0
