@@ -45,8 +45,8 @@ class Capabilities:
     """ISO-639-1 codes of the speech the engine understands; None for any."""
     word_timestamps: bool = False
     """The engine times each word itself. Claimed, never assumed: a route without it is never given a
-    `timestamp_granularities[]=word` request (gateway/handlers/transcribe.py), since the gateway would have to make the
-    times up."""
+    `timestamp_granularities[]=word` request (gateway/handlers/transcribe.py), whose times the gateway
+    would otherwise have to make up."""
 
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""

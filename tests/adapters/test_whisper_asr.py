@@ -288,7 +288,7 @@ def test_options_reach_the_query(make_gateway: Callable[[str], Gateway], asr: Fa
         result = transcribe(c, response_format="verbose_json")
         assert asr.last.query == {"task": "transcribe", "output": "json", "encode": "true", "vad_filter": "true"}
         assert result.segments and result.words is None
-        with pytest.raises(openai.BadRequestError) as info:  # no word timings asked for: none to give, none made up
+        with pytest.raises(openai.BadRequestError) as info:  # the engine is asked for no word timings: none to give
             transcribe(c, response_format="verbose_json", timestamp_granularities=["word"])
     expect_error(info.value, 400, "invalid_request_error", "unsupported_value", param="timestamp_granularities[]")
     assert len(asr.asr_requests) == 1
