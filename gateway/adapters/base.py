@@ -47,11 +47,14 @@ class Capabilities:
     """The engine times each word itself. Claimed, never assumed: a route without it is never given a
     `timestamp_granularities[]=word` request (gateway/handlers/transcribe.py), whose times the gateway
     would otherwise have to make up."""
+    english_translates: bool = True
+    """An English-only transcriber serves translation too (see `can`); False where its engine refuses it
+    (faster_whisper on an English-only model, which says so rather than pretend)."""
 
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""
         return task in self.tasks or (task == TRANSLATION and TRANSCRIPTION in self.tasks
-                                      and self.languages == frozenset({"en"}))
+                                      and self.languages == frozenset({"en"}) and self.english_translates)
 
 
 @dataclass(frozen=True, slots=True)
