@@ -43,7 +43,7 @@ from gateway.adapters.pocketsphinx import is_english
 from gateway.audio.decode import decode_chunks
 from gateway.config import Backend
 from gateway.errors import GatewayError, Reason, UnsupportedError, UpstreamError
-from gateway.languages import WHISPER_LANGUAGES
+from gateway.languages import WHISPER_LANGUAGES, whisper_code
 from gateway.transcript import WORD_PUNCT, Segment, Transcript, Word
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ class FasterWhisperAdapter:
                 return "en"
             raise UnsupportedError(f"Backend '{self.backend.name}' only understands English, not '{language}'.",
                                    param="language", code="unsupported_language")
-        code = language.split("-")[0].split("_")[0]
-        if code not in WHISPER_LANGUAGES:
+        code = whisper_code(language)
+        if code is None:
             raise UnsupportedError(f"Backend '{self.backend.name}' does not understand language '{language}'.",
                                    param="language", code="unsupported_language")
         return code
