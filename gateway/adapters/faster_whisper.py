@@ -17,7 +17,6 @@ rule: 51,865 tokens or more), so an English-only model's routes never claim tran
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import importlib.util
 import json
 import logging
@@ -227,27 +226,30 @@ def _finite(value: Any) -> float:
 
 
 def model_dir(backend: str, value: Any) -> Path:
-    """The model's directory: a path, or `package:NAME/sub/dir` inside an installed package. A ValueError by
-    YAML path when it is not there: a missing model is never downloaded."""
+    """The model's directory: a path, or `package:NAME/sub/dir` inside an installed package (found by its
+    import spec, so the package's code never runs). A ValueError by YAML path when it is not there: a
+    missing model is never downloaded."""
     where = f"backends.{backend}.model"
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{where}: expected a CTranslate2 Whisper model directory, or 'package:NAME/sub/dir'")
+    candidates = [Path(value).expanduser()]
     if value.startswith("package:"):
         package, _, sub = value.removeprefix("package:").partition("/")
         parts = [p for p in sub.split("/") if p]
         if not package.isidentifier() or any(p in (".", "..") for p in parts):
             raise ValueError(f"{where}: '{value}' is not 'package:NAME/sub/dir' (a package name, a path inside it)")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"{where}: package '{package}' is not installed")
+        candidates = [Path(root, *parts) for root in spec.submodule_search_locations]
+    for path in candidates:
         try:
-            root = importlib.resources.files(package)
-        except (ImportError, TypeError):
-            raise ValueError(f"{where}: package '{package}' is not installed") from None
-        path = Path(str(root.joinpath(*parts))) if parts else Path(str(root))
-    else:
-        path = Path(value).expanduser()
-    if not (path / "model.bin").is_file():
-        raise ValueError(f"{where}: no CTranslate2 Whisper model in '{value}' (no model.bin there; "
-                         "models are never downloaded)")
-    return path
+            if (path / "model.bin").is_file():
+                return path
+        except (OSError, ValueError):  # a name too long, a NUL byte: not a model either
+            pass
+    raise ValueError(f"{where}: no CTranslate2 Whisper model in '{value}' (no model.bin there; "
+                     "models are never downloaded)")
 
 
 def _vocabulary_size(backend: str, path: Path) -> int:
