@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,7 +72,8 @@ class FasterWhisperAdapter:
     `beam_size` (1)."""
 
     kind: ClassVar[str] = "faster_whisper"
-    capabilities = Capabilities(tasks=frozenset({TRANSCRIPTION, TRANSLATION}), languages=WHISPER_LANGUAGES)
+    capabilities = Capabilities(tasks=frozenset({TRANSCRIPTION, TRANSLATION}), languages=WHISPER_LANGUAGES,
+                                word_timestamps=True)
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         reason = unavailable_reason()
@@ -83,8 +85,8 @@ class FasterWhisperAdapter:
         self.path = model_dir(backend.name, backend.options.get("model"))
         self.multilingual = _vocabulary_size(backend.name, self.path) >= MULTILINGUAL_VOCABULARY
         if not self.multilingual:
-            self.capabilities = Capabilities(tasks=frozenset({TRANSCRIPTION}), languages=frozenset({"en"}),
-                                             english_translates=False)
+            self.capabilities = replace(type(self).capabilities, tasks=frozenset({TRANSCRIPTION}),
+                                        languages=frozenset({"en"}), english_translates=False)
         self._turn = asyncio.Semaphore(1)
         self._jobs: set[threading.Event] = set()
         self._thread = EngineThread(backend, "whisper", self._load)
