@@ -26,6 +26,7 @@ from openai.types.audio import TranscriptionVerbose
 from gateway.__main__ import check_config
 from gateway.adapters import espeak, faster_whisper, unavailable_kinds
 from gateway.config import Backend, parse_config
+from gateway.errors import UnsupportedError
 from gateway.state import AUDIO_WORKERS, TABLES
 from tests.conftest import Gateway, ServerThread, running_engine, sdk, server_yaml, start_gateway
 from tests.fakes.openai_engine import FakeOpenAIEngine
@@ -307,3 +308,23 @@ def test_without_the_extra_the_kind_is_unavailable(monkeypatch: pytest.MonkeyPat
     assert "kind 'faster_whisper' is unavailable" in reason and "pip install" in reason
     with pytest.raises(RuntimeError):
         faster_whisper.FasterWhisperAdapter(config.backends["whisper"], HTTP)
+
+
+async def test_a_multilingual_vocabulary_claims_translation_and_whispers_languages(tmp_path: Path) -> None:
+    """tiny.en's files with a multilingual-sized vocabulary: what the adapter reads before any load."""
+    source = Path(str(faster_whisper.model_dir("w", MODEL)))
+    for name in ("model.bin", "config.json", "tokenizer.json"):
+        (tmp_path / name).symlink_to(source / name)
+    (tmp_path / "vocabulary.txt").write_text("t\n" * faster_whisper.MULTILINGUAL_VOCABULARY)
+    adapter = faster_whisper.FasterWhisperAdapter(Backend("w", "faster_whisper", options={"model": str(tmp_path)}),
+                                                  HTTP)
+    try:
+        assert adapter.multilingual and adapter.capabilities.can("translation")
+        assert adapter.capabilities.word_timestamps
+        assert adapter.capabilities.languages == faster_whisper.WHISPER_LANGUAGES
+        assert adapter._language("pt-BR") == "pt" and adapter._language("iw") == "he"
+        with pytest.raises(UnsupportedError) as info:
+            adapter._language("xx")
+        assert (info.value.param, info.value.code) == ("language", "unsupported_language")
+    finally:
+        await adapter.aclose()
