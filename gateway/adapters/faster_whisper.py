@@ -107,6 +107,9 @@ class FasterWhisperAdapter:
                                    param="model", code="unsupported_task")
         language = self._language(job.language)
         model = await self._thread.loaded()
+        if language is not None and language not in model.supported_languages:  # an older model: no "yue"
+            raise UnsupportedError(f"Backend '{self.backend.name}' does not understand language '{job.language}'.",
+                                   param="language", code="unsupported_language")
         await job.upload.measured()  # decoding waits for the measurement: a bomb is refused undecoded
         run = _Run(model, job, language, self.options)
         workers = job.upload.workers

@@ -330,3 +330,15 @@ async def test_a_multilingual_vocabulary_claims_translation_and_whispers_languag
         assert (info.value.param, info.value.code) == ("language", "unsupported_language")
     finally:
         await adapter.aclose()
+
+
+async def test_a_model_that_does_not_load_is_not_ready(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "model.bin").write_bytes(b"not a model")
+    (tmp_path / "vocabulary.txt").write_text("t\n" * 51_864)
+    adapter = faster_whisper.FasterWhisperAdapter(Backend("w", "faster_whisper", options={"model": str(tmp_path)}),
+                                                  HTTP)
+    try:
+        assert not await adapter.ready()
+        assert "backend w: whisper failed to load" in caplog.text
+    finally:
+        await adapter.aclose()
