@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import signal
@@ -286,3 +287,68 @@ class Engines:
         await asyncio.gather(*self._starts, *self._stops, return_exceptions=True)
         engines, self.engines = list(self.engines.values()), {}
         await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
+
+
+def engine_specs(backends: Mapping[str, Any]) -> dict[str, EngineSpec]:
+    """backend name -> its `process:` block, for the backends that have one."""
+    return {name: b.process for name, b in backends.items() if b.process is not None}
+
+
+class EngineView:
+    """A worker's view of the engines its parent owns (`serve --workers N`): read from the parent's
+    `status.json` every `REFRESH_S`, off the event loop; it starts and stops nothing."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self, directory: str) -> None:
+        self._path = os.path.join(directory, STATUS_FILE)
+        self._status: dict[str, Any] = {"engines": {}, "totals": {}}
+        self._task = asyncio.get_running_loop().create_task(self._refresh(), name="engine-view")
+
+    def sync(self, specs: Mapping[str, EngineSpec]) -> None:
+        """The parent starts and stops the engines."""
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return dict(self._status.get("engines", {}))
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return dict(self._status.get("totals", {}))
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            with open(self._path, encoding="utf-8") as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
+
+    async def _refresh(self) -> None:
+        while True:
+            found = await asyncio.to_thread(self._read)
+            if found is not None:
+                self._status = found
+            await asyncio.sleep(self.REFRESH_S)
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+STATUS_FILE = "status.json"
+
+
+async def publish_status(engines: Engines, directory: str, changed: asyncio.Event) -> None:
+    """The owner's side of EngineView: write `status.json` whenever an engine changes state (until cancelled)."""
+    path = os.path.join(directory, STATUS_FILE)
+
+    def write(text: str) -> None:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    while True:
+        changed.clear()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(write, json.dumps({"engines": engines.status(), "totals": engines.totals}))
+        await changed.wait()
