@@ -2,9 +2,9 @@
 (gateway/engine_process.py): `python -m tests.fakes.wyoming_process --port P` (or `--socket PATH`).
 
 `--exit N` exits with code N at once (a crash loop); `--chunk-delay S` slows its audio (a request to kill it
-in the middle of); `--starts FILE` appends a line per start (a count of starts that survives restarts); `--child`
-starts a grandchild that sleeps (its pid on stdout), to check that nothing the engine started outlives it.
-It prints a line on stdout and one on stderr once it listens, as real engines log.
+in the middle of); `--starts FILE` appends a line per start, its pid and time (starts counted across restarts);
+`--long-line N` prints a line of N characters. It prints a line on stdout and one on stderr once it listens,
+as real engines log. Blocking calls before the loop serves are fine here: nothing else runs yet.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
+import time
 
 from wyoming.server import AsyncTcpServer, AsyncUnixServer
 
@@ -27,18 +27,14 @@ async def main() -> int:
     parser.add_argument("--exit", type=int)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument("--starts")
-    parser.add_argument("--child", action="store_true")
     parser.add_argument("--long-line", type=int, default=0)
     args = parser.parse_args()
     if args.starts:
-        with open(args.starts, "a") as f:
-            f.write(f"{os.getpid()}\n")
+        with open(args.starts, "a") as f:  # noqa: ASYNC230
+            f.write(f"{os.getpid()} {time.time()}\n")
     if args.exit is not None:
         print("engine failing at once", file=sys.stderr, flush=True)
         return int(args.exit)
-    if args.child:
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        print(f"child {child.pid}", flush=True)
     engine = FakeWyomingEngine(("tts",))
     engine.chunk_delay = args.chunk_delay
     server = AsyncUnixServer(args.socket) if args.socket else AsyncTcpServer("127.0.0.1", args.port)
