@@ -17,7 +17,8 @@ adapter's readiness probe passes (`running`), `not_ready` if that takes longer t
 the gateway serves its other backends meanwhile). An engine that exits is started again after a backoff that
 doubles from 0.5 s to 30 s while it dies young (reset once it stayed up `STABLE_S`): `restarting`, its
 restarts and last exit code in /readyz and `gateway_backend_restarts_total{backend}`. Its stdout and stderr
-lines go to the log under logger `engine.<backend>`, cut at `MAX_LINE` characters. At shutdown, after the
+lines go to the log as `engine <backend>: <line>` (logger `engine.<backend>`), cut at `MAX_LINE` characters,
+read as they come so that a chatty engine never blocks on a full pipe. At shutdown, after the
 drain, it gets SIGTERM, `stop_grace_s`, then SIGKILL, to its whole process group.
 
 No orphan, even when the gateway is SIGKILLed: each engine runs in a process group of its own and with a
@@ -211,13 +212,15 @@ class Engine:
                 cut = False
             if len(tail) > MAX_LINE:
                 if not cut:
-                    self._line(tail[:MAX_LINE] + b" [...]")
+                    self._line(tail)
                 tail, cut = b"", True
         if tail and not cut:
             self._line(tail)
 
     def _line(self, line: bytes) -> None:
-        self._out.info("%s", line.decode("utf-8", "replace").rstrip("\r")[:MAX_LINE + 6])
+        if len(line) > MAX_LINE:
+            line = line[:MAX_LINE] + b" [...]"
+        self._out.info("engine %s: %s", self.name, line.decode("utf-8", "replace").rstrip("\r"))
 
     async def stop(self) -> None:
         """SIGTERM to its process group, `stop_grace_s`, then SIGKILL; returns once it has exited."""

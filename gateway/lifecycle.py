@@ -68,7 +68,7 @@ async def engines_ctx(app: web.Application) -> AsyncIterator[None]:
     if WORKER in app:
         engines: Engines | EngineView = EngineView(os.environ[ENV_DIR]) if ENV_DIR in os.environ else Engines(_no)
     else:
-        engines = Engines(lambda name: _probe(app, name))
+        engines = Engines(lambda name: _probe(app, name), app[TABLES].changed.set)  # re-probed at each change
         engines.sync(engine_specs(config.backends))
     app[ENGINES] = engines
     if metrics is not None:

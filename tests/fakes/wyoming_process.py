@@ -3,7 +3,8 @@
 
 `--exit N` exits with code N at once (a crash loop); `--chunk-delay S` slows its audio (a request to kill it
 in the middle of); `--starts FILE` appends a line per start, its pid and time (starts counted across restarts);
-`--long-line N` prints a line of N characters. It prints a line on stdout and one on stderr once it listens,
+`--long-line N` prints a line of N characters; `--ignore-term`
+ignores SIGTERM. It prints a line on stdout and one on stderr once it listens,
 as real engines log. Blocking calls before the loop serves are fine here: nothing else runs yet.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import time
 
@@ -28,7 +30,10 @@ async def main() -> int:
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument("--starts")
     parser.add_argument("--long-line", type=int, default=0)
+    parser.add_argument("--ignore-term", action="store_true")
     args = parser.parse_args()
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.starts:
         with open(args.starts, "a") as f:  # noqa: ASYNC230
             f.write(f"{os.getpid()} {time.time()}\n")
