@@ -330,7 +330,8 @@ def test_reload_restarts_a_changed_engine_and_keeps_an_unchanged_one(
 
 def test_workers_share_one_engine_owned_by_the_parent(tmp_path: Path, stopping: list[GatewayProcess]) -> None:
     starts = tmp_path / "starts"
-    gw = start(tmp_path, config(tmp_path / "spool", ("piper", ', "--starts", "' + str(starts) + '"')), workers=2)
+    gw = start(tmp_path, config(tmp_path / "spool", ("piper", ', "--starts", "' + str(starts) + '"'),
+                                server="  drain_delay_s: 0\n"), workers=2)
     stopping.append(gw)
     pid = wait_running(gw.url)["pid"]
     assert os.getppid() != pid and Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1] == str(
