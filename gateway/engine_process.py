@@ -40,7 +40,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -73,6 +73,8 @@ class EngineSpec:
     ready_timeout_s: float = 60.0
     stop_grace_s: float = 5.0
     """After SIGTERM at shutdown (or a reload that changes it), then SIGKILL."""
+    url: str | None = None
+    """The backend's url, where the engine must listen: a reload that changes it restarts the engine too."""
 
 
 def process_section(p: YamlTree, value: Any, path: str, backend: str, placeholders: Placeholders) -> EngineSpec | None:
@@ -293,8 +295,8 @@ class Engines:
 
 
 def engine_specs(backends: Mapping[str, Any]) -> dict[str, EngineSpec]:
-    """backend name -> its `process:` block, for the backends that have one."""
-    return {name: b.process for name, b in backends.items() if b.process is not None}
+    """backend name -> its `process:` block with its url, for the backends that have one."""
+    return {name: replace(b.process, url=b.url) for name, b in backends.items() if b.process is not None}
 
 
 class EngineView:

@@ -25,11 +25,12 @@ import pytest
 from gateway.adapters import ADAPTERS
 from gateway.config import ConfigError, parse_config
 from gateway.placeholders import Placeholders, package_dir
+from gateway.state import CONFIG
 from tests.conftest import DEMO_KEY, LOOPBACK_TLS, Gateway, sdk, server_yaml
 from tests.fakes.wyoming_engine import SINGLE_VOICE
 from tests.metering_support import scrape, total
 from tests.process import GatewayProcess
-from tests.support import wait_for
+from tests.support import expect_error, wait_for
 
 ROOT = Path(__file__).parent.parent
 ENGINE = '["{python}", "-m", "tests.fakes.wyoming_process", "--port", "{port}"'
@@ -225,6 +226,11 @@ def test_a_crash_loop_backs_off_and_is_reported(make_gateway: Callable[[str], Ga
     assert body["unroutable_models"] == ["piper-tts"]
     with sdk(gw) as client:
         assert len(speak(client, "steady-tts")) > 0  # the other backend serves on
+        with pytest.raises(openai.APIStatusError) as caught:
+            speak(client)
+    port = gw.app[CONFIG].backends["piper"].url.rsplit(":", 1)[1]
+    expect_error(caught.value, 502, "upstream_error", "bad_gateway", message="Backend 'piper' is unreachable.",
+                 secrets=(port, str(starts)))
     at = [float(line.split()[1]) for line in starts.read_text().split("\n") if line]
     gaps = [b - a for a, b in itertools.pairwise(at)]
     # waits of 0.5 s, then 1 s (each gap also holds one interpreter start): no busy loop, and growing
