@@ -54,6 +54,7 @@ def _check(path: str) -> int:
         for warning in scope_warnings(config.policy, None, os.environ, has_slots(config)):
             report(f"warning: {warning}")
         asyncio.run(_check_adapters(config))
+        config.placeholders.cleanup()  # a {socket}'s directory
     except ConfigError as exc:
         for problem in exc.problems:
             report(problem)
