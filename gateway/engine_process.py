@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import json
 import logging
 import os
@@ -108,13 +108,18 @@ def process_section(p: YamlTree, value: Any, path: str, backend: str, placeholde
     return EngineSpec(command, MappingProxyType(env), cwd, float(ready), float(grace))
 
 
+@functools.cache
+def _prctl() -> Any:
+    """libc's prctl, looked up once (the process's own symbols: no ldconfig, no search)."""
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent() -> Callable[[], None] | None:
-    """preexec_fn: SIGKILL this child when the process that started it dies (Linux); resolved before any
+    """preexec_fn: SIGKILL this child when the process that started it dies (Linux); resolved before the
     fork, so the child only makes one call."""
     if not sys.platform.startswith("linux"):
         return None
-    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    pdeathsig, parent = 1, os.getpid()  # PR_SET_PDEATHSIG
+    prctl, pdeathsig, parent = _prctl(), 1, os.getpid()  # 1: PR_SET_PDEATHSIG
 
     def preexec() -> None:
         prctl(pdeathsig, signal.SIGKILL, 0, 0, 0)
