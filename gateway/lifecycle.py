@@ -66,7 +66,7 @@ async def engines_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app.get(METRICS)
     if WORKER in app:
-        engines: Engines | EngineView = EngineView(os.environ[ENV_DIR]) if ENV_DIR in os.environ else Engines(_no)
+        engines: Engines | EngineView = EngineView(os.environ.get(ENV_DIR, ""))  # never starts one itself
     else:
         engines = Engines(lambda name: _probe(app, name), app[TABLES].changed.set)  # re-probed at each change
         engines.sync(engine_specs(config.backends))
@@ -88,10 +88,6 @@ async def _probe(app: web.Application, name: str) -> bool:
         return False
     async with asyncio.timeout(app[CONFIG].server.probe_timeout_s):
         return bool(await adapter.ready())
-
-
-async def _no(name: str) -> bool:
-    return False
 
 
 async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:

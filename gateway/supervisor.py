@@ -51,7 +51,7 @@ from prometheus_client import multiprocess
 
 from gateway.adapters import ADAPTERS, adapter_class
 from gateway.adapters.base import Adapter
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config, unservable
 from gateway.engine_process import Engines, engine_specs, publish_status
 from gateway.ledger import LedgerWriter
 from gateway.placeholders import ENV_DIR
@@ -187,7 +187,7 @@ class Supervisor:
         except ConfigError:
             pass  # the workers refuse it too, each saying why by YAML path
         else:
-            if not self.draining.is_set():
+            if not self.draining.is_set() and not unservable(config):  # an empty file must not stop the engines
                 self.backends = config.backends
                 self.engines.sync(engine_specs(config.backends))
         ready = [w for w in self.workers.values() if w.ready]

@@ -363,6 +363,7 @@ def test_workers_share_one_engine_owned_by_the_parent(tmp_path: Path, stopping: 
     gw.signal(signal.SIGHUP)
     wait_for(lambda: engine_state(gw.url).get("pid") not in (None, pid), 10, "the engine restarted")
     second = wait_running(gw.url)["pid"]
+    wait_for(lambda: len(starts.read_text().splitlines()) >= 2, 5, "the second start")
     assert len(starts.read_text().splitlines()) == 2 and not alive(pid)
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(20) == 0
