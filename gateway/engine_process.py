@@ -177,6 +177,7 @@ class Engine:
                 stderr=asyncio.subprocess.PIPE, env={**os.environ, **self.spec.env}, cwd=self.spec.cwd,
                 start_new_session=True, preexec_fn=_die_with_parent())
         except (OSError, ValueError) as exc:
+            self.pid = None
             log.error("engine %s: cannot start %s: %s", self.name, self.spec.command[0], exc)
             return None
         self.pid = proc.pid
@@ -260,12 +261,14 @@ class Engines:
         self.engines: dict[str, Engine] = {}
         self.totals: dict[str, int] = {}
         """backend name -> restarts since the gateway started (gateway_backend_restarts_total)."""
+        self._wanted: Mapping[str, EngineSpec] = {}
         self._stops: set[asyncio.Task[None]] = set()
         self._starts: set[asyncio.Task[None]] = set()
 
     def sync(self, specs: Mapping[str, EngineSpec]) -> None:
         """Make the running engines those of `specs`: a new or changed block (re)starts its engine (the old one
         stopped first: it holds the address), an unchanged one keeps running, a removed one stops."""
+        self._wanted = dict(specs)
         for name, engine in list(self.engines.items()):
             if specs.get(name) != engine.spec:
                 del self.engines[name]
@@ -276,7 +279,7 @@ class Engines:
 
     async def _start_after_stops(self, name: str, spec: EngineSpec, stops: list[asyncio.Task[None]]) -> None:
         await asyncio.gather(*stops, return_exceptions=True)
-        if name not in self.engines:
+        if name not in self.engines and self._wanted.get(name) == spec:  # a later sync may have changed it
             self.engines[name] = Engine(name, spec, self._probe, self._changed, self._restarted)
             self._changed()
 
@@ -294,6 +297,7 @@ class Engines:
 
     async def aclose(self) -> None:
         """Stop every engine (concurrently: each SIGTERM, its grace, SIGKILL)."""
+        self._wanted = {}
         await asyncio.gather(*self._starts, *self._stops, return_exceptions=True)
         engines, self.engines = list(self.engines.values()), {}
         await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
