@@ -142,7 +142,7 @@ def check_options(backend: Backend, known: Collection[str]) -> None:
     unknown = sorted(set(backend.options) - set(known))
     if unknown:
         listed = ", ".join(["url", "api_key", "timeout_s", "connect_timeout_s", "first_byte_timeout_s",
-                            "max_connections", *sorted(known)])
+                            "max_connections", "process", *sorted(known)])
         raise ValueError(f"backends.{backend.name}.{unknown[0]}: unknown option for kind '{backend.kind}' "
                          f"(known: {listed})")
 
