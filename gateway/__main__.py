@@ -14,15 +14,16 @@ from gateway import __version__, event_loop, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, has_slots, load_config, unservable
 from gateway.logs import queued_logging
+from gateway.placeholders import Placeholders
 from gateway.policy.shared import scope_warnings
 from gateway.supervisor import supervise, usable_cpus
 from gateway.upstreams import Upstreams
 from gateway.worker_link import WorkerLink
 
 
-def _load(path: str) -> Config:
+def _load(path: str, placeholders: Placeholders | None = None) -> Config:
     """The config `serve` would start with: parsed, and serving somebody (keys and models)."""
-    config = load_config(path, kinds=ADAPTERS.keys())
+    config = load_config(path, kinds=ADAPTERS.keys(), placeholders=placeholders)
     refused = unservable(config)
     if refused:
         raise ConfigError(refused)
@@ -53,6 +54,7 @@ def _check(path: str) -> int:
         for warning in scope_warnings(config.policy, None, os.environ, has_slots(config)):
             report(f"warning: {warning}")
         asyncio.run(_check_adapters(config))
+        config.placeholders.cleanup()  # a {socket}'s directory
     except ConfigError as exc:
         for problem in exc.problems:
             report(problem)
@@ -70,8 +72,10 @@ def serve(path: str, host: str | None, port: int | None, workers: int = 1, link:
         # A SIGHUP before it serves must not end it (it checks the file itself then). A handler, not SIG_IGN,
         # which a process it starts would inherit.
         signal.signal(signal.SIGHUP, lambda *_: None)
+    # `{port}` and `{socket}`: picked here, or by the parent of `--workers N` for its workers (gateway/placeholders.py)
+    placeholders = Placeholders.for_process() if link is not None else Placeholders(shared=workers > 1)
     try:
-        config = _load(path)
+        config = _load(path, placeholders)
         new_loop = event_loop.loop_factory()
     except ConfigError as exc:
         for problem in exc.problems:

@@ -29,7 +29,15 @@ from gateway.body import JSON_BODY_LIMIT, defer_continue
 from gateway.config import Config
 from gateway.handlers import catalog, speech, transcribe
 from gateway.health import health_ctx
-from gateway.lifecycle import backends_ctx, init_state, ledger_ctx, metrics_port_ctx, shared_state_ctx, workers_ctx
+from gateway.lifecycle import (
+    backends_ctx,
+    engines_ctx,
+    init_state,
+    ledger_ctx,
+    metrics_port_ctx,
+    shared_state_ctx,
+    workers_ctx,
+)
 from gateway.metering import metrics_handler
 from gateway.middleware import (
     access_log_middleware,
@@ -63,6 +71,7 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(workers_ctx)
     app.cleanup_ctx.append(shared_state_ctx)
     app.cleanup_ctx.append(backends_ctx)
+    app.cleanup_ctx.append(engines_ctx)  # after the backends: probed by their adapters; stopped first
     app.cleanup_ctx.append(health_ctx)  # after the backends: it probes their adapters
     if Path(config.source).is_file():
         app.cleanup_ctx.append(reload_ctx)

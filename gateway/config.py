@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
+from gateway.engine_process import EngineSpec, process_section
 from gateway.models import Model, models_section
+from gateway.placeholders import Placeholders
 from gateway.policy import rules as policy_rules
 from gateway.policy.rules import Policy, Rules
 from gateway.settings import (
@@ -72,6 +74,8 @@ class Backend:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     """Connections open to this backend at once (its own pool); beyond it a request waits for one, for
     at most the backend's connect timeout."""
+    process: EngineSpec | None = None
+    """A local engine the gateway runs and keeps for this backend (gateway/engine_process.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,8 @@ class Config:
     Backend."""
     source: str = "<memory>"
     digest: str = ""
+    placeholders: Placeholders = field(default_factory=Placeholders, compare=False, repr=False)
+    """The addresses `{port}` and `{socket}` got at this gateway's start; a reload parses with the same ones."""
 
     @property
     def metered(self) -> bool:
@@ -159,10 +165,12 @@ def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, .
 
 
 _BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "first_byte_timeout_s",
-                   "max_connections", "outlier", *CAPACITY_FIELDS}
+                   "max_connections", "outlier", "process",
+                   *CAPACITY_FIELDS}
 
 
-def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[str, Backend]:
+def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None,
+              placeholders: Placeholders) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     for name, raw in p.mapping(value, "backends").items():
         path = f"backends.{name}"
@@ -171,6 +179,8 @@ def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[st
         if kind and kinds is not None and kind not in kinds:
             p.fail(f"{path}.kind", f"unknown kind '{kind}' (known: {', '.join(sorted(kinds))})")
         url = p.str_(node, "url", path)
+        if url is not None:
+            url = placeholders.resolve(url, name, p.fail, f"{path}.url")
         if url is not None and not re.match(r"^(https?|tcp|unix)://", url):
             p.fail(f"{path}.url", f"expected an http(s)://, tcp:// or unix:// URL, got {url!r}")
         default = Timeouts()
@@ -182,7 +192,8 @@ def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None) -> dict[st
         options = MappingProxyType({k: v for k, v in node.items() if k not in _BACKEND_FIELDS})
         backends[name] = Backend(name, kind, url.rstrip("/") if url else None,
                                  p.str_(node, "api_key", path) or None, timeouts, options,
-                                 int(p.number(node, "max_connections", path, DEFAULT_MAX_CONNECTIONS, 1)))
+                                 int(p.number(node, "max_connections", path, DEFAULT_MAX_CONNECTIONS, 1)),
+                                 process_section(p, node.get("process"), f"{path}.process", name, placeholders))
     return backends
 
 
@@ -217,8 +228,10 @@ def _voices(p: YamlTree, value: Any, backends: Mapping[str, Backend]) -> dict[st
 
 
 def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] | None = None,
-                 environ: Mapping[str, str] | None = None) -> Config:
-    """Parse YAML text into a Config, or raise ConfigError listing every problem by path."""
+                 environ: Mapping[str, str] | None = None, placeholders: Placeholders | None = None) -> Config:
+    """Parse YAML text into a Config, or raise ConfigError listing every problem by path. `placeholders`: the
+    addresses already picked at this gateway's start (a reload's), else fresh ones."""
+    placeholders = Placeholders() if placeholders is None else placeholders
     p = YamlTree(os.environ if environ is None else environ)
     try:
         raw = yaml.safe_load(text)
@@ -233,7 +246,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
                                        "state", "limits", "tenants", "outlier"}):
         p.fail(unknown, "unknown section")
     server = server_section(p, p.mapping(root.get("server"), "server"))
-    backends = _backends(p, root.get("backends"), kinds)
+    backends = _backends(p, root.get("backends"), kinds, placeholders)
     models = models_section(p, root.get("models"), backends)
     voices = _voices(p, root.get("voices"), backends)
     keys = _keys(p, root.get("keys"), models)
@@ -261,6 +274,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         capacity=MappingProxyType(capacity),
         source=source,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
+        placeholders=placeholders,
     )
 
 
@@ -291,5 +305,6 @@ def read_config_text(path: str | Path) -> str:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"]) from None
 
 
-def load_config(path: str | Path, *, kinds: Collection[str] | None = None) -> Config:
-    return parse_config(read_config_text(path), source=str(path), kinds=kinds)
+def load_config(path: str | Path, *, kinds: Collection[str] | None = None,
+                placeholders: Placeholders | None = None) -> Config:
+    return parse_config(read_config_text(path), source=str(path), kinds=kinds, placeholders=placeholders)

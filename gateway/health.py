@@ -5,7 +5,8 @@ out of the Service at once (Envoy keeps upstream health checking apart from read
 A background task probes every backend of the current table each `server.probe_interval_s`, each
 probe bounded by `server.probe_timeout_s` (independent of the backend's request timeouts), and
 records up/down with the time of the probe; `gateway_backend_up` follows it. After a reload the new
-table is probed at once. A backend whose settings changed, or that was never probed, is "unknown".
+table is probed at once, as is every backend when a supervised engine changes state
+(gateway/engine_process.py). A backend whose settings changed, or that was never probed, is "unknown".
 A failed probe also counts as a failure towards the backend's outlier ejection (gateway/ejection.py).
 """
 

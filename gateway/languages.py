@@ -38,3 +38,15 @@ def language_name(language: str | None) -> str:
         return "english"
     lang = language.strip().lower()
     return LANGUAGES.get(lang) or LANGUAGES.get(re.split(r"[-_]", lang)[0]) or lang
+
+
+WHISPER_ALIASES = {"iw": "he", "jv": "jw", "nb": "no", "fil": "tl"}
+WHISPER_LANGUAGES = frozenset(LANGUAGES) - frozenset(WHISPER_ALIASES)
+"""Whisper's own language codes (openai/whisper tokenizer.LANGUAGES), the values its `language` takes."""
+
+
+def whisper_code(language: str) -> str | None:
+    """Whisper's code for an ISO-639-1 code or tag ("pt-BR" -> "pt", "iw" -> "he"); None for one it lacks."""
+    code = re.split(r"[-_]", language.strip().lower())[0]
+    code = WHISPER_ALIASES.get(code, code)
+    return code if code in WHISPER_LANGUAGES else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -15,8 +16,10 @@ from gateway.balance import InFlight
 from gateway.capacity import Gates
 from gateway.config import Config
 from gateway.ejection import Ejections
+from gateway.engine_process import Engines, EngineView, engine_specs
 from gateway.ledger import LedgerWriter
 from gateway.metering import Metrics, metrics_handler
+from gateway.placeholders import ENV_DIR
 from gateway.policy.shared import SharedState
 from gateway.spool import SpoolMemory
 from gateway.state import (
@@ -24,6 +27,7 @@ from gateway.state import (
     CONFIG,
     DRAINING,
     EJECTIONS,
+    ENGINES,
     GATES,
     IN_FLIGHT,
     LEDGER,
@@ -53,6 +57,37 @@ async def backends_ctx(app: web.Application) -> AsyncIterator[None]:
         await tables.aclose()
 
 
+
+
+async def engines_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The backends' supervised engines (gateway/engine_process.py), started after the adapters (whose
+    readiness probe says when each is ready) and stopped before them, at shutdown, once the drain is over
+    (gateway/server.py). A worker of `serve --workers N` only reads its parent's, which owns them."""
+    config = app[CONFIG]
+    metrics = app.get(METRICS)
+    if WORKER in app:
+        engines: Engines | EngineView = EngineView(os.environ.get(ENV_DIR, ""))  # never starts one itself
+    else:
+        engines = Engines(lambda name: _probe(app, name), app[TABLES].changed.set)  # re-probed at each change
+        engines.sync(engine_specs(config.backends))
+    app[ENGINES] = engines
+    if metrics is not None:
+        metrics.view.engines = engines
+    try:
+        yield
+    finally:
+        await engines.aclose()
+        if WORKER not in app:
+            config.placeholders.cleanup()
+
+
+async def _probe(app: web.Application, name: str) -> bool:
+    """The current adapter's readiness probe for backend `name`, bounded by `server.probe_timeout_s`."""
+    adapter = app[TABLES].current.adapters.get(name)
+    if adapter is None:
+        return False
+    async with asyncio.timeout(app[CONFIG].server.probe_timeout_s):
+        return bool(await adapter.ready())
 
 
 async def shared_state_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import __version__
@@ -33,6 +33,7 @@ from gateway.errors import REASONS
 
 if TYPE_CHECKING:
     from gateway.ejection import Ejections
+    from gateway.engine_process import Engines, EngineView
 
 ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models",
                        "/v1/models/{model}", "/openapi.json",
@@ -128,6 +129,9 @@ class ProcessView(Collector):
         """backend name -> up, as its last background probe found it (gateway/health.py)."""
         self.ejections: Ejections | None = None
         """This process's outlier ejections (gateway/ejection.py), for gateway_backend_ejected."""
+        self.engines: Engines | EngineView | None = None
+        """The supervised engines (gateway/engine_process.py), for gateway_backend_restarts_total: the owner's
+        count (in `serve --workers N`, the parent's, as every worker reads it)."""
 
     def collect(self) -> Iterator[Metric]:
         build = GaugeMetricFamily("gateway_build_info", "The running gateway's version.", labels=["version"])
@@ -144,7 +148,11 @@ class ProcessView(Collector):
                                     "trial request), else 0: this process's view.", labels=["backend"])
         for name, left in sorted((self.ejections.ejected() if self.ejections else {}).items()):
             ejected.add_metric([name], 0 if left is None else 1)
-        return iter((build, config, up, ejected))
+        restarts = CounterMetricFamily("gateway_backend_restarts", "Times a backend's supervised engine exited and "
+                                       "was started again.", labels=["backend"])
+        for name, count in sorted((self.engines.totals if self.engines else {}).items()):
+            restarts.add_metric([name], count)
+        return iter((build, config, up, ejected, restarts))
 
 
 def endpoint_of(request: web.Request) -> str:

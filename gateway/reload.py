@@ -26,7 +26,8 @@ from aiohttp import web
 
 from gateway.adapters import ADAPTERS, build_adapters
 from gateway.config import Config, ConfigError, parse_config, read_config_text, unservable
-from gateway.state import CONFIG, METRICS, RELOADER, TABLES, WORKER
+from gateway.engine_process import engine_specs
+from gateway.state import CONFIG, ENGINES, METRICS, RELOADER, TABLES, WORKER
 from gateway.table import Table
 
 log = logging.getLogger("gateway.reload")
@@ -69,7 +70,8 @@ class Reloader:
                 text = await asyncio.to_thread(read_config_text, self.path)
                 if hashlib.sha256(text.encode()).hexdigest()[:16] == current.config.digest:
                     return None
-                config = await asyncio.to_thread(parse_config, text, source=str(self.path), kinds=ADAPTERS.keys())
+                config = await asyncio.to_thread(parse_config, text, source=str(self.path), kinds=ADAPTERS.keys(),
+                                                 placeholders=current.config.placeholders)
                 refused = unservable(config)
                 if refused:
                     raise ConfigError(refused)
@@ -81,6 +83,8 @@ class Reloader:
                 return self._failed([f"{self.path}: {type(exc).__name__}: {exc}"])
             self._warn_restart_only(current.config, config)
             self.app[TABLES].swap(Table(config, adapters))
+            if ENGINES in self.app:  # a changed `process:` block restarts its engine, an unchanged one keeps running
+                self.app[ENGINES].sync(engine_specs(config.backends))
             metrics = self.app.get(METRICS)
             if metrics is not None:
                 metrics.config_reloads.labels("success").inc()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from gateway.capacity import Gates, Slot
     from gateway.config import Config
     from gateway.ejection import Ejections
+    from gateway.engine_process import Engines, EngineView
     from gateway.errors import GatewayError
     from gateway.health import Health
     from gateway.ledger import LedgerWriter
@@ -55,6 +56,8 @@ GATES: web.AppKey[Gates] = web.AppKey("gates")
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")
 SHARED_STATE: web.AppKey[SharedState] = web.AppKey("shared_state")
 """The state store limits and budgets are counted in, behind its failure policy (gateway/policy/shared.py)."""
+ENGINES: web.AppKey[Engines | EngineView] = web.AppKey("engines")
+"""The supervised engines (gateway/engine_process.py); in a worker of `serve --workers N`, its parent's, as read."""
 WORKER: web.AppKey[WorkerLink] = web.AppKey("worker")
 """Set in a worker of `serve --workers N`: its inherited sockets and its channel to the parent."""
 

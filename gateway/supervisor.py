@@ -13,6 +13,10 @@ probes. What is process-wide is owned once, by the parent:
   `LedgerWriter.FLUSH_INTERVAL` of records); a partial last line is dropped, never written;
 - the config file watcher: the parent polls the file every `server.reload_interval_s` and SIGHUPs the
   workers, which each load it (a worker's own watcher is off); SIGHUP to the parent does the same;
+- the supervised engines (gateway/engine_process.py): the parent picks their addresses (`{port}`,
+  `{socket}`: gateway/placeholders.py, which its workers read, so all connect to the one engine), starts,
+  probes, restarts and stops them, and publishes their state in a file every worker reads for /readyz and
+  `gateway_backend_restarts_total`; at shutdown they stop once every worker has drained and exited;
 - metrics: workers record into prometheus_client's multiprocess files, in a fresh directory per
   parent run (PROMETHEUS_MULTIPROC_DIR, set before a worker imports prometheus_client), and every
   worker's /metrics answers the sum over all of them (gateway/metering.py). The parent marks a worker
@@ -45,9 +49,15 @@ from dataclasses import dataclass
 
 from prometheus_client import multiprocess
 
-from gateway.config import Config
+from gateway.adapters import ADAPTERS, adapter_class
+from gateway.adapters.base import Adapter
+from gateway.config import Config, ConfigError, load_config, unservable
+from gateway.engine_process import Engines, engine_specs, publish_status
 from gateway.ledger import LedgerWriter
+from gateway.placeholders import ENV_DIR
 from gateway.reload import fingerprint
+from gateway.table import close_adapters
+from gateway.upstreams import Upstreams
 from gateway.worker_link import READY, WorkerLink
 
 log = logging.getLogger("gateway.supervisor")
@@ -99,9 +109,19 @@ class Supervisor:
             self.metrics_sock = bind(config.metrics.host or config.server.host, config.metrics.port)[0]
         self.metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-") if config.metrics.enabled else None
         self.ledger = LedgerWriter(config.ledger) if config.ledger.sink != "off" else None
+        self.backends = config.backends
+        """The backends of the config last loaded (its engines' blocks); `config` stays the one started with."""
+        self.engine_dir = config.placeholders.directory
+        self._probes: dict[str, Adapter] = {}
+        self._upstreams = Upstreams()
+        self._reloads: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        self.engines = Engines(self._probe, changed.set)
+        self.engines.sync(engine_specs(self.backends))
+        publisher = loop.create_task(publish_status(self.engines, self.engine_dir, changed))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.drain)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
@@ -120,6 +140,11 @@ class Supervisor:
                 worker.proc.kill()
             await asyncio.gather(*late, return_exceptions=True)
         finally:
+            await asyncio.gather(*self._reloads, return_exceptions=True)
+            await self.engines.aclose()  # once every worker has drained and exited
+            publisher.cancel()
+            await self._close_probes()
+            self.config.placeholders.cleanup()
             if watcher is not None:
                 watcher.cancel()
             for task in keepers:
@@ -149,10 +174,45 @@ class Supervisor:
             worker.proc.send_signal(signal.SIGTERM)
 
     def reload(self, why: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload(why))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self, why: str) -> None:
+        """Load the file for the engines' blocks (a changed one restarts its engine), then SIGHUP the workers,
+        which load it themselves (and log why, should it not load)."""
+        try:
+            config = await asyncio.to_thread(load_config, self.config.source, kinds=ADAPTERS.keys(),
+                                             placeholders=self.config.placeholders)
+        except ConfigError:
+            pass  # the workers refuse it too, each saying why by YAML path
+        else:
+            if not self.draining.is_set() and not unservable(config):  # an empty file must not stop the engines
+                self.backends = config.backends
+                self.engines.sync(engine_specs(config.backends))
         ready = [w for w in self.workers.values() if w.ready]
         log.info("config reload (%s): telling %d workers", why, len(ready))
         for worker in ready:
             worker.proc.send_signal(signal.SIGHUP)
+
+    async def _probe(self, name: str) -> bool:
+        """An engine's readiness: its backend's adapter's probe (one adapter per engine, kept for probing only)."""
+        backend = self.backends.get(name)
+        if backend is None:
+            return False
+        adapter = self._probes.get(name)
+        if adapter is None or adapter.backend != backend:
+            if adapter is not None:
+                await close_adapters([adapter], self._upstreams)
+            http = self._upstreams.open(backend)
+            adapter = self._probes[name] = adapter_class(backend.kind)(backend, http)
+            self._upstreams.attach(adapter, http)
+        async with asyncio.timeout(self.config.server.probe_timeout_s):
+            return bool(await adapter.ready())
+
+    async def _close_probes(self) -> None:
+        await close_adapters(self._probes.values(), self._upstreams)
+        await self._upstreams.aclose()
 
     async def _watch(self) -> None:
         """The one config file watcher (workers run none): a changed file means SIGHUP to every worker."""
@@ -215,6 +275,7 @@ class Supervisor:
         env = dict(os.environ)
         if self.metrics_dir is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        env[ENV_DIR] = self.engine_dir
         server = self.config.server
         argv = [sys.executable, "-m", "gateway", "serve", "--config", self.config.source,
                 "--host", server.host, "--port", str(server.port), "--worker", link.encode()]

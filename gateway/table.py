@@ -93,7 +93,8 @@ class TableHolder:
         """Set while no request is being served."""
         self.idle.set()
         self.changed = asyncio.Event()
-        """Set by each swap (a reload), so that the health prober probes the new table at once."""
+        """Set by each swap (a reload) and each change of a supervised engine's state, so that the health
+        prober probes the table at once."""
 
     @property
     def current(self) -> Table:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WORD_PUNCT = ".,;:!?\"'()[]\u201c\u201d\u2018\u2019\u00ab\u00bb\u00bf\u00a1\u2026"
-"""Punctuation trimmed off a word: OpenAI's words carry none (engines' words and words estimated from text do)."""
+"""Punctuation trimmed off a word: OpenAI's words carry none (some engines' words do)."""
 
 
 @dataclass(frozen=True, slots=True)

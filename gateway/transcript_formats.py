@@ -2,6 +2,9 @@
 
 One place decides how segments are made when an engine gives only words or only text, how
 subtitle cues are timed and wrapped, and how languages are named, so every endpoint answers alike.
+Word timestamps are the engine's or none: a text-only engine's transcript is one segment spanning the
+clip, its cues spread over it by characters, an estimate documented per kind in docs/backends.md; the
+routes never send such an engine a request for words (gateway/handlers/transcribe.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.languages import language_name
-from gateway.transcript import WORD_PUNCT, Segment, Transcript, Word
+from gateway.transcript import Segment, Transcript, Word
 
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 JSON_TYPE = "application/json"
@@ -130,26 +133,13 @@ def _verbose(t: Transcript, text: str, task: str, granularities: Sequence[str]) 
             "tokens": [], "temperature": s.temperature, "avg_logprob": s.avg_logprob,
             "compression_ratio": s.compression_ratio, "no_speech_prob": s.no_speech_prob,
         } for i, s in enumerate(segs)]
-    if task == "transcribe" and "word" in granularities:
+    if task == "transcribe" and "word" in granularities:  # the engine's words only: never times made up
         words = [w for w in t.all_words() if w.word.strip()] if text else []
-        if not words:  # the engine gave no word timings: spread each segment over its words
-            words = _estimate_words(segs)
         body["words"] = [{"word": w.word.strip(), "start": _clamp(w.start, t),
                           "end": max(_clamp(w.end, t), _clamp(w.start, t))} for w in words]
     if task == "transcribe" and t.duration is not None:
         body["usage"] = _usage(t.duration)
     return body
-
-
-def _estimate_words(segs: list[Segment]) -> list[Word]:
-    """Words cut from the segments' text, each segment's time spread over its characters."""
-    out = []
-    for s in segs:
-        clock = _clock(s.text, s.start, s.end, ())
-        for m in re.finditer(r"\S+", s.text):
-            word = m.group().strip(WORD_PUNCT) or m.group()
-            out.append(Word(word, clock(m.start()), clock(m.end())))
-    return out
 
 
 def make_cues(transcript: Transcript) -> list[tuple[int, int, str]]:

@@ -21,6 +21,7 @@ ADAPTERS: dict[str, str] = {
     "openai": "gateway.adapters.openai:OpenAIAdapter",
     "espeak": "gateway.adapters.espeak:EspeakAdapter",
     "pocketsphinx": "gateway.adapters.pocketsphinx:PocketsphinxAdapter",
+    "faster_whisper": "gateway.adapters.faster_whisper:FasterWhisperAdapter",
     "wyoming": "gateway.adapters.wyoming:WyomingAdapter",
     "whisper_asr": "gateway.adapters.whisper_asr:WhisperAsrAdapter",
     "elevenlabs": "gateway.adapters.elevenlabs:ElevenLabsAdapter",

@@ -85,6 +85,7 @@ class AzureSpeechAdapter:
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(OUTPUT_FORMATS),
         native_speed=(0.5, 2.0),  # SSML prosody: "rate changes should be within 0.5 to 2 times"
+        word_timestamps=True,
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

@@ -43,11 +43,18 @@ class Capabilities:
     """OpenAI transcript response_formats the engine answers in itself (bytes relayed as they are)."""
     languages: frozenset[str] | None = None
     """ISO-639-1 codes of the speech the engine understands; None for any."""
+    word_timestamps: bool = False
+    """The engine times each word itself. Claimed, never assumed: a route without it is never given a
+    `timestamp_granularities[]=word` request (gateway/handlers/transcribe.py), whose times the gateway
+    would otherwise have to make up."""
+    english_translates: bool = True
+    """An English-only transcriber serves translation too (see `can`); False where its engine refuses it
+    (faster_whisper on an English-only model, which says so rather than pretend)."""
 
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""
         return task in self.tasks or (task == TRANSLATION and TRANSCRIPTION in self.tasks
-                                      and self.languages == frozenset({"en"}))
+                                      and self.languages == frozenset({"en"}) and self.english_translates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +142,7 @@ def check_options(backend: Backend, known: Collection[str]) -> None:
     unknown = sorted(set(backend.options) - set(known))
     if unknown:
         listed = ", ".join(["url", "api_key", "timeout_s", "connect_timeout_s", "first_byte_timeout_s",
-                            "max_connections", *sorted(known)])
+                            "max_connections", "process", *sorted(known)])
         raise ValueError(f"backends.{backend.name}.{unknown[0]}: unknown option for kind '{backend.kind}' "
                          f"(known: {listed})")
 

@@ -64,6 +64,7 @@ class DeepgramAdapter:
     capabilities = Capabilities(
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(SPEECH_FORMATS),
+        word_timestamps=True,
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

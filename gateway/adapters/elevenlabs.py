@@ -72,6 +72,7 @@ class ElevenLabsAdapter:
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(OUTPUT_FORMATS),
         native_speed=SPEED_RANGE,
+        word_timestamps=True,
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

@@ -49,6 +49,7 @@ class OpenAIAdapter:
         native_speed=(0.25, 4.0),
         speech_sse=True,
         transcript_formats=frozenset({"json", "text", "srt", "verbose_json", "vtt", "diarized_json"}),
+        word_timestamps=True,  # relayed as the server gives them (OpenAI's own API does)
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

@@ -70,6 +70,7 @@ class PocketsphinxAdapter:
     capabilities = Capabilities(
         tasks=frozenset({TRANSCRIPTION}),
         languages=frozenset({"en"}),
+        word_timestamps=True,
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:

@@ -20,7 +20,9 @@ from gateway.errors import Reason, UpstreamError
 
 class UnavailableAdapter:
     kind: ClassVar[str] = "unavailable"
-    capabilities = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION, TRANSLATION}))
+    capabilities = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION, TRANSLATION}), word_timestamps=True)
+    """Claims everything, so that its requests get its own error (the engine is not installed) rather than
+    one about a capability the real engine might well have."""
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession, reason: str = "") -> None:
         self.backend = backend

@@ -11,14 +11,15 @@ model to its own deployment) and `temperature` (not a parameter of /asr). The se
 authentication; a configured `api_key` is sent as `Authorization: Bearer` for a proxy in front of it.
 
 Backend options: `word_timestamps` (default true; faster_whisper/openai_whisper engines give word
-timings), `vad_filter` (default false; faster_whisper engine only).
+timings; false: the backend serves no `timestamp_granularities[]=word` request), `vad_filter` (default
+false; faster_whisper engine only).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import aiohttp
@@ -38,15 +39,12 @@ from gateway.adapters.http_engine import probe, raise_for_status, read_transcrip
 from gateway.adapters.redact import redact
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, Reason, UnsupportedError, UpstreamError
-from gateway.languages import LANGUAGES
+from gateway.languages import WHISPER_LANGUAGES, whisper_code
 from gateway.transcript import Segment, Transcript, Word, seconds
 
 MAX_PROMPT_BYTES = 2048
 """Whisper conditions on the last 223 prompt tokens only; the tail kept here (~2 KB of UTF-8) holds more than
 that and keeps the query string far below uvicorn's 16 KiB request-head limit."""
-_ALIASES = {"iw": "he", "jv": "jw", "nb": "no", "fil": "tl"}
-WHISPER_LANGUAGES = frozenset(LANGUAGES) - frozenset(_ALIASES)
-"""Whisper's own language codes (openai/whisper tokenizer.LANGUAGES), the values /asr's `language` takes."""
 _CLIENT_FIELDS = {"language": "language", "initial_prompt": "prompt", "audio_file": "file"}
 """The /asr parameters that carry a client's field, by the OpenAI field's name."""
 _OPTIONS = {"word_timestamps": True, "vad_filter": False}
@@ -57,6 +55,7 @@ class WhisperAsrAdapter:
     capabilities = Capabilities(
         tasks=frozenset({TRANSCRIPTION, TRANSLATION}),
         languages=WHISPER_LANGUAGES,
+        word_timestamps=True,  # unless the backend sets `word_timestamps: false`
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
@@ -71,6 +70,8 @@ class WhisperAsrAdapter:
         self.backend = backend
         self.http = http
         self.word_timestamps: bool = flags["word_timestamps"]
+        if not self.word_timestamps:  # segments only: word requests go to another route, or are a 400
+            self.capabilities = replace(type(self).capabilities, word_timestamps=False)
         self.vad_filter: bool = flags["vad_filter"]
         self.timeout = request_timeout(backend)
         self._in_flight = 0
@@ -120,9 +121,8 @@ class WhisperAsrAdapter:
         """Whisper's code for an ISO-639-1 code or tag ("pt-BR" -> "pt", "iw" -> "he"); 400 for one it lacks."""
         if not language:
             return None
-        code = re.split(r"[-_]", language.strip().lower())[0]
-        code = _ALIASES.get(code, code)
-        if code not in WHISPER_LANGUAGES:
+        code = whisper_code(language)
+        if code is None:
             raise UnsupportedError(f"Language '{language}' is not supported by backend '{self.backend.name}'.",
                                    param="language", code="unsupported_language")
         return code

@@ -6,8 +6,8 @@ voice table's `{name, speaker}`, then audio-start / audio-chunk... / audio-stop,
 arrive as raw PCM in the engine's format (the gateway encodes, resamples and time-stretches: Wyoming
 has no speed or format). Transcription: `transcribe` {name: route model, language}, audio-start, the
 upload as 16 kHz mono s16le chunks sent as they are decoded (a second at a time, so memory is bounded
-by that, not by the file), audio-stop; the `transcript` is text only, so it becomes one segment
-spanning the clip. No translation (the protocol has no such field).
+by that, not by the file), audio-stop; the `transcript` is text only: one segment spanning the clip, no word
+timestamps claimed (docs/backends.md: timings). No translation (the protocol has no such field).
 
 The engine has no status codes. A refused connection is UpstreamError "connect"; an `error` event is
 "engine" (its text redacted like every engine's), except Piper's unknown voice (code VoiceNotFoundError),
@@ -173,7 +173,7 @@ class _Audio(AsyncIterator[bytes]):
 
 class WyomingAdapter:
     kind: ClassVar[str] = "wyoming"
-    capabilities = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION}))
+    capabilities = Capabilities(tasks=frozenset({SPEECH, TRANSCRIPTION}), word_timestamps=False)  # text only
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         self.backend = backend

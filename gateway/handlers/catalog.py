@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.errors import model_not_found
 from gateway.models import Model
-from gateway.state import DRAINING, EJECTIONS, HEALTH, IDENTITY, STARTED_AT, TABLE
+from gateway.state import DRAINING, EJECTIONS, ENGINES, HEALTH, IDENTITY, STARTED_AT, TABLE
 
 
 async def models(request: web.Request) -> web.Response:
@@ -45,16 +45,25 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready while the config is loaded and the gateway is not draining; answered from memory, never waiting
     on a backend. The body reports each backend's last background probe (gateway.health) and the models
     none of whose backends answered it: informative, not fatal (their requests fail over or get a 502), and
-    the backends this process has ejected (gateway/ejection.py), with when their ejection ends."""
+    the backends this process has ejected (gateway/ejection.py), with when their ejection ends. A backend whose
+    supervised engine (gateway/engine_process.py) is not `running` (starting, restarting after an exit, past its
+    ready_timeout_s) is down whatever its last probe said; `engines` tells each engine's state, restarts and
+    last exit code."""
     table = request[TABLE]
     draining = request.app[DRAINING].is_set()
     state = request.app[HEALTH].state(table)
+    engines = request.app[ENGINES].status() if ENGINES in request.app else {}
+    for name, engine in engines.items():
+        if name in state and engine.get("state") != "running":
+            state[name] = ("down", state[name][1])
     down = {name for name, (status, _) in state.items() if status == "down"}
     unroutable = [m.name for m in table.config.models.values() if all(r.backend in down for r in m.routes)]
     body = {"status": "draining" if draining else "ready", "config": table.config.digest,
             "backends": {name: status for name, (status, _) in state.items()},
             "probe_age_s": {name: age for name, (_, age) in state.items()}, "unroutable_models": unroutable,
             "ejected_until": _ejected_until(request.app[EJECTIONS].ejected())}
+    if engines:
+        body["engines"] = engines
     return web.json_response(body, status=503 if draining else 200)
 
 

@@ -74,6 +74,7 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
     if not candidates:
         raise UnsupportedError(f"The model `{req.model}` cannot answer in response_format "
                                f"'{req.response_format}'.", param="response_format", code="unsupported_format")
+    candidates = _word_timed(candidates, req)
     limit = table.config.server.max_audio_seconds
 
     async def attempt(candidate: Candidate) -> Transcript | Passthrough:
@@ -139,6 +140,22 @@ def _can_answer(candidate: Candidate, req: TranscriptionRequest) -> bool:
     """Rendered formats work for every engine; others only where the engine speaks them itself."""
     return (req.response_format in TRANSCRIPT_FORMATS
             or req.response_format in candidate.adapter.capabilities.transcript_formats)
+
+
+def _word_timed(candidates: list[Candidate], req: TranscriptionRequest) -> list[Candidate]:
+    """For word timestamps, only the routes whose engine times words itself: a text-only engine (Wyoming)
+    would leave the gateway to make the times up, and a client cannot tell made-up times from real ones.
+    A model with no such route refuses the request, as OpenAI refuses a value a model does not support."""
+    if "word" not in req.timestamp_granularities:
+        return candidates
+    timed = [c for c in candidates if c.adapter.capabilities.word_timestamps]
+    if not timed:
+        backends = ", ".join(sorted({f"'{c.route.backend}'" for c in candidates}))
+        raise UnsupportedError(
+            f"The model `{req.model}` cannot give word timestamps: its backends ({backends}) return text "
+            "without word timings. Ask for timestamp_granularities[]=segment, or use a model whose engine "
+            "times words.", param="timestamp_granularities[]", code="unsupported_value")
+    return timed
 
 
 async def respond(request: web.Request, req: TranscriptionRequest,

@@ -285,9 +285,13 @@ def test_bad_options_are_config_errors(options: dict[str, Any], problem: str) ->
 def test_options_reach_the_query(make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr, tmp_path: Path) -> None:
     gw = make_gateway(config(asr.url, tmp_path / "spool", "word_timestamps: false\nvad_filter: true\n"))
     with sdk(gw.base_url) as c:
-        result = transcribe(c, response_format="verbose_json", timestamp_granularities=["word"])
-    assert asr.last.query == {"task": "transcribe", "output": "json", "encode": "true", "vad_filter": "true"}
-    assert result.words and [w.word for w in result.words] == [w.strip(".") for w in WORDS]  # estimated from text
+        result = transcribe(c, response_format="verbose_json")
+        assert asr.last.query == {"task": "transcribe", "output": "json", "encode": "true", "vad_filter": "true"}
+        assert result.segments and result.words is None
+        with pytest.raises(openai.BadRequestError) as info:  # the engine is asked for no word timings: none to give
+            transcribe(c, response_format="verbose_json", timestamp_granularities=["word"])
+    expect_error(info.value, 400, "invalid_request_error", "unsupported_value", param="timestamp_granularities[]")
+    assert len(asr.asr_requests) == 1
 
 
 def test_shipped_example_fails_over_to_the_second_deployment(servers: ServerThread, asr: FakeWhisperAsr,
