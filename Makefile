@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make run` (the gateway on its embedded default config) and `make test`.
+# Two commands for a newcomer: `make run` (the gateway on its default config: Piper and Whisper) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -277,7 +277,7 @@ def test_bombs_leave_peak_rss_flat(tmp_path: Path) -> None:
         keys: [{{name: demo, tenant: demo, sha256: "{sha(DEMO_KEY)}"}}]
         backends: {{sphinx: {{kind: pocketsphinx}}}}
         models: {{whisper-1: {{task: transcription, routes: [{{backend: sphinx, model: en-us}}]}}}}
-    """))  # the embedded default's transcription side, with the default max_audio_seconds (7200)
+    """))  # the light embedded config's transcription side, with the default max_audio_seconds (7200)
     gateway = GatewayProcess(config, tmp_path / "gateway.log")
     try:
         with sdk(f"{gateway.url}/v1", timeout=120) as client:
