@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,6 +143,28 @@ def test_first_audio_byte_arrives_before_synthesis_ends(client: openai.OpenAI) -
     assert first is not None
     print(f"\n300 characters as streamed mp3: first byte after {first * 1000:.0f} ms, last after {total * 1000:.0f} ms")
     assert first < total
+
+
+def children() -> dict[int, str]:
+    """pid -> command line of this process's children (the gateway under test runs in this process)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_text().replace("\0", " ")
+        except (FileNotFoundError, ProcessLookupError, IndexError):  # gone meanwhile
+            continue
+    return found
+
+
+def test_espeak_runs_in_a_child_and_never_in_the_gateway(client: openai.OpenAI) -> None:
+    """eSpeak NG is GPL-3.0-or-later: its library is mapped by the backend's child, never by the gateway."""
+    assert probe(speak(client, "wav", text="Licences matter."))[3] > 0.5
+    assert "libespeak-ng" not in Path("/proc/self/maps").read_text()
+    engines = [pid for pid, command in children().items() if "espeak_child.py" in command]
+    assert engines
+    for pid in engines:
+        assert "libespeak-ng" in Path(f"/proc/{pid}/maps").read_text()
 
 
 @pytest.fixture(scope="module")

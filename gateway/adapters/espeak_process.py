@@ -207,7 +207,9 @@ class EspeakProcess(asyncio.SubprocessProtocol):
         elif kind == b"E" and self._owners:
             error = json.loads(bytes(payload))["error"]
             stream = self._owners.popleft()
-            if error == "voice":
+            if self.closing:  # aborted by aclose: a cut stream must not look complete
+                stream.end(self._error())
+            elif error == "voice":
                 stream.end(InvalidRequestError(f"Voice '{stream.voice}' is not available on this backend.",
                                                param="voice", code="invalid_value"))
             elif error:
