@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from gateway.errors import InvalidRequestError, Reason, UpstreamError
 
@@ -104,6 +104,7 @@ class EspeakProcess(asyncio.SubprocessProtocol):
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.description: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.description.add_done_callback(lambda done: done.cancelled() or done.exception())  # `start` reads it
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.SubprocessTransport | None = None
         self.gone = self.closing = False
@@ -181,8 +182,7 @@ class EspeakProcess(asyncio.SubprocessProtocol):
     # asyncio.SubprocessProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.SubprocessTransport, transport)  # uvloop's is one, not a subclass
 
     def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
         if fd == 2:

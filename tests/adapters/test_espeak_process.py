@@ -126,12 +126,14 @@ async def test_after_aclose_the_child_is_gone_and_requests_are_refused(tts: espe
 
 
 def test_the_child_dies_with_a_gateway_killed_by_sigkill() -> None:
-    """A gateway process (the adapter in a bare interpreter) SIGKILLed mid-synthesis leaves no eSpeak behind."""
+    """A gateway process (the adapter in a bare interpreter, on the gateway's event loop: uvloop when installed)
+    SIGKILLed mid-synthesis leaves no eSpeak behind."""
     code = """if True:
         import asyncio, sys
         from gateway.adapters import espeak
         from gateway.adapters.base import SpeechJob
         from gateway.config import Backend, NativeVoice
+        from gateway.event_loop import loop_factory, run
 
         async def main():
             adapter = espeak.EspeakAdapter(Backend(name="espeak", kind="espeak"), None)
@@ -140,7 +142,7 @@ def test_the_child_dies_with_a_gateway_killed_by_sigkill() -> None:
             await anext(stream.chunks)
             print(adapter.process.pid, flush=True)
             await asyncio.sleep(60)
-        asyncio.run(main())
+        run(main(), loop_factory())
     """
     gateway = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
