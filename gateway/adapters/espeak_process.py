@@ -33,6 +33,9 @@ log = logging.getLogger("gateway.adapters.espeak")
 CHILD = Path(__file__).resolve().parent.parent / "engines" / "espeak_child.py"
 HEADER = struct.Struct(">cI")
 MAX_CHUNK = 65_536
+MAX_FRAME = 1 << 20
+"""Far above any frame the child sends (a 100 ms buffer is 4410 bytes, its voice list ~10 KB): past it, a
+broken child is killed rather than buffered without end."""
 MAX_LOG_LINE = 2_000
 START_TIMEOUT_S = 20.0
 """From spawn to the child's description of its voices: a Python start and a library load (~50 ms)."""
@@ -193,6 +196,11 @@ class EspeakProcess(asyncio.SubprocessProtocol):
         try:
             while len(view) - at >= HEADER.size:
                 kind, size = HEADER.unpack_from(view, at)
+                if size > MAX_FRAME:
+                    log.error("backend %s: eSpeak NG sent a %d-byte frame; killed", self.backend, size)
+                    at = len(view)
+                    self.kill()
+                    break
                 if len(view) - at - HEADER.size < size:
                     break
                 self._frame(kind, view[at + HEADER.size:at + HEADER.size + size])

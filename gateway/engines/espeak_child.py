@@ -8,7 +8,7 @@ both ways, is one kind byte and a big-endian u32 length, then that many bytes:
          A <s16le mono PCM>                        as eSpeak makes it, one buffer of BUFFER_MS per frame
          E {"error": null | "voice" | "..."}       the end of the current request
     in   S {"id", "text", "voice", "rate"}         synthesize (queued while another one runs)
-         X {"id"}                                  stop request `id` if it still runs
+         X {"id"}                                  stop request `id` if it still runs or waits
 
 `espeak_Synth` runs in synchronous mode on the main thread and calls `_on_audio` per buffer; a reader
 thread takes stdin, so a stop lands while synthesis runs and the next callback returns 1 (abort). The
@@ -25,6 +25,7 @@ import queue
 import struct
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -62,8 +63,13 @@ class Engine:
         self._callback = _CALLBACK(self._on_audio)  # referenced for as long as the library may call it
         lib.espeak_SetSynthCallback(self._callback)
         self.lib = lib
-        self.current = 0  # the id of the request being synthesized
-        self.stopped = 0  # the latest id the gateway asked to stop (ids only grow); -1: stdin ended
+        self.current = 0
+        """The id of the request being synthesized (ids grow: requests run in the order they came)."""
+        self.stopped: set[int] = set()
+        """Ids the gateway asked to stop, running or queued (an id's stop after its end is dropped)."""
+        self._lock = threading.Lock()
+        self.closed = False
+        """stdin ended: the gateway is gone or shutting down, stop everything."""
 
     def describe(self) -> dict[str, Any]:
         variants = self.data / "voices" / "!v"
@@ -94,27 +100,39 @@ class Engine:
 
     def _on_audio(self, wav: _C._Pointer[_C.c_short], samples: int, events: int | None) -> int:
         try:
-            if self.stopped in (-1, self.current):
+            if self.closed or self.current in self.stopped:
                 return 1
             if wav and samples > 0:
                 send(self.out, b"A", _C.string_at(wav, samples * 2))
             return 0
         except BaseException as exc:  # an exception must not cross into C; a broken pipe ends us anyway
             print(f"synth callback failed: {exc!r}", file=sys.stderr)
-            self.stopped = -1
+            self.closed = True
             return 1
 
     def speak(self, request: dict[str, Any]) -> str | None:
         """Synthesize one request into frames; the error to end it with, or None."""
         self.current = request["id"]
-        if self.stopped in (-1, self.current):
-            return None
-        if self.lib.espeak_SetVoiceByName(request["voice"].encode()) != 0:
-            return "voice"
-        self.lib.espeak_SetParameter(_PARAM_RATE, request["rate"], 0)
-        data = request["text"].encode()
-        status = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-        return f"espeak_Synth failed ({status})" if status != 0 and self.stopped not in (-1, self.current) else None
+        try:
+            if self.closed or self.current in self.stopped:
+                return None
+            if self.lib.espeak_SetVoiceByName(request["voice"].encode()) != 0:
+                return "voice"
+            self.lib.espeak_SetParameter(_PARAM_RATE, request["rate"], 0)
+            data = request["text"].encode()
+            status = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            aborted = self.closed or self.current in self.stopped
+            return f"espeak_Synth failed ({status})" if status != 0 and not aborted else None
+        finally:
+            with self._lock:
+                self.stopped = {i for i in self.stopped if i > self.current}
+
+    def stop(self, request: int) -> None:
+        """From the reader thread: stop `request` if it runs or waits. The set is replaced, never changed in
+        place, so the callback reads it without the lock."""
+        with self._lock:
+            if request >= self.current:
+                self.stopped = self.stopped | {request}
 
 
 def send(out: BinaryIO, kind: bytes, payload: bytes) -> None:
@@ -131,9 +149,9 @@ def _read(source: BinaryIO, engine: Engine, requests: queue.SimpleQueue[dict[str
             if kind == b"S":
                 requests.put(message)
             elif kind == b"X":
-                engine.stopped = max(engine.stopped, message["id"]) if engine.stopped != -1 else -1
+                engine.stop(message["id"])
     finally:
-        engine.stopped = -1
+        engine.closed = True
         requests.put(None)
 
 
@@ -145,7 +163,11 @@ def main() -> None:
     requests: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
     threading.Thread(target=_read, args=(sys.stdin.buffer, engine, requests), daemon=True).start()
     while (request := requests.get()) is not None:
-        error = engine.speak(request)
+        try:
+            error = engine.speak(request)
+        except Exception as exc:  # a bug: this request fails, the next ones are still served
+            traceback.print_exc()
+            error = repr(exc)
         send(out, b"E", json.dumps({"error": error}).encode())
 
 

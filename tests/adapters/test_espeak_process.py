@@ -19,6 +19,7 @@ import pytest
 
 from gateway.adapters import espeak, espeak_process
 from gateway.adapters.base import SpeechJob
+from gateway.adapters.espeak_process import PcmStream
 from gateway.config import Backend, NativeVoice
 from gateway.errors import Reason, UpstreamError
 
@@ -65,6 +66,21 @@ async def test_the_library_is_mapped_in_the_child_only(tts: espeak.EspeakAdapter
     assert not maps_espeak("self")
     assert "espeakng_loader" not in sys.modules or not maps_espeak("self")
     assert os.getpgid(pid) == pid and os.getsid(pid) == pid  # its own session: a terminal's ^C is the gateway's
+
+
+async def test_requests_left_while_running_or_queued_are_stopped(tts: espeak.EspeakAdapter) -> None:
+    """Three requests queue in the child; the second's client leaves while it waits, then the first's while it
+    plays: the first stops early, the second is never synthesized, the third is whole."""
+    alone = len(b"".join([chunk async for chunk in (await tts.synthesize(speech("The third one."))).chunks]))
+    first, second, third = [await tts.synthesize(speech(text)) for text in (TEXT, TEXT, "The third one.")]
+    playing, waiting = cast(PcmStream, first.chunks), cast(PcmStream, second.chunks)
+    await anext(playing)
+    await waiting.aclose()
+    await playing.aclose()
+    assert len(b"".join([chunk async for chunk in third.chunks])) == pytest.approx(alone, abs=2_205)  # 50 ms
+    assert playing.ended.done() and waiting.ended.done()
+    full = len(TEXT.split()) / 175 * 60 * 22_050 * 2  # bytes at eSpeak's 175 words per minute
+    assert playing.produced < full / 4 and waiting.produced == 0, (playing.produced, full)
 
 
 async def test_a_child_that_dies_fails_its_requests_and_is_started_again(tts: espeak.EspeakAdapter) -> None:
