@@ -5,11 +5,13 @@ their own process, never imported or loaded into the gateway's (the gateway's li
 own for those who embed it). Each backend starts one child (gateway/engines/espeak_child.py, the
 `espeakng-loader` wheel's library and data through ctypes) and talks to it over pipes with
 length-prefixed frames (gateway/adapters/espeak_process.py). What that costs, measured on this
-2-core machine: the process starts once per backend (~60 ms to ready, off the event loop), and each
-request adds framing, about 0.2 ms to the first audio and a few % of throughput (eSpeak still
-runs some 700-900x faster than real time; docs/backends.md has the figures). eSpeak's global state
-(one voice, rate and callback per process) means one synthesis at a time per child: requests queue
-there, in order, as they did on the former engine thread.
+2-core machine against the former in-process engine (docs/backends.md has the figures): a process
+start once per backend (40-140 ms to ready instead of a 6-25 ms library load, off the event loop),
+and per request the framing: first audio 0.6-1.6 ms after the request instead of 0.5-0.6 ms, the
+same CPU in all within 5 %, the same throughput within the load's noise. Three quarters of that CPU
+has left the gateway's process, which now only reads frames. eSpeak's global state (one voice, rate and
+callback per process) means one synthesis at a time per child: requests queue there, in order, as
+they did on the former engine thread.
 
 Everything else is as before: audio streams as eSpeak makes it (a frame per BUFFER_MS buffer); a
 client that leaves stops the child's synthesis at its next buffer; voices and +variants are resolved
