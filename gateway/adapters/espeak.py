@@ -9,11 +9,11 @@ length-prefixed frames (gateway/adapters/espeak_process.py). What that costs, me
 start once per backend (40-140 ms to ready instead of a 6-25 ms library load, off the event loop),
 and per request the framing: first audio 0.6-1.6 ms after the request instead of 0.5-0.6 ms, the
 same CPU in all within 5 %, the same throughput within the load's noise. Three quarters of that CPU
-has left the gateway's process, which now only reads frames. eSpeak's global state (one voice, rate and
-callback per process) means one synthesis at a time per child: requests queue there, in order, as
-they did on the former engine thread.
+has left the gateway's process, which now only reads frames. eSpeak's global state (one voice, rate
+and callback per process) means one synthesis at a time per child: requests queue there, in order,
+as they did on the former engine thread.
 
-Everything else is as before: audio streams as eSpeak makes it (a frame per BUFFER_MS buffer); a
+Everything else is as before: audio streams as eSpeak makes it (a frame per 100 ms buffer); a
 client that leaves stops the child's synthesis at its next buffer; voices and +variants are resolved
 here, before any audio, from the list the child sends when it starts. A child that dies fails its
 requests with a 502 and is started again on next use (the readiness probe's, at the latest); one

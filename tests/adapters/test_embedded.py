@@ -19,6 +19,7 @@ from typing import TypeVar, cast
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from gateway.adapters import espeak, pocketsphinx
 from gateway.adapters.base import TRANSLATION, SpeechJob, TranscriptionJob
@@ -42,19 +43,23 @@ ROUND_TRIP_VOICE = "en-us+klatt"
 MIN_OVERLAP = 0.6
 """Measured 0.67-0.83 (mean 0.77) over repeated round trips below: eSpeak's Klatt voices add random noise
 whose state carries over between syntheses, so the same text never sounds exactly the same twice."""
-pytestmark = pytest.mark.skipif(bool(espeak.unavailable_reason() or pocketsphinx.unavailable_reason()),
-                                reason="the embedded engines are not installed")
+pytestmark = [pytest.mark.skipif(bool(espeak.unavailable_reason() or pocketsphinx.unavailable_reason()),
+                                 reason="the embedded engines are not installed"),
+              pytest.mark.asyncio(loop_scope="module"),  # one loop for the module, so one eSpeak child serves it
+              pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio'")]
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def tts() -> AsyncIterator[espeak.EspeakAdapter]:
+    """One adapter, so one child process, for the module (a start is ~0.1 s); tests that close or kill
+    theirs build their own."""
     adapter = espeak.EspeakAdapter(Backend(name="espeak", kind="espeak"), HTTP)
     assert await adapter.ready()
     yield adapter
     await adapter.aclose()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def stt() -> AsyncIterator[pocketsphinx.PocketsphinxAdapter]:
     adapter = pocketsphinx.PocketsphinxAdapter(Backend(name="sphinx", kind="pocketsphinx"), HTTP)
     assert await adapter.ready()
@@ -222,8 +227,8 @@ async def test_concurrent_requests_take_turns_on_the_engine(tts: espeak.EspeakAd
         assert seconds(pcm) == pytest.approx(duration, abs=0.05), voice
 
 
-async def test_each_engine_refuses_the_other_task_and_stops_at_aclose(
-        tts: espeak.EspeakAdapter, stt: pocketsphinx.PocketsphinxAdapter) -> None:
+async def test_each_engine_refuses_the_other_task_and_stops_at_aclose(stt: pocketsphinx.PocketsphinxAdapter) -> None:
+    tts = espeak.EspeakAdapter(Backend(name="espeak", kind="espeak"), HTTP)
     with pytest.raises(UnsupportedError):
         await tts.transcribe(transcription(wav_upload(silence(1))))
     with pytest.raises(UnsupportedError):
