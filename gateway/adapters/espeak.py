@@ -29,7 +29,7 @@ import importlib.util
 import logging
 import re
 import time
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import aiohttp
 
@@ -57,18 +57,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def resolve(description: dict[str, Any], name: str) -> str | None:
+def resolve(engine: EspeakProcess, name: str) -> str | None:
     """The identifier[+variant] eSpeak should load for `name` ("en-us", "en-gb+m3"), or None; from the
-    child's `description` (voices: lower-cased identifier, file name or language -> identifier)."""
+    voices and variants the child listed when it started."""
     if not _VOICE_NAME.fullmatch(name):
         return None
-    voices, variants = description["voices"], description["variants"]
     base, _, variant = name.partition("+")
-    ident = voices.get(base.lower())
+    ident = engine.voices.get(base.lower())
     if ident is None or not variant:
         return ident
     variant = f"m{variant}" if variant.isdigit() else variant
-    return f"{ident}+{variant}" if variant in variants else None
+    return f"{ident}+{variant}" if variant in engine.variants else None
 
 
 class EspeakAdapter:
@@ -139,8 +138,7 @@ class EspeakAdapter:
 
     async def synthesize(self, job: SpeechJob) -> AudioStream:
         engine = await self._engine()
-        description = engine.description.result()
-        voice = resolve(description, job.voice.id)
+        voice = resolve(engine, job.voice.id)
         if voice is None:
             raise InvalidRequestError(f"Voice '{job.voice.id}' is not available on this backend.",
                                       param="voice", code="invalid_value")
@@ -148,7 +146,7 @@ class EspeakAdapter:
         applied = low <= job.speed <= high
         rate = min(MAX_RATE, max(MIN_RATE, round(DEFAULT_RATE * (job.speed if applied else 1.0))))
         stream = engine.speak(job.input.translate(_CONTROL), voice, rate, job.voice.id)
-        return AudioStream(format=pcm(int(description["sample_rate"])), chunks=stream, speed_applied=applied)
+        return AudioStream(format=pcm(engine.sample_rate), chunks=stream, speed_applied=applied)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
         raise UnsupportedError(f"Backend '{self.backend.name}' cannot transcribe; it synthesizes speech.",

@@ -106,8 +106,14 @@ class EspeakProcess(asyncio.SubprocessProtocol):
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
-        self.description: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.description.add_done_callback(lambda done: done.cancelled() or done.exception())  # `start` reads it
+        self.described: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done when the child has loaded the library and described itself (`start` waits for it)."""
+        self.described.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self.sample_rate = 0
+        self.voices: dict[str, str] = {}
+        """Lower-cased identifier ("gmw/en-us"), file name ("en-us") or language ("en-gb") -> identifier."""
+        self.variants: frozenset[str] = frozenset()
+        """Voice variants ("m3", "f2", "klatt"), listed once by the child: no file system call per request."""
         self.exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.SubprocessTransport | None = None
         self.gone = self.closing = False
@@ -118,14 +124,14 @@ class EspeakProcess(asyncio.SubprocessProtocol):
 
     @classmethod
     async def start(cls, backend: str) -> EspeakProcess:
-        """A child with its library loaded, voices listed (`description`); an exception if it cannot start."""
+        """A child with its library loaded and its voices listed; an exception if it cannot start."""
         loop = asyncio.get_running_loop()
         _, child = await loop.subprocess_exec(
             lambda: cls(backend), sys.executable, str(CHILD), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
             preexec_fn=partial(_die_with_parent, os.getpid()))
         try:
-            await asyncio.wait_for(asyncio.shield(child.description), START_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(child.described), START_TIMEOUT_S)
         except BaseException:
             child.kill()
             raise
@@ -225,8 +231,11 @@ class EspeakProcess(asyncio.SubprocessProtocol):
                 stream.end(self._error())
             else:
                 stream.end(None)
-        elif kind == b"H" and not self.description.done():
-            self.description.set_result(json.loads(bytes(payload)))
+        elif kind == b"H" and not self.described.done():
+            description = json.loads(bytes(payload))
+            self.sample_rate, self.voices = int(description["sample_rate"]), description["voices"]
+            self.variants = frozenset(description["variants"])
+            self.described.set_result(None)
 
     def _log(self, data: bytes) -> None:
         """The child's stderr, a line at a time under the backend's name (an overlong line in pieces)."""
@@ -243,8 +252,8 @@ class EspeakProcess(asyncio.SubprocessProtocol):
         if fd != 1:
             return
         self.gone = True
-        if not self.description.done():
-            self.description.set_exception(RuntimeError("the eSpeak NG process exited before it was ready"))
+        if not self.described.done():
+            self.described.set_exception(RuntimeError("the eSpeak NG process exited before it was ready"))
         while self._owners:
             self._owners.popleft().end(self._error())
 
