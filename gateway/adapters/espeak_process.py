@@ -7,25 +7,23 @@ of the pipe in bulk on the event loop, with one copy per frame and no await per 
 
 The child dies with the gateway: it gets its own session (a terminal's Ctrl-C reaches the gateway,
 which decides), SIGKILL when the thread that started it dies (prctl PR_SET_PDEATHSIG, set between
-fork and exec), and the end of its stdin when the gateway's process does (then it aborts and exits).
+fork and exec, as for supervised engines: gateway/engine_process.py), and the end of its stdin when
+the gateway's process does (then it aborts and exits).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
-import os
-import signal
 import struct
 import sys
 from collections import deque
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+from gateway.engine_process import die_with_parent
 from gateway.errors import InvalidRequestError, Reason, UpstreamError
 
 log = logging.getLogger("gateway.adapters.espeak")
@@ -41,16 +39,6 @@ START_TIMEOUT_S = 20.0
 """From spawn to the child's description of its voices: a Python start and a library load (~50 ms)."""
 STOP_GRACE_S = 2.0
 """After its stdin closed, how long the child may take to abort and exit before SIGKILL."""
-_PR_SET_PDEATHSIG = 1
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn, in the child between fork and exec: SIGKILL when the gateway dies, even if just now."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 class PcmStream(AsyncIterator[bytes]):
@@ -129,7 +117,7 @@ class EspeakProcess(asyncio.SubprocessProtocol):
         _, child = await loop.subprocess_exec(
             lambda: cls(backend), sys.executable, str(CHILD), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            preexec_fn=partial(_die_with_parent, os.getpid()))
+            preexec_fn=die_with_parent())
         try:
             await asyncio.wait_for(asyncio.shield(child.described), START_TIMEOUT_S)
         except BaseException:
