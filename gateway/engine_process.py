@@ -114,9 +114,9 @@ def _prctl() -> Any:
     return ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """preexec_fn: SIGKILL this child when the process that started it dies (Linux); resolved before the
-    fork, so the child only makes one call."""
+    fork, so the child only makes one call. Also the eSpeak adapter's child (adapters/espeak_process.py)."""
     if not sys.platform.startswith("linux"):
         return None
     prctl, pdeathsig, parent = _prctl(), 1, os.getpid()  # 1: PR_SET_PDEATHSIG
@@ -175,7 +175,7 @@ class Engine:
             proc = self._proc = await asyncio.create_subprocess_exec(
                 *self.spec.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env={**os.environ, **self.spec.env}, cwd=self.spec.cwd,
-                start_new_session=True, preexec_fn=_die_with_parent())
+                start_new_session=True, preexec_fn=die_with_parent())
         except (OSError, ValueError) as exc:
             self.pid = None
             log.error("engine %s: cannot start %s: %s", self.name, self.spec.command[0], exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -144,6 +145,56 @@ def test_first_audio_byte_arrives_before_synthesis_ends(client: openai.OpenAI) -
     assert first is not None
     print(f"\n300 characters as streamed mp3: first byte after {first * 1000:.0f} ms, last after {total * 1000:.0f} ms")
     assert first < total
+
+
+def children() -> dict[int, str]:
+    """pid -> command line of this process's children (the gateway under test runs in this process)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_text().replace("\0", " ")
+        except (FileNotFoundError, ProcessLookupError, IndexError):  # gone meanwhile
+            continue
+    return found
+
+
+def test_espeak_runs_in_a_child_and_never_in_the_gateway(client: openai.OpenAI) -> None:
+    """eSpeak NG is GPL-3.0-or-later: its library is mapped by the backend's child, never by the gateway."""
+    assert probe(speak(client, "wav", text="Licences matter."))[3] > 0.5
+    assert "libespeak-ng" not in Path("/proc/self/maps").read_text()
+    engines = [pid for pid, command in children().items() if "espeak_child.py" in command]
+    assert engines
+    for pid in engines:
+        assert "libespeak-ng" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_that_leaves_stops_the_espeak_child(client: openai.OpenAI) -> None:
+    """Measured in the child's own CPU time: a long input heard whole, then the same one left after its
+    first kilobyte; the abandoned synthesis costs a fraction of the whole one."""
+    [pid] = [pid for pid, command in children().items() if "espeak_child.py" in command]
+    text = ((SENTENCE + " ") * 31)[:4000]
+    before = cpu_seconds(pid)
+    whole = speak(client, "pcm", text=text)
+    cost = cpu_seconds(pid) - before
+    before = cpu_seconds(pid)
+    with client.audio.speech.with_streaming_response.create(model="tts-1", voice="nova", input=text,
+                                                            response_format="pcm") as response:
+        assert len(next(response.iter_bytes(1024))) == 1024
+    spent, deadline = cpu_seconds(pid) - before, time.monotonic() + 2
+    while True:  # until the child is idle: its CPU time stays put for 50 ms
+        time.sleep(0.05)
+        if spent == (spent := cpu_seconds(pid) - before):
+            break
+        assert time.monotonic() < deadline, "the child is still busy"
+    print(f"\n{len(whole) / 48_000:.0f} s of speech: {cost * 1000:.0f} ms of the child's CPU whole, "
+          f"{spent * 1000:.0f} ms when the client left after 1 KiB")
+    assert spent < cost / 2
 
 
 @pytest.fixture(scope="module")

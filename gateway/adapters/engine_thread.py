@@ -1,9 +1,10 @@
 """An engine embedded in the gateway, on one thread of its own: loaded there, used there, stopped once.
 
-eSpeak's C library keeps process-wide state and PocketSphinx's decoder is not thread-safe, so each
-embedded backend runs its engine on a single dedicated thread (not on the shared audio workers). The
-engine loads on that thread as the adapter is built, off the event loop; `loaded` waits for it and
-maps a failed or stopped engine to the gateway's errors, so the adapters only add what is their own.
+PocketSphinx's decoder is not thread-safe, so each of its backends runs the engine on a single
+dedicated thread (not on the shared audio workers); eSpeak NG, GPL, runs in a process instead
+(adapters/espeak.py). The engine loads on that thread as the adapter is built, off the event loop;
+`loaded` waits for it and maps a failed or stopped engine to the gateway's errors, so the adapters
+only add what is their own.
 """
 
 from __future__ import annotations

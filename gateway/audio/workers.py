@@ -14,9 +14,9 @@ which is before any byte of its response. Small tasks of a request already being
 over spool write, the meter's end-of-stream measurement) run without a slot: refusing them would
 fail a request midway, and each request has at most one of them in the pool at a time.
 
-The embedded engines keep a single thread each (adapters/espeak.py, adapters/pocketsphinx.py):
-eSpeak's C library keeps process-wide state and PocketSphinx's decoder is not thread-safe, so each
-must only ever run on one thread; that is one thread per embedded backend, a constant.
+PocketSphinx keeps a single thread per backend (adapters/pocketsphinx.py): its decoder is not
+thread-safe, so it must only ever run on one thread; a constant. eSpeak NG runs in a child process
+per backend (adapters/espeak.py), off this pool too.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The light embedded config (config/examples/embedded-lite.yaml: eSpeak NG + PocketSphinx in-process): latency,
-real-time factors and transcoding throughput through the gateway, each next to the adapter called directly on the
-same event loop in the same run (no HTTP, no transcoding, no metering) as the baseline.
+"""The light embedded config (config/examples/embedded-lite.yaml: eSpeak NG in its child process, PocketSphinx
+in-process): latency, real-time factors and transcoding throughput through the gateway, each next to the adapter
+called directly on the same event loop in the same run (no HTTP, no transcoding, no metering) as the baseline.
 
 Run: .venv/bin/python -m pytest tests/perf/test_embedded_engines.py -q -s -p no:cacheprovider
 """
@@ -250,5 +250,6 @@ def test_concurrent_small_speech(servers: ServerThread, embedded: Gateway) -> No
             assert result.errors == 0
     print_table(f"Concurrent small speech: {len(SMALL)}-char input, c = concurrent clients",
                 ["path", "requests", "errors", "req/s", "p50 ms", "p95 ms", "loop lag max ms"], rows,
-                note="eSpeak NG has one engine per process behind a lock (one worker thread), so synthesis is\n"
-                     "serialized: more clients raise latency, not throughput; transcoding runs on per-stream threads.")
+                note="eSpeak NG has one child process per backend, synthesizing one request at a time, so\n"
+                     "synthesis is serialized: more clients raise latency, not throughput; transcoding runs\n"
+                     "on per-stream threads.")
