@@ -48,6 +48,9 @@ from gateway.languages import WHISPER_LANGUAGES, whisper_code
 from gateway.transcript import WORD_PUNCT, Segment, Transcript, Word
 
 log = logging.getLogger(__name__)
+# faster-whisper's INFO lines (the audio's duration, what VAD removed) come twice per request, plain text among
+# the JSON lines: its warnings are enough, the access log says the rest.
+logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 SAMPLE_RATE = 16_000
 MULTILINGUAL_VOCABULARY = 51_865
