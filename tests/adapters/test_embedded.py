@@ -224,7 +224,10 @@ async def test_concurrent_requests_take_turns_on_the_engine(tts: espeak.EspeakAd
     alone = {voice: seconds(await say(tts, PASSAGE, voice)) for voice in ("en-us", "en-us+f3", "en-gb+m3")}
     together = await asyncio.gather(*(say(tts, PASSAGE, voice) for voice in alone))
     for (voice, duration), pcm in zip(alone.items(), together, strict=True):
-        assert seconds(pcm) == pytest.approx(duration, abs=0.05), voice
+        # whole and unmixed: interleaved audio would be seconds off. One request's length varies by up to
+        # ~50 ms between identical runs in the child process (measured 13.93-13.97 s for this passage), so
+        # the tolerance is one 100 ms buffer.
+        assert seconds(pcm) == pytest.approx(duration, abs=0.1), voice
 
 
 async def test_each_engine_refuses_the_other_task_and_stops_at_aclose(stt: pocketsphinx.PocketsphinxAdapter) -> None:
