@@ -42,7 +42,7 @@ from gateway.audio.decode import decode_chunks
 from gateway.errors import InvalidRequestError
 
 RATE = 16_000
-"""Chunks are 16 kHz mono s16le: what WebRTC's VAD takes and what every speech engine accepts."""
+"""Chunks are 16 kHz mono s16le: a rate WebRTC's VAD takes and Whisper-family engines work at."""
 FRAME = 480
 """Samples per VAD frame (30 ms, the longest WebRTC allows: the fewest calls)."""
 MODE = 3
@@ -85,14 +85,16 @@ def limit_samples(max_seconds: float, max_bytes: int | None, pad_s: float) -> in
     """The most samples a chunk may hold, in whole frames; a 400 on `chunking_strategy` when that leaves no
     room for a cut with its padding (a limit at or under 2 x `pad_s`, or non-positive numbers)."""
     if not (max_seconds > 0 and math.isfinite(max_seconds)) or not (0 <= pad_s and math.isfinite(pad_s)):
-        raise InvalidRequestError("The chunk limit and padding must be positive numbers.",
+        raise InvalidRequestError("The chunk limit must be a positive number of seconds, the padding a finite "
+                                  "non-negative one.",
                                   param="chunking_strategy", code="invalid_value")
     samples = int(max_seconds * RATE)
     if max_bytes is not None:
         samples = min(samples, (max_bytes - WAV_HEADER) // 2)
     frames = samples // FRAME
     if frames * FRAME <= 2 * pad_frames(pad_s) * FRAME + FRAME:
-        raise InvalidRequestError(f"The chunk limit ({max_seconds:g} s, {max_bytes} bytes) leaves no room for "
+        bytes_part = "" if max_bytes is None else f", {max_bytes} bytes"
+        raise InvalidRequestError(f"The chunk limit ({max_seconds:g} s{bytes_part}) leaves no room for "
                                   f"{pad_s:g} s of padding on each side of a cut.", param="chunking_strategy",
                                   code="invalid_value")
     return frames * FRAME
