@@ -50,11 +50,13 @@ def stitch(parts: Sequence[tuple[float, Transcript]], duration: float) -> Transc
         # words grouped into segments in time order; a text-only chunk with no duration of its own is one
         # segment over its span, not a guess from its length
         own = replace(chunk, words=tuple(sorted(chunk.words, key=_start)), duration=chunk.duration or hi - lo)
-        for seg in sorted(segments(own), key=lambda s: s.start):
+        in_segments: list[Word] = []
+        for seg in sorted(segments(own), key=lambda s: _shift(s.start, 0.0, math.inf)):
             start = _shift(seg.start, lo, hi)
             segs.append(replace(seg, start=start, end=max(start, _shift(seg.end, lo, hi)),
                                 words=_shift_words(seg.words, lo, hi)))
-        words += _shift_words(chunk.all_words(), lo, hi)
+            in_segments += segs[-1].words
+        words += _shift_words(chunk.words, lo, hi) if chunk.words else sorted(in_segments, key=_order)
     language = Counter(languages).most_common(1)[0][0] if languages else None
     return Transcript(" ".join(texts), language, duration, tuple(segs), tuple(words), decoded=True)
 
@@ -86,10 +88,14 @@ def _start(w: Word) -> float:
     return _shift(w.start, 0.0, math.inf)
 
 
+def _order(w: Word) -> tuple[float, float]:
+    return w.start, w.end
+
+
 def _shift_words(words: Sequence[Word], lo: float, hi: float) -> tuple[Word, ...]:
     shifted = [Word(w.word, start, max(start, _shift(w.end, lo, hi)))
                for w in words for start in (_shift(w.start, lo, hi),)]
-    return tuple(sorted(shifted, key=lambda w: (w.start, w.end)))
+    return tuple(sorted(shifted, key=_order))
 
 
 def _collapse(text: str) -> str:

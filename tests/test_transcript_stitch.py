@@ -215,3 +215,12 @@ def test_diarized_malformed_segments_are_left_out() -> None:
     assert [(s["speaker"], s["text"]) for s in body["segments"]] == [("1:?", "kept")]
     assert body["text"] == ""
     TranscriptionDiarized.model_validate(body)
+
+
+def test_words_from_segments_and_from_transcript_level_chunks_all_reach_the_words_list() -> None:
+    seg_words = whisper_chunk((0.0, 2.0, "In segments."), duration=4.0)
+    loose = Transcript("Loose words.", "en", 4.0, words=tuple(bare_words("Loose words.", start=0.5)))
+    t = stitch([(0.0, seg_words), (4.0, loose)], 8.0)
+    assert [(w.word.strip(), w.start) for w in t.words] == [("In", 0.0), ("segments.", 1.0), ("Loose", 4.5),
+                                                           ("words.", 4.8)]
+    assert [w["word"] for w in verbose(t, "word")["words"]] == ["In", "segments.", "Loose", "words."]
