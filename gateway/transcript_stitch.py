@@ -3,8 +3,9 @@
 Long audio is cut at silences into chunks that fit a backend's limit; each chunk is transcribed on its own, its
 times starting at 0. The long-audio handler (the next step of issue 15, not wired yet) calls `stitch` with each
 chunk's offset in the file (gateway.audio.splitter's `Chunk.start_s`: chunks there are contiguous, as assumed
-here) and its Transcript, and renders the result with gateway.transcript_formats like any other transcript; `stitch_diarized` does the same for `diarized_json` bodies relayed from a backend; `InOrder`
-turns chunks completing out of order into `transcript.text.delta` texts in file order for `stream=true`.
+here) and its Transcript, and renders the result with gateway.transcript_formats like any other transcript;
+`stitch_diarized` does the same for `diarized_json` bodies relayed from a backend; `InOrder` turns chunks
+completing out of order into `transcript.text.delta` texts in file order for `stream=true`.
 
 Rules (pinned in tests/test_transcript_stitch.py):
 - Chunk k owns [offset k, offset k+1) (the last one up to `duration`): its segment and word times are shifted by
