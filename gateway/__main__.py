@@ -47,14 +47,14 @@ def _check(path: str) -> int:
     def report(line: str) -> None:
         print(line if line.startswith(f"{path}: ") else f"{path}: {line}", file=sys.stderr)
 
+    placeholders = Placeholders()
     try:
-        config = _load(path)
+        config = _load(path, placeholders)
         for where, why in unavailable_kinds(config).items():
             report(f"warning: {where}: {why}")
         for warning in scope_warnings(config.policy, None, os.environ, has_slots(config)):
             report(f"warning: {warning}")
         asyncio.run(_check_adapters(config))
-        config.placeholders.cleanup()  # a {socket}'s directory
     except ConfigError as exc:
         for problem in exc.problems:
             report(problem)
@@ -62,6 +62,8 @@ def _check(path: str) -> int:
     except Exception as exc:  # a bug of ours: still one line, and a failing check
         report(f"cannot check: {type(exc).__name__}: {exc}")
         return 1
+    finally:
+        placeholders.cleanup()  # a {socket}'s directory, whatever the file held
     print(f"{path}: ok ({len(config.models)} models, {len(config.backends)} backends, {len(config.keys)} keys)")
     return 0
 

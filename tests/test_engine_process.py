@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -274,6 +275,22 @@ def test_an_engine_on_a_unix_socket(make_gateway: Callable[[str], Gateway], tmp_
     wait_running(gw.url)
     with sdk(gw) as client:
         assert len(speak(client)) > 0
+
+
+def test_check_config_leaves_no_socket_directory(tmp_path: Path) -> None:
+    """check-config picks a `{socket}` as serve would (a directory for it), and removes it, good file or bad."""
+    good = config(tmp_path / "spool", ("piper", "")).replace('"--port", "{port}"', '"--socket", "{socket}"').replace(
+        'url: "tcp://127.0.0.1:{port}"', 'url: "unix://{socket}"')
+    bad = good + "nonsense: 1\n"
+    (tmp_path / "good.yaml").write_text(good)
+    (tmp_path / "bad.yaml").write_text(bad)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    for name, code in (("good.yaml", 0), ("bad.yaml", 1)):
+        done = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(temp)})
+        assert done.returncode == code, done.stderr
+    assert list(temp.iterdir()) == []
 
 
 # -- a gateway process: logs, shutdown, SIGKILL, reload, workers --------------------------------------------------
