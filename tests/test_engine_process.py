@@ -296,21 +296,26 @@ def test_check_config_leaves_no_socket_directory(tmp_path: Path) -> None:
 # -- a gateway process: logs, shutdown, SIGKILL, reload, workers --------------------------------------------------
 
 def test_sigterm_stops_the_engine_after_the_drain(tmp_path: Path, stopping: list[GatewayProcess]) -> None:
-    gw = start(tmp_path, config(tmp_path / "spool", ("piper", ', "--chunk-delay", "0.05", "--long-line", "5000"'),
+    gw = start(tmp_path, config(tmp_path / "spool", ("piper", ', "--chunk-delay", "0.03", "--long-line", "5000"'),
                                 server="  drain_delay_s: 0.2\n  grace_s: 15\n"))
     stopping.append(gw)
     pid = wait_running(gw.url)["pid"]
     got: dict[str, Any] = {}
+    streaming = threading.Event()
 
     def stream() -> None:
-        with sdk(f"{gw.url}/v1") as client:
-            got["audio"] = speak(client)  # about 2 s of chunks at 0.05 s each
+        with sdk(f"{gw.url}/v1") as client, client.audio.speech.with_streaming_response.create(
+                model="piper-tts", voice="nova", input=TEXT, response_format="pcm") as response:
+            chunks = response.iter_bytes()
+            audio = next(chunks)  # about 1.2 s of chunks at 0.03 s each: the first is in, the rest are coming
+            streaming.set()
+            got["audio"] = audio + b"".join(chunks)
 
     thread = threading.Thread(target=stream)
     thread.start()
-    time.sleep(0.5)
+    assert streaming.wait(10), "no audio streamed"  # in flight, not a fixed sleep's guess
     gw.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    time.sleep(0.3)  # past drain_delay_s, with most of the stream still to come
     assert alive(pid), "the engine must outlive the drain"
     thread.join(20)
     assert len(got["audio"]) > 0
