@@ -60,7 +60,7 @@ def base_config(engine: FakeOpenAIEngine, tmp_path: Path) -> str:
     spool.mkdir()
     # no background probes: a probe of the reloaded table would land among the requests the engine records
     return engine_config(engine.url, spool).replace(
-        "server:\n", "server:\n  reload_interval_s: 0.2\n  probe_interval_s: 0\n", 1)
+        "server:\n", "server:\n  reload_interval_s: 0.05\n  probe_interval_s: 0\n", 1)
 
 
 @pytest.fixture
@@ -153,10 +153,10 @@ def test_invalid_config_keeps_the_old_one(process: GatewayProcess, configmap: Co
 
 def test_sighup_reloads(tmp_path: Path, base_config: str) -> None:
     path = tmp_path / "plain.yaml"
-    path.write_text(base_config.replace("reload_interval_s: 0.2", "reload_interval_s: 0"))
+    path.write_text(base_config.replace("reload_interval_s: 0.05", "reload_interval_s: 0"))
     gw = GatewayProcess(path, tmp_path / "hup.log")
     try:
-        path.write_text(with_models(base_config.replace("reload_interval_s: 0.2", "reload_interval_s: 0"), TTS2))
+        path.write_text(with_models(base_config.replace("reload_interval_s: 0.05", "reload_interval_s: 0"), TTS2))
         time.sleep(0.5)
         assert not model_works(gw, "tts-2")  # no watching: nothing happens until the signal
         gw.signal(signal.SIGHUP)
