@@ -246,7 +246,7 @@ def test_sigterm_drains_both_workers(engine: FakeOpenAIEngine, tmp_path: Path, s
 
 def test_file_watcher_and_sighup_reload_every_worker(engine: FakeOpenAIEngine, tmp_path: Path, servers: ServerThread,
                                                      stopping: list[GatewayProcess]) -> None:
-    gw = start(engine, tmp_path, server="  reload_interval_s: 0.2\n")
+    gw = start(engine, tmp_path, server="  reload_interval_s: 0.05\n")
     stopping.append(gw)
     path = tmp_path / "gateway.yaml"
     pids = set(gw.serving().values())
@@ -267,7 +267,7 @@ def test_file_watcher_and_sighup_reload_every_worker(engine: FakeOpenAIEngine, t
                                               "model: kokoro-v2}]}\n", 1))
     wait_for(lambda: reloads() == 2, timeout=5, what="both workers reloaded")
     works_everywhere("tts-2")
-    time.sleep(0.5)
+    time.sleep(0.25)  # five of the watcher's intervals
     assert reloads() == 2  # one watcher: not one per worker
     log = gw.log()
     assert log.count("config reload (file changed): telling 2 workers") == 1
@@ -280,7 +280,7 @@ def test_file_watcher_and_sighup_reload_every_worker(engine: FakeOpenAIEngine, t
         f.seek(0)
         f.write(edited)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    time.sleep(0.5)
+    time.sleep(0.25)  # five of the watcher's intervals
     assert reloads() == 2
     gw.signal(signal.SIGHUP)
     wait_for(lambda: reloads() == 4, timeout=5, what="both workers reloaded on SIGHUP")
