@@ -311,6 +311,26 @@ class Measured:
     def wide_p99_ms(self) -> float:
         return median([load.p99_ms for load in self.wide])
 
+    def run_wide(self, script: Path, connections: int, seconds: float, path: str = "/audio/speech") -> Load:
+        """A 1 s warm-up (connections, pools, the store's connections and pages), then `seconds` of wrk at
+        `connections`, with the gateway's and the store's CPU time over it; returns the warm-up's Load."""
+        url = self.url + path
+        warm = wrk(url, script, connections, 1)
+        before = tree_cpu_seconds(self.pid) if self.pid else 0.0
+        store_before = tree_cpu_seconds(self.store_pid) if self.store_pid else 0.0
+        self.wide.append(wrk(url, script, connections, seconds))
+        if self.pid:
+            self.cpu.append(tree_cpu_seconds(self.pid) - before)
+        if self.store_pid:
+            self.store_cpu.append(tree_cpu_seconds(self.store_pid) - store_before)
+        return warm
+
+    def run_single(self, script: Path, seconds: float, path: str = "/audio/speech") -> Load:
+        """A 1 s warm-up, then `seconds` of wrk at one connection; returns the warm-up's Load."""
+        warm = wrk(self.url + path, script, 1, 1)
+        self.single.append(wrk(self.url + path, script, 1, seconds))
+        return warm
+
 
 def wrk_script(path: Path, body: Path, content_type: str, key: str | None) -> Path:
     auth = "" if key is None else f'wrk.headers["Authorization"] = "Bearer {key}"'

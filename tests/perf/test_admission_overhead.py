@@ -89,20 +89,11 @@ class Row(rig.Measured):
         return [cpu / load.requests * 1e6 for cpu, load in zip(self.cpu, self.wide, strict=True)]
 
     def measure(self, script: Path, peak_url: str) -> None:
-        url = self.url + "/audio/speech"
         backend_peak(peak_url)  # from here on
-        warm = rig.wrk(url, script, self.connections, 1)  # warm-up: connections, pools, the store's connections, pages
-        before = rig.tree_cpu_seconds(self.pid) if self.pid else 0.0
-        store_before = rig.tree_cpu_seconds(self.store_pid) if self.store_pid else 0.0
-        self.wide.append(rig.wrk(url, script, self.connections, SECONDS))
-        if self.pid:
-            self.cpu.append(rig.tree_cpu_seconds(self.pid) - before)
-        if self.store_pid:
-            self.store_cpu.append(rig.tree_cpu_seconds(self.store_pid) - store_before)
+        warm = self.run_wide(script, self.connections, SECONDS)
         self.served += warm.requests + self.wide[-1].requests
         if self.singles:
-            warm_single = rig.wrk(url, script, 1, 1)
-            self.single.append(rig.wrk(url, script, 1, SECONDS))
+            warm_single = self.run_single(script, SECONDS)
             self.served += warm_single.requests + self.single[-1].requests
         self.peaks.append(backend_peak(peak_url))
 

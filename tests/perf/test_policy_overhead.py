@@ -67,16 +67,8 @@ class Setup(rig.Measured):
     """One gateway configuration (its `wide` runs at CONNECTIONS)."""
 
     def measure(self, script: Path) -> None:
-        url = self.url + "/audio/speech"
-        rig.wrk(url, script, CONNECTIONS, 1)  # warm-up: connections, pools, the store's connections and pages
-        before = rig.tree_cpu_seconds(self.pid)
-        store_before = rig.tree_cpu_seconds(self.store_pid) if self.store_pid else 0.0
-        self.wide.append(rig.wrk(url, script, CONNECTIONS, SECONDS))
-        self.cpu.append(rig.tree_cpu_seconds(self.pid) - before)
-        if self.store_pid:
-            self.store_cpu.append(rig.tree_cpu_seconds(self.store_pid) - store_before)
-        rig.wrk(url, script, 1, 1)
-        self.single.append(rig.wrk(url, script, 1, SECONDS))
+        self.run_wide(script, CONNECTIONS, SECONDS)
+        self.run_single(script, SECONDS)
 
 
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
