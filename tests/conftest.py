@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import openai
 import pytest
@@ -27,6 +27,9 @@ from gateway.app import build_app
 from gateway.config import Config, parse_config
 from gateway.connections import make_runner
 from tests.fakes.openai_engine import FakeOpenAIEngine
+
+if TYPE_CHECKING:
+    from tests.process import GatewayProcess  # which imports this module
 
 T = TypeVar("T")
 DEMO_KEY = "sk-test-demo-0123456789"
@@ -221,3 +224,12 @@ def open_fds_matching(fragment: str) -> list[str]:
         if fragment in target:
             found.append(target)
     return found
+
+
+@pytest.fixture
+def stopping() -> Iterator[list[GatewayProcess]]:
+    """Gateway processes a test started (tests/process.py): stopped when it ends, whatever happened."""
+    started: list[GatewayProcess] = []
+    yield started
+    for gw in started:
+        gw.stop()

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +89,6 @@ def alive(pid: int) -> bool:
 
 def speak(client: openai.OpenAI, model: str = "piper-tts") -> bytes:
     return client.audio.speech.create(model=model, voice="nova", input=TEXT, response_format="pcm").content
-
-
-@pytest.fixture
-def stopping() -> Iterator[list[GatewayProcess]]:
-    started: list[GatewayProcess] = []
-    yield started
-    for gw in started:
-        gw.stop()
 
 
 def start(tmp_path: Path, text: str, workers: int = 1) -> GatewayProcess:

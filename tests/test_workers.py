@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2 as httpx
@@ -41,14 +40,6 @@ def start(engine: FakeOpenAIEngine, tmp_path: Path, server: str = "", extra: str
     path = tmp_path / "gateway.yaml"
     path.write_text(config.replace("timeout_s: 2\n", "timeout_s: 20\n"))
     return GatewayProcess(path, tmp_path / "gateway.log", workers=2)
-
-
-@pytest.fixture
-def stopping() -> Iterator[list[GatewayProcess]]:
-    started: list[GatewayProcess] = []
-    yield started
-    for gw in started:
-        gw.stop()
 
 
 def served_by(gw: GatewayProcess, request_id: str, timeout: float = 5.0) -> int:
