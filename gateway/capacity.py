@@ -92,7 +92,7 @@ class Gate:
         """A slot now, or None: all taken."""
         limit = capacity.max_concurrency or 0
         shared = self.gates.shared
-        if shared is None or shared.settings.store.backend == "memory":
+        if shared is None or not self.gates.shared_slots:
             if self.held >= limit:
                 return None
             self.held += 1

@@ -37,6 +37,7 @@ from gateway.adapters.base import SPEECH, AudioStream, Capabilities, SpeechJob, 
 from gateway.adapters.espeak_process import EspeakProcess
 from gateway.audio.formats import pcm
 from gateway.config import Backend
+from gateway.engine_process import BACKOFF_S
 from gateway.errors import InvalidRequestError, Reason, UnsupportedError, UpstreamError
 from gateway.transcript import Transcript
 
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATE, MIN_RATE, MAX_RATE = 175, 80, 450
 """eSpeak's rate parameter, in words per minute."""
-RESTART_BACKOFF_S = (0.5, 30.0)
-"""After a failed start, the next try waits this long, doubling up to the second figure; reset by a start."""
+RESTART_BACKOFF_S = BACKOFF_S
+"""After a failed start, the next try waits this long, doubling up to the second figure; reset by a start (the
+supervised engines' backoff, gateway/engine_process.py)."""
 _VOICE_NAME = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)?(?:\+[A-Za-z0-9_ -]+)?")
 _CONTROL = {c: " " for c in range(32) if chr(c) not in "\t\n"}
 
