@@ -4,6 +4,7 @@ belong in a file built from silences and clips. Everything is computed once, con
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import io
@@ -71,16 +72,17 @@ class Placed:
     """Where each sentence's voice starts and ends in the file (seconds)."""
 
 
-def place(clips: list[bytes]) -> Placed:
-    """One wav: silence, sentence, silence, ... with each clip trimmed to its voice."""
+def place(clips: list[bytes], gaps: list[float] = GAPS) -> Placed:
+    """One wav: silence, sentence, silence, ... with each clip trimmed to its voice; `gaps` has a silence
+    before each clip and one after the last."""
     pcm, spans = bytearray(), []
-    for gap, clip in zip(GAPS, clips, strict=False):
+    for gap, clip in zip(gaps, clips, strict=False):
         pcm += bytes(2 * int(gap * RATE))
         first, last = speech_span(clip)
         start = len(pcm) // 2
         pcm += clip[2 * first:2 * last]
         spans.append((start / RATE, len(pcm) / 2 / RATE))
-    pcm += bytes(2 * int(GAPS[-1] * RATE))
+    pcm += bytes(2 * int(gaps[-1] * RATE))
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)
@@ -106,22 +108,30 @@ hub) goes through a proxy port where nothing listens, and fails (wyoming-piper w
 cannot be fetched, and speech fails). The gateway's own aiohttp ignores these variables."""
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    """config/gateway.yaml served by `python -m gateway serve`, once its engine process is running."""
+@contextlib.contextmanager
+def serving(config: Path, log: Path, timeout: float = 60) -> Iterator[openai.OpenAI]:
+    """`config` served by `python -m gateway serve` without network, once its engine process is running: the
+    official client for it, with `timeout` per request."""
     with pytest.MonkeyPatch.context() as env:
         for name, value in NO_NETWORK.items():
             env.setenv(name, value)
-        gw = GatewayProcess(CONFIG, tmp_path_factory.mktemp("default") / "gateway.log")
+        gw = GatewayProcess(config, log)
     try:
         deadline = time.monotonic() + 60
         while {e["state"] for e in engines(gw).values()} != {"running"}:
             assert time.monotonic() < deadline and gw.proc.poll() is None, f"{engines(gw)}\n{gw.log()}"
             time.sleep(0.05)
-        with sdk(f"{gw.url}/v1", KEY, timeout=60) as c:
+        with sdk(f"{gw.url}/v1", KEY, timeout=timeout) as c:
             yield c
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """config/gateway.yaml served by `python -m gateway serve`, once its engine process is running."""
+    with serving(CONFIG, tmp_path_factory.mktemp("default") / "gateway.log") as c:
+        yield c
 
 
 @dataclass(frozen=True)
