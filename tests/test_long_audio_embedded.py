@@ -208,6 +208,9 @@ def test_the_file_is_billed_once(run: Run) -> None:
 
 @needs_engines
 def test_the_stream_sends_the_chunks_in_order(run: Run) -> None:
+    """A delta per chunk with text, in file order (they add up to the done event's text, which is the sentences
+    in order), the first sent as soon as its chunk is heard, not held until the last."""
+    print("\nstream events at " + ", ".join(f"{at:.1f}" for at, _ in run.events) + " s")
     events = [event for _, event in run.events]
     deltas = [e.delta for e in events[:-1] if isinstance(e, TranscriptionTextDeltaEvent)]
     assert len(deltas) == len(events) - 1 and len(deltas) >= len(run.chunks), events
@@ -215,4 +218,4 @@ def test_the_stream_sends_the_chunks_in_order(run: Run) -> None:
     assert isinstance(done, TranscriptionTextDoneEvent)
     assert "".join(deltas) == done.text
     assert wer(" ".join(SENTENCES), done.text) <= MAX_WER, done.text
-    assert done.usage is None or getattr(done.usage, "seconds", None) in (None, math.ceil(run.duration))
+    assert run.events[0][0] < 0.9 * run.events[-1][0], run.events
