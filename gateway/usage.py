@@ -64,6 +64,8 @@ class Outcome:
     """Speech: measures the audio that went out (set only while metering is on)."""
     rejected_by: str | None = None
     """The limit or budget that refused the request (`key:requests/minute`, gateway/policy/admission.py)."""
+    chunks: int | None = None
+    """Transcription: the chunks a long upload was split into (gateway/handlers/long_audio.py); None: sent whole."""
     attempts: list[dict[str, object]] = field(default_factory=list)
     """Each attempt on a backend: {backend, outcome, ms} (gateway/handlers/routing.py)."""
 
@@ -193,5 +195,5 @@ def record(request: web.Request, endpoint: str, status: int) -> None:
             endpoint=endpoint, model=outcome.public_model, backend=outcome.backend, native_model=outcome.native_model,
             voice=outcome.voice, characters=billed.characters, audio_seconds=billed.audio_seconds,
             cost_usd=billed.cost_usd, status=status, billable=billed.billable, completed=billed.completed,
-            rejected_by=outcome.rejected_by))
+            rejected_by=outcome.rejected_by, chunks=outcome.chunks))
 
