@@ -5,9 +5,10 @@ split uploads are pinned by tests/test_long_audio.py against a double that liste
 from __future__ import annotations
 
 import io
+import itertools
 import textwrap
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2 as httpx
@@ -16,8 +17,11 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.settings import Limits, LongAudio
-from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, engine_config, sdk
+from tests.adapters.common import serve
+from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, engine_config, sdk, sha
 from tests.fakes.openai_engine import FakeOpenAIEngine
+from tests.fakes.whisper_asr_engine import TRANSCRIPT as ASR_TRANSCRIPT
+from tests.fakes.whisper_asr_engine import FakeWhisperAsr
 from tests.support import check_error, wav_bytes
 from tests.tones import tone
 
@@ -165,3 +169,82 @@ def test_too_many_chunks_is_a_400_before_any_chunk_is_sent(make_gateway: Callabl
         sdk(gw).audio.transcriptions.create(model="whisper-1", file=("long.wav", long_wav(), "audio/wav"))
     assert caught.value.body["code"] == "audio_too_long" and caught.value.body["param"] == "file"  # type: ignore[index]
     assert engine.requests == []
+
+
+# -- emulation of chunking_strategy on an engine that cannot cut (whisper-asr-webservice), and diarized_json --
+
+def whisper_asr_config(url: str, spool: Path, long_audio: str = "") -> str:
+    return textwrap.dedent(f"""
+        server: {{max_upload_bytes: 20000000, spool_memory_bytes: 65536, spool_dir: {spool}}}
+        keys:
+          - {{name: demo, tenant: acme, sha256: "{sha(DEMO_KEY)}"}}
+        backends:
+          whisper: {{kind: whisper_asr, url: "{url}", timeout_s: 5, connect_timeout_s: 1}}
+        models:
+          whisper-1: {{task: transcription, routes: [{{backend: whisper, model: large-v3}}]}}
+        """) + textwrap.dedent(long_audio)
+
+
+@pytest.fixture
+def asr(servers: ServerThread) -> Iterator[FakeWhisperAsr]:
+    yield from serve(servers, FakeWhisperAsr())
+
+
+def cut_points(asr: FakeWhisperAsr) -> list[float]:
+    """Where each chunk the engine got ends on the file's timeline (seconds)."""
+    ends = itertools.accumulate(seconds_of(data) for rec in asr.asr_requests
+                                for name, _, _, data in rec.files if name == "audio_file")
+    return list(ends)[:-1]
+
+
+def test_chunking_strategy_is_emulated_where_the_engine_cannot_cut(
+        make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr, tmp_path: Path) -> None:
+    gw = make_gateway(whisper_asr_config(asr.url, tmp_path / "spool"))
+    data = long_wav(parts=25)  # 75 s, no route limit: chunks of long_audio.chunk_s (30 s)
+    result = sdk(gw).audio.transcriptions.create(
+        model="whisper-1", file=("long.wav", data, "audio/wav"), response_format="verbose_json",
+        timestamp_granularities=["word", "segment"], extra_body={"chunking_strategy": "auto"})
+    lengths = [seconds_of(d) for r in asr.asr_requests for n, _, _, d in r.files if n == "audio_file"]
+    assert len(lengths) == 3 and max(lengths) <= 30 and sum(lengths) == pytest.approx(75)
+    assert all(r.query.get("output") == "json" for r in asr.asr_requests)
+    assert not any("chunking" in k for r in asr.asr_requests for k in [*r.query, *(n for n, _ in r.form)])
+    assert result.duration == pytest.approx(75)
+    assert result.words is not None and len(result.words) == 3 * len(ASR_TRANSCRIPT.split())
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts) and starts[-1] > 60  # the last chunk's words are on the file's timeline
+    assert [s.id for s in result.segments or []] == list(range(len(result.segments or [])))
+
+
+def test_server_vad_padding_and_silence_decide_where_cuts_fall(
+        make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr, tmp_path: Path) -> None:
+    """Silences of 0.6 s and 1.5 s alternate; prefix_padding_ms 500 needs 1 s of silence for a cut (0.5 s each
+    side), so every cut falls in a long one, with its padding."""
+    gw = make_gateway(whisper_asr_config(asr.url, tmp_path / "spool", "long_audio: {chunk_s: 9}"))
+    unit = tone(2.0, RATE) + bytes(2 * int(0.6 * RATE)) + tone(2.0, RATE) + bytes(2 * int(1.5 * RATE))  # 6.1 s
+    sdk(gw).audio.transcriptions.create(
+        model="whisper-1", file=("long.wav", wav_bytes(unit * 8, RATE), "audio/wav"),
+        extra_body={"chunking_strategy": {"type": "server_vad", "prefix_padding_ms": 500,
+                                          "silence_duration_ms": 200, "threshold": 0.5}})
+    cuts = cut_points(asr)
+    assert len(cuts) >= 4
+    for cut in cuts:
+        offset = cut % 6.1  # the long silence is [4.6, 6.1) of each unit
+        assert 4.6 + 0.5 - 0.03 <= offset <= 6.1 - 0.5 + 0.03, cuts
+
+
+def test_diarized_json_from_chunks_keeps_each_chunks_speakers_apart(split_gateway: Gateway,
+                                                                      engine: FakeOpenAIEngine) -> None:
+    response = httpx.post(f"{split_gateway.url}/v1/audio/transcriptions",
+                          files={"file": ("long.wav", long_wav(), "audio/wav")},
+                          data={"model": "whisper-1", "response_format": "diarized_json"},
+                          headers={"Authorization": f"Bearer {DEMO_KEY}"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    sent = [r for r in engine.requests if r.files]
+    assert len(sent) >= 4 and all(r.form_value("response_format") == "diarized_json" for r in sent)
+    speakers = [s["speaker"] for s in body["segments"]]
+    assert speakers[:2] == ["1:A", "2:A"] and f"{len(sent)}:A" in speakers  # one sentence per chunk here
+    assert [s["id"] for s in body["segments"]] == [f"seg_{i:03d}" for i in range(len(speakers))]
+    starts = [s["start"] for s in body["segments"]]
+    assert starts == sorted(starts) and body["duration"] == pytest.approx(18)
+    assert body["text"] == "\n".join([TEXT] * len(sent))
