@@ -1,7 +1,7 @@
 """The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`, `long_audio:`) sections of the
 config file, and a backend's admission settings and limits, each a frozen dataclass with documented defaults,
-parsed with YAML-path errors. The mapping table itself (keys, backends, models, voices) is gateway/config.py, which parses the
-whole file.
+parsed with YAML-path errors. The mapping table itself (keys, backends, models, voices) is gateway/config.py,
+which parses the whole file.
 """
 
 from __future__ import annotations
