@@ -2,7 +2,7 @@
 audio a request, and a three-minute file built from Piper's own sentences between uneven silences, spoken and
 heard back through the same gateway as a process of its own. The splitter cuts the file in its silences, tiny.en
 hears each chunk, and the client gets one transcript on the file's timeline, billed once. Everything is computed
-once, by one fixture; the helpers are test_default_config's."""
+once, by one test; the helpers are test_default_config's."""
 
 from __future__ import annotations
 
@@ -110,11 +110,9 @@ def as_flac(wav: bytes) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+def round_trip(tmp: Path) -> Run:
     """config/gateway.yaml with its transcription backend limited to LIMIT_S and a ledger file: the sentences
     spoken (pcm), placed between GAPS in one WAV, heard back as verbose_json, then as FLAC with stream=true."""
-    tmp = tmp_path_factory.mktemp("long")
     config = yaml.safe_load(CONFIG.read_text())
     for name in transcription_backends(config):
         config["backends"][name]["max_audio_s"] = LIMIT_S
@@ -168,8 +166,7 @@ def first_word_starts(run: Run) -> list[float | None]:
     return [heard[at[first]][1] if first in at else None for first in firsts]
 
 
-@needs_engines
-def test_the_whole_file_is_heard_in_order(run: Run) -> None:
+def the_whole_file_is_heard_in_order(run: Run) -> None:
     """Every sentence, in order, in one verbose_json on the file's timeline: segments renumbered from 0, segments
     and words in time order, within the file's duration."""
     rate = wer(" ".join(SENTENCES), run.verbose.text)
@@ -183,8 +180,7 @@ def test_the_whole_file_is_heard_in_order(run: Run) -> None:
     assert all(0 <= s.start <= s.end <= run.verbose.duration for s in segments)
 
 
-@needs_engines
-def test_each_sentence_starts_where_it_was_placed(run: Run) -> None:
+def each_sentence_starts_where_it_was_placed(run: Run) -> None:
     found = first_word_starts(run)
     placed = [start for start, _ in run.placed.spans]
     errors = {sentence: abs(heard - start) for sentence, heard, start in zip(SENTENCES, found, placed, strict=True)
@@ -195,8 +191,7 @@ def test_each_sentence_starts_where_it_was_placed(run: Run) -> None:
     assert max(errors.values()) <= START_TOLERANCE, errors
 
 
-@needs_engines
-def test_the_file_is_cut_between_sentences(run: Run) -> None:
+def the_file_is_cut_between_sentences(run: Run) -> None:
     """The splitter finds the silences in Piper's speech: every cut is outside every sentence's voice (so no
     hard cut), and the file needs more than LIMIT_S allows."""
     assert len(run.chunks) > run.duration / LIMIT_S and not any(chunk.hard for chunk in run.chunks)
@@ -204,8 +199,7 @@ def test_the_file_is_cut_between_sentences(run: Run) -> None:
     assert not [(cut, span) for cut in cuts for span in run.placed.spans if span[0] < cut < span[1]], cuts
 
 
-@needs_engines
-def test_the_file_is_billed_once(run: Run) -> None:
+def the_file_is_billed_once(run: Run) -> None:
     """Both requests bill the file's decoded seconds, once each, and the ledger notes the splitter's chunks."""
     assert run.verbose.usage is not None and run.verbose.usage.seconds == math.ceil(run.duration)
     assert len(run.records) == 2, run.records
@@ -215,8 +209,7 @@ def test_the_file_is_billed_once(run: Run) -> None:
         assert record["chunks"] == len(run.chunks), record
 
 
-@needs_engines
-def test_the_stream_sends_the_chunks_in_order(run: Run) -> None:
+def the_stream_sends_the_chunks_in_order(run: Run) -> None:
     """A delta per chunk with text, in file order (they add up to the done event's text, which is the sentences
     in order), the first sent as soon as its chunk is heard, not held until the last."""
     print("\nstream events at " + ", ".join(f"{at:.1f}" for at, _ in run.events) + " s")
@@ -228,3 +221,14 @@ def test_the_stream_sends_the_chunks_in_order(run: Run) -> None:
     assert "".join(deltas) == done.text
     assert wer(" ".join(SENTENCES), done.text) <= MAX_WER, done.text
     assert run.events[0][0] < 0.9 * run.events[-1][0], run.events
+
+
+@needs_engines
+def test_a_three_minute_file_round_trips(tmp_path: Path, subtests: pytest.Subtests) -> None:
+    """The file is made and heard once, and each check is a subtest: as tests of their own sharing a module
+    fixture, `pytest -n 3 --dist worksteal` ran them on three workers, and the round trip three times."""
+    run = round_trip(tmp_path)
+    for check in (the_whole_file_is_heard_in_order, each_sentence_starts_where_it_was_placed,
+                  the_file_is_cut_between_sentences, the_file_is_billed_once, the_stream_sends_the_chunks_in_order):
+        with subtests.test(check.__name__):
+            check(run)
