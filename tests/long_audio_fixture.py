@@ -1,0 +1,77 @@
+"""Long test audio whose transcript is known: "words" as tone bursts between silences (issue 15, long audio).
+
+`long_tones(seed, minutes)` lays out bursts of 1.5-8 s and silences of 0.6-2.5 s, deterministically from the
+seed, and returns the file (16 kHz mono WAV) with where each word is. tests/fakes/tone_transcriber.py hears
+a burst's fundamental frequency (300 + 50 k Hz) as WORDS[k].
+
+Why not pure sines: WebRTC's VAD (gateway/audio/splitter.py) hears a pure tone as speech at a few
+frequencies and amplitudes only (at 8,000 peak: 300, 400, 450 and 900-1,000 Hz of 300-1,050 Hz; the others
+are silence to it, so the gateway would cut inside them). A buzz of the fundamental and its next four
+harmonics (1, 0.25, 0.15, 0.1, 0.05) at a 16,000 peak is speech to it at every WORDS frequency (every 30 ms
+frame of 3 s bursts, measured with a fresh VAD after a second of silence), and still crosses zero exactly
+twice a period: `x / sin(wt)` stays positive, so the zero crossings give the fundamental.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from typing import NamedTuple
+
+from tests.fakes.tone_transcriber import BASE_HZ, RATE, STEP_HZ, WORDS
+from tests.support import wav_bytes
+
+HARMONICS = (1.0, 0.25, 0.15, 0.1, 0.05)
+PEAK = 16_000
+BURST_S = (1.5, 8.0)
+SILENCE_S = (0.6, 2.5)
+
+
+class Burst(NamedTuple):
+    start: float
+    end: float
+    word: str
+
+
+@functools.cache
+def _one_second(freq: int) -> bytes:
+    """A second of the buzz at `freq` Hz (a whole number of periods: it tiles)."""
+    wave = [sum(a * math.sin(2 * math.pi * (h + 1) * freq * i / RATE) for h, a in enumerate(HARMONICS))
+            for i in range(RATE)]
+    scale = PEAK / max(abs(s) for s in wave)
+    return b"".join(int(s * scale).to_bytes(2, "little", signed=True) for s in wave)
+
+
+def buzz(samples: int, word: str) -> bytes:
+    """`samples` of the word's buzz, 16 kHz s16le."""
+    second = _one_second(BASE_HZ + STEP_HZ * WORDS.index(word))
+    return (second * (samples // RATE + 1))[: 2 * samples]
+
+
+def long_tones(seed: int, minutes: float) -> tuple[bytes, list[Burst]]:
+    """A `minutes` long WAV (16 kHz mono s16le) of bursts and silences, and each burst's (start_s, end_s,
+    word). It starts and ends in silence; every length is a whole number of 10 ms."""
+    rng = random.Random(seed)
+    total = round(minutes * 60 * 100)  # in 10 ms steps
+    steps = lambda bounds: round(rng.uniform(*bounds) * 100)  # noqa: E731
+    parts: list[bytes] = []
+    bursts: list[Burst] = []
+    at = steps(SILENCE_S)
+    parts.append(bytes(2 * at * RATE // 100))
+    while at + round(BURST_S[1] * 100) + round(SILENCE_S[1] * 100) < total:
+        length, word = steps(BURST_S), rng.choice(WORDS)
+        parts.append(buzz(length * RATE // 100, word))
+        bursts.append(Burst(at / 100, (at + length) / 100, word))
+        at += length
+        quiet = steps(SILENCE_S)
+        parts.append(bytes(2 * quiet * RATE // 100))
+        at += quiet
+    parts.append(bytes(2 * (total - at) * RATE // 100))
+    return wav_bytes(b"".join(parts), RATE), bursts
+
+
+def silences(bursts: list[Burst], duration: float) -> list[tuple[float, float]]:
+    """(start, end) of every silence in a `long_tones` file `duration` long."""
+    edges = [0.0, *(t for b in bursts for t in (b.start, b.end)), duration]
+    return list(zip(edges[::2], edges[1::2], strict=True))
