@@ -75,3 +75,23 @@ def silences(bursts: list[Burst], duration: float) -> list[tuple[float, float]]:
     """(start, end) of every silence in a `long_tones` file `duration` long."""
     edges = [0.0, *(t for b in bursts for t in (b.start, b.end)), duration]
     return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+FRAME = 480
+"""The splitter's 30 ms VAD frame (gateway/audio/splitter.py): every cut is on this grid."""
+HANGOVER_FRAMES = 3
+"""WebRTC's VAD goes on hearing speech for a few frames after a burst ends (2-4 made `expected_cuts` agree with
+the splitter on seven 12-minute layouts; 1 or 5 did not)."""
+
+
+def expected_cuts(bursts: list[Burst], duration: float, limit_s: float, pad_s: float = 0.2) -> list[float]:
+    """Where a splitter that cuts as late as it can within `limit_s`, in a silence with `pad_s` on both sides,
+    cuts this layout (seconds): the chunk count, known from the layout alone."""
+    limit, pad = int(limit_s * RATE) // FRAME, math.ceil(pad_s * RATE / FRAME)
+    spans = [(math.ceil(a * RATE / FRAME) + HANGOVER_FRAMES + pad, math.floor(b * RATE / FRAME) - pad)
+             for a, b in silences(bursts, duration)]
+    cuts, start, total = [], 0, round(duration * RATE)
+    while total - start * FRAME > limit * FRAME:
+        start = max(min(hi, start + limit) for lo, hi in spans if lo <= min(hi, start + limit) and hi > start)
+        cuts.append(start * FRAME / RATE)
+    return cuts

@@ -1,0 +1,245 @@
+"""Long audio end to end (issue 15): a 12-minute file through the gateway, with the official SDK, to an engine
+double that hears tone bursts as words and takes at most 30 s a request (tests/fakes/tone_transcriber.py). The
+gateway must cut it in silences into chunks the double accepts, fan them out, and stitch one transcript whose
+every word is where the file has it, in every format; fail a chunk over on its own; bill the file once; refuse
+what would need too many chunks before sending any; and leave nothing behind when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+import srt
+import webvtt
+from openai.types.audio import TranscriptionTextDeltaEvent, TranscriptionTextDoneEvent
+
+from tests.conftest import DEMO_KEY, Gateway, ServerThread, sdk, server_yaml
+from tests.fakes.tone_transcriber import Listened, ToneTranscriber
+from tests.long_audio_fixture import Burst, expected_cuts, long_tones, silences
+from tests.metering_support import wait_ledger
+from tests.support import assert_settled, expect_error, wait_for, words
+
+LIMIT_S = 30.0
+TOLERANCE_S = 0.5
+"""How far a stitched time may be from where the fixture has the word (the issue's bound)."""
+FULL, FULL_BURSTS = long_tones(1, 12)
+"""12 minutes, 26 chunks of at most 30 s (built once: the module's files are shared by its tests)."""
+FULL_S = 720.0
+SMALL, SMALL_BURSTS = long_tones(2, 2)
+SMALL_S = 120.0
+pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+
+
+def long_config(spool_dir: Path, *urls: str, extra: str = "") -> str:
+    """whisper-1 on one route per double, each taking at most LIMIT_S a request; uploads up to 40 MB."""
+    backends = "".join(f"""
+          tones{i}:
+            kind: openai
+            url: "{url}"
+            timeout_s: 10
+            max_audio_s: {LIMIT_S:g}""" for i, url in enumerate(urls))
+    routes = ", ".join(f"{{backend: tones{i}, model: tone-whisper}}" for i in range(len(urls)))
+    text = textwrap.dedent(server_yaml(spool_dir) + f"""
+        backends:{backends}
+        models:
+          whisper-1: {{task: transcription, routes: [{routes}]}}
+    """) + textwrap.dedent(extra)
+    assert "max_upload_bytes: 2000000\n" in text
+    return text.replace("max_upload_bytes: 2000000\n", "max_upload_bytes: 40000000\n")
+
+
+@pytest.fixture
+def make_double(servers: ServerThread) -> Iterator[Callable[..., ToneTranscriber]]:
+    """Tone transcribers taking at most LIMIT_S a request (settings: ToneTranscriber's), stopped at the end."""
+    started: list[ToneTranscriber] = []
+
+    def make(**settings: float) -> ToneTranscriber:
+        engine = ToneTranscriber(max_audio_s=LIMIT_S, **settings)
+        servers.run(engine.start())
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        servers.run(engine.stop())
+
+
+@pytest.fixture
+def tones(make_double: Callable[..., ToneTranscriber]) -> ToneTranscriber:
+    return make_double(keep_pcm=True)
+
+
+@pytest.fixture
+def gw(make_gateway: Callable[[str], Gateway], tones: ToneTranscriber, tmp_path: Path) -> Gateway:
+    return make_gateway(long_config(tmp_path / "spool", tones.url))
+
+
+@pytest.fixture
+def client(gw: Gateway) -> Iterator[openai.OpenAI]:
+    with sdk(gw, timeout=60) as c:
+        yield c
+
+
+def near(got: float, want: float) -> bool:
+    return abs(got - want) <= TOLERANCE_S
+
+
+def assert_words(got: list[tuple[float, float, str]], want: list[Burst]) -> None:
+    """(start, end, word) in file order, each where the fixture has it."""
+    assert [w for _, _, w in got] == [b.word for b in want]
+    for (start, end, word), burst in zip(got, want, strict=True):
+        assert near(start, burst.start) and near(end, burst.end), ((start, end, word), burst)
+    starts = [s for s, _, _ in got]
+    assert starts == sorted(starts) and all(s < e for s, e, _ in got)
+
+
+def chunks_sent(tones: ToneTranscriber, path: str = "/v1/audio/transcriptions") -> list[Listened]:
+    """The requests the double answered for one client request, in file order (found in the file by their
+    samples: they may arrive in any order)."""
+    pcm = FULL[44:]
+    heard = [h for h in tones.heard if h.path == path]
+    assert all(h.pcm is not None for h in heard)
+    return sorted(heard, key=lambda h: pcm.find(h.pcm or b""))
+
+
+def test_a_long_file_is_cut_in_silences_within_the_limit_and_every_word_lands_where_it_is(
+        client: openai.OpenAI, tones: ToneTranscriber) -> None:
+    result = client.audio.transcriptions.create(model="whisper-1", file=("long.wav", FULL, "audio/wav"),
+                                                response_format="verbose_json",
+                                                timestamp_granularities=["word", "segment"])
+    # what the double was sent: chunks of at most 30 s, padded with silence, cut where the layout says
+    sent = chunks_sent(tones)
+    cuts = expected_cuts(FULL_BURSTS, FULL_S, LIMIT_S)
+    assert len(sent) == len(cuts) + 1 == 26 and tones.too_long == 0
+    assert max(h.duration for h in sent) <= LIMIT_S
+    assert all(h.head_rms == 0.0 and h.tail_rms == 0.0 for h in sent), [(h.head_rms, h.tail_rms) for h in sent]
+    offsets = list(itertools.accumulate(h.duration for h in sent))
+    assert offsets[:-1] == pytest.approx(cuts, abs=1e-6) and offsets[-1] == FULL_S  # contiguous, the whole file
+    quiet = silences(FULL_BURSTS, FULL_S)
+    for cut in cuts:
+        assert any(a + 0.2 <= cut <= b - 0.2 for a, b in quiet), cut
+    assert all(h.form.count(("timestamp_granularities[]", "word")) == 1 for h in sent)
+    assert 1 < tones.peak <= 4  # fanned out, within long_audio.concurrency's default
+    # what the client got: one transcript on the file's timeline
+    assert result.duration == FULL_S and result.language == "english"
+    assert result.segments is not None and result.words is not None
+    assert [s.id for s in result.segments] == list(range(len(FULL_BURSTS)))
+    assert_words([(s.start, s.end, s.text.strip()) for s in result.segments], FULL_BURSTS)
+    assert_words([(w.start, w.end, w.word) for w in result.words], FULL_BURSTS)
+    assert words(result.text) == [b.word for b in FULL_BURSTS]
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_srt_and_vtt_cues_parse_and_sit_where_the_words_are(client: openai.OpenAI, fmt: str) -> None:
+    text = client.audio.transcriptions.create(model="whisper-1", file=("long.wav", FULL, "audio/wav"),
+                                              response_format=fmt)
+    assert isinstance(text, str)
+    if fmt == "srt":
+        cues = [(c.start.total_seconds(), c.end.total_seconds(), c.content) for c in srt.parse(text)]
+        assert [c.index for c in srt.parse(text)] == list(range(1, len(FULL_BURSTS) + 1))
+    else:
+        cues = [(c.start_time.in_milliseconds() / 1000, c.end_time.in_milliseconds() / 1000, c.text)
+                for c in webvtt.from_buffer(io.StringIO(text))]
+    assert_words(cues, FULL_BURSTS)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_text_and_json_are_the_words_in_order(client: openai.OpenAI, tones: ToneTranscriber, fmt: str) -> None:
+    result = client.audio.transcriptions.create(model="whisper-1", file=("long.wav", FULL, "audio/wav"),
+                                                response_format=fmt)
+    text = result if isinstance(result, str) else result.text
+    assert words(text) == [b.word for b in FULL_BURSTS]
+    assert len(tones.heard) == 26
+
+
+def test_stream_deltas_come_in_file_order_and_add_up_to_the_done_text(client: openai.OpenAI) -> None:
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=("long.wav", FULL, "audio/wav"),
+                                                     stream=True))
+    deltas = [e.delta for e in events if isinstance(e, TranscriptionTextDeltaEvent)]
+    done = [e for e in events if isinstance(e, TranscriptionTextDoneEvent)]
+    assert len(done) == 1 and events[-1] is done[0]
+    assert "".join(deltas) == done[0].text
+    assert words(done[0].text) == [b.word for b in FULL_BURSTS]
+
+
+def test_translations_are_split_and_stitched_the_same(client: openai.OpenAI, tones: ToneTranscriber) -> None:
+    result = client.audio.translations.create(model="whisper-1", file=("long.wav", FULL, "audio/wav"),
+                                              response_format="verbose_json")
+    sent = chunks_sent(tones, "/v1/audio/translations")
+    assert len(sent) == len(tones.heard) == 26 and max(h.duration for h in sent) <= LIMIT_S
+    assert result.duration == FULL_S and result.segments is not None
+    assert_words([(s.start, s.end, s.text.strip()) for s in result.segments], FULL_BURSTS)
+
+
+def test_a_failed_chunk_fails_over_alone_and_the_file_is_billed_once(
+        make_double: Callable[..., ToneTranscriber], make_gateway: Callable[[str], Gateway], tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    first, second = make_double(), make_double()
+    gw = make_gateway(long_config(tmp_path / "spool", first.url, second.url,
+                                  extra=f"ledger: {{sink: file, path: {ledger}}}\n"))
+    first.mode, first.fail_next = "500", 1
+    with sdk(gw, timeout=60) as client:
+        result = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", SMALL, "audio/wav"),
+                                                    response_format="verbose_json")
+    assert result.segments is not None
+    assert_words([(s.start, s.end, s.text.strip()) for s in result.segments], SMALL_BURSTS)
+    answered = [h.answered for e in (first, second) for h in e.heard]
+    failed = first.started - len(first.heard)  # answered 500 before the double listened
+    assert failed == 1 and answered.count(200) == len(expected_cuts(SMALL_BURSTS, SMALL_S, LIMIT_S)) + 1
+    records = wait_ledger(ledger, 1)
+    assert len(records) == 1, records
+    assert records[0]["audio_seconds"] == pytest.approx(SMALL_S, abs=0.05)
+    assert records[0]["chunks"] == answered.count(200) and records[0]["status"] == 200
+
+
+def test_more_chunks_than_max_chunks_is_a_400_before_any_is_sent(
+        make_gateway: Callable[[str], Gateway], tones: ToneTranscriber, tmp_path: Path) -> None:
+    gw = make_gateway(long_config(tmp_path / "spool", tones.url, extra="long_audio: {max_chunks: 3}\n"))
+    with sdk(gw) as client, pytest.raises(openai.BadRequestError) as info:
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", SMALL, "audio/wav"))
+    error = expect_error(info.value, 400, "invalid_request_error", info.value.code, param="file")
+    assert "3" in error["message"]
+    assert tones.started == 0
+
+
+def test_a_client_gone_midway_cancels_every_chunk_and_leaves_no_file(
+        servers: ServerThread, make_double: Callable[..., ToneTranscriber], make_gateway: Callable[[str], Gateway],
+        tmp_path: Path) -> None:
+    slow = make_double(delay_s=30.0)
+    gw = make_gateway(long_config(tmp_path / "spool", slow.url, extra="long_audio: {concurrency: 2}\n"))
+
+    async def send() -> tuple[aiohttp.ClientSession, asyncio.Future[aiohttp.ClientResponse]]:
+        form = aiohttp.FormData({"model": "whisper-1"})
+        form.add_field("file", SMALL, filename="a.wav", content_type="audio/wav")
+        session = aiohttp.ClientSession()
+        return session, asyncio.ensure_future(session.post(f"{gw.base_url}/audio/transcriptions", data=form,
+                                                           headers={"Authorization": f"Bearer {DEMO_KEY}"}))
+
+    session, request = servers.run(send())
+    wait_for(lambda: slow.active == 2, timeout=10, what="two chunks in flight")
+    servers.call(request.cancel)  # as a client's timeout does: the connection is closed
+    servers.run(session.close())
+    assert slow.started == slow.peak == 2  # two chunks were in flight; none after them was sent
+    wait_for(lambda: slow.active == 0, timeout=2.0, what="the double's handlers to be cancelled")
+    assert slow.cancelled == 2 and not any(h.answered for h in slow.heard)
+    assert_settled(servers, gw)
+    assert not list(gw.spool_dir.iterdir())
+    time.sleep(0.2)
+    assert slow.started == 2  # nothing sent after the disconnect
+
+
+def test_a_file_within_the_limit_is_sent_whole(client: openai.OpenAI, tones: ToneTranscriber) -> None:
+    short, bursts = long_tones(3, 0.4)  # 24 s
+    result = client.audio.transcriptions.create(model="whisper-1", file=("short.wav", short, "audio/wav"),
+                                                response_format="verbose_json")
+    assert len(tones.requests) == 1 and tones.last.files[0][3] == short
+    assert result.segments is not None and result.duration == 24.0
+    assert_words([(s.start, s.end, s.text.strip()) for s in result.segments], bursts)
