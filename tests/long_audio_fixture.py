@@ -17,6 +17,9 @@ from __future__ import annotations
 import functools
 import math
 import random
+import wave
+from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 from tests.fakes.tone_transcriber import BASE_HZ, RATE, STEP_HZ, WORDS
@@ -49,26 +52,43 @@ def buzz(samples: int, word: str) -> bytes:
     return (second * (samples // RATE + 1))[: 2 * samples]
 
 
-def long_tones(seed: int, minutes: float) -> tuple[bytes, list[Burst]]:
-    """A `minutes` long WAV (16 kHz mono s16le) of bursts and silences, and each burst's (start_s, end_s,
-    word). It starts and ends in silence; every length is a whole number of 10 ms."""
+def layout(seed: int, minutes: float) -> Iterator[tuple[bytes, Burst | None]]:
+    """The pieces of a `long_tones` file in order: 16 kHz s16le samples, and the burst they are (None: a
+    silence)."""
     rng = random.Random(seed)
     total = round(minutes * 60 * 100)  # in 10 ms steps
     steps = lambda bounds: round(rng.uniform(*bounds) * 100)  # noqa: E731
-    parts: list[bytes] = []
-    bursts: list[Burst] = []
     at = steps(SILENCE_S)
-    parts.append(bytes(2 * at * RATE // 100))
+    yield bytes(2 * at * RATE // 100), None
     while at + round(BURST_S[1] * 100) + round(SILENCE_S[1] * 100) < total:
         length, word = steps(BURST_S), rng.choice(WORDS)
-        parts.append(buzz(length * RATE // 100, word))
-        bursts.append(Burst(at / 100, (at + length) / 100, word))
+        yield buzz(length * RATE // 100, word), Burst(at / 100, (at + length) / 100, word)
         at += length
         quiet = steps(SILENCE_S)
-        parts.append(bytes(2 * quiet * RATE // 100))
+        yield bytes(2 * quiet * RATE // 100), None
         at += quiet
-    parts.append(bytes(2 * (total - at) * RATE // 100))
-    return wav_bytes(b"".join(parts), RATE), bursts
+    yield bytes(2 * (total - at) * RATE // 100), None
+
+
+def long_tones(seed: int, minutes: float) -> tuple[bytes, list[Burst]]:
+    """A `minutes` long WAV (16 kHz mono s16le) of bursts and silences, and each burst's (start_s, end_s,
+    word). It starts and ends in silence; every length is a whole number of 10 ms."""
+    pieces = list(layout(seed, minutes))
+    return wav_bytes(b"".join(p for p, _ in pieces), RATE), [b for _, b in pieces if b is not None]
+
+
+def write_long_tones(path: Path, seed: int, minutes: float) -> list[Burst]:
+    """`long_tones` written to `path` a piece at a time (a 200 MB file never whole in memory)."""
+    bursts = []
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        for pcm, burst in layout(seed, minutes):
+            w.writeframes(pcm)
+            if burst is not None:
+                bursts.append(burst)
+    return bursts
 
 
 def silences(bursts: list[Burst], duration: float) -> list[tuple[float, float]]:
