@@ -7,9 +7,11 @@ a burst's fundamental frequency (300 + 50 k Hz) as WORDS[k].
 Why not pure sines: WebRTC's VAD (gateway/audio/splitter.py) hears a pure tone as speech at a few
 frequencies and amplitudes only (at 8,000 peak: 300, 400, 450 and 900-1,000 Hz of 300-1,050 Hz; the others
 are silence to it, so the gateway would cut inside them). A buzz of the fundamental and its next four
-harmonics (1, 0.25, 0.15, 0.1, 0.05) at a 16,000 peak is speech to it at every WORDS frequency (every 30 ms
-frame of 3 s bursts, measured with a fresh VAD after a second of silence), and still crosses zero exactly
-twice a period: `x / sin(wt)` stays positive, so the zero crossings give the fundamental.
+harmonics (1, 0.25, 0.15, 0.1, 0.05) at a 16,000 peak is speech to it at 300-850 Hz, and still crosses zero
+exactly twice a period (the double counts crossings). At 900 and 950 Hz it is not, after faint noise (so
+WORDS stops at 850 Hz). Checked (tests/test_tone_transcriber.py, and by hand on twelve 12-minute layouts and
+the 200 MB benchmark's 104 minutes): every frame of a burst but its first two is speech to it, and every frame
+of a silence but its first few (3-4: its hangover) is not.
 """
 
 from __future__ import annotations
@@ -17,16 +19,26 @@ from __future__ import annotations
 import functools
 import math
 import random
+import textwrap
 import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from tests.conftest import server_yaml
 from tests.fakes.tone_transcriber import BASE_HZ, RATE, STEP_HZ, WORDS
 from tests.support import wav_bytes
 
 HARMONICS = (1.0, 0.25, 0.15, 0.1, 0.05)
 PEAK = 16_000
+NOISE = 20
+"""The silences are not digital silence but a faint noise of -20, 0 and +20 (RMS 16, -66 dBFS): over digital
+silence WebRTC's VAD, which adapts its noise model as it goes, takes more and more of the steady bursts for
+noise (a tenth of their frames after 100 minutes: the 200 MB benchmark's file was cut inside bursts); over this
+noise it hears every burst frame as speech for the whole 104 minutes, the first 3-4 silent frames after a burst
+too (its hangover)."""
+QUIET_RMS = 2 * NOISE
+"""RMS under which a stretch of a file made here is silence (the noise's is 16, a burst's over 5,000)."""
 BURST_S = (1.5, 8.0)
 SILENCE_S = (0.6, 2.5)
 
@@ -46,6 +58,17 @@ def _one_second(freq: int) -> bytes:
     return b"".join(int(s * scale).to_bytes(2, "little", signed=True) for s in wave)
 
 
+@functools.cache
+def _noise_second() -> bytes:
+    rng = random.Random(0)
+    return b"".join((NOISE * rng.randrange(-1, 2)).to_bytes(2, "little", signed=True) for _ in range(RATE))
+
+
+def quiet(samples: int) -> bytes:
+    """`samples` of the silences' faint noise."""
+    return (_noise_second() * (samples // RATE + 1))[: 2 * samples]
+
+
 def buzz(samples: int, word: str) -> bytes:
     """`samples` of the word's buzz, 16 kHz s16le."""
     second = _one_second(BASE_HZ + STEP_HZ * WORDS.index(word))
@@ -59,15 +82,15 @@ def layout(seed: int, minutes: float) -> Iterator[tuple[bytes, Burst | None]]:
     total = round(minutes * 60 * 100)  # in 10 ms steps
     steps = lambda bounds: round(rng.uniform(*bounds) * 100)  # noqa: E731
     at = steps(SILENCE_S)
-    yield bytes(2 * at * RATE // 100), None
+    yield quiet(at * RATE // 100), None
     while at + round(BURST_S[1] * 100) + round(SILENCE_S[1] * 100) < total:
         length, word = steps(BURST_S), rng.choice(WORDS)
         yield buzz(length * RATE // 100, word), Burst(at / 100, (at + length) / 100, word)
         at += length
-        quiet = steps(SILENCE_S)
-        yield bytes(2 * quiet * RATE // 100), None
-        at += quiet
-    yield bytes(2 * (total - at) * RATE // 100), None
+        pause = steps(SILENCE_S)
+        yield quiet(pause * RATE // 100), None
+        at += pause
+    yield quiet((total - at) * RATE // 100), None
 
 
 def long_tones(seed: int, minutes: float) -> tuple[bytes, list[Burst]]:
@@ -115,3 +138,27 @@ def expected_cuts(bursts: list[Burst], duration: float, limit_s: float, pad_s: f
         start = max(min(hi, start + limit) for lo, hi in spans if lo <= min(hi, start + limit) and hi > start)
         cuts.append(start * FRAME / RATE)
     return cuts
+
+
+LIMIT_S = 30.0
+"""The tests' backend limit (`max_audio_s`): Whisper's window."""
+
+
+def long_config(spool_dir: Path, *urls: str, extra: str = "", limit_s: float = LIMIT_S,
+                max_upload_bytes: int = 40_000_000) -> str:
+    """A gateway config: whisper-1 on one route per double (`tones0`, `tones1`, ...), each taking at most
+    `limit_s` a request; uploads up to `max_upload_bytes`; `extra` YAML appended (dedented)."""
+    backends = "".join(f"""
+          tones{i}:
+            kind: openai
+            url: "{url}"
+            timeout_s: 120
+            max_audio_s: {limit_s:g}""" for i, url in enumerate(urls))
+    routes = ", ".join(f"{{backend: tones{i}, model: tone-whisper}}" for i in range(len(urls)))
+    text = textwrap.dedent(server_yaml(spool_dir) + f"""
+        backends:{backends}
+        models:
+          whisper-1: {{task: transcription, routes: [{routes}]}}
+    """) + textwrap.dedent(extra)
+    assert "max_upload_bytes: 2000000\n" in text
+    return text.replace("max_upload_bytes: 2000000\n", f"max_upload_bytes: {max_upload_bytes}\n")

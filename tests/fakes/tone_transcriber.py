@@ -39,9 +39,11 @@ from tests.fakes.engine import RECORDED, FakeHttpEngine
 
 RATE = 16_000
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
-         "lima", "mike", "november", "oscar", "papa")
+         "lima")
+"""Twelve: at 900 and 950 Hz ("mike", "november") WebRTC's VAD hears tests/long_audio_fixture.py's bursts as
+silence after faint noise (see there)."""
 BASE_HZ, STEP_HZ = 300, 50
-"""WORDS[k] is a burst of 300 + 50 k Hz (300-1,050 Hz)."""
+"""WORDS[k] is a burst of 300 + 50 k Hz (300-850 Hz)."""
 WINDOW = RATE // 100
 """10 ms: the resolution of a burst's edges."""
 THRESHOLD = 300.0
