@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -157,12 +157,12 @@ class _Chunks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    def _start(self, work: Any) -> None:
+    def _start(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(self._report(work))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _report(self, work: Any) -> None:
+    async def _report(self, work: Awaitable[None]) -> None:
         """Run `work`; its failure goes to the consumer (a cancellation is the consumer's own doing)."""
         try:
             await work
