@@ -27,13 +27,18 @@ from gateway.policy import rules as policy_rules
 from gateway.policy.rules import Policy, Rules
 from gateway.settings import (
     CAPACITY_FIELDS,
+    LIMIT_FIELDS,
     Capacity,
     Ledger,
+    Limits,
+    LongAudio,
     Metrics,
     Outlier,
     Server,
     capacity_section,
     ledger_section,
+    limits_section,
+    long_audio_section,
     metrics_section,
     outlier_section,
     server_section,
@@ -115,6 +120,11 @@ class Config:
     capacity: Mapping[str, Capacity] = field(default_factory=lambda: MappingProxyType({}))
     """backend name -> its admission control (max_concurrency, max_queue, queue_timeout_s); likewise kept out of
     Backend."""
+    limits: Mapping[str, Limits] = field(default_factory=lambda: MappingProxyType({}))
+    """backend name -> what one request to it may carry as configured (max_audio_s, max_upload_bytes; the kind's
+    own are the adapter's `Capabilities.limits`); likewise kept out of Backend."""
+    long_audio: LongAudio = field(default_factory=LongAudio)
+    """How uploads split into chunks are transcribed (gateway/chunking.py)."""
     source: str = "<memory>"
     digest: str = ""
     placeholders: Placeholders = field(default_factory=Placeholders, compare=False, repr=False)
@@ -166,7 +176,7 @@ def _keys(p: YamlTree, value: Any, model_names: Collection[str]) -> tuple[Key, .
 
 _BACKEND_FIELDS = {"kind", "url", "api_key", "timeout_s", "connect_timeout_s", "first_byte_timeout_s",
                    "max_connections", "outlier", "process",
-                   *CAPACITY_FIELDS}
+                   *CAPACITY_FIELDS, *LIMIT_FIELDS}
 
 
 def _backends(p: YamlTree, value: Any, kinds: Collection[str] | None,
@@ -243,7 +253,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     root = p.mapping(p.interpolate(raw, ""), "")
     for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger",
-                                       "state", "limits", "tenants", "outlier"}):
+                                       "state", "limits", "tenants", "outlier", "long_audio"}):
         p.fail(unknown, "unknown section")
     server = server_section(p, p.mapping(root.get("server"), "server"))
     backends = _backends(p, root.get("backends"), kinds, placeholders)
@@ -253,8 +263,10 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     outlier = _outlier(p, root, backends)
     raw_backends = root.get("backends") if isinstance(root.get("backends"), dict) else {}
     capacity = {name: capacity_section(p, raw_backends[name], f"backends.{name}") for name in backends}
+    limits = {name: limits_section(p, raw_backends[name], f"backends.{name}") for name in backends}
     metrics = metrics_section(p, p.mapping(root.get("metrics"), "metrics"))
     ledger = ledger_section(p, p.mapping(root.get("ledger"), "ledger"))
+    long_audio = long_audio_section(p, p.mapping(root.get("long_audio"), "long_audio"))
     policy = policy_rules.policy_section(p, root, models, any(k.rules.limits or k.rules.budget for k in keys)
                                          or any(m.limits for m in models.values()))
     for tenant in sorted(set(policy.tenants) - {k.tenant for k in keys}):
@@ -272,9 +284,11 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         policy=policy,
         outlier=MappingProxyType(outlier),
         capacity=MappingProxyType(capacity),
+        limits=MappingProxyType(limits),
         source=source,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         placeholders=placeholders,
+        long_audio=long_audio,
     )
 
 

@@ -47,6 +47,8 @@ class UsageRecord:
     completed: bool
     rejected_by: str | None = None
     """The limit or budget that refused the request (`key:requests/minute`, `tenant:budget/month`)."""
+    chunks: int | None = None
+    """A long upload split into this many chunks, billed once (gateway/handlers/long_audio.py); null: sent whole."""
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))

@@ -68,6 +68,8 @@ class Metrics:
                                      registry=r)
         self.response_bytes = Counter("gateway_response_bytes", "Response body bytes sent.", ["endpoint"],
                                       registry=r)
+        self.chunks = Counter("gateway_transcription_chunks", "Chunks transcribed for uploads split into chunks "
+                              "(gateway/handlers/long_audio.py).", ["model"], registry=r)
         self.in_flight = Gauge("gateway_in_flight_requests", "Requests being served.", ["endpoint"], registry=r,
                                multiprocess_mode="livesum")
         self.upstream_errors = Counter("gateway_upstream_errors", "Backend failures, by reason.",

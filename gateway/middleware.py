@@ -78,6 +78,10 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
             record["rejected_by"] = outcome.rejected_by
         if outcome.attempts:
             record["attempts"] = outcome.attempts
+        if outcome.more_attempts:
+            record["more_attempts"] = outcome.more_attempts
+        if outcome.chunks is not None:
+            record["chunks"] = outcome.chunks
         if outcome.failed_after_first_byte:
             record["cut_after_first_byte"] = outcome.failed_after_first_byte
         access_log.info(json.dumps(record))

@@ -99,6 +99,10 @@ def _upload(task: str) -> dict[str, Any]:
             "timestamp_granularities[]": {"type": "array", "items": {"enum": list(GRANULARITIES)}},
             "include[]": {"type": "array", "items": {"enum": list(INCLUDES)}},
             "stream": {"type": "boolean"},
+            "chunking_strategy": {"type": "string", "enum": ["auto"], "description": (
+                "`auto`, or a server_vad object sent as bracket keys (`chunking_strategy[type]`=server_vad, "
+                "`[prefix_padding_ms]`, `[silence_duration_ms]`, `[threshold]`) or as JSON text; forwarded to "
+                "engines that cut audio themselves, emulated by the gateway for the others (docs/long-audio.md)")},
         }
     return {"required": True, "content": {"multipart/form-data": {
         "schema": {"type": "object", "required": ["file", "model"], "properties": properties}}}}

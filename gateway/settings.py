@@ -1,7 +1,7 @@
-"""The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`) sections of the config file,
-and a backend's admission settings, each a frozen dataclass with documented defaults, parsed with YAML-path
-errors. The mapping table itself (keys, backends, models, voices) is gateway/config.py, which parses the
-whole file.
+"""The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`, `long_audio:`) sections of the
+config file, and a backend's admission settings and limits, each a frozen dataclass with documented defaults,
+parsed with YAML-path errors. The mapping table itself (keys, backends, models, voices) is gateway/config.py,
+which parses the whole file.
 """
 
 from __future__ import annotations
@@ -178,6 +178,66 @@ def capacity_section(p: YamlTree, node: dict[str, Any], path: str) -> Capacity:
     if queue != int(queue):
         p.fail(f"{path}.max_queue", f"expected a whole number, got {shown(queue)}")
     return Capacity(limit, int(queue), p.number(node, "queue_timeout_s", path, d.queue_timeout_s, 0.001, 86_400))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request to a backend may carry (`backends.<b>.max_audio_s`, `max_upload_bytes`): a longer or larger
+    upload is split at silences into chunks that fit (gateway/chunking.py). None: no limit known."""
+
+    max_audio_s: float | None = None
+    max_upload_bytes: int | None = None
+
+    def over(self, other: Limits) -> Limits:
+        """These limits, each falling back to `other`'s where unset (a backend's own over its kind's)."""
+        return Limits(self.max_audio_s if self.max_audio_s is not None else other.max_audio_s,
+                      self.max_upload_bytes if self.max_upload_bytes is not None else other.max_upload_bytes)
+
+
+LIMIT_FIELDS = ("max_audio_s", "max_upload_bytes")
+
+
+def limits_section(p: YamlTree, node: dict[str, Any], path: str) -> Limits:
+    seconds = p.seconds(node, "max_audio_s", path, maximum=86_400)
+    size = None
+    if node.get("max_upload_bytes") is not None:
+        size = p.number(node, "max_upload_bytes", path, 1_048_576, 65_536, 2**40)  # a chunk must hold a cut's padding
+        if size != int(size):
+            p.fail(f"{path}.max_upload_bytes", f"expected a whole number, got {shown(size)}")
+        size = int(size)
+    if seconds is not None and seconds < 1:
+        p.fail(f"{path}.max_audio_s", f"expected at least 1 second (room for a cut's padding), got {shown(seconds)}")
+    return Limits(seconds, size)
+
+
+@dataclass(frozen=True, slots=True)
+class LongAudio:
+    """`long_audio:`: how an upload split into chunks is transcribed (gateway/handlers/long_audio.py)."""
+
+    concurrency: int = 4
+    """Chunks of one request transcribed at once (and never more than the backend's own max_concurrency)."""
+    max_chunks: int = 400
+    """The most chunks one request may make (two hours cut on average every 18 s); more is a 400 on `file`."""
+    chunk_s: float = 30.0
+    """Chunk length when a client's `chunking_strategy` is emulated on routes with no limit (Whisper's window)."""
+    pad_s: float = 0.2
+    """Silence kept on each side of a cut (gateway/audio/splitter.py)."""
+
+
+def long_audio_section(p: YamlTree, node: dict[str, Any]) -> LongAudio:
+    path, d = "long_audio", LongAudio()
+    for unknown in sorted(set(node) - {"concurrency", "max_chunks", "chunk_s", "pad_s"}):
+        p.fail(f"{path}.{unknown}", "unknown setting (concurrency, max_chunks, chunk_s, pad_s)")
+    concurrency = p.number(node, "concurrency", path, d.concurrency, 1, 256)
+    chunks = p.number(node, "max_chunks", path, d.max_chunks, 1, 100_000)
+    for key, value in (("concurrency", concurrency), ("max_chunks", chunks)):
+        if value != int(value):
+            p.fail(f"{path}.{key}", f"expected a whole number, got {shown(value)}")
+    pad = p.number(node, "pad_s", path, d.pad_s, 0, 5)
+    chunk = p.number(node, "chunk_s", path, d.chunk_s, 1, 86_400)
+    if chunk <= 2 * pad + 0.03:
+        p.fail(f"{path}.chunk_s", f"expected more than twice pad_s ({shown(pad)}), got {shown(chunk)}")
+    return LongAudio(int(concurrency), int(chunks), chunk, pad)
 
 
 def server_section(p: YamlTree, node: dict[str, Any]) -> Server:

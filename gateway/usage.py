@@ -29,6 +29,10 @@ TRANSCRIPT_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 BILLED_ENDPOINTS = frozenset({SPEECH_ENDPOINT, *TRANSCRIPT_ENDPOINTS})
 
 
+MAX_ATTEMPTS = 32
+"""Attempts listed in one access-log line; past it they are counted (`more_attempts`), so the line stays short."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """What one request did: the route it took, the bytes, and the billable units. Created by the access-log
@@ -64,12 +68,19 @@ class Outcome:
     """Speech: measures the audio that went out (set only while metering is on)."""
     rejected_by: str | None = None
     """The limit or budget that refused the request (`key:requests/minute`, gateway/policy/admission.py)."""
+    chunks: int | None = None
+    """Transcription: the chunks a long upload was split into (gateway/handlers/long_audio.py); None: sent whole."""
     attempts: list[dict[str, object]] = field(default_factory=list)
-    """Each attempt on a backend: {backend, outcome, ms} (gateway/handlers/routing.py)."""
+    """Each attempt on a backend: {backend, outcome, ms} (gateway/handlers/routing.py), the first MAX_ATTEMPTS
+    of them (a long upload's chunks make one or more each); `more_attempts` counts the others."""
+    more_attempts: int = 0
 
     def attempted(self, backend: str, outcome: str, seconds: float) -> None:
         """One attempt on `backend` came to `outcome` (ok, a failure's reason, cancelled): the access log's."""
-        self.attempts.append({"backend": backend, "outcome": outcome, "ms": round(seconds * 1000, 1)})
+        if len(self.attempts) < MAX_ATTEMPTS:
+            self.attempts.append({"backend": backend, "outcome": outcome, "ms": round(seconds * 1000, 1)})
+        else:
+            self.more_attempts += 1
 
     def route(self, public_model: str, backend: str, native_model: str, voice: str | None = None) -> None:
         self.public_model, self.backend, self.native_model, self.voice = (
@@ -193,5 +204,5 @@ def record(request: web.Request, endpoint: str, status: int) -> None:
             endpoint=endpoint, model=outcome.public_model, backend=outcome.backend, native_model=outcome.native_model,
             voice=outcome.voice, characters=billed.characters, audio_seconds=billed.audio_seconds,
             cost_usd=billed.cost_usd, status=status, billable=billed.billable, completed=billed.completed,
-            rejected_by=outcome.rejected_by))
+            rejected_by=outcome.rejected_by, chunks=outcome.chunks))
 

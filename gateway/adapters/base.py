@@ -19,7 +19,7 @@ import aiohttp
 from gateway.audio.formats import AudioFormat
 from gateway.config import Backend, NativeVoice
 from gateway.errors import Reason, UpstreamError, UpstreamTimeoutError
-from gateway.settings import DEFAULT_MAX_AUDIO_SECONDS
+from gateway.settings import DEFAULT_MAX_AUDIO_SECONDS, Limits
 from gateway.spool import Upload
 from gateway.transcript import Transcript
 
@@ -50,6 +50,11 @@ class Capabilities:
     english_translates: bool = True
     """An English-only transcriber serves translation too (see `can`); False where its engine refuses it
     (faster_whisper on an English-only model, which says so rather than pretend)."""
+    limits: Limits = field(default_factory=Limits)
+    """What one request to the engine may carry where the kind knows it (OpenAI's 25 MB); a backend's
+    `max_audio_s`/`max_upload_bytes` override it. A longer upload is split (gateway/chunking.py)."""
+    chunking_strategy: bool = False
+    """The engine cuts long audio itself on OpenAI's `chunking_strategy`; elsewhere the gateway emulates it."""
 
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""

@@ -7,7 +7,9 @@ the upload is sent from the spool in chunks, speech audio is relayed as it arriv
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -36,9 +38,14 @@ from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
 from gateway.errors import Reason, UpstreamError
 from gateway.json_body import not_json
+from gateway.settings import Limits
 from gateway.transcript import Transcript
 
 _JSON_FORMATS = ("json", "verbose_json", "diarized_json")
+OPENAI_HOST = "api.openai.com"
+OPENAI_MAX_UPLOAD = 26_214_400
+"""OpenAI's transcription upload limit ("File uploads are currently limited to 25 MB"; the body cap it enforces
+is 26,214,400 bytes: ../shared/research/openai-audio-api.md)."""
 
 
 class OpenAIAdapter:
@@ -50,6 +57,7 @@ class OpenAIAdapter:
         speech_sse=True,
         transcript_formats=frozenset({"json", "text", "srt", "verbose_json", "vtt", "diarized_json"}),
         word_timestamps=True,  # relayed as the server gives them (OpenAI's own API does)
+        chunking_strategy=True,
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
@@ -59,6 +67,8 @@ class OpenAIAdapter:
         self.backend = backend
         self.http = http
         self.timeout = request_timeout(backend)
+        if urlsplit(backend.url).hostname == OPENAI_HOST:  # OpenAI's own limit, documented; others vary
+            self.capabilities = replace(self.capabilities, limits=Limits(max_upload_bytes=OPENAI_MAX_UPLOAD))
 
     def _headers(self, request_id: str, accept: str) -> dict[str, str]:
         headers = {"X-Request-ID": request_id, "Accept": accept}

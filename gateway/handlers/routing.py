@@ -34,19 +34,22 @@ T = TypeVar("T")
 
 
 async def first_success(request: web.Request, candidates: list[Candidate],
-                        attempt: Callable[[Candidate], Awaitable[T]], model: Model) -> T:
+                        attempt: Callable[[Candidate], Awaitable[T]], model: Model, *, hold: bool = True) -> T:
     """`attempt` candidates until one succeeds. Only backend failures (UpstreamError: unreachable, 5xx,
     timeout, garbage), a backend's own rate limit and a full or timed-out queue move on to another route;
-    the client's own errors do not."""
-    return await _Routing(request, model, attempt).run(candidates)
+    the client's own errors do not. The attempt that succeeds keeps its backend slot until the request is over
+    (its answer may still be streaming), or with `hold=False` gives it back at once (a long upload's chunk, whose
+    answer is whole, while other chunks of the request still need slots)."""
+    return await _Routing(request, model, attempt, hold).run(candidates)
 
 
 class _Routing(Generic[T]):
     """One request's way through its model's routes."""
 
-    def __init__(self, request: web.Request, model: Model, attempt: Callable[[Candidate], Awaitable[T]]) -> None:
+    def __init__(self, request: web.Request, model: Model, attempt: Callable[[Candidate], Awaitable[T]],
+                 hold: bool) -> None:
         app = request.app
-        self.request, self.model, self.attempt = request, model, attempt
+        self.request, self.model, self.attempt, self.hold = request, model, attempt, hold
         self.metrics, self.ejections, self.in_flight, self.gates = (
             app.get(METRICS), app[EJECTIONS], app[IN_FLIGHT], app[GATES])
         self.started = time.monotonic()
@@ -107,8 +110,9 @@ class _Routing(Generic[T]):
         started, outcome, said, held = time.monotonic(), UNDECIDED, "cancelled", False
         try:
             result = await self.attempt(c)
-            outcome, said, held = SUCCESS, "ok", True
-            self.in_flight.hold(self.request, name, slot)
+            outcome, said, held = SUCCESS, "ok", self.hold
+            if held:
+                self.in_flight.hold(self.request, name, slot)
         except GatewayError as exc:
             outcome, said = _outcome(exc), exc.reason
             if self.metrics is not None and (isinstance(exc, UpstreamError | RateLimitError) or exc.reason in REASONS):

@@ -13,7 +13,9 @@ measurement's 400. Engines that get decoded audio (Wyoming, the embedded ones) w
 measurement before decoding, so a bomb never reaches them either.
 
 With limits or budgets configured (gateway/policy/), the measurement comes first: the request is admitted
-with its measured seconds before any backend is called.
+with its measured seconds before any backend is called. So it does where a route has a limit on what one
+request may carry, or the client sent `chunking_strategy`: an upload past a limit is split at silences and its
+chunks transcribed in parallel (gateway/chunking.py, gateway/handlers/long_audio.py).
 
 A model's `deadline_s` bounds all its routes' attempts together, from the first (gateway/deadlines.py).
 """
@@ -27,11 +29,13 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import chunking
 from gateway.adapters.base import TRANSCRIPTION, TRANSLATION, Passthrough, TranscriptionJob
 from gateway.audio.duration import header_seconds, upload_seconds
 from gateway.deadlines import within_deadline
 from gateway.errors import UnsupportedError
 from gateway.form import Form, read_form
+from gateway.handlers.long_audio import transcribe_long
 from gateway.handlers.routing import first_success
 from gateway.policy.admission import admit
 from gateway.policy.demand import Demand
@@ -75,23 +79,31 @@ async def transcribe(request: web.Request, req: TranscriptionRequest, form: Form
         raise UnsupportedError(f"The model `{req.model}` cannot answer in response_format "
                                f"'{req.response_format}'.", param="response_format", code="unsupported_format")
     candidates = _word_timed(candidates, req)
-    limit = table.config.server.max_audio_seconds
+    config = table.config
+    limit = config.server.max_audio_seconds
+    wanted = chunking.strategy(req.extra)
 
-    async def attempt(candidate: Candidate) -> Transcript | Passthrough:
+    def job_for(candidate: Candidate, upload: Upload) -> TranscriptionJob:
         request[OUTCOME].route(req.model, candidate.route.backend, candidate.route.model)
-        job = TranscriptionJob(
+        return TranscriptionJob(
             request_id=request[REQUEST_ID], task=req.task, public_model=req.model, model=candidate.route.model,
-            upload=form.upload, response_format=req.response_format, language=req.language, prompt=req.prompt,
+            upload=upload, response_format=req.response_format, language=req.language, prompt=req.prompt,
             temperature=req.temperature, timestamp_granularities=req.timestamp_granularities,
             include=req.include, stream=req.stream, extra=req.extra, max_audio_seconds=limit)
-        return await candidate.adapter.transcribe(job)
+
+    async def attempt(candidate: Candidate) -> Transcript | Passthrough:
+        return await candidate.adapter.transcribe(job_for(candidate, form.upload))  # type: ignore[arg-type]
 
     measuring = _measure(form.upload, limit)  # a 503 now when the audio workers are saturated
     try:
-        if measuring.done() or table.config.policy.active:  # a WAV by its header, or the policy needs the seconds
+        # the seconds first: a WAV has them in its header, the policy needs them, or they decide on splitting
+        if measuring.done() or config.policy.active or chunking.limited(candidates, config.limits, wanted):
             seconds = await measuring
             request[OUTCOME].upload_measured(seconds)
             await admit(request, Demand(req.model, speech=False, audio_seconds=seconds))
+            cut = chunking.plan(candidates, config.limits, form.upload.size, seconds, wanted, config.long_audio)
+            if cut is not None:
+                return await transcribe_long(request, req, form.upload, candidates, model, cut, job_for)
             return await within_deadline(model, first_success(request, candidates, attempt, model),
                                          request[REQUEST_ID])
         answering = asyncio.ensure_future(within_deadline(

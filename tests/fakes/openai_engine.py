@@ -40,7 +40,7 @@ CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
                  "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm"}
 _ENCODERS = {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus"), "aac": ("adts", "aac"),
              "flac": ("flac", "flac"), "wav": ("wav", "pcm_s16le")}
-TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+TRANSCRIPT_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 MODES = ("ok", "500", "garbage", "hang", "401", "429", "400", "drop_midstream")
 GARBAGE = b"<html><body><h1>502 Bad Gateway</h1>\x00\xff not what you asked for</body></html>"
 _MODE_ERRORS: dict[str, tuple[int, str, str, str | None]] = {
@@ -222,6 +222,12 @@ class FakeOpenAIEngine(FakeHttpEngine):
                 group = []
         if fmt == "json":
             return await self._reply(request, json.dumps({"text": text}).encode(), "application/json")
+        if fmt == "diarized_json":  # OpenAI's shape (gpt-4o-transcribe-diarize): sentences, speakers A, B, A, ...
+            turns = [{"type": "transcript.text.segment", "id": f"seg_{i:03d}", "start": s["start"], "end": s["end"],
+                      "text": s["text"].strip(), "speaker": "AB"[i % 2]} for i, s in enumerate(segments)]
+            body = {"task": "transcribe", "duration": round(len(words) * WORD_SECONDS, 3), "text": text,
+                    "segments": turns, "usage": {"type": "duration", "seconds": 1}}
+            return await self._reply(request, json.dumps(body).encode(), "application/json")
         if fmt == "text":
             return await self._reply(request, text.encode(), "text/plain; charset=utf-8")
         if fmt in ("srt", "vtt"):
