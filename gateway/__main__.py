@@ -10,7 +10,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from gateway import __version__, event_loop, server
+from gateway import __version__, allocator, event_loop, server
 from gateway.adapters import ADAPTERS, build_adapters, unavailable_kinds
 from gateway.config import Config, ConfigError, has_slots, load_config, unservable
 from gateway.logs import queued_logging
@@ -90,6 +90,7 @@ def serve(path: str, host: str | None, port: int | None, workers: int = 1, link:
             logging.warning("WARNING: %s", warning)
     if workers > 1 and link is None:
         return supervise(config, workers)  # each worker runs on the loop GATEWAY_EVENT_LOOP picks
+    allocator.return_large_buffers()  # long audio's chunk buffers given back once freed (gateway/allocator.py)
     event_loop.run(server.serve(config, link), new_loop)
     return 0
 

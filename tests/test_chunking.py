@@ -248,3 +248,23 @@ def test_diarized_json_from_chunks_keeps_each_chunks_speakers_apart(split_gatewa
     starts = [s["start"] for s in body["segments"]]
     assert starts == sorted(starts) and body["duration"] == pytest.approx(18)
     assert body["text"] == "\n".join([TEXT] * len(sent))
+
+
+def test_a_malformed_answer_to_a_chunk_fails_the_chunk_over_then_the_request(
+        make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, second: FakeOpenAIEngine,
+        tmp_path: Path) -> None:
+    text = config(engine, tmp_path / "spool", "max_audio_s: 5").replace(
+        "routes: [{backend: speaches, model: Systran/faster-whisper-small}]",
+        "routes: [{backend: speaches, model: Systran/faster-whisper-small}, {backend: spare, model: small}]")
+    text = text.replace("models:\n", f'  spare: {{kind: openai, url: "{second.url}", max_audio_s: 5}}\nmodels:\n', 1)
+    gw = make_gateway(text)
+    engine.mode, engine.fail_next = "garbage", 1  # the first chunk's first answer is not JSON
+    result = sdk(gw).audio.transcriptions.create(model="whisper-1", file=("long.wav", long_wav(), "audio/wav"),
+                                                 response_format="verbose_json")
+    chunks = len(engine.requests) + len(second.requests) - 1  # the garbage answer's chunk, sent twice
+    assert len(second.requests) == 1 and chunks >= 4 and result.text == " ".join([TEXT] * chunks)
+    engine.mode, second.mode = "garbage", "garbage"  # now every answer, on both routes
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gw).audio.transcriptions.create(model="whisper-1", file=("long.wav", long_wav(), "audio/wav"))
+    assert caught.value.status_code == 502 and caught.value.body["code"] == "bad_gateway"  # type: ignore[index]
+    assert second.url not in str(caught.value.body) and ENGINE_KEY not in str(caught.value.body)

@@ -88,6 +88,15 @@ def test_every_cut_falls_in_a_silence_with_its_padding_and_no_chunk_exceeds_the_
     assert sum(c.end - c.start for c in chunks) == len(data) // 2
 
 
+def test_a_chunk_of_silence_alone_says_so() -> None:
+    """A pause longer than the limit and a silent tail make chunks with no speech (long audio does not send them)."""
+    layout: Layout = [("tone", 4), ("quiet", 12), ("tone", 3), ("quiet", 9)]
+    chunks = chunks_of(wav_file(pcm(layout)), max_seconds=6)
+    tones = [(0.0, 4.0), (16.0, 19.0)]
+    assert [c.speech for c in chunks] == [any(a < c.end_s and c.start_s < b for a, b in tones) for c in chunks]
+    assert [c.speech for c in chunks] == [True, False, False, True, False, False]
+
+
 def test_a_byte_limit_counts_the_wav_header() -> None:
     data = pcm(LAYOUT[:9])
     chunks = chunks_of(wav_file(data), max_seconds=600, max_bytes=200_000)  # 6.25 s of PCM

@@ -7,7 +7,8 @@ failover, retries, ejection and admission slots apply per chunk, and a chunk's s
 transcript is in hand. At most `long_audio.concurrency` chunks (and never more than the routes' summed
 `max_concurrency`) are in flight per request; the next chunk is cut only when one of them is done, so a request
 holds at most that many chunks in memory or on disk whatever the upload's length. A model's `deadline_s`
-applies to each chunk.
+applies to each chunk. A chunk in which the VAD hears no speech at all (a file's silent tail, a long pause) is
+not sent: Whisper-family engines make text up from silence, and it would cost a call for nothing.
 
 The first chunk that fails on every route fails the request (its error is the client's); every other chunk in
 flight is cancelled then, as when the client leaves. The transcripts are stitched on the original timeline
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -50,6 +51,9 @@ CHUNK_FORMATS = {"json": "json", "text": "json", "verbose_json": "verbose_json",
 
 Part = Transcript | dict[str, Any]
 """A chunk's transcript: a Transcript, or a `diarized_json` body."""
+_SILENT: dict[str, Part] = {"json": Transcript(""), "verbose_json": Transcript(""),
+                            "diarized_json": {"text": "", "segments": []}}
+"""What a chunk that is all silence is heard as."""
 
 
 async def transcribe_long(request: web.Request, req: TranscriptionRequest, upload: Upload,
@@ -157,12 +161,12 @@ class _Chunks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    def _start(self, work: Any) -> None:
+    def _start(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(self._report(work))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _report(self, work: Any) -> None:
+    async def _report(self, work: Awaitable[None]) -> None:
         """Run `work`; its failure goes to the consumer (a cancellation is the consumer's own doing)."""
         try:
             await work
@@ -185,7 +189,11 @@ class _Chunks:
                 if index == self.settings.max_chunks:
                     raise _too_many(self.settings.max_chunks, self.cut.max_seconds)
                 self.end_s = chunk.end_s
-                self._start(self._one(index, chunk.start_s, chunk.end_s - chunk.start_s, chunk.wav))
+                if chunk.speech:
+                    self._start(self._one(index, chunk.start_s, chunk.end_s - chunk.start_s, chunk.wav))
+                else:  # all silence to the VAD: heard as nothing, without an engine's call
+                    self.results.put_nowait((index, chunk.start_s, _SILENT[self.changes["response_format"]]))
+                    self.free.release()
                 del chunk
                 index += 1
         self.count = index
