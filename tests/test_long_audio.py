@@ -278,3 +278,17 @@ def test_a_200_mb_upload_leaves_the_gateway_process_flat(make_double: Callable[.
 def status_mib(pid: int, name: str) -> float:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(f"{name}:")) / 1024
+
+
+def test_chunks_stay_within_the_backends_max_concurrency(make_double: Callable[..., ToneTranscriber],
+                                                         make_gateway: Callable[[str], Gateway],
+                                                         tmp_path: Path) -> None:
+    double = make_double(delay_s=0.1)
+    text = long_config(tmp_path / "spool", double.url)
+    assert text.count("    max_audio_s: 30\n") == 1
+    gw = make_gateway(text.replace("    max_audio_s: 30\n", "    max_audio_s: 30\n    max_concurrency: 2\n"
+                                                           "    max_queue: 0\n"))  # a chunk that waited: a 429
+    with sdk(gw, timeout=60) as client:
+        result = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", SMALL, "audio/wav"))
+    assert words(result.text) == [b.word for b in SMALL_BURSTS]
+    assert double.peak == 2 and len(double.heard) >= 4  # long_audio.concurrency (4) capped at the slots
