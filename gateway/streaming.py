@@ -189,8 +189,10 @@ async def speech_sse(chunks: AsyncIterator[bytes], input_chars: int) -> AsyncIte
 
 
 async def transcript_sse(transcript: Transcript) -> AsyncIterator[bytes]:
-    """A finished transcript as OpenAI's transcription SSE: one delta per segment, then `done`."""
-    pieces = [s.text for s in transcript.segments] or ([transcript.text] if transcript.text else [])
+    """A finished transcript as OpenAI's transcription SSE: one delta per segment, then `done`. The deltas add up
+    to the text, as OpenAI's do: segments joined by one space, whatever spaces an engine put around them."""
+    texts = [t for s in transcript.segments if (t := " ".join(s.text.split()))]
+    pieces = [texts[0], *(" " + t for t in texts[1:])] if texts else [transcript.text] if transcript.text else []
     for piece in pieces:
         yield sse_event({"type": "transcript.text.delta", "delta": piece})
     # OpenAI's schema allows only token usage on this event; the gateway counts seconds, so it sends none.

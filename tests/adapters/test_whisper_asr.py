@@ -183,6 +183,8 @@ def test_text_formats(client: openai.OpenAI, asr: FakeWhisperAsr, fmt: str) -> N
 def test_stream_true_gets_events_from_the_transcript(client: openai.OpenAI) -> None:
     events = list(transcribe(client, stream=True))
     assert events[-1].type == "transcript.text.done" and events[-1].text == TRANSCRIPT.strip()
+    deltas = [e.delta for e in events[:-1]]  # one per segment, adding up to the text (Whisper's lead with a space)
+    assert len(deltas) == 2 and "".join(deltas) == events[-1].text
 
 
 @pytest.mark.parametrize(("fmt", "kind"), [("json", Translation), ("verbose_json", TranslationVerbose),
