@@ -9,6 +9,9 @@ upload as 16 kHz mono s16le chunks sent as they are decoded (a second at a time,
 by that, not by the file), audio-stop; the `transcript` is text only: one segment spanning the clip, no word
 timestamps claimed (docs/backends.md: timings). No translation (the protocol has no such field).
 
+Live transcripts (`transcribe_live`): the same exchange, each `transcript-chunk` yielded as it comes
+(gateway/adapters/wyoming_live.py); `live_transcript` is learnt from each `info` (supports_transcript_streaming).
+
 The engine has no status codes. A refused connection is UpstreamError "connect"; an `error` event is
 "engine" (its text redacted like every engine's), except Piper's unknown voice (code VoiceNotFoundError),
 the client's 400 on `voice`; EOF before audio-stop / transcript is "disconnect"; no event within
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -50,6 +54,7 @@ from gateway.adapters.base import (
     check_options,
 )
 from gateway.adapters.redact import redact
+from gateway.adapters.wyoming_live import heard_live, streams_transcripts
 from gateway.audio.decode import PcmChunks
 from gateway.audio.formats import pcm
 from gateway.config import Backend
@@ -213,6 +218,9 @@ class WyomingAdapter:
         conn.close(abort=False)
         data = event.data if isinstance(event.data, Mapping) else {}
         self._offers = frozenset(task for task, key in _PROGRAMS.items() if data.get(key))
+        streams = streams_transcripts(data.get("asr"))
+        if streams != self.capabilities.live_transcript:
+            self.capabilities = replace(self.capabilities, live_transcript=streams)
         return self._offers
 
     async def _require(self, task: str) -> None:
@@ -288,15 +296,11 @@ class WyomingAdapter:
     async def _send_audio(self, conn: _Connection, job: TranscriptionJob, first: bytes, rest: PcmChunks) -> None:
         await conn.send(Transcribe(name=job.model or None, language=job.language).event())
         await conn.send(AudioStart(ASR_RATE, ASR_WIDTH, ASR_CHANNELS).event())
-        step = SAMPLES_PER_CHUNK * ASR_WIDTH * ASR_CHANNELS
-        audio = first
-        while audio:
-            for offset in range(0, len(audio), step):
+        async with aclosing(_audio_events(first, rest)) as audio:
+            async for event in audio:
                 if conn.spoke():  # before the audio ended: an error event or a hang-up raises here
                     await conn.receive()
-                await conn.send(AudioChunk(ASR_RATE, ASR_WIDTH, ASR_CHANNELS, audio[offset:offset + step]).event())
-            audio = await anext(rest, b"")
-        await conn.send(AudioStop().event())
+                await conn.send(event)
 
     async def _transcript(self, conn: _Connection) -> WyomingTranscript:
         """The final `transcript` (streaming servers send transcript-start/chunks first: skipped)."""
@@ -307,9 +311,45 @@ class WyomingAdapter:
             raise _bad_response(self.backend, "sent a malformed transcript")
         return result
 
+    async def transcribe_live(self, job: TranscriptionJob) -> AsyncIterator[str]:
+        """The transcript as the engine streams it (base.LiveTranscriber; gateway/adapters/wyoming_live.py), the
+        final `transcript` once from a server that does not stream. `aclose` aborts the connection."""
+        if job.task == "translate":
+            raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
+                                   param="model", code="unsupported_task")
+        await job.upload.measured()
+        decoded = PcmChunks(job.upload.view(), sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds,
+                            workers=job.upload.workers)
+        conn: _Connection | None = None
+        try:
+            first = await anext(decoded)  # an undecodable upload is a 400 before the engine is contacted
+            await self._require(TRANSCRIPTION)
+            conn = await self._connect()
+            request = [Transcribe(name=job.model or None, language=job.language).event(),
+                       AudioStart(ASR_RATE, ASR_WIDTH, ASR_CHANNELS).event()]
+            async with aclosing(_audio_events(first, decoded)) as audio, \
+                    aclosing(heard_live(self.backend, conn, request, audio)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            conn.close(abort=False)
+        finally:
+            if conn is not None:
+                conn.close(abort=True)  # a no-op after the clean close above
+            await decoded.aclose()
+
     async def aclose(self) -> None:
         for conn in list(self._connections):
             conn.close(abort=True)
+
+
+async def _audio_events(first: bytes, rest: PcmChunks) -> AsyncIterator[Event]:
+    """The decoded upload as audio-chunk events of SAMPLES_PER_CHUNK, then audio-stop."""
+    step, audio = SAMPLES_PER_CHUNK * ASR_WIDTH * ASR_CHANNELS, first
+    while audio:
+        for offset in range(0, len(audio), step):
+            yield AudioChunk(ASR_RATE, ASR_WIDTH, ASR_CHANNELS, audio[offset:offset + step]).event()
+        audio = await anext(rest, b"")
+    yield AudioStop().event()
 
 
 async def _buffered_event(reader: asyncio.StreamReader) -> Event | None:
