@@ -118,17 +118,17 @@ async def _finals(backend: Backend, ws: aiohttp.ClientWebSocketResponse,
     receive: asyncio.Future[aiohttp.WSMessage] | None = None
     try:
         while True:
+            if sender.done() and (failed := sender.exception()) is not None:
+                raise failed  # the audio could not be sent (or decoded): the engine would wait for it forever
             if receive is None:
                 receive = asyncio.ensure_future(ws.receive())
-            if deadline is None and sender.done() and sender.exception() is None:
+            if deadline is None and sender.done():
                 deadline = loop.time() + read
             wait = read if deadline is None else max(0.0, min(read, deadline - loop.time()))
             done, _ = await asyncio.wait({receive} if sender.done() else {receive, sender}, timeout=wait,
                                          return_when=asyncio.FIRST_COMPLETED)
             if receive not in done:
                 if sender in done:
-                    if (failed := sender.exception()) is not None:
-                        raise failed
                     continue
                 raise UpstreamTimeoutError(f"Backend '{backend.name}' did not answer in time.", reason=Reason.TIMEOUT)
             message, receive = receive.result(), None

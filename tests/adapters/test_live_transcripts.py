@@ -143,6 +143,8 @@ async def test_wyoming_server_that_does_not_stream_gives_its_transcript_once(upl
     ("asr_streaming_bad", 2, "bad_response", UpstreamError),
     ("asr_streaming_silent", 0, "timeout", UpstreamTimeoutError),
     ("asr_streaming_silent", 2, "timeout", UpstreamTimeoutError),
+    ("asr_streaming_chatter", 0, "timeout", UpstreamTimeoutError),  # talks forever: the tail's deadline
+    ("asr_streaming_chatter", 2, "timeout", UpstreamTimeoutError),
 ])
 async def test_wyoming_failures_before_and_after_the_first_piece(uploads: Any, mode: str, after: int, reason: str,
                                                                   error: type[GatewayError]) -> None:
@@ -251,6 +253,7 @@ async def test_deepgram_unreachable_is_a_connect_error(uploads: Any, http: aioht
     ("live_drop", "disconnect", UpstreamError),
     ("live_not_json", "bad_response", UpstreamError),
     ("live_bad_transcript", "bad_response", UpstreamError),
+    ("live_huge", "bad_response", UpstreamError),
 ])
 async def test_deepgram_failures_before_and_after_the_first_piece(uploads: Any, http: aiohttp.ClientSession, mode: str,
                                                                   reason: str, error: type[GatewayError],

@@ -37,12 +37,12 @@ SECONDS_PER_CHAR = 0.06
 MIN_SECONDS = 0.5
 MAX_CHARS = 2000
 MODES = ("ok", "401", "403", "429", "400", "400_category", "500", "garbage", "hang", "drop_midstream",
-         "live_close_error", "live_error_message", "live_drop", "live_not_json", "live_bad_transcript", "live_silent",
-         "live_chatter")
+         "live_close_error", "live_error_message", "live_drop", "live_not_json", "live_bad_transcript", "live_huge",
+         "live_silent", "live_chatter")
 """The live_* modes fail a `/v1/listen` WebSocket after `fail_after` final Results (the HTTP modes refuse its
 upgrade): a close 1011 with a NET-0000 reason / an `Error` message then that close / the connection cut / a
-text frame that is not JSON / a Results whose transcript is a number / silence (no Metadata, no close) / empty
-final Results every 20 ms, forever."""
+text frame that is not JSON / a Results whose transcript is a number / a 2 MB Results / silence (no Metadata,
+no close) / empty final Results every 20 ms, forever."""
 LIVE_SECOND = 32_000
 """Bytes of one second of the 16 kHz mono linear16 the adapter sends."""
 GARBAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
@@ -286,6 +286,10 @@ class FakeDeepgram(FakeHttpEngine):
                 request.transport.close()
             elif self.mode == "live_not_json":
                 await ws.send_str("<html>502 Bad Gateway</html>")
+            elif self.mode == "live_huge":
+                frame = self._results(live, words, True, from_finalize)
+                frame["channel"]["alternatives"][0]["transcript"] = "la " * 700_000
+                await self._send_live(ws, live, frame)
             elif self.mode == "live_bad_transcript":
                 frame = self._results(live, words, True, from_finalize)
                 frame["channel"]["alternatives"][0]["transcript"] = 42

@@ -53,12 +53,15 @@ ASR_MODEL = "base-int8"
 TRANSCRIPT = "Turn on the living room lamp."
 MODES = ("ok", "error", "error_midstream", "eof", "eof_midstream", "slow_first",
          "asr_error", "asr_error_early", "asr_eof", "asr_slow", "asr_streaming", "asr_streaming_live",
-         "asr_streaming_error", "asr_streaming_eof", "asr_streaming_silent", "asr_streaming_bad")
+         "asr_streaming_error", "asr_streaming_eof", "asr_streaming_silent", "asr_streaming_bad",
+         "asr_streaming_chatter")
 """asr_streaming*: a protocol 1.7 server (`info` says supports_transcript_streaming): transcript-start, a
 transcript-chunk per word ("word "), `transcript`, transcript-stop. _live: a word per second of audio as it
 arrives, the rest after audio-stop. _error / _eof / _silent / _bad: after `fail_after` chunks, an `error`
-event / a hang-up / silence for `delay` s / a chunk whose text is not a string."""
-_FAILING = {"asr_streaming_error", "asr_streaming_eof", "asr_streaming_silent", "asr_streaming_bad"}
+event / a hang-up / silence for `delay` s / a chunk whose text is not a string / empty chunks every 20 ms,
+forever."""
+_FAILING = {"asr_streaming_error", "asr_streaming_eof", "asr_streaming_silent", "asr_streaming_bad",
+            "asr_streaming_chatter"}
 _ATTRIBUTION = Attribution(name="rhasspy", url="https://github.com/rhasspy")
 
 
@@ -214,6 +217,9 @@ class _Handler(AsyncEventHandler):
                     return True
                 elif mode == "asr_streaming_silent":
                     await self._stall()
+                while mode == "asr_streaming_chatter" and not (self.reader.at_eof() or self.writer.is_closing()):
+                    await self.write_event(TranscriptChunk(text=" ").event())
+                    await asyncio.sleep(0.02)
                 return False
             if self.reader.at_eof() or self.writer.is_closing():
                 self.session.client_left = True
