@@ -1,0 +1,1 @@
+"""OpenAI's realtime API, transcription sessions (issue 16)."""
