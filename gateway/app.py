@@ -49,7 +49,9 @@ from gateway.middleware import (
 )
 from gateway.openapi import openapi_json
 from gateway.policy.admission import add_rate_headers, policy_middleware
+from gateway.realtime import PATH as REALTIME_PATH
 from gateway.realtime import secrets
+from gateway.realtime.endpoint import realtime
 from gateway.reload import reload_ctx
 from gateway.state import METRICS
 from gateway.table import table_middleware
@@ -96,6 +98,7 @@ def build_app(config: Config) -> web.Application:
         web.get("/readyz", catalog.readyz),
         web.get("/openapi.json", openapi_json),
     ])
+    app.router.add_get(REALTIME_PATH, realtime)  # a WebSocket: no CORS (browsers do not apply it to WebSockets)
     if config.server.cors_origins:
         options = aiohttp_cors.ResourceOptions(allow_headers="*", expose_headers=("x-request-id",),
                                                allow_methods=["GET", "POST"])

@@ -34,6 +34,7 @@ from gateway.settings import (
     LongAudio,
     Metrics,
     Outlier,
+    Realtime,
     Server,
     capacity_section,
     ledger_section,
@@ -41,6 +42,7 @@ from gateway.settings import (
     long_audio_section,
     metrics_section,
     outlier_section,
+    realtime_section,
     server_section,
 )
 from gateway.yaml_tree import YamlTree
@@ -125,6 +127,8 @@ class Config:
     own are the adapter's `Capabilities.limits`); likewise kept out of Backend."""
     long_audio: LongAudio = field(default_factory=LongAudio)
     """How uploads split into chunks are transcribed (gateway/chunking.py)."""
+    realtime: Realtime = field(default_factory=Realtime)
+    """Realtime transcription sessions (gateway/realtime/)."""
     source: str = "<memory>"
     digest: str = ""
     placeholders: Placeholders = field(default_factory=Placeholders, compare=False, repr=False)
@@ -253,7 +257,8 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     root = p.mapping(p.interpolate(raw, ""), "")
     for unknown in sorted(set(root) - {"server", "keys", "backends", "models", "voices", "metrics", "ledger",
-                                       "state", "limits", "tenants", "outlier", "long_audio"}):
+                                       "state", "limits", "tenants", "outlier", "long_audio",
+                                       "realtime"}):
         p.fail(unknown, "unknown section")
     server = server_section(p, p.mapping(root.get("server"), "server"))
     backends = _backends(p, root.get("backends"), kinds, placeholders)
@@ -267,6 +272,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
     metrics = metrics_section(p, p.mapping(root.get("metrics"), "metrics"))
     ledger = ledger_section(p, p.mapping(root.get("ledger"), "ledger"))
     long_audio = long_audio_section(p, p.mapping(root.get("long_audio"), "long_audio"))
+    realtime = realtime_section(p, p.mapping(root.get("realtime"), "realtime"))
     policy = policy_rules.policy_section(p, root, models, any(k.rules.limits or k.rules.budget for k in keys)
                                          or any(m.limits for m in models.values()))
     for tenant in sorted(set(policy.tenants) - {k.tenant for k in keys}):
@@ -289,6 +295,7 @@ def parse_config(text: str, *, source: str = "<memory>", kinds: Collection[str] 
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
         placeholders=placeholders,
         long_audio=long_audio,
+        realtime=realtime,
     )
 
 

@@ -49,6 +49,8 @@ class UsageRecord:
     """The limit or budget that refused the request (`key:requests/minute`, `tenant:budget/month`)."""
     chunks: int | None = None
     """A long upload split into this many chunks, billed once (gateway/handlers/long_audio.py); null: sent whole."""
+    item: str | None = None
+    """A realtime session's item (`item_...`), billed on its own record; `request_id` is the session's."""
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))

@@ -33,6 +33,7 @@ from gateway.state import (
     LEDGER,
     METERING,
     METRICS,
+    REALTIME_SESSIONS,
     SHARED_STATE,
     SPOOL_MEMORY,
     STARTED_AT,
@@ -151,6 +152,7 @@ def init_state(app: web.Application, config: Config) -> None:
     app[STARTED_AT] = time.time()
     app[METERING] = config.metered
     app[SPOOL_MEMORY] = SpoolMemory(config.server.spool_memory_uploads)
+    app[REALTIME_SESSIONS] = set()
     if config.metrics.enabled:
         app[METRICS] = Metrics()
     app[EJECTIONS] = Ejections(app[TABLES], app.get(METRICS))

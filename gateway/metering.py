@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from gateway.ejection import Ejections
     from gateway.engine_process import Engines, EngineView
 
-ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models",
-                       "/v1/models/{model}", "/openapi.json",
+ENDPOINTS = frozenset({"/v1/audio/speech", "/v1/audio/transcriptions", "/v1/audio/translations", "/v1/realtime",
+                       "/v1/models", "/v1/models/{model}", "/openapi.json",
                        "/v1/audio/voices", "/healthz", "/readyz", "/metrics"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 STATE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.auth import authenticate, presented_key
 from gateway.errors import GatewayError, from_http_exception
 from gateway.metering import endpoint_of
+from gateway.realtime import PATH as REALTIME_PATH
 from gateway.state import FAILURE, IDENTITY, METRICS, OUTCOME, PREPARED, REQUEST_ID, TABLE
 from gateway.streaming import abandon
 from gateway.usage import Outcome, measure_then_record, record
@@ -126,8 +127,9 @@ def _error_response(request: web.Request, exc: Exception) -> web.StreamResponse:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Resolve the client's gateway key to an identity for /v1 routes (CORS preflights excepted)."""
-    if request.path.startswith("/v1/") and request.method != "OPTIONS":
+    """Resolve the client's gateway key to an identity for /v1 routes (CORS preflights excepted, and the realtime
+    WebSocket, which answers a bad key after the upgrade as OpenAI does: gateway/realtime/endpoint.py)."""
+    if request.path.startswith("/v1/") and request.method != "OPTIONS" and request.path != REALTIME_PATH:
         request[IDENTITY] = authenticate(request[TABLE].config, presented_key(request))
     return await handler(request)
 

@@ -1,7 +1,7 @@
-"""The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`, `long_audio:`) sections of the
-config file, and a backend's admission settings and limits, each a frozen dataclass with documented defaults,
-parsed with YAML-path errors. The mapping table itself (keys, backends, models, voices) is gateway/config.py,
-which parses the whole file.
+"""The process's own settings: the `server:`, `metrics:`, `ledger:` (and `outlier:`, `long_audio:`, `realtime:`)
+sections of the config file, and a backend's admission settings and limits, each a frozen dataclass with
+documented defaults, parsed with YAML-path errors. The mapping table itself (keys, backends, models, voices) is
+gateway/config.py, which parses the whole file.
 """
 
 from __future__ import annotations
@@ -238,6 +238,34 @@ def long_audio_section(p: YamlTree, node: dict[str, Any]) -> LongAudio:
     if chunk <= 2 * pad + 0.03:
         p.fail(f"{path}.chunk_s", f"expected more than twice pad_s ({shown(pad)}), got {shown(chunk)}")
     return LongAudio(int(concurrency), int(chunks), chunk, pad)
+
+
+@dataclass(frozen=True, slots=True)
+class Realtime:
+    """`realtime:`: realtime transcription sessions (gateway/realtime/)."""
+
+    max_session_s: float = 3600.0
+    """A session is closed with 1001 this long after it opened (OpenAI's 60 minutes)."""
+    max_buffer_s: float = 600.0
+    """Uncommitted audio a session may hold (27 MiB of 24 kHz PCM16); an append past it is refused."""
+    max_pending_items: int = 4
+    """Items of one session being transcribed at once; a further commit waits (and the client with it)."""
+    max_sessions: int = 32
+    """Sessions open at once in this process; one more gets an `error` and close 1013 (try again later).
+    With OpenAI's 15 MiB per append, one session's largest event takes about 21 MiB to read."""
+
+
+def realtime_section(p: YamlTree, node: dict[str, Any]) -> Realtime:
+    path, d = "realtime", Realtime()
+    for unknown in sorted(set(node) - {"max_session_s", "max_buffer_s", "max_pending_items", "max_sessions"}):
+        p.fail(f"{path}.{unknown}", "unknown setting (max_session_s, max_buffer_s, max_pending_items, max_sessions)")
+    pending = p.number(node, "max_pending_items", path, d.max_pending_items, 1, 64)
+    sessions = p.number(node, "max_sessions", path, d.max_sessions, 1, 100_000)
+    for key, value in (("max_pending_items", pending), ("max_sessions", sessions)):
+        if value != int(value):
+            p.fail(f"{path}.{key}", f"expected a whole number, got {shown(value)}")
+    return Realtime(p.number(node, "max_session_s", path, d.max_session_s, 1, 86_400),
+                    p.number(node, "max_buffer_s", path, d.max_buffer_s, 1, 3_600), int(pending), int(sessions))
 
 
 def server_section(p: YamlTree, node: dict[str, Any]) -> Server:

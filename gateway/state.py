@@ -45,6 +45,8 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 LEDGER: web.AppKey[LedgerWriter] = web.AppKey("ledger")
 AUDIO_WORKERS: web.AppKey[AudioWorkers] = web.AppKey("audio_workers")
 SPOOL_MEMORY: web.AppKey[SpoolMemory] = web.AppKey("spool_memory")
+REALTIME_SESSIONS: web.AppKey[set[str]] = web.AppKey("realtime_sessions")
+"""The ids of the realtime sessions open in this process (gateway/realtime/), at most realtime.max_sessions."""
 """How many uploads are held in memory now, of server.spool_memory_uploads."""
 HEALTH: web.AppKey[Health] = web.AppKey("health")
 EJECTIONS: web.AppKey[Ejections] = web.AppKey("ejections")

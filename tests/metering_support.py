@@ -19,7 +19,7 @@ from tests.support import wav_bytes
 TTS1_PRICE = {"per_million_characters": 15.0, "per_audio_minute": 0.6}
 LEDGER_FIELDS = {"request_id", "time", "tenant", "key", "endpoint", "model", "backend", "native_model", "voice",
                  "characters", "audio_seconds", "cost_usd", "status", "billable", "completed", "rejected_by",
-                 "chunks"}
+                 "chunks", "item"}
 _TTS1_LINE = "tts-1: {task: speech, routes: [{backend: speaches, model: kokoro}]}"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -80,12 +80,12 @@ class Chunk:
         return self.end / RATE
 
 
-def wav(pcm: bytearray, samples: int) -> bytes:
-    """The first `samples` of 16 kHz mono s16le `pcm` as a WAV file (a 44-byte header: its size is known
+def wav(pcm: bytes | bytearray, samples: int, rate: int = RATE) -> bytes:
+    """The first `samples` of mono s16le `pcm` at `rate` as a WAV file (a 44-byte header: its size is known
     before encoding), copied once."""
     size = 2 * samples
-    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, RATE,
-                         RATE * 2, 2, 16, b"data", size)
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, rate,
+                         rate * 2, 2, 16, b"data", size)
     with memoryview(pcm) as view:  # released before `pcm` is resized
         return header + view[:size]
 
