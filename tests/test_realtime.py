@@ -17,6 +17,7 @@ import openai
 import pytest
 import websockets
 
+from gateway.state import DRAINING
 from tests.conftest import BETA_KEY, DEMO_KEY, Gateway, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import wait_ledger
@@ -326,3 +327,43 @@ async def test_a_client_gone_mid_item_cancels_its_transcription(gw: Gateway, eng
         await ws.close()
     await eventually(lambda: engine.active == 0)
     assert engine.cancelled == 1 and not list(gw.spool_dir.iterdir())
+
+
+async def test_g711_mu_law_is_expanded_to_pcm16_at_8_khz(gw: Gateway, engine: FakeOpenAIEngine) -> None:
+    audioop = pytest.importorskip("audioop")  # the standard library's G.711 (until Python 3.13): the reference
+    linear = tone(0.6, 8_000, amplitude=12_000)
+    ulaw = audioop.lin2ulaw(linear, 2)
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "session.update", "session": {**UPDATE, "audio": {"input": {
+            **UPDATE["audio"]["input"], "format": {"type": "audio/pcmu"}, "turn_detection": None}}}})
+        updated = await ws.receive_json(timeout=5)
+        assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(ulaw).decode()})
+        await ws.send_json({"type": "input_audio_buffer.commit"})
+        for _ in range(5):
+            got = await ws.receive_json(timeout=5)
+        assert got["type"] == "conversation.item.input_audio_transcription.completed"
+    sent = engine.requests[-1].files[0][3]
+    assert sent[24:28] == (8_000).to_bytes(4, "little") and sent[44:] == audioop.ulaw2lin(ulaw, 2)
+
+
+async def test_draining_lets_committed_items_finish_then_closes_1001(gw: Gateway, engine: FakeOpenAIEngine,
+                                                                     servers: Any) -> None:
+    engine.reply_delay = 0.5  # the item is still being transcribed when the drain begins
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "session.update", "session": {**UPDATE, "audio": {"input": {
+            **UPDATE["audio"]["input"], "turn_detection": None}}}})
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": chunks(tone(0.5, RATE), 500)[0]})
+        await ws.send_json({"type": "input_audio_buffer.commit"})
+        await ws.receive_json(timeout=5)  # committed
+        servers.call(gw.app[DRAINING].set)
+        started, kinds = time.monotonic(), []
+        while (msg := await ws.receive(timeout=5)).type == aiohttp.WSMsgType.TEXT:
+            kinds.append(json.loads(msg.data)["type"])
+        assert kinds[-1] == "conversation.item.input_audio_transcription.completed"
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001) and time.monotonic() - started > 0.3
