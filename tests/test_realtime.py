@@ -367,3 +367,22 @@ async def test_draining_lets_committed_items_finish_then_closes_1001(gw: Gateway
             kinds.append(json.loads(msg.data)["type"])
         assert kinds[-1] == "conversation.item.input_audio_transcription.completed"
         assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001) and time.monotonic() - started > 0.3
+
+
+async def test_a_client_secret_opens_a_session_with_its_pinned_settings(gw: Gateway) -> None:
+    async with aclient(gw) as client:
+        secret = await client.realtime.client_secrets.create(
+            expires_after={"anchor": "created_at", "seconds": 60},
+            session={"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"},
+                                                                   "turn_detection": None}}})
+    assert secret.value.startswith("ek_")
+    async with aclient(gw, key=secret.value) as browser, \
+            browser.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        created = json.loads((await conn.recv()).to_json())["session"]["audio"]["input"]
+        assert created["transcription"]["model"] == "whisper-1" and created["turn_detection"] is None
+        for piece in chunks(tone(0.5, RATE)):
+            await conn.input_audio_buffer.append(audio=piece)
+        await conn.input_audio_buffer.commit()
+        assert (await until(conn, "conversation.item.input_audio_transcription.completed"))[-1].transcript == TEXT
+    first, closing = await refusal(gw, key="ek_" + "x" * 32)  # unknown (or expired)
+    assert first["error"]["code"] == "invalid_api_key" and closing.data == 3000
