@@ -280,7 +280,10 @@ class Session:
         """Relay the session to a route that speaks OpenAI's realtime itself, if the model has one and it answers."""
         assert settings.transcription is not None
         table = self.request[TABLE]
-        model = table.model(settings.transcription.model, self.request[IDENTITY], TRANSCRIPTION)
+        try:
+            model = table.model(settings.transcription.model, self.request[IDENTITY], TRANSCRIPTION)
+        except GatewayError:  # (a pinned model the key lost since): its items will fail, each saying why
+            return False
         candidate = next((c for c in table.candidates(model, TRANSCRIPTION) if c.adapter.capabilities.realtime),
                          None)
         if candidate is None or (upstream := await passthrough.connect(candidate, self.request)) is None:
