@@ -58,6 +58,9 @@ class Capabilities:
     live_transcript: bool = False
     """The engine streams a transcript as it hears audio: `transcribe_live` yields it in pieces as they come
     (the realtime session's deltas) instead of one piece at the end."""
+    realtime: bool = False
+    """The engine serves OpenAI's realtime transcription WebSocket itself (`/realtime?intent=transcription`): a
+    realtime session on a model routed to it is relayed there (gateway/realtime/passthrough.py)."""
 
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""
