@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -264,7 +264,10 @@ class WyomingAdapter:
             if AudioStop.is_type(event.type):
                 raise _bad_response(self.backend, "sent no audio")
 
-    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+    @asynccontextmanager
+    async def _asr(self, job: TranscriptionJob) -> AsyncIterator[tuple[_Connection, bytes, PcmChunks]]:
+        """A connection for `job`'s transcription, its first decoded chunk and the rest. Afterwards the connection
+        is aborted (unless the caller closed it after a whole exchange) and the decoding stopped."""
         if job.task == "translate":  # the core filters on capabilities first; this is the backstop
             raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
                                    param="model", code="unsupported_task")
@@ -275,20 +278,23 @@ class WyomingAdapter:
             first = await anext(decoded)  # an undecodable upload is a 400 before the engine is contacted
             await self._require(TRANSCRIPTION)
             conn = await self._connect()
-            done = False
             try:
-                try:
-                    await self._send_audio(conn, job, first, decoded)
-                except UpstreamError as exc:
-                    if exc.reason != "disconnect":
-                        raise
-                    # the engine hung up while we were sending: it may have said why first
-                result = await self._transcript(conn)
-                done = True
+                yield conn, first, decoded
             finally:
-                conn.close(abort=not done)
+                conn.close(abort=True)  # a no-op after the caller's clean close
         finally:
             await decoded.aclose()
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+        async with self._asr(job) as (conn, first, decoded):
+            try:
+                await self._send_audio(conn, job, first, decoded)
+            except UpstreamError as exc:
+                if exc.reason != "disconnect":
+                    raise
+                # the engine hung up while we were sending: it may have said why first
+            result = await self._transcript(conn)
+            conn.close(abort=False)
         text = result.text.strip()
         segments = (Segment(0.0, decoded.seconds, text),) if text else ()
         return Transcript(text, result.language or job.language, decoded.seconds, segments, decoded=True)
@@ -314,17 +320,7 @@ class WyomingAdapter:
     async def transcribe_live(self, job: TranscriptionJob) -> AsyncIterator[str]:
         """The transcript as the engine streams it (base.LiveTranscriber; gateway/adapters/wyoming_live.py), the
         final `transcript` once from a server that does not stream. `aclose` aborts the connection."""
-        if job.task == "translate":
-            raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
-                                   param="model", code="unsupported_task")
-        await job.upload.measured()
-        decoded = PcmChunks(job.upload.view(), sample_rate=ASR_RATE, max_seconds=job.max_audio_seconds,
-                            workers=job.upload.workers)
-        conn: _Connection | None = None
-        try:
-            first = await anext(decoded)  # an undecodable upload is a 400 before the engine is contacted
-            await self._require(TRANSCRIPTION)
-            conn = await self._connect()
+        async with self._asr(job) as (conn, first, decoded):
             request = [Transcribe(name=job.model or None, language=job.language).event(),
                        AudioStart(ASR_RATE, ASR_WIDTH, ASR_CHANNELS).event()]
             async with aclosing(_audio_events(first, decoded)) as audio, \
@@ -332,10 +328,6 @@ class WyomingAdapter:
                 async for piece in pieces:
                     yield piece
             conn.close(abort=False)
-        finally:
-            if conn is not None:
-                conn.close(abort=True)  # a no-op after the clean close above
-            await decoded.aclose()
 
     async def aclose(self) -> None:
         for conn in list(self._connections):
