@@ -23,6 +23,7 @@ import pytest
 
 from gateway.adapters.base import TranscriptionJob
 from gateway.adapters.deepgram import DeepgramAdapter
+from gateway.adapters.live import Pieces
 from gateway.adapters.wyoming import WyomingAdapter
 from gateway.audio.workers import AudioWorkers
 from gateway.config import Backend, Timeouts
@@ -35,6 +36,8 @@ from tests.support import free_port
 
 NO_HTTP = cast(aiohttp.ClientSession, None)  # the Wyoming adapter never uses HTTP
 DG_TEXT = "Hello there. The quick brown fox jumps over the lazy dog."
+Jobs = Callable[..., TranscriptionJob]
+"""`uploads(seconds, model=, language=)`: a job for an item of that many seconds."""
 
 
 def item_wav(seconds: float, rate: int = 24_000) -> bytes:
@@ -50,7 +53,7 @@ def item_wav(seconds: float, rate: int = 24_000) -> bytes:
 
 
 @pytest.fixture
-async def uploads() -> AsyncIterator[Callable[[float], TranscriptionJob]]:
+async def uploads() -> AsyncIterator[Jobs]:
     pool, made = AudioWorkers(1, 0), []
 
     def job(seconds: float, model: str = "nova-3", language: str | None = None) -> TranscriptionJob:
@@ -90,13 +93,29 @@ async def partial(pieces: AsyncIterator[str]) -> tuple[list[str], GatewayError]:
     return got, failed.value
 
 
+def test_pieces_keep_the_engines_spaces_and_add_up_to_the_collapsed_text() -> None:
+    backend = Backend("w", "wyoming")
+    raw = ["Hel", "lo", " world", "  ", "", "again ", "\tand\nagain"]
+    pieces = Pieces(backend, spans=False)
+    got = [p for p in (pieces.piece(r) for r in raw) if p]
+    assert got == ["Hel", "lo", " world", " again", " and again"]
+    assert "".join(got) == " ".join("".join(raw).split())
+    assert pieces.rest("Hello world again and again, friend. ") == ", friend."  # the final adds its tail
+    assert pieces.rest("Something else entirely") == ""  # never rewrites what was said
+    spans = Pieces(backend, spans=True)  # Deepgram: each text a span of words of its own
+    assert [spans.piece(t) for t in ["Hello", "", "there."]] == ["Hello", "", " there."]
+    with pytest.raises(UpstreamError) as bad:
+        spans.piece(42)
+    assert bad.value.reason == "bad_response"
+
+
 # -- Wyoming ----------------------------------------------------------------------------------------------------
 
 def wyoming(url: str, read: float = 2.0) -> WyomingAdapter:
     return WyomingAdapter(Backend("whisper", "wyoming", url=url, timeouts=Timeouts(connect=1.0, read=read)), NO_HTTP)
 
 
-async def test_wyoming_chunks_are_the_pieces_and_add_up_to_the_transcript(uploads: Any) -> None:
+async def test_wyoming_chunks_are_the_pieces_and_add_up_to_the_transcript(uploads: Jobs) -> None:
     async with FakeWyomingEngine(programs=("asr",)) as engine:
         engine.mode = "asr_streaming"
         adapter = wyoming(engine.url)
@@ -113,7 +132,7 @@ async def test_wyoming_chunks_are_the_pieces_and_add_up_to_the_transcript(upload
         assert not adapter._connections
 
 
-async def test_wyoming_chunks_said_while_the_audio_is_sent_come_before_its_end(uploads: Any) -> None:
+async def test_wyoming_chunks_said_while_the_audio_is_sent_come_before_its_end(uploads: Jobs) -> None:
     async with FakeWyomingEngine(programs=("asr",)) as engine:
         engine.mode = "asr_streaming_live"  # a word per second of audio, as it arrives
         adapter = wyoming(engine.url)
@@ -126,7 +145,7 @@ async def test_wyoming_chunks_said_while_the_audio_is_sent_come_before_its_end(u
         assert heard_at[0] < 4 * 32_000, heard_at  # the first word reached us before the engine had the whole item
 
 
-async def test_wyoming_server_that_does_not_stream_gives_its_transcript_once(uploads: Any) -> None:
+async def test_wyoming_server_that_does_not_stream_gives_its_transcript_once(uploads: Jobs) -> None:
     async with FakeWyomingEngine(programs=("asr",)) as engine:
         adapter = wyoming(engine.url)
         assert await adapter.ready() and not adapter.capabilities.live_transcript
@@ -146,7 +165,7 @@ async def test_wyoming_server_that_does_not_stream_gives_its_transcript_once(upl
     ("asr_streaming_chatter", 0, "timeout", UpstreamTimeoutError),  # talks forever: the tail's deadline
     ("asr_streaming_chatter", 2, "timeout", UpstreamTimeoutError),
 ])
-async def test_wyoming_failures_before_and_after_the_first_piece(uploads: Any, mode: str, after: int, reason: str,
+async def test_wyoming_failures_before_and_after_the_first_piece(uploads: Jobs, mode: str, after: int, reason: str,
                                                                   error: type[GatewayError]) -> None:
     async with FakeWyomingEngine(programs=("asr",)) as engine:
         engine.mode, engine.fail_after, engine.delay = mode, after, 3.0
@@ -160,12 +179,12 @@ async def test_wyoming_failures_before_and_after_the_first_piece(uploads: Any, m
         assert not adapter._connections
 
 
-async def test_wyoming_unreachable_is_a_connect_error(uploads: Any) -> None:
+async def test_wyoming_unreachable_is_a_connect_error(uploads: Jobs) -> None:
     got, failed = await partial(wyoming(f"tcp://127.0.0.1:{free_port()}").transcribe_live(uploads(1.0)))
     assert got == [] and isinstance(failed, UpstreamError) and failed.reason == "connect"
 
 
-async def test_wyoming_aclose_mid_stream_closes_the_connection(uploads: Any) -> None:
+async def test_wyoming_aclose_mid_stream_closes_the_connection(uploads: Jobs) -> None:
     async with FakeWyomingEngine(programs=("asr",)) as engine:
         engine.mode, engine.chunk_delay = "asr_streaming", 0.3
         adapter = wyoming(engine.url)
@@ -193,7 +212,7 @@ def deepgram(url: str, http: aiohttp.ClientSession, read: float = 2.0, key: str 
                                    timeouts=Timeouts(connect=1.0, read=read)), http)
 
 
-async def test_deepgram_finals_are_the_pieces_with_the_engines_credential(uploads: Any,
+async def test_deepgram_finals_are_the_pieces_with_the_engines_credential(uploads: Jobs,
                                                                         http: aiohttp.ClientSession) -> None:
     async with FakeDeepgram(expected_api_key=ENGINE_KEY) as engine:
         engine.transcript_text = DG_TEXT
@@ -214,7 +233,7 @@ async def test_deepgram_finals_are_the_pieces_with_the_engines_credential(upload
         await until(lambda: live.ended)
 
 
-async def test_deepgram_interim_results_are_never_pieces(uploads: Any, http: aiohttp.ClientSession) -> None:
+async def test_deepgram_interim_results_are_never_pieces(uploads: Jobs, http: aiohttp.ClientSession) -> None:
     async with FakeDeepgram(expected_api_key=ENGINE_KEY) as engine:
         engine.transcript_text, engine.interims = DG_TEXT, True
         pieces = await collect(deepgram(engine.url, http).transcribe_live(uploads(2.0)))
@@ -230,7 +249,7 @@ async def test_deepgram_interim_results_are_never_pieces(uploads: Any, http: aio
     ("500", ENGINE_KEY, "backend_5xx", UpstreamError),
     ("hang", ENGINE_KEY, "timeout", UpstreamTimeoutError),
 ])
-async def test_deepgram_refused_upgrade_is_the_usual_error(uploads: Any, http: aiohttp.ClientSession, mode: str,
+async def test_deepgram_refused_upgrade_is_the_usual_error(uploads: Jobs, http: aiohttp.ClientSession, mode: str,
                                                            key: str, reason: str, error: type[GatewayError]) -> None:
     async with FakeDeepgram(expected_api_key=ENGINE_KEY) as engine:
         engine.mode = mode
@@ -241,7 +260,7 @@ async def test_deepgram_refused_upgrade_is_the_usual_error(uploads: Any, http: a
         assert not engine.live  # never upgraded
 
 
-async def test_deepgram_unreachable_is_a_connect_error(uploads: Any, http: aiohttp.ClientSession) -> None:
+async def test_deepgram_unreachable_is_a_connect_error(uploads: Jobs, http: aiohttp.ClientSession) -> None:
     got, failed = await partial(deepgram(f"http://127.0.0.1:{free_port()}", http).transcribe_live(uploads(1.0)))
     assert got == [] and isinstance(failed, UpstreamError) and failed.reason == "connect"
 
@@ -255,7 +274,7 @@ async def test_deepgram_unreachable_is_a_connect_error(uploads: Any, http: aioht
     ("live_bad_transcript", "bad_response", UpstreamError),
     ("live_huge", "bad_response", UpstreamError),
 ])
-async def test_deepgram_failures_before_and_after_the_first_piece(uploads: Any, http: aiohttp.ClientSession, mode: str,
+async def test_deepgram_failures_before_and_after_the_first_piece(uploads: Jobs, http: aiohttp.ClientSession, mode: str,
                                                                   reason: str, error: type[GatewayError],
                                                                   after: int) -> None:
     async with FakeDeepgram(expected_api_key=ENGINE_KEY) as engine:
@@ -272,7 +291,7 @@ async def test_deepgram_failures_before_and_after_the_first_piece(uploads: Any, 
 
 
 @pytest.mark.parametrize("mode", ["live_silent", "live_chatter"])
-async def test_deepgram_stream_that_never_ends_times_out(uploads: Any, http: aiohttp.ClientSession,
+async def test_deepgram_stream_that_never_ends_times_out(uploads: Jobs, http: aiohttp.ClientSession,
                                                          mode: str) -> None:
     async with FakeDeepgram(expected_api_key=ENGINE_KEY) as engine:
         engine.mode, engine.transcript_text = mode, DG_TEXT
@@ -284,7 +303,7 @@ async def test_deepgram_stream_that_never_ends_times_out(uploads: Any, http: aio
         await until(lambda: engine.live[-1].ended)
 
 
-async def test_deepgram_aclose_mid_stream_closes_the_socket(uploads: Any, http: aiohttp.ClientSession) -> None:
+async def test_deepgram_aclose_mid_stream_closes_the_socket(uploads: Jobs, http: aiohttp.ClientSession) -> None:
     async with FakeDeepgram(expected_api_key=ENGINE_KEY) as engine:
         engine.transcript_text, engine.chunk_delay = DG_TEXT, 0.2
         tasks = client_tasks()
