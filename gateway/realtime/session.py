@@ -5,12 +5,10 @@ by TCP, never buffered without bound). Appended audio goes to the input buffer (
 with server VAD, to the detector (gateway/realtime/vad.py), which opens a turn (`speech_started`, its item id
 allocated then) and closes it (`speech_stopped`), committing the turn as an item. A client commit does the same
 for the whole buffer when VAD is off. A committed item is announced (`input_audio_buffer.committed`,
-`conversation.item.added`, `conversation.item.done`) and transcribed in the background, at most
-`realtime.max_pending_items` at once per session (the next commit waits: TCP holds the client back again):
-its audio as a WAV upload through the model's routes, like an HTTP transcription (failover, retries, ejection,
-admission slots). Its text comes as one `...transcription.delta` per segment and one `...completed` with
-`usage: {type: duration, seconds}` (the committed audio rounded up, as OpenAI reports duration usage), or as
-`...failed`; items report in commit order. Each completed item is billed on its own (gateway/realtime/billing.py).
+`conversation.item.added`, `conversation.item.done`) and transcribed in the background (gateway/realtime/
+items.py), at most `realtime.max_pending_items` at once per session (the next commit waits: TCP holds the client
+back again); items report in commit order. A session whose model is routed to an engine that speaks OpenAI's
+realtime itself is handed over to it before any audio (gateway/realtime/passthrough.py).
 
 The session ends when the client closes, at `realtime.max_session_s` (close 1001, OpenAI's reason text) or when
 the gateway drains (items already committed finish, then close 1001). Nothing outlives it: transcriptions in
@@ -23,32 +21,23 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from gateway.adapters.base import TRANSCRIPTION, Passthrough, TranscriptionJob
+from gateway.adapters.base import TRANSCRIPTION
 from gateway.audio.splitter import wav
-from gateway.deadlines import within_deadline
-from gateway.errors import GatewayError, RateLimitError, Reason, UpstreamError
-from gateway.handlers.routing import first_success
-from gateway.policy.admission import Admission
-from gateway.policy.demand import Demand
+from gateway.errors import GatewayError
 from gateway.realtime import passthrough
 from gateway.realtime import settings as session_settings
 from gateway.realtime.audio import Buffer, decode_append
-from gateway.realtime.billing import NOT_BILLED, admit, bill_item
 from gateway.realtime.events import EventError, error, event, new_id, user_item
+from gateway.realtime.items import Item
 from gateway.realtime.settings import Settings
 from gateway.realtime.vad import ServerVad, Started, Stopped
 from gateway.settings import Realtime
-from gateway.spool import Upload
-from gateway.state import AUDIO_WORKERS, DRAINING, IDENTITY, OUTCOME, REQUEST_ID, SPOOL_MEMORY, TABLE
-from gateway.table import Candidate
-from gateway.transcript import Transcript
-from gateway.transcript_json import parse_transcript
+from gateway.state import DRAINING, IDENTITY, TABLE
 
 log = logging.getLogger("gateway.realtime")
 
@@ -207,90 +196,16 @@ class Session:
             return
         await self.pending.acquire()
         before, self.reported = self.reported, asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(self._transcribe(item_id, wav(pcm, len(pcm) // 2, self.buffer.rate),
-                                                      len(pcm) / 2 / self.buffer.rate, transcription, before,
-                                                      self.reported))
+        item = Item(self.request, self._send, item_id, transcription, before, self.reported)
+        task = asyncio.ensure_future(self._transcribe(item, pcm))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _transcribe(self, item_id: str, data: bytes, seconds: float, wanted: session_settings.Transcription,
-                          before: asyncio.Future[None] | None, reported: asyncio.Future[None]) -> None:
-        request, app = self.request, self.request.app
-        server = request[TABLE].config.server
-        upload = Upload(f"{item_id}.wav", "audio/wav", app[AUDIO_WORKERS], app[SPOOL_MEMORY],
-                        server.spool_memory_bytes, server.spool_dir)
-        deltas = _Deltas(self, item_id, before)
-        route: list[Candidate] = []
-        admission: Admission | None = None
-        billed = NOT_BILLED
+    async def _transcribe(self, item: Item, pcm: bytes) -> None:
         try:
-            await upload.write(data)
-            del data
-            upload.measurement = measured = asyncio.get_running_loop().create_future()
-            measured.set_result(seconds)
-            try:
-                admission = await admit(request, request[IDENTITY], Demand(wanted.model, speech=False,
-                                                                           audio_seconds=seconds))
-                text, failure = await self._heard(upload, wanted, route, deltas), None
-            except GatewayError as exc:
-                text, failure = "", exc
-            if before is not None:
-                await before  # items report in commit order
-            if failure is not None:
-                await self._send(event("conversation.item.input_audio_transcription.failed", item_id=item_id,
-                                       content_index=0, error={"type": _failure_type(failure),
-                                                               "code": failure.code or failure.reason,
-                                                               "message": failure.message, "param": None}))
-                return
-            await deltas.finish(text)
-            await self._send(event("conversation.item.input_audio_transcription.completed", item_id=item_id,
-                                   content_index=0, transcript=deltas.text,
-                                   usage={"type": "duration", "seconds": math.ceil(round(seconds, 6))}))
-            c = route[-1]
-            billed = bill_item(request, item_id, wanted.model, c.route.backend, c.route.model, seconds, deltas.text)
+            await item.transcribe(wav(pcm, len(pcm) // 2, self.buffer.rate), len(pcm) / 2 / self.buffer.rate)
         finally:
-            upload.close()
             self.pending.release()
-            if not reported.done():
-                reported.set_result(None)
-            if admission is not None:
-                await asyncio.shield(admission.finish(billed))
-
-    async def _heard(self, upload: Upload, wanted: session_settings.Transcription, route: list[Candidate],
-                     deltas: _Deltas) -> str:
-        """The item's transcript, from the model's routes (the session's table snapshot). An engine that streams
-        its transcript (`live_transcript`) has its pieces sent as deltas as they come; until one was sent, its
-        failure fails over (the next route starts afresh), after it the item fails (what was said stands)."""
-        request = self.request
-        table = request[TABLE]
-        model = table.model(wanted.model, request[IDENTITY], TRANSCRIPTION)
-        server = table.config.server
-
-        async def attempt(candidate: Candidate) -> str:
-            route.append(candidate)
-            request[OUTCOME].route(wanted.model, candidate.route.backend, candidate.route.model)
-            job = TranscriptionJob(
-                request_id=request[REQUEST_ID], task="transcribe", public_model=wanted.model,
-                model=candidate.route.model, upload=upload, response_format="json", language=wanted.language,
-                prompt=wanted.prompt, max_audio_seconds=server.max_audio_seconds)
-            if not candidate.adapter.capabilities.live_transcript:
-                return _text_of(await candidate.adapter.transcribe(job))
-            deltas.forget()
-            pieces = candidate.adapter.transcribe_live(job)  # type: ignore[attr-defined]
-            try:
-                async for piece in pieces:
-                    await deltas.say(piece)
-            except GatewayError as exc:
-                if not deltas.text:
-                    raise
-                raise _Cut(f"Backend '{candidate.route.backend}' broke off its transcript: {exc.message}",
-                           code=exc.code) from exc
-            finally:
-                await pieces.aclose()
-            return deltas.text + "".join(deltas.held)
-
-        return await within_deadline(model, first_success(request, table.candidates(model, TRANSCRIPTION), attempt,
-                                                          model, hold=False), request[REQUEST_ID])
 
     async def _handover(self, settings: Settings) -> bool:
         """Relay the session to a route that speaks OpenAI's realtime itself, if the model has one and it answers."""
@@ -325,57 +240,3 @@ class Session:
 
     def _shown(self) -> dict[str, Any]:
         return self.settings.shown(self.id, self.expires_at)
-
-
-class _Deltas:
-    """One item's `delta` events: sent as pieces come while the items before it have reported, else held."""
-
-    def __init__(self, session: Session, item_id: str, before: asyncio.Future[None] | None) -> None:
-        self.session, self.item_id, self.before = session, item_id, before
-        self.text = ""
-        """What was sent."""
-        self.held: list[str] = []
-
-    async def say(self, piece: str) -> None:
-        if piece:
-            self.held.append(piece)
-        if self.before is None or self.before.done():
-            for piece in self.held:
-                self.text += piece
-                await self.session._send(event("conversation.item.input_audio_transcription.delta",
-                                               item_id=self.item_id, content_index=0, delta=piece))
-            self.held.clear()
-
-    async def finish(self, text: str) -> None:
-        """Send what is held, and what of `text` was never streamed (all of it from a file engine)."""
-        await self.say(text[len(self.text) + sum(map(len, self.held)):])
-
-    def forget(self) -> None:
-        """A fresh attempt: pieces held from a failed one are dropped (none was sent: see `_heard`)."""
-        self.held.clear()
-
-
-class _Cut(GatewayError):
-    """A streamed transcript broken after part of it reached the client: the item fails, without failover (a new
-    route's deltas would repeat what was said). Its reason is no backend outcome: ejection counts it as undecided."""
-
-    status = 502
-    type = "upstream_error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message, code=code, reason="cut_mid_transcript")
-
-
-def _failure_type(failure: GatewayError) -> str:
-    """A refusal by the gateway's limits keeps its own type (`requests`, `insufficient_quota`); an engine's failure
-    is OpenAI's `transcription_error`."""
-    return failure.type if isinstance(failure, RateLimitError) else "transcription_error"
-
-
-def _text_of(answer: Transcript | Passthrough) -> str:
-    if isinstance(answer, Transcript):
-        return " ".join(answer.text.split())
-    try:
-        return " ".join(parse_transcript(answer.body or b"").text.split())
-    except ValueError:
-        raise UpstreamError("The backend answered with a malformed transcript.", reason=Reason.BAD_RESPONSE) from None
