@@ -454,3 +454,32 @@ async def test_an_unreachable_realtime_engine_leaves_the_session_with_the_gatewa
         await conn.input_audio_buffer.commit()
         done = await until(conn, "conversation.item.input_audio_transcription.completed")
     assert done[-1].transcript == TEXT and engine.requests[-1].form_value("model") == "whisper-large"
+
+
+async def test_an_engine_closing_a_relayed_session_closes_the_clients_with_its_code(
+        make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, realtime_engine: Any,
+        tmp_path: Path) -> None:
+    gw = make_gateway(relayed_config(engine, realtime_engine.url, tmp_path))
+    realtime_engine.close_after = 2  # the session.update, then one append: then it closes 1011
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "transcription": {"model": "live-1"}}}}})
+        await ws.receive_json(timeout=5)  # the engine's session.updated
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": chunks(tone(0.2, RATE), 200)[0]})
+        closing = await ws.receive(timeout=5)
+    assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1011)
+    await eventually(lambda: realtime_engine.open == 0)
+
+
+async def test_one_access_log_line_per_session(gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gateway.access")
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_str("not json")
+        await ws.receive_json(timeout=5)
+    await eventually(lambda: any('"/v1/realtime"' in r.getMessage() for r in caplog.records))
+    lines = [json.loads(r.getMessage()) for r in caplog.records if '"/v1/realtime"' in r.getMessage()]
+    assert len(lines) == 1 and lines[0]["status"] == 101 and lines[0]["tenant"] == "acme"

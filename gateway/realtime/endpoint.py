@@ -47,6 +47,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise InvalidRequestError("This endpoint is a WebSocket: connect with an Upgrade: websocket request.")
     await ws.prepare(request)
+    request[OUTCOME].sent(ws)  # 101, whoever closes the session, and however its handler ends
     config = request[TABLE].config
     try:
         identity, pinned = await _identity(request)
@@ -93,7 +94,6 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         sessions.discard(session.id)
         if admission is not None:
             await asyncio.shield(admission.finish(NOT_BILLED))
-    request[OUTCOME].sent(ws)
     return ws
 
 
