@@ -89,6 +89,8 @@ STRUCTURE: dict[str, tuple[str, str]] = {
     "no measure": (table("limits: {key: [{per: minute}]}\n"), "limits.key[0]"),
     "concurrent with per": (table("limits: {tenant: [{concurrent: 2, per: minute}]}\n"), "limits.tenant[0].per"),
     "concurrent not whole": (table("limits: {tenant: [{concurrent: 1.5}]}\n"), "limits.tenant[0].concurrent"),
+    "sessions with per": (table("limits: {key: [{sessions: 2, per: minute}]}\n"), "limits.key[0].per"),
+    "sessions not whole": (table("limits: {key: [{sessions: 0.5}]}\n"), "limits.key[0].sessions"),
     "window without per": (table(key=", limits: [{requests: 5}]"), "keys[0].limits[0].per"),
     "shadow junk": (table("limits: {key: [{requests: 1, per: minute, shadow: 'yes'}]}\n"),
                     "limits.key[0].shadow"),

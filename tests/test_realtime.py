@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import websockets
 
-from tests.conftest import DEMO_KEY, Gateway, engine_config
+from gateway.state import DRAINING
+from tests.conftest import BETA_KEY, DEMO_KEY, Gateway, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import wait_ledger
 from tests.tones import tone
@@ -43,6 +46,14 @@ def gw(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_pat
 
 def aclient(gw: Gateway, key: str = DEMO_KEY) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gw.base_url, api_key=key, max_retries=0)
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5) -> None:
+    for _ in range(int(within / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not within the time")
 
 
 async def until(conn: Any, kind: str, within: float = 10) -> list[Any]:
@@ -177,3 +188,182 @@ async def test_bad_events_are_error_events_and_the_session_goes_on(gw: Gateway, 
         assert (await ws.receive_json(timeout=5))["error"]["code"] == "invalid_event"
         await ws.send_str('{"type": "input_audio_buffer.clear"}')
         assert (await ws.receive_json(timeout=5))["type"] == "input_audio_buffer.cleared"
+
+
+# -- raw frames: what the SDK would not send, and the refusals OpenAI makes after the upgrade --------------------
+
+async def connect(gw: Gateway, query: str = "intent=transcription", *, key: str | None = DEMO_KEY,
+                  headers: dict[str, str] | None = None, protocols: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    http = aiohttp.ClientSession()
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    ws = await http.ws_connect(f"{gw.url}/v1/realtime?{query}", headers={**auth, **(headers or {})},
+                               protocols=protocols)
+    return http, ws
+
+
+async def refusal(gw: Gateway, query: str = "intent=transcription", **kw: Any) -> tuple[dict[str, Any], Any]:
+    http, ws = await connect(gw, query, **kw)
+    async with http, ws:
+        first = await ws.receive_json(timeout=5)
+        closing = await ws.receive(timeout=5)
+    assert closing.type == aiohttp.WSMsgType.CLOSE
+    return first, closing
+
+
+@pytest.mark.parametrize("query, kw, close, reason", [
+    ("intent=transcription", {"key": None}, 3000, "invalid_request_error"),
+    ("intent=transcription", {"headers": {"OpenAI-Beta": "realtime=v1"}}, 4000,
+     "invalid_request_error.beta_api_shape_disabled"),
+    ("", {}, 4000, "invalid_request_error.missing_model"),
+    ("model=gpt-realtime", {}, 4000, "invalid_request_error.unsupported_intent"),
+    ("intent=transcription&model=no-such-model", {}, 4000, "invalid_request_error.model_not_found"),
+])
+async def test_refusals_come_after_the_upgrade_as_openai_makes_them(gw: Gateway, query: str, kw: dict[str, Any],
+                                                                    close: int, reason: str) -> None:
+    first, closing = await refusal(gw, query, **kw)
+    assert first["type"] == "error" and first["error"]["type"] == "invalid_request_error"
+    assert (closing.data, closing.extra) == (close, reason)
+
+
+async def test_a_browser_authenticates_with_the_subprotocol_which_is_never_echoed(gw: Gateway) -> None:
+    http, ws = await connect(gw, key=None, protocols=("realtime", f"openai-insecure-api-key.{DEMO_KEY}"))
+    async with http, ws:
+        assert ws.protocol == "realtime"
+        assert (await ws.receive_json(timeout=5))["type"] == "session.created"
+
+
+async def test_a_plain_get_is_an_openai_shaped_400(gw: Gateway) -> None:
+    async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/v1/realtime?intent=transcription",
+                                                         headers={"Authorization": f"Bearer {DEMO_KEY}"}) as r:
+        assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_an_append_past_15_mib_and_a_full_buffer_are_refused(make_gateway: Callable[[str], Gateway],
+                                                                   engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    gw = make_gateway(engine_config(engine.url, tmp_path / "spool", extra="realtime: {max_buffer_s: 1}\n"))
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": "A" * (21 * 1024 * 1024)})
+        assert (await ws.receive_json(timeout=10))["error"]["param"] == "audio"
+        await ws.send_json({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "turn_detection": None}}}})
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": chunks(quiet(1.5), 1500)[0],
+                            "event_id": "big"})
+        full = await ws.receive_json(timeout=5)
+        assert (full["error"]["code"], full["error"]["event_id"]) == ("input_audio_buffer_full", "big")
+
+
+async def test_the_session_cap_closes_with_1001(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine,
+                                                tmp_path: Path) -> None:
+    gw = make_gateway(engine_config(engine.url, tmp_path / "spool", extra="realtime: {max_session_s: 1}\n"))
+    async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        created = await conn.recv()
+        assert created.session.expires_at - time.time() <= 1.5
+        with pytest.raises(websockets.exceptions.ConnectionClosedOK):  # 1001: the SDK's iterator would end quietly
+            async with asyncio.timeout(5):
+                while True:
+                    await conn.recv()
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        closing = await ws.receive(timeout=5)
+        assert (closing.data, closing.extra) == (1001, "Your session hit the maximum duration of 0.0166667 minutes.")
+
+
+async def test_sessions_past_the_processs_bound_and_a_keys_limit_are_refused_with_1013(
+        make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    text = engine_config(engine.url, tmp_path / "spool",
+                         extra="realtime: {max_sessions: 2}\nstate: {backend: memory}\n")
+    gw = make_gateway(text.replace('sha256: "', 'limits: [{sessions: 1}], sha256: "', 1))
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        first, closing = await refusal(gw)  # the demo key's one session is open
+        assert first["error"]["code"] == "rate_limit_exceeded" and closing.data == 1013
+        http2, ws2 = await connect(gw, key=BETA_KEY)
+        async with http2, ws2:
+            await ws2.receive_json(timeout=5)
+            first, closing = await refusal(gw, key=BETA_KEY)  # two sessions open: the process's bound
+            assert first["error"]["code"] == "server_busy" and closing.data == 1013
+    await asyncio.sleep(0.2)
+    http, ws = await connect(gw)  # the slot came back with the close
+    async with http, ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "session.created"
+
+
+async def test_an_engine_failure_fails_the_item_and_the_session_goes_on(gw: Gateway, engine: FakeOpenAIEngine) -> None:
+    engine.mode, engine.fail_next = "500", 1
+    async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        await conn.recv()
+        await conn.session.update(session={**UPDATE, "audio": {"input": {**UPDATE["audio"]["input"],
+                                                                          "turn_detection": None}}})
+        await until(conn, "session.updated")
+        for _ in range(2):
+            for piece in chunks(tone(0.5, RATE)):
+                await conn.input_audio_buffer.append(audio=piece)
+            await conn.input_audio_buffer.commit()
+        failed = await until(conn, "conversation.item.input_audio_transcription.failed")
+        assert failed[-1].error.type == "transcription_error" and engine.url not in failed[-1].error.message
+        done = await until(conn, "conversation.item.input_audio_transcription.completed")
+        assert done[-1].transcript == TEXT
+
+
+async def test_a_client_gone_mid_item_cancels_its_transcription(gw: Gateway, engine: FakeOpenAIEngine,
+                                                               servers: Any) -> None:
+    engine.mode = "hang"
+    http, ws = await connect(gw)
+    async with http:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "session.update", "session": {**UPDATE, "audio": {"input": {
+            **UPDATE["audio"]["input"], "turn_detection": None}}}})
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": chunks(tone(0.5, RATE), 500)[0]})
+        await ws.send_json({"type": "input_audio_buffer.commit"})
+        for _ in range(3):
+            await ws.receive_json(timeout=5)  # committed, added, done
+        await eventually(lambda: engine.active == 1)
+        await ws.close()
+    await eventually(lambda: engine.active == 0)
+    assert engine.cancelled == 1 and not list(gw.spool_dir.iterdir())
+
+
+async def test_g711_mu_law_is_expanded_to_pcm16_at_8_khz(gw: Gateway, engine: FakeOpenAIEngine) -> None:
+    audioop = pytest.importorskip("audioop")  # the standard library's G.711 (until Python 3.13): the reference
+    linear = tone(0.6, 8_000, amplitude=12_000)
+    ulaw = audioop.lin2ulaw(linear, 2)
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "session.update", "session": {**UPDATE, "audio": {"input": {
+            **UPDATE["audio"]["input"], "format": {"type": "audio/pcmu"}, "turn_detection": None}}}})
+        updated = await ws.receive_json(timeout=5)
+        assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(ulaw).decode()})
+        await ws.send_json({"type": "input_audio_buffer.commit"})
+        for _ in range(5):
+            got = await ws.receive_json(timeout=5)
+        assert got["type"] == "conversation.item.input_audio_transcription.completed"
+    sent = engine.requests[-1].files[0][3]
+    assert sent[24:28] == (8_000).to_bytes(4, "little") and sent[44:] == audioop.ulaw2lin(ulaw, 2)
+
+
+async def test_draining_lets_committed_items_finish_then_closes_1001(gw: Gateway, engine: FakeOpenAIEngine,
+                                                                     servers: Any) -> None:
+    engine.reply_delay = 0.5  # the item is still being transcribed when the drain begins
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "session.update", "session": {**UPDATE, "audio": {"input": {
+            **UPDATE["audio"]["input"], "turn_detection": None}}}})
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": chunks(tone(0.5, RATE), 500)[0]})
+        await ws.send_json({"type": "input_audio_buffer.commit"})
+        await ws.receive_json(timeout=5)  # committed
+        servers.call(gw.app[DRAINING].set)
+        started, kinds = time.monotonic(), []
+        while (msg := await ws.receive(timeout=5)).type == aiohttp.WSMsgType.TEXT:
+            kinds.append(json.loads(msg.data)["type"])
+        assert kinds[-1] == "conversation.item.input_audio_transcription.completed"
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001) and time.monotonic() - started > 0.3

@@ -84,7 +84,7 @@ class Admission:
         state = self.shared.settings  # `state:` as the process started with it (it does not reload)
         now = time.time()
         limits = [a for a in applied if isinstance(a.rule, Limit)]
-        steps = sorted(limits, key=lambda a: a.rule.measure == "concurrent")  # slots after windows
+        steps = sorted(limits, key=lambda a: a.rule.per is None)  # slots after windows
         steps += [a for a in applied if isinstance(a.rule, Budget)]
         asks = [self._ask(a, now, state.lease_ttl_s) for a in steps]
         policies: dict[str, str] = {}
@@ -112,7 +112,7 @@ class Admission:
             anchor, length = rule.period.bounds(now)
             return ReserveAsk(f"{a.scope}|{rule.unit}", amount, rule.amount, length, anchor)
         if rule.per is None:
-            return AcquireAsk(f"{a.scope}|concurrent", int(rule.amount), lease_ttl_s, required=not rule.shadow)
+            return AcquireAsk(f"{a.scope}|{rule.measure}", int(rule.amount), lease_ttl_s, required=not rule.shadow)
         anchor, length = rule.per.bounds(now)
         # speech_seconds costs nothing now (counted once it is over) and needs room left: more than EPSILON
         ceiling = rule.amount - 2 * EPSILON if rule.measure == "speech_seconds" else rule.amount
@@ -144,8 +144,9 @@ class Admission:
                 f"{rule.period.name} of {self._whom(a)} cannot cover this request. It renews in "
                 f"{duration(left)}.", retry_after=math.ceil(left)))
         if rule.per is None:
+            what = "realtime sessions" if rule.measure == "sessions" else "concurrent requests"
             return self._refuse(a, RateLimitError(
-                f"Too many concurrent requests on {self._whom(a)}: Limit {rule.amount:g}. Please "
+                f"Too many {what} on {self._whom(a)}: Limit {rule.amount:g}. Please "
                 "try again when one has finished.", retry_after=1))
         assert isinstance(ask, HitAsk) and isinstance(got, Hit)
         remaining = 0.0 if rule.measure == "speech_seconds" else got.remaining

@@ -29,9 +29,13 @@ class Demand:
     characters: int = 0
     audio_seconds: float = 0.0
     speed: float = 1.0
+    session: bool = False
+    """A realtime session opening: only `sessions` limits apply to it (its items are demands of their own)."""
 
     def cost(self, measure: str) -> float | None:
         """What it costs a limit of `measure`, or None when that limit does not apply to it."""
+        if self.session or measure == "sessions":
+            return 1.0 if self.session and measure == "sessions" else None
         if measure in ("requests", "concurrent"):
             return 1.0
         if measure == "characters":
@@ -41,6 +45,8 @@ class Demand:
         return 0.0 if self.speech else None  # speech_seconds: room checked now, counted once it is over
 
     def worst_case(self, unit: str, price: Price | None) -> float:
+        if self.session:
+            return 0.0
         if self.speech:
             characters, seconds = float(self.characters), self.characters * SPEECH_SECONDS_PER_CHARACTER / self.speed
         else:

@@ -26,10 +26,13 @@ from gateway.policy.windows import Window, parse_window
 from gateway.store import BACKENDS, StoreConfig
 from gateway.yaml_tree import YamlTree, shown
 
-MEASURES = ("requests", "characters", "audio_seconds", "speech_seconds", "concurrent")
-"""requests: speech, transcription and translation requests per window; characters: speech input;
-audio_seconds: transcription and translation input, as measured by the gateway; speech_seconds: speech
-output, counted once the audio went out; concurrent: requests in flight at once."""
+MEASURES = ("requests", "characters", "audio_seconds", "speech_seconds", "concurrent", "sessions")
+"""requests: speech, transcription and translation requests per window (a realtime item is one); characters:
+speech input; audio_seconds: transcription and translation input, as measured by the gateway (a realtime
+item's committed audio); speech_seconds: speech output, counted once the audio went out; concurrent: requests
+in flight at once (a realtime item being transcribed is one); sessions: realtime sessions open at once."""
+SLOTS = ("concurrent", "sessions")
+"""The measures counted as slots held while in use, with no window."""
 BUDGET_UNITS = ("usd", "characters", "seconds")
 LEVELS = ("key", "tenant", "model")
 ON_ERROR = ("open", "closed")
@@ -143,12 +146,12 @@ def limits(p: YamlTree, value: Any, path: str) -> tuple[Limit, ...] | None:
             continue
         measure = measures[0]
         amount = _amount(p, node[measure], f"{lpath}.{measure}")
-        if measure == "concurrent" and amount is not None and amount != math.floor(amount):
-            p.fail(f"{lpath}.concurrent", f"expected a whole number, got {shown(amount)}")
+        if measure in SLOTS and amount is not None and amount != math.floor(amount):
+            p.fail(f"{lpath}.{measure}", f"expected a whole number, got {shown(amount)}")
         per = None
-        if measure == "concurrent":
+        if measure in SLOTS:
             if "per" in node:
-                p.fail(f"{lpath}.per", "a concurrent limit has no window")
+                p.fail(f"{lpath}.per", f"a {measure} limit has no window")
         elif "per" not in node:
             p.fail(f"{lpath}.per", "is required (second, minute, hour, day, week, month or seconds)")
         elif isinstance(window := parse_window(node["per"]), str):
@@ -156,7 +159,7 @@ def limits(p: YamlTree, value: Any, path: str) -> tuple[Limit, ...] | None:
         else:
             per = window
         shadow = p.bool_(node, "shadow", lpath, False)
-        if amount is not None and (per is not None or measure == "concurrent"):
+        if amount is not None and (per is not None or measure in SLOTS):
             limit = Limit(measure, amount, per, shadow)
             if any(other.name == limit.name for other in parsed):  # they would share one counter
                 p.fail(lpath, f"a second {limit.name} limit in this list")

@@ -14,6 +14,7 @@ entry is never echoed). Beta clients (`OpenAI-Beta: realtime=v1`, or its subprot
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -22,6 +23,8 @@ from aiohttp import web
 from gateway.adapters.base import TRANSCRIPTION
 from gateway.auth import Identity, authenticate, presented_key
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.policy.demand import Demand
+from gateway.realtime.billing import NOT_BILLED, admit
 from gateway.realtime.events import error
 from gateway.realtime.session import Session
 from gateway.realtime.settings import Settings, Transcription
@@ -66,6 +69,10 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     if len(sessions) >= config.realtime.max_sessions:
         return await _refuse(ws, "server_busy", "Too many realtime sessions are open on this server; retry "
                              "shortly.", TRY_LATER, type_="server_error")
+    try:
+        admission = await admit(request, identity, Demand("", speech=False, session=True))
+    except GatewayError as exc:  # a `sessions` limit (or the store, when limits are closed on its failure)
+        return await _refuse(ws, exc.code, exc.message, TRY_LATER, type_=exc.type)
     session = Session(request, ws, config.realtime, initial)
     sessions.add(session.id)
     try:
@@ -75,6 +82,8 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         await ws.close(code=INTERNAL, message=b"server_error")
     finally:
         sessions.discard(session.id)
+        if admission is not None:
+            await asyncio.shield(admission.finish(NOT_BILLED))
     request[OUTCOME].sent(ws)
     return ws
 

@@ -32,11 +32,13 @@ from aiohttp import WSMsgType, web
 from gateway.adapters.base import TRANSCRIPTION, Passthrough, TranscriptionJob
 from gateway.audio.splitter import wav
 from gateway.deadlines import within_deadline
-from gateway.errors import GatewayError, Reason, UpstreamError
+from gateway.errors import GatewayError, RateLimitError, Reason, UpstreamError
 from gateway.handlers.routing import first_success
+from gateway.policy.admission import Admission
+from gateway.policy.demand import Demand
 from gateway.realtime import settings as session_settings
 from gateway.realtime.audio import Buffer, decode_append
-from gateway.realtime.billing import bill_item
+from gateway.realtime.billing import NOT_BILLED, admit, bill_item
 from gateway.realtime.events import EventError, error, event, new_id, user_item
 from gateway.realtime.settings import Settings
 from gateway.realtime.vad import ServerVad, Started, Stopped
@@ -206,21 +208,24 @@ class Session:
         upload = Upload(f"{item_id}.wav", "audio/wav", app[AUDIO_WORKERS], app[SPOOL_MEMORY],
                         server.spool_memory_bytes, server.spool_dir)
         route: list[Candidate] = []
+        admission: Admission | None = None
+        billed = NOT_BILLED
         try:
             await upload.write(data)
             del data
             upload.measurement = measured = asyncio.get_running_loop().create_future()
             measured.set_result(seconds)
             try:
-                text = await self._heard(upload, wanted, route)
-                failure = None
+                admission = await admit(request, request[IDENTITY], Demand(wanted.model, speech=False,
+                                                                           audio_seconds=seconds))
+                text, failure = await self._heard(upload, wanted, route), None
             except GatewayError as exc:
                 text, failure = "", exc
             if before is not None:
                 await before  # items report in commit order
             if failure is not None:
                 await self._send(event("conversation.item.input_audio_transcription.failed", item_id=item_id,
-                                       content_index=0, error={"type": "transcription_error",
+                                       content_index=0, error={"type": _failure_type(failure),
                                                                "code": failure.code or failure.reason,
                                                                "message": failure.message, "param": None}))
                 return
@@ -231,12 +236,14 @@ class Session:
                                    content_index=0, transcript=text,
                                    usage={"type": "duration", "seconds": math.ceil(round(seconds, 6))}))
             c = route[-1]
-            bill_item(request, item_id, wanted.model, c.route.backend, c.route.model, seconds, text)
+            billed = bill_item(request, item_id, wanted.model, c.route.backend, c.route.model, seconds, text)
         finally:
             upload.close()
             self.pending.release()
             if not reported.done():
                 reported.set_result(None)
+            if admission is not None:
+                await asyncio.shield(admission.finish(billed))
 
     async def _heard(self, upload: Upload, wanted: session_settings.Transcription, route: list[Candidate]) -> str:
         """The item's transcript, from the model's routes (the session's table snapshot)."""
@@ -269,6 +276,12 @@ class Session:
 
     def _shown(self) -> dict[str, Any]:
         return self.settings.shown(self.id, self.expires_at)
+
+
+def _failure_type(failure: GatewayError) -> str:
+    """A refusal by the gateway's limits keeps its own type (`requests`, `insufficient_quota`); an engine's failure
+    is OpenAI's `transcription_error`."""
+    return failure.type if isinstance(failure, RateLimitError) else "transcription_error"
 
 
 def _text_of(answer: Transcript | Passthrough) -> str:

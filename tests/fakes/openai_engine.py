@@ -108,6 +108,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
         """Answer `stream=true` with a finished transcript, as OpenAI does for whisper-1."""
         self.sse_crlf = False
         """End SSE lines with CRLF, which the SSE spec allows as well as LF."""
+        self.reply_delay = 0.0
+        """A whole answer (a transcript) waits this long before it is sent."""
         self.app.router.add_post("/v1/audio/speech", self._speech)
         self.app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         self.app.router.add_post("/v1/audio/translations", self._translations)
@@ -154,6 +156,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
         return resp
 
     async def _reply(self, request: web.Request, body: bytes, content_type: str) -> web.StreamResponse:
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
         if self.mode == "drop_midstream":
             return await self._stream(request, content_type, [body])
         return web.Response(body=body, headers={"Content-Type": content_type})
