@@ -1,7 +1,7 @@
 """Realtime transcription with the embedded engines, for real (issue 16): config/gateway.yaml as a process of its own,
 Piper speaking sentences that are laid out between silences and streamed back to the same gateway over
-`/v1/realtime?intent=transcription` by the official SDK's realtime client, in 100 ms appends, paced in real time
-(a microphone's pace), and heard by tiny.en: with server VAD (each sentence one turn, one item) and with manual
+`/v1/realtime?intent=transcription` by the official SDK's realtime client, in 100 ms appends paced at PACE times
+real time, and heard by tiny.en: with server VAD (each sentence one turn, one item) and with manual
 commits (one per sentence). Both sessions run at once on one gateway, once, for one test; the helpers are
 test_default_config's. tests/perf/test_realtime_latency.py times the same sessions."""
 
@@ -38,13 +38,20 @@ GAPS = [0.8, 1.6, 1.1, 2.0, 0.9, 1.4, 1.2]
 """Silence before each sentence and after the last (seconds), uneven, 0.8-2 s."""
 RATE = 24_000  # Piper's pcm and the realtime format: PCM16 mono at 24 kHz
 CHUNK_MS = 100
+PACE = 2.0
+"""Appends paced at twice a microphone's rate: what is checked here is on the session's own timeline (the samples
+sent), which pacing does not move, and the items are still heard while later audio streams in; real time is
+tests/perf/test_realtime_latency.py's pace. The sessions take 15 s instead of 29 s."""
 PADDING_MS = 300  # server VAD's prefix_padding_ms (OpenAI's default)
 SILENCE_MS = 500
 """server VAD's silence_duration_ms. At OpenAI's 200 ms a comma's pause in Piper's speech ends a turn (measured
 with the gateway's VAD: each sentence above with a comma became two turns), as it would for a person pausing."""
-MAX_WER = 0.2
-"""Per sentence. Measured: 0 for most, at most 0.07-0.13 (one word of a short or long sentence, tiny.en's own
-slips such as `warm` for `wash`); a sentence cut in two or merged with its neighbour costs far more."""
+MAX_WER = 0.3
+"""Per item. Measured over six runs: 0 for most items, else one or two words (0.12-0.29: tiny.en's slips on
+Piper's voice, which differs a little from run to run; the 7-word `Bring the tickets ...` is the one that slips
+twice). An item that is a sentence cut in two, or two sentences merged, is far above (0.4 and more)."""
+MAX_TOTAL_WER = 0.06
+"""Over all six items (75 words): 4 words. Measured: 0 to 2 words."""
 START_MS = (-60, 60)
 """`speech_started.audio_start_ms` minus (where the sentence's voice starts - PADDING_MS). Measured: -10 to +20
 (the detector's 30 ms frames, and Piper's first frames quiet enough to not yet be speech to it)."""
@@ -196,8 +203,8 @@ def run_sessions(tmp: Path) -> Run:
         pcm, base_url = pcm_of(placed), str(client.base_url)
 
         async def both() -> tuple[Sent, Sent]:
-            return await asyncio.gather(stream(base_url, pcm, vad_update()),
-                                        stream(base_url, pcm, MANUAL, commit_points(placed)))
+            return await asyncio.gather(stream(base_url, pcm, vad_update(), pace=PACE),
+                                        stream(base_url, pcm, MANUAL, commit_points(placed), pace=PACE))
 
         vad, manual = asyncio.run(both())
         took["sessions"] = time.monotonic() - t
@@ -214,8 +221,9 @@ def each_sentence_is_one_item_heard_in_order(sent: Sent) -> None:
     completed = sent.of("conversation.item.input_audio_transcription.completed")
     assert [c.item_id for c in completed] == [c.item_id for c in committed], "items completed out of order"
     rates = [wer(sentence, c.transcript) for sentence, c in zip(SENTENCES, completed, strict=True)]
-    print("\nWER per item: " + ", ".join(f"{r:.2f}" for r in rates))
-    assert max(rates) <= MAX_WER, [c.transcript for c in completed]
+    total = wer(" ".join(SENTENCES), " ".join(c.transcript for c in completed))
+    print("\nWER per item: " + ", ".join(f"{r:.2f}" for r in rates) + f"; all items {total:.3f}")
+    assert max(rates) <= MAX_WER and total <= MAX_TOTAL_WER, [c.transcript for c in completed]
 
 
 def vad_turns_are_where_the_sentences_are(run: Run) -> None:
@@ -245,9 +253,10 @@ def vad_items_bill_their_turns_and_no_silence_between(run: Run) -> None:
         assert abs(record["audio_seconds"] - (stops[item] - starts[item]) / 1000) <= 0.002, (record, starts, stops)
     billed, sent = sum(r["audio_seconds"] for r in records.values()), len(pcm_of(run.placed)) / 2 / RATE
     voice = sum(b - a for a, b in run.placed.spans)
-    bound = voice + len(SENTENCES) * (PADDING_MS + SILENCE_MS + END_MS[1] - START_MS[0]) / 1000
-    print(f"\nVAD billed {billed:.3f} s of {sent:.3f} s sent ({voice:.3f} s of voice)")
-    assert voice < billed <= bound, (billed, voice, bound)
+    per_turn = [(PADDING_MS + SILENCE_MS + low) / 1000 for low in (END_MS[0] - START_MS[1], END_MS[1] - START_MS[0])]
+    low, high = (voice + len(SENTENCES) * extra for extra in per_turn)
+    print(f"\nVAD billed {billed:.3f} s of {sent:.3f} s sent ({voice:.3f} s of voice; bounds {low:.3f}-{high:.3f} s)")
+    assert low <= billed <= high, (billed, voice)
 
 
 def manual_items_bill_what_was_committed(run: Run) -> None:
