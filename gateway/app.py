@@ -50,6 +50,7 @@ from gateway.middleware import (
 from gateway.openapi import openapi_json
 from gateway.policy.admission import add_rate_headers, policy_middleware
 from gateway.realtime import PATH as REALTIME_PATH
+from gateway.realtime import secrets
 from gateway.realtime.endpoint import realtime
 from gateway.reload import reload_ctx
 from gateway.state import METRICS
@@ -89,6 +90,7 @@ def build_app(config: Config) -> web.Application:
         web.post("/v1/audio/speech", speech.speech, expect_handler=defer_continue),
         web.post("/v1/audio/transcriptions", transcribe.transcriptions, expect_handler=defer_continue),
         web.post("/v1/audio/translations", transcribe.translations, expect_handler=defer_continue),
+        web.post("/v1/realtime/client_secrets", secrets.client_secrets, expect_handler=defer_continue),
         web.get("/v1/models", catalog.models),
         web.get("/v1/models/{model:.+}", catalog.model),  # public model names may contain '/'
         web.get("/v1/audio/voices", catalog.voices),

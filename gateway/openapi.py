@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.audio.formats import CONTENT_TYPES, SPEECH_FORMATS
+from gateway.realtime.secrets import DEFAULT_TTL_S, MAX_SESSION, TTL_RANGE
 from gateway.validation import (
     GRANULARITIES,
     INCLUDES,
@@ -80,6 +81,28 @@ SCHEMAS: dict[str, Any] = {
                   "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}},
     "VoiceList": {"type": "object", "required": ["object", "data"],
                   "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}},
+    "CreateClientSecretRequest": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "expires_after": {"type": "object", "additionalProperties": False, "properties": {
+                "anchor": {"const": "created_at"},
+                "seconds": {"type": "integer", "minimum": TTL_RANGE[0], "maximum": TTL_RANGE[1],
+                            "default": DEFAULT_TTL_S}}},
+            "session": {"type": "object", "required": ["type"], "properties": {
+                "type": {"const": "transcription"},
+                "audio": {"type": "object", "description": "As in `session.update`; "
+                          "`audio.input.transcription.model`, if given, is the only model the secret may use."}},
+                "description": f"Pinned for the sessions the secret opens; at most {MAX_SESSION} bytes as JSON."},
+        },
+    },
+    "ClientSecret": {
+        "type": "object", "required": ["value", "expires_at", "session"],
+        "properties": {
+            "value": {"type": "string", "pattern": "^ek_"}, "expires_at": {"type": "integer"},
+            "session": {"type": "object", "required": ["type", "object", "id", "expires_at"], "properties": {
+                "type": {"const": "transcription"}, "object": {"const": "realtime.transcription_session"},
+                "id": {"type": "string"}, "expires_at": {"type": "integer"}}}},
+    },
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
 }
 
@@ -152,6 +175,10 @@ DOCUMENT: dict[str, Any] = {
         "/v1/audio/translations": {"post": _operation(
             "Speech to English text.", _ok("The translation in `response_format`.", _TRANSCRIPT),
             _upload("translate"), limited=True)},
+        "/v1/realtime/client_secrets": {"post": _operation(
+            "An ephemeral `ek_` token for realtime transcription sessions, bound to this key.",
+            _ok("The token.", _json("ClientSecret")),
+            {"required": True, "content": _json("CreateClientSecretRequest")})},
         "/v1/models": {"get": _operation("The models this key may use.", _ok("A list.", _json("ModelList")))},
         "/v1/models/{model}": {"get": {
             **_operation("One model.", _ok("The model.", _json("Model"))),

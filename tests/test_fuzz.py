@@ -4,13 +4,18 @@ never a 5xx, an error is always OpenAI's four-key shape, and the content type is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from multidict import CIMultiDict
 from schemathesis.checks import content_type_conformance, not_a_server_error, response_schema_conformance
 
 from gateway.openapi import DOCUMENT
-from tests.conftest import DEMO_KEY, Gateway
+from tests.conftest import DEMO_KEY, Gateway, engine_config
+from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.metering_support import http_get
 from tests.support import check_error
 
@@ -20,6 +25,13 @@ EXAMPLES = 40
 
 schema = schemathesis.openapi.from_dict(DOCUMENT)
 """The module's document; the first test checks it is exactly the one the gateway serves."""
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> Gateway:
+    """The default table, its state store in the test's directory: minting client secrets writes to it."""
+    return make_gateway(engine_config(engine.url, tmp_path / "spool")
+                        + f"state: {{backend: sqlite, path: {tmp_path / 'state.sqlite3'}}}\n")
 
 
 def test_the_served_document_is_the_module_document(gateway: Gateway) -> None:

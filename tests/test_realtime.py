@@ -367,3 +367,90 @@ async def test_draining_lets_committed_items_finish_then_closes_1001(gw: Gateway
             kinds.append(json.loads(msg.data)["type"])
         assert kinds[-1] == "conversation.item.input_audio_transcription.completed"
         assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001) and time.monotonic() - started > 0.3
+
+
+async def test_a_client_secret_opens_a_session_with_its_pinned_settings(gw: Gateway) -> None:
+    async with aclient(gw) as client:
+        secret = await client.realtime.client_secrets.create(
+            expires_after={"anchor": "created_at", "seconds": 60},
+            session={"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"},
+                                                                   "turn_detection": None}}})
+    assert secret.value.startswith("ek_")
+    async with aclient(gw, key=secret.value) as browser, \
+            browser.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        created = json.loads((await conn.recv()).to_json())["session"]["audio"]["input"]
+        assert created["transcription"]["model"] == "whisper-1" and created["turn_detection"] is None
+        for piece in chunks(tone(0.5, RATE)):
+            await conn.input_audio_buffer.append(audio=piece)
+        await conn.input_audio_buffer.commit()
+        assert (await until(conn, "conversation.item.input_audio_transcription.completed"))[-1].transcript == TEXT
+    first, closing = await refusal(gw, key="ek_" + "x" * 32)  # unknown (or expired)
+    assert first["error"]["code"] == "invalid_api_key" and closing.data == 3000
+
+
+# -- pass-through: a model routed to an engine that speaks OpenAI's realtime itself -----------------------------
+
+@pytest.fixture
+def realtime_engine(servers: Any) -> Any:
+    from tests.fakes.openai_realtime_engine import FakeOpenAIRealtime
+    engine = FakeOpenAIRealtime(expected_api_key="rt-secret")
+    servers.run(engine.start())
+    yield engine
+    servers.run(engine.stop())
+
+
+def relayed_config(engine: FakeOpenAIEngine, realtime_url: str, tmp_path: Path) -> str:
+    text = engine_config(engine.url, tmp_path / "spool",
+                         extra=f"ledger: {{sink: file, path: {tmp_path}/usage.jsonl}}\n")
+    text = text.replace("models:\n", f'  rt: {{kind: openai, url: "{realtime_url}", api_key: rt-secret, '
+                                      'realtime: true}\nmodels:\n', 1)
+    routes = "[{backend: rt, model: gpt-4o-transcribe}, {backend: speaches, model: whisper-large}]"
+    return text.replace("voices:\n", f"  live-1: {{task: transcription, routes: {routes}}}\nvoices:\n", 1)
+
+
+async def test_a_model_on_a_realtime_engine_is_relayed_with_the_engines_own_credential(
+        make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, realtime_engine: Any,
+        tmp_path: Path) -> None:
+    gw = make_gateway(relayed_config(engine, realtime_engine.url, tmp_path))
+    update = {"type": "transcription", "audio": {"input": {"transcription": {"model": "live-1"},
+                                                           "turn_detection": None}}}
+    async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        created = await conn.recv()
+        await conn.session.update(session=update)
+        updated = json.loads((await until(conn, "session.updated"))[-1].to_json())["session"]
+        assert updated["id"] == created.session.id and updated["audio"]["input"]["transcription"]["model"] == "live-1"
+        for piece in chunks(tone(1.0, RATE)):
+            await conn.input_audio_buffer.append(audio=piece)
+        await conn.input_audio_buffer.commit()
+        events = await until(conn, "conversation.item.input_audio_transcription.completed")
+    assert [e.type for e in events][:3] == ["input_audio_buffer.committed", "conversation.item.added",
+                                            "conversation.item.done"]
+    assert events[-1].transcript == "Hello from the realtime engine."
+    headers, query = realtime_engine.handshakes[0]
+    assert headers["Authorization"] == "Bearer rt-secret" and query == {"intent": "transcription"}
+    assert DEMO_KEY not in json.dumps(realtime_engine.received) + json.dumps(headers)
+    models = [e["session"]["audio"]["input"]["transcription"]["model"] for e in realtime_engine.received
+              if e["type"] == "session.update"]
+    assert models and set(models) == {"gpt-4o-transcribe"}
+    assert sum(1 for e in realtime_engine.received if e["type"] == "input_audio_buffer.append") == 10
+    assert engine.requests == []  # nothing went to the file route
+    record, = wait_ledger(tmp_path / "usage.jsonl", 1)
+    assert (record["backend"], record["native_model"], record["model"]) == ("rt", "gpt-4o-transcribe", "live-1")
+    assert record["audio_seconds"] == pytest.approx(1.0, abs=0.01) and record["item"] == events[0].item_id
+
+
+async def test_an_unreachable_realtime_engine_leaves_the_session_with_the_gateway(
+        make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    from tests.support import free_port
+    gw = make_gateway(relayed_config(engine, f"http://127.0.0.1:{free_port()}/v1", tmp_path))
+    update = {"type": "transcription", "audio": {"input": {"transcription": {"model": "live-1"},
+                                                           "turn_detection": None}}}
+    async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        await conn.recv()
+        await conn.session.update(session=update)
+        await until(conn, "session.updated")
+        for piece in chunks(tone(0.5, RATE)):
+            await conn.input_audio_buffer.append(audio=piece)
+        await conn.input_audio_buffer.commit()
+        done = await until(conn, "conversation.item.input_audio_transcription.completed")
+    assert done[-1].transcript == TEXT and engine.requests[-1].form_value("model") == "whisper-large"

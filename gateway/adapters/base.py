@@ -55,6 +55,9 @@ class Capabilities:
     `max_audio_s`/`max_upload_bytes` override it. A longer upload is split (gateway/chunking.py)."""
     chunking_strategy: bool = False
     """The engine cuts long audio itself on OpenAI's `chunking_strategy`; elsewhere the gateway emulates it."""
+    realtime: bool = False
+    """The engine serves OpenAI's realtime transcription WebSocket itself (`/realtime?intent=transcription`): a
+    realtime session on a model routed to it is relayed there (gateway/realtime/passthrough.py)."""
 
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""

@@ -1,7 +1,9 @@
 """OpenAI-compatible upstreams (speaches, Kokoro-FastAPI, LocalAI, vLLM, OpenAI itself).
 
 Rewrites `model`, `voice` and the credential, forwards every other field, and streams both ways:
-the upload is sent from the spool in chunks, speech audio is relayed as it arrives.
+the upload is sent from the spool in chunks, speech audio is relayed as it arrives. Option `realtime: true`: the
+server also speaks OpenAI's realtime transcription WebSocket, and realtime sessions are relayed to it
+(gateway/realtime/passthrough.py).
 """
 
 from __future__ import annotations
@@ -63,12 +65,17 @@ class OpenAIAdapter:
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         if not backend.url:
             raise ValueError(f"backends.{backend.name}.url: required for kind 'openai'")
-        check_options(backend, ())
+        check_options(backend, ("realtime",))
         self.backend = backend
         self.http = http
         self.timeout = request_timeout(backend)
         if urlsplit(backend.url).hostname == OPENAI_HOST:  # OpenAI's own limit, documented; others vary
             self.capabilities = replace(self.capabilities, limits=Limits(max_upload_bytes=OPENAI_MAX_UPLOAD))
+        realtime = backend.options.get("realtime", False)
+        if not isinstance(realtime, bool):
+            raise ValueError(f"backends.{backend.name}.realtime: expected true or false, got {realtime!r}")
+        if realtime:  # it serves OpenAI's realtime WebSocket: sessions are relayed to it (gateway/realtime/)
+            self.capabilities = replace(self.capabilities, realtime=True)
 
     def _headers(self, request_id: str, accept: str) -> dict[str, str]:
         headers = {"X-Request-ID": request_id, "Accept": accept}

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from gateway.adapters.base import TRANSCRIPTION
 from gateway.auth import Identity, authenticate, presented_key
-from gateway.errors import GatewayError, InvalidRequestError
+from gateway.errors import AuthenticationError, GatewayError, InvalidRequestError
 from gateway.policy.demand import Demand
+from gateway.realtime import secrets
+from gateway.realtime import settings as session_settings
 from gateway.realtime.billing import NOT_BILLED, admit
-from gateway.realtime.events import error
+from gateway.realtime.events import EventError, error
 from gateway.realtime.session import Session
 from gateway.realtime.settings import Settings, Transcription
 from gateway.state import IDENTITY, OUTCOME, REALTIME_SESSIONS, TABLE
@@ -46,7 +49,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     config = request[TABLE].config
     try:
-        identity = await _identity(request)
+        identity, pinned = await _identity(request)
     except GatewayError as exc:
         return await _refuse(ws, exc.code, exc.message, AUTH_CLOSE)
     request[IDENTITY] = identity
@@ -59,12 +62,18 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         return await _refuse(ws, code, "Only transcription sessions are served here: connect with "
                              "?intent=transcription.", REQUEST_CLOSE)
     initial = Settings()
+    if pinned is not None:  # a client secret's session: the start, which the client may then update
+        try:
+            initial = session_settings.apply(initial, pinned)
+        except EventError as exc:
+            return await _refuse(ws, exc.code, f"The client secret's session is not valid: {exc.message}",
+                                 REQUEST_CLOSE)
     if model := query.get("model", "").strip():
         try:
             request[TABLE].model(model, identity, TRANSCRIPTION)
         except GatewayError as exc:
             return await _refuse(ws, exc.code or "invalid_model", exc.message, REQUEST_CLOSE)
-        initial = Settings(transcription=Transcription(model))
+        initial = replace(initial, transcription=Transcription(model))
     sessions = request.app[REALTIME_SESSIONS]
     if len(sessions) >= config.realtime.max_sessions:
         return await _refuse(ws, "server_busy", "Too many realtime sessions are open on this server; retry "
@@ -88,13 +97,19 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _identity(request: web.Request) -> Identity:
+async def _identity(request: web.Request) -> tuple[Identity, dict[str, Any] | None]:
+    """Who connects, and the session a client secret pinned (None for a gateway key)."""
     config = request[TABLE].config
     key = presented_key(request)
     if key is None:
         offered = [p[len(KEY_PROTOCOL):] for p in _protocols(request) if p.startswith(KEY_PROTOCOL)]
         key = offered[0] if offered else None
-    return authenticate(config, key)
+    if key is not None and key.startswith(secrets.PREFIX):
+        grant = await secrets.resolve(request.app, config, key)
+        if grant is None:
+            raise AuthenticationError("Incorrect or expired client secret provided.", code="invalid_api_key")
+        return grant.identity, grant.session
+    return authenticate(config, key), None
 
 
 def _protocols(request: web.Request) -> list[str]:

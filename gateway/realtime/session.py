@@ -36,6 +36,7 @@ from gateway.errors import GatewayError, RateLimitError, Reason, UpstreamError
 from gateway.handlers.routing import first_success
 from gateway.policy.admission import Admission
 from gateway.policy.demand import Demand
+from gateway.realtime import passthrough
 from gateway.realtime import settings as session_settings
 from gateway.realtime.audio import Buffer, decode_append
 from gateway.realtime.billing import NOT_BILLED, admit, bill_item
@@ -75,6 +76,8 @@ class Session:
         self.previous_item: str | None = None
         self.pending = asyncio.Semaphore(limits.max_pending_items)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.relay: passthrough.Relay | None = None
+        """Set when an engine took the session over (gateway/realtime/passthrough.py)."""
         self.reported: asyncio.Future[None] | None = None
         """Done once the last committed item has sent its events (items report in commit order)."""
 
@@ -82,12 +85,17 @@ class Session:
         await self._send(event("session.created", session=self._shown()))
         guard = asyncio.ensure_future(self._guard())
         try:
-            async for msg in self.ws:
-                if msg.type == WSMsgType.TEXT:
-                    await self._text(msg.data)
-                elif msg.type == WSMsgType.BINARY:
-                    await self._send(error("invalid_event", "Expected a text WebSocket message; binary frames "
-                                           "are not supported."))
+            if self.settings.transcription is None or not await self._handover(self.settings):
+                async for msg in self.ws:
+                    if msg.type == WSMsgType.TEXT:
+                        await self._text(msg.data)
+                    elif msg.type == WSMsgType.BINARY:
+                        await self._send(error("invalid_event", "Expected a text WebSocket message; binary "
+                                               "frames are not supported."))
+                    if self.relay is not None:
+                        break
+            if self.relay is not None:
+                await self.relay.run(self._as_update())
         finally:
             guard.cancel()
             for task in self.tasks:
@@ -146,6 +154,10 @@ class Session:
                 self.request[TABLE].model(updated.transcription.model, self.request[IDENTITY], TRANSCRIPTION)
             except GatewayError as exc:
                 raise EventError(exc.code, exc.message, "session.audio.input.transcription.model") from None
+        fresh = self.buffer.end == 0 and self.previous_item is None  # no audio yet: an engine may take it all
+        if fresh and updated.transcription is not None and await self._handover(updated):
+            self.settings = updated
+            return  # the engine answers this update (passthrough.py)
         was, self.settings = self.settings, updated
         if updated.format != was.format:  # uncommitted audio in the old format is dropped; the timeline goes on
             start = self.buffer.end * updated.rate // self.buffer.rate
@@ -263,6 +275,27 @@ class Session:
 
         return await within_deadline(model, first_success(request, table.candidates(model, TRANSCRIPTION), attempt,
                                                           model, hold=False), request[REQUEST_ID])
+
+    async def _handover(self, settings: Settings) -> bool:
+        """Relay the session to a route that speaks OpenAI's realtime itself, if the model has one and it answers."""
+        assert settings.transcription is not None
+        table = self.request[TABLE]
+        try:
+            model = table.model(settings.transcription.model, self.request[IDENTITY], TRANSCRIPTION)
+        except GatewayError:  # (a pinned model the key lost since): its items will fail, each saying why
+            return False
+        candidate = next((c for c in table.candidates(model, TRANSCRIPTION) if c.adapter.capabilities.realtime),
+                         None)
+        if candidate is None or (upstream := await passthrough.connect(candidate, self.request)) is None:
+            return False
+        self.relay = passthrough.Relay(self.request, self.ws, upstream, candidate, model.name, self.id, settings)
+        return True
+
+    def _as_update(self) -> dict[str, Any]:
+        """The session's settings as one `session.update`, for an engine taking the session over."""
+        shown = self._shown()
+        return {"type": "session.update", "session": {k: v for k, v in shown.items()
+                                                      if k not in ("object", "id", "expires_at")}}
 
     async def _send(self, payload: dict[str, Any]) -> None:
         if self.ws.closed:

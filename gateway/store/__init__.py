@@ -1,7 +1,8 @@
 """Shared state for traffic policy (issue 12): window counters, budget reservations and leased
-concurrency slots, with the same semantics on three backends (`memory`, `sqlite`, `redis`), so limits
-stay exact across workers and replicas. gateway/policy/admission.py makes one `take` per request and
-gives back with `give`; the single operations serve lease renewal, the budget gauge and tests.
+concurrency slots (and short-lived values, for realtime client secrets), with the same semantics on three
+backends (`memory`, `sqlite`, `redis`), so limits stay exact across workers and replicas.
+gateway/policy/admission.py makes one `take` per request and gives back with `give`; the single
+operations serve lease renewal, the budget gauge and tests.
 
 Semantics every backend keeps (tests/test_store.py and tests/test_store_batch.py are one contract
 suite over all three):
@@ -33,6 +34,10 @@ suite over all three):
   several things in one round trip. On Redis Cluster both fall back to single operations (`take` in
   order, giving back what it took when a later step is refused). An unreachable or failing store
   raises `StoreUnavailable`; what to do then is the caller's policy.
+- `put` keeps a text value under a key for a TTL and `get` reads it back until then, None after (the
+  ephemeral client secrets of gateway/realtime/secrets.py). Redis expires the key itself (`SET PX`);
+  SQLite ignores expired rows and sweeps some on each write; memory drops expired values on each write
+  and keeps at most `memory.MAX_VALUES` (10,000), dropping the oldest written first.
 - Amounts are floats (money); a reservation fits when it exceeds `cap` by at most `EPSILON`, so
   fifty reservations of 0.1 fit a cap of 5.0.
 """
@@ -124,6 +129,12 @@ class Store(Protocol):
 
     async def give(self, items: Sequence[Give]) -> None:
         """Settle, release, free and count them all in one round trip; each is idempotent as its single op."""
+
+    async def put(self, key: str, value: str, ttl_s: float) -> None:
+        """Keep `value` under `key` for `ttl_s` seconds, replacing what was there."""
+
+    async def get(self, key: str) -> str | None:
+        """The value under `key`, or None when there is none or its TTL has passed."""
 
     async def close(self) -> None: ...
 

@@ -36,10 +36,19 @@ from gateway.store.batch import (
     unapplied,
 )
 
+MAX_VALUES = 10_000
+"""Values (`put`) kept at most; past it the oldest written is dropped first, so no flood of puts grows the
+process without bound (at most a few KB each: about 50 MB for 10,000 session configs of 4 KB)."""
+
 
 class MemoryStore:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, max_values: int = MAX_VALUES) -> None:
         self._clock = clock
+        self._max_values = max_values
+        self._values: dict[str, tuple[int, str]] = {}
+        """key -> (expiry, value), the oldest written first"""
+        self._soonest = 0
+        """No value expires before this (ms): a write sweeps only once something may have."""
         self._hits: dict[tuple[str, int], tuple[int, float]] = {}
         """(key, window) -> (window start, count)"""
         self._spent: dict[tuple[str, int], tuple[int, float]] = {}
@@ -189,6 +198,23 @@ class MemoryStore:
                 self._release_slot(item.lease)
             else:
                 self._hit(item.key, item.cost, item.limit, item.window_s, item.anchor_s)
+
+    async def put(self, key: str, value: str, ttl_s: float) -> None:
+        now = now_ms(self._clock)
+        if now >= self._soonest:  # something may have expired: drop what has
+            for k in [k for k, (expiry, _) in self._values.items() if expiry <= now]:
+                del self._values[k]
+            self._soonest = min((expiry for expiry, _ in self._values.values()), default=now + to_ms(ttl_s))
+        self._values.pop(key, None)  # written again, it is the newest
+        while len(self._values) >= self._max_values:
+            del self._values[next(iter(self._values))]
+        expiry = now + to_ms(ttl_s)
+        self._values[key] = (expiry, value)
+        self._soonest = min(self._soonest, expiry)
+
+    async def get(self, key: str) -> str | None:
+        held = self._values.get(key)
+        return held[1] if held is not None and held[0] > now_ms(self._clock) else None
 
     async def close(self) -> None:
         pass

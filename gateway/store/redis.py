@@ -4,7 +4,8 @@ the server whatever the number of gateways. The keys of one scope share the hash
 `{<prefix>:<scope>}`, so every single operation touches one Cluster slot; `take` and `give` touch the
 scopes of a whole request, one script on a standalone Redis, single operations on a Cluster. Time is
 the server's `TIME` (one clock for all replicas) unless a clock is injected.
-Keys expire shortly after their window, period or longest lease ends; nothing needs sweeping.
+Keys expire shortly after their window, period or longest lease ends, values (`put`) with their TTL;
+nothing needs sweeping.
 
 With `cluster: true` the client is a `RedisCluster`: it learns the slot map from the URL's node, sends
 each script to the primary of its scope's slot and follows MOVED and ASK. A primary promoted in a
@@ -174,6 +175,21 @@ class RedisStore:
         _, ident, scope = parse_lease(lease)
         key = self._key(scope, "l")
         await self._run(key, lambda: self._redis.zrem(key, ident))
+
+    async def put(self, key: str, value: str, ttl_s: float) -> None:
+        """`SET PX`: the server drops it. The value is stored after `<expiry ms>|`, the injected clock's
+        (0 without one), so that `get` honours an injected clock too."""
+        name, ttl = self._key(key, "v"), to_ms(ttl_s)
+        expiry = 0 if self._clock is None else int(self._clock() * 1000) + ttl
+        await self._run(name, lambda: self._redis.set(name, f"{expiry}|{value}", px=ttl))
+
+    async def get(self, key: str) -> str | None:
+        name = self._key(key, "v")
+        held = await self._run(name, lambda: self._redis.get(name))
+        if held is None:
+            return None
+        expiry, _, value = held.partition("|")
+        return None if self._clock is not None and int(expiry) <= int(self._clock() * 1000) else value
 
     async def take(self, asks: Sequence[Ask]) -> Taken:
         """One script for the whole batch (redis_scripts.BATCH_TAKE: check every step, then apply them

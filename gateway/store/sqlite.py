@@ -53,10 +53,16 @@ CREATE TABLE IF NOT EXISTS spent (scope TEXT, period INTEGER, start INTEGER, tot
 CREATE TABLE IF NOT EXISTS reserved (token TEXT PRIMARY KEY, amount REAL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (scope TEXT, ident TEXT, expiry INTEGER, PRIMARY KEY (scope, ident))
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT, expiry INTEGER) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expiry);
 """
 """WITHOUT ROWID: each table is its primary key's b-tree, so a change writes one page where a rowid table
 and its key's index write two. A commit's cost is mostly the pages it appends to the WAL: this halves it.
 (A file made before keeps its rowid tables: the statements are the same for both.)"""
+
+SWEEP = 100
+"""Expired values deleted at most by one `put` (found through the expiry index): more than one put adds, so
+the table stays near its live values, and no single write pays for a long backlog."""
 
 
 class SqliteStore:
@@ -189,6 +195,23 @@ class SqliteStore:
 
         if items:
             await self._run(op)
+
+    async def put(self, key: str, value: str, ttl_s: float) -> None:
+        ttl = to_ms(ttl_s)
+
+        def op(db: sqlite3.Connection, now: int) -> None:
+            db.execute("DELETE FROM kv WHERE key IN (SELECT key FROM kv WHERE expiry<=? LIMIT ?)",
+                       (now, SWEEP))
+            db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (key, value, now + ttl))
+
+        await self._run(op)
+
+    async def get(self, key: str) -> str | None:
+        def op(db: sqlite3.Connection, now: int) -> str | None:
+            row = db.execute("SELECT value FROM kv WHERE key=? AND expiry>?", (key, now)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._run(op)
 
     async def close(self) -> None:
         def shut() -> Any:
