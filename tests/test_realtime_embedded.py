@@ -50,7 +50,7 @@ two turns each, among them `Dinner is ready, so ...`); at 500 ms none did."""
 MAX_WER = 0.3
 """Per item. Measured over eight runs: 0 for most items, else one or two words (0.12-0.29: tiny.en's slips on
 Piper's voice, which differs a little from run to run; in the 7-word `Bring the tickets and a warm coat.` it hears
-`and a` as `in a` or `into`, 2 of 16 times heard alone). An item that is a sentence cut in two, or two sentences
+`and a` as `in a` or `into`, 2 of 8 times heard alone). An item that is a sentence cut in two, or two sentences
 merged, is far above (0.4 and more)."""
 MAX_TOTAL_WER = 0.06
 """Over all six items (75 words): 4 words. Measured: 0 to 2 words."""
