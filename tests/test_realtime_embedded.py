@@ -257,8 +257,8 @@ def vad_items_bill_their_turns_and_no_silence_between(run: Run) -> None:
         assert abs(record["audio_seconds"] - (stops[item] - starts[item]) / 1000) <= 0.002, (record, starts, stops)
     billed, sent = sum(r["audio_seconds"] for r in records.values()), len(pcm_of(run.placed)) / 2 / RATE
     voice = sum(b - a for a, b in run.placed.spans)
-    per_turn = [(PADDING_MS + SILENCE_MS + low) / 1000 for low in (END_MS[0] - START_MS[1], END_MS[1] - START_MS[0])]
-    low, high = (voice + len(SENTENCES) * extra for extra in per_turn)
+    low, high = (voice + len(SENTENCES) * (PADDING_MS + SILENCE_MS + slack) / 1000
+                 for slack in (END_MS[0] - START_MS[1], END_MS[1] - START_MS[0]))
     print(f"\nVAD billed {billed:.3f} s of {sent:.3f} s sent ({voice:.3f} s of voice; bounds {low:.3f}-{high:.3f} s)")
     assert low <= billed <= high, (billed, voice)
 
@@ -278,7 +278,8 @@ def manual_items_bill_what_was_committed(run: Run) -> None:
 @needs_engines
 def test_realtime_sessions_with_piper_and_whisper(tmp_path: Path, subtests: pytest.Subtests) -> None:
     """The sessions run once, and each check is a subtest: a module fixture shared by tests of their own would be
-    run once per xdist worker that picks one of them. Measured: 19-23 s, 15-16 s of it the two sessions."""
+    run once per xdist worker that picks one of them. Measured: 19-23 s alone
+    (15-16 s of it the two sessions), 29 s in the whole suite on three workers."""
     run = run_sessions(tmp_path)
     checks = [("vad: one item per sentence, heard", lambda: each_sentence_is_one_item_heard_in_order(run.vad)),
               ("vad: turns where the sentences are", lambda: vad_turns_are_where_the_sentences_are(run)),
