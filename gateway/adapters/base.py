@@ -55,6 +55,9 @@ class Capabilities:
     `max_audio_s`/`max_upload_bytes` override it. A longer upload is split (gateway/chunking.py)."""
     chunking_strategy: bool = False
     """The engine cuts long audio itself on OpenAI's `chunking_strategy`; elsewhere the gateway emulates it."""
+    live_transcript: bool = False
+    """The engine streams a transcript as it hears audio: `transcribe_live` yields it in pieces as they come
+    (the realtime session's deltas) instead of one piece at the end."""
     realtime: bool = False
     """The engine serves OpenAI's realtime transcription WebSocket itself (`/realtime?intent=transcription`): a
     realtime session on a model routed to it is relayed there (gateway/realtime/passthrough.py)."""
@@ -124,7 +127,10 @@ class Passthrough:
 
 class Adapter(Protocol):
     """One per engine API. Constructed once per configured backend, closed at shutdown. `http` is the
-    backend's own connection pool (gateway.upstreams), closed after the adapter."""
+    backend's own connection pool (gateway.upstreams), closed after the adapter.
+
+    Optional, for engines with a streaming dialect (see `LiveTranscriber`):
+    `transcribe_live(job) -> AsyncIterator[str]`, the job's transcript in pieces as the engine sends them."""
 
     kind: ClassVar[str]
     capabilities: Capabilities
@@ -143,6 +149,21 @@ class Adapter(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class LiveTranscriber(Protocol):
+    """An adapter whose engine streams its transcript (gateway/adapters/live.py; docs/backends.md "Live
+    transcripts"). Kinds that have it: wyoming, deepgram.
+
+    `transcribe_live(job)` is an async generator: the job's audio (`job.upload`, as for `transcribe`) sent in
+    the engine's streaming dialect, yielding the text as the engine sends it. The pieces are append-only and
+    concatenated are the item's transcript with its whitespace collapsed (`" ".join(text.split())`): the
+    separating spaces are in the pieces, the first piece has no leading space, no piece is empty. Errors
+    before the first piece are the usual GatewayErrors (the caller fails over on them); after it, the same
+    errors are raised from the iterator. Closing the iterator (`aclose`) closes the engine connection at
+    once: no task or socket is left behind."""
+
+    def transcribe_live(self, job: TranscriptionJob) -> AsyncIterator[str]: ...
 
 
 def check_options(backend: Backend, known: Collection[str]) -> None:

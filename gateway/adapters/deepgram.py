@@ -13,6 +13,9 @@ just `thalia`; any other route model is only a label. All six OpenAI formats are
 sentence ends and spoken piece by piece as 24 kHz PCM, which the gateway encodes. Speed is left to
 the gateway (REST `speed` is an early-access, English-only feature).
 
+Live transcripts (`transcribe_live`, the realtime session's deltas): the same model over Deepgram's streaming
+WebSocket, final results yielded as they come (gateway/adapters/deepgram_live.py).
+
 Backend keys: `url` (default https://api.deepgram.com; a self-hosted Deepgram works too), `api_key`
 (sent as `Authorization: Token <key>`; omit for self-hosted), `listen_params` (extra query parameters
 for /v1/listen, e.g. `{diarize: true, keyterm: Deepgram}`), `max_input_chars` (default 2000).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import aiohttp
@@ -37,6 +41,7 @@ from gateway.adapters.base import (
     check_options,
     upstream_errors,
 )
+from gateway.adapters.deepgram_live import listen_live, live_params
 from gateway.adapters.http_engine import probe, raise_for_status, read_transcript, request_timeout, stream_body
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat, pcm
 from gateway.config import Backend
@@ -65,6 +70,7 @@ class DeepgramAdapter:
         tasks=frozenset({SPEECH, TRANSCRIPTION}),
         speech_formats=frozenset(SPEECH_FORMATS),
         word_timestamps=True,
+        live_transcript=True,
     )
 
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
@@ -130,9 +136,8 @@ class DeepgramAdapter:
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
         params = {"model": job.model, "smart_format": "true", "punctuate": "true", "utterances": "true",
                   **self.listen_params}
-        if job.language:  # BCP-47; the gateway lower-cases it: pt-br -> pt-BR
-            first, _, region = job.language.replace("_", "-").partition("-")
-            params["language"] = f"{first}-{region.upper() if len(region) == 2 else region}" if region else first
+        if job.language:
+            params["language"] = _bcp47(job.language)
             params.pop("detect_language", None)
         elif "language" not in params:
             params.setdefault("detect_language", "true")
@@ -148,6 +153,15 @@ class DeepgramAdapter:
         if response.content_type != "application/json":
             raise self._malformed()
         return self._transcript(body, job.language)
+
+    async def transcribe_live(self, job: TranscriptionJob) -> AsyncIterator[str]:
+        """The transcript as Deepgram finalizes it, over `wss://<host>/v1/listen` (gateway/adapters/deepgram_live.py;
+        `listen_params` are not sent: several are pre-recorded only and would fail the upgrade)."""
+        params = live_params(job.model, _bcp47(job.language) if job.language else None)
+        async with aclosing(listen_live(self.backend, self.http, f"{self.url}/v1/listen",
+                                        self._headers("application/json"), params, job)) as pieces:
+            async for piece in pieces:
+                yield piece
 
     def _malformed(self) -> UpstreamError:
         return UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
@@ -179,6 +193,12 @@ class DeepgramAdapter:
 
     async def aclose(self) -> None:
         return None
+
+
+def _bcp47(language: str) -> str:
+    """Deepgram's form of a language code; the gateway lower-cases it: pt-br -> pt-BR."""
+    first, _, region = language.replace("_", "-").partition("-")
+    return f"{first}-{region.upper() if len(region) == 2 else region}" if region else first
 
 
 def _words(raw: Any) -> tuple[Word, ...]:

@@ -9,6 +9,9 @@ upload as 16 kHz mono s16le chunks sent as they are decoded (a second at a time,
 by that, not by the file), audio-stop; the `transcript` is text only: one segment spanning the clip, no word
 timestamps claimed (docs/backends.md: timings). No translation (the protocol has no such field).
 
+Live transcripts (`transcribe_live`): the same exchange, each `transcript-chunk` yielded as it comes
+(gateway/adapters/wyoming_live.py); `live_transcript` is learnt from each `info` (supports_transcript_streaming).
+
 The engine has no status codes. A refused connection is UpstreamError "connect"; an `error` event is
 "engine" (its text redacted like every engine's), except Piper's unknown voice (code VoiceNotFoundError),
 the client's 400 on `voice`; EOF before audio-stop / transcript is "disconnect"; no event within
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
 from urllib.parse import urlparse
@@ -50,6 +54,7 @@ from gateway.adapters.base import (
     check_options,
 )
 from gateway.adapters.redact import redact
+from gateway.adapters.wyoming_live import heard_live, streams_transcripts
 from gateway.audio.decode import PcmChunks
 from gateway.audio.formats import pcm
 from gateway.config import Backend
@@ -213,6 +218,9 @@ class WyomingAdapter:
         conn.close(abort=False)
         data = event.data if isinstance(event.data, Mapping) else {}
         self._offers = frozenset(task for task, key in _PROGRAMS.items() if data.get(key))
+        streams = streams_transcripts(data.get("asr"))
+        if streams != self.capabilities.live_transcript:
+            self.capabilities = replace(self.capabilities, live_transcript=streams)
         return self._offers
 
     async def _require(self, task: str) -> None:
@@ -256,7 +264,10 @@ class WyomingAdapter:
             if AudioStop.is_type(event.type):
                 raise _bad_response(self.backend, "sent no audio")
 
-    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+    @asynccontextmanager
+    async def _asr(self, job: TranscriptionJob) -> AsyncIterator[tuple[_Connection, bytes, PcmChunks]]:
+        """A connection for `job`'s transcription, its first decoded chunk and the rest. Afterwards the connection
+        is aborted (unless the caller closed it after a whole exchange) and the decoding stopped."""
         if job.task == "translate":  # the core filters on capabilities first; this is the backstop
             raise UnsupportedError(f"Backend '{self.backend.name}' cannot translate; Wyoming only transcribes.",
                                    param="model", code="unsupported_task")
@@ -267,20 +278,23 @@ class WyomingAdapter:
             first = await anext(decoded)  # an undecodable upload is a 400 before the engine is contacted
             await self._require(TRANSCRIPTION)
             conn = await self._connect()
-            done = False
             try:
-                try:
-                    await self._send_audio(conn, job, first, decoded)
-                except UpstreamError as exc:
-                    if exc.reason != "disconnect":
-                        raise
-                    # the engine hung up while we were sending: it may have said why first
-                result = await self._transcript(conn)
-                done = True
+                yield conn, first, decoded
             finally:
-                conn.close(abort=not done)
+                conn.close(abort=True)  # a no-op after the caller's clean close
         finally:
             await decoded.aclose()
+
+    async def transcribe(self, job: TranscriptionJob) -> Transcript:
+        async with self._asr(job) as (conn, first, decoded):
+            try:
+                await self._send_audio(conn, job, first, decoded)
+            except UpstreamError as exc:
+                if exc.reason != "disconnect":
+                    raise
+                # the engine hung up while we were sending: it may have said why first
+            result = await self._transcript(conn)
+            conn.close(abort=False)
         text = result.text.strip()
         segments = (Segment(0.0, decoded.seconds, text),) if text else ()
         return Transcript(text, result.language or job.language, decoded.seconds, segments, decoded=True)
@@ -288,15 +302,11 @@ class WyomingAdapter:
     async def _send_audio(self, conn: _Connection, job: TranscriptionJob, first: bytes, rest: PcmChunks) -> None:
         await conn.send(Transcribe(name=job.model or None, language=job.language).event())
         await conn.send(AudioStart(ASR_RATE, ASR_WIDTH, ASR_CHANNELS).event())
-        step = SAMPLES_PER_CHUNK * ASR_WIDTH * ASR_CHANNELS
-        audio = first
-        while audio:
-            for offset in range(0, len(audio), step):
+        async with aclosing(_audio_events(first, rest)) as audio:
+            async for event in audio:
                 if conn.spoke():  # before the audio ended: an error event or a hang-up raises here
                     await conn.receive()
-                await conn.send(AudioChunk(ASR_RATE, ASR_WIDTH, ASR_CHANNELS, audio[offset:offset + step]).event())
-            audio = await anext(rest, b"")
-        await conn.send(AudioStop().event())
+                await conn.send(event)
 
     async def _transcript(self, conn: _Connection) -> WyomingTranscript:
         """The final `transcript` (streaming servers send transcript-start/chunks first: skipped)."""
@@ -307,9 +317,31 @@ class WyomingAdapter:
             raise _bad_response(self.backend, "sent a malformed transcript")
         return result
 
+    async def transcribe_live(self, job: TranscriptionJob) -> AsyncIterator[str]:
+        """The transcript as the engine streams it (base.LiveTranscriber; gateway/adapters/wyoming_live.py), the
+        final `transcript` once from a server that does not stream. `aclose` aborts the connection."""
+        async with self._asr(job) as (conn, first, decoded):
+            request = [Transcribe(name=job.model or None, language=job.language).event(),
+                       AudioStart(ASR_RATE, ASR_WIDTH, ASR_CHANNELS).event()]
+            async with aclosing(_audio_events(first, decoded)) as audio, \
+                    aclosing(heard_live(self.backend, conn, request, audio)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            conn.close(abort=False)
+
     async def aclose(self) -> None:
         for conn in list(self._connections):
             conn.close(abort=True)
+
+
+async def _audio_events(first: bytes, rest: PcmChunks) -> AsyncIterator[Event]:
+    """The decoded upload as audio-chunk events of SAMPLES_PER_CHUNK, then audio-stop."""
+    step, audio = SAMPLES_PER_CHUNK * ASR_WIDTH * ASR_CHANNELS, first
+    while audio:
+        for offset in range(0, len(audio), step):
+            yield AudioChunk(ASR_RATE, ASR_WIDTH, ASR_CHANNELS, audio[offset:offset + step]).event()
+        audio = await anext(rest, b"")
+    yield AudioStop().event()
 
 
 async def _buffered_event(reader: asyncio.StreamReader) -> Event | None:

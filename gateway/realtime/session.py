@@ -219,6 +219,7 @@ class Session:
         server = request[TABLE].config.server
         upload = Upload(f"{item_id}.wav", "audio/wav", app[AUDIO_WORKERS], app[SPOOL_MEMORY],
                         server.spool_memory_bytes, server.spool_dir)
+        deltas = _Deltas(self, item_id, before)
         route: list[Candidate] = []
         admission: Admission | None = None
         billed = NOT_BILLED
@@ -230,7 +231,7 @@ class Session:
             try:
                 admission = await admit(request, request[IDENTITY], Demand(wanted.model, speech=False,
                                                                            audio_seconds=seconds))
-                text, failure = await self._heard(upload, wanted, route), None
+                text, failure = await self._heard(upload, wanted, route, deltas), None
             except GatewayError as exc:
                 text, failure = "", exc
             if before is not None:
@@ -241,14 +242,12 @@ class Session:
                                                                "code": failure.code or failure.reason,
                                                                "message": failure.message, "param": None}))
                 return
-            if text:  # one delta, the whole text (as OpenAI's file-style models send it)
-                await self._send(event("conversation.item.input_audio_transcription.delta", item_id=item_id,
-                                       content_index=0, delta=text))
+            await deltas.finish(text)
             await self._send(event("conversation.item.input_audio_transcription.completed", item_id=item_id,
-                                   content_index=0, transcript=text,
+                                   content_index=0, transcript=deltas.text,
                                    usage={"type": "duration", "seconds": math.ceil(round(seconds, 6))}))
             c = route[-1]
-            billed = bill_item(request, item_id, wanted.model, c.route.backend, c.route.model, seconds, text)
+            billed = bill_item(request, item_id, wanted.model, c.route.backend, c.route.model, seconds, deltas.text)
         finally:
             upload.close()
             self.pending.release()
@@ -257,8 +256,11 @@ class Session:
             if admission is not None:
                 await asyncio.shield(admission.finish(billed))
 
-    async def _heard(self, upload: Upload, wanted: session_settings.Transcription, route: list[Candidate]) -> str:
-        """The item's transcript, from the model's routes (the session's table snapshot)."""
+    async def _heard(self, upload: Upload, wanted: session_settings.Transcription, route: list[Candidate],
+                     deltas: _Deltas) -> str:
+        """The item's transcript, from the model's routes (the session's table snapshot). An engine that streams
+        its transcript (`live_transcript`) has its pieces sent as deltas as they come; until one was sent, its
+        failure fails over (the next route starts afresh), after it the item fails (what was said stands)."""
         request = self.request
         table = request[TABLE]
         model = table.model(wanted.model, request[IDENTITY], TRANSCRIPTION)
@@ -267,11 +269,25 @@ class Session:
         async def attempt(candidate: Candidate) -> str:
             route.append(candidate)
             request[OUTCOME].route(wanted.model, candidate.route.backend, candidate.route.model)
-            answer = await candidate.adapter.transcribe(TranscriptionJob(
+            job = TranscriptionJob(
                 request_id=request[REQUEST_ID], task="transcribe", public_model=wanted.model,
                 model=candidate.route.model, upload=upload, response_format="json", language=wanted.language,
-                prompt=wanted.prompt, max_audio_seconds=server.max_audio_seconds))
-            return _text_of(answer)
+                prompt=wanted.prompt, max_audio_seconds=server.max_audio_seconds)
+            if not candidate.adapter.capabilities.live_transcript:
+                return _text_of(await candidate.adapter.transcribe(job))
+            deltas.forget()
+            pieces = candidate.adapter.transcribe_live(job)  # type: ignore[attr-defined]
+            try:
+                async for piece in pieces:
+                    await deltas.say(piece)
+            except GatewayError as exc:
+                if not deltas.text:
+                    raise
+                raise _Cut(f"Backend '{candidate.route.backend}' broke off its transcript: {exc.message}",
+                           code=exc.code) from exc
+            finally:
+                await pieces.aclose()
+            return deltas.text + "".join(deltas.held)
 
         return await within_deadline(model, first_success(request, table.candidates(model, TRANSCRIPTION), attempt,
                                                           model, hold=False), request[REQUEST_ID])
@@ -309,6 +325,45 @@ class Session:
 
     def _shown(self) -> dict[str, Any]:
         return self.settings.shown(self.id, self.expires_at)
+
+
+class _Deltas:
+    """One item's `delta` events: sent as pieces come while the items before it have reported, else held."""
+
+    def __init__(self, session: Session, item_id: str, before: asyncio.Future[None] | None) -> None:
+        self.session, self.item_id, self.before = session, item_id, before
+        self.text = ""
+        """What was sent."""
+        self.held: list[str] = []
+
+    async def say(self, piece: str) -> None:
+        if piece:
+            self.held.append(piece)
+        if self.before is None or self.before.done():
+            for piece in self.held:
+                self.text += piece
+                await self.session._send(event("conversation.item.input_audio_transcription.delta",
+                                               item_id=self.item_id, content_index=0, delta=piece))
+            self.held.clear()
+
+    async def finish(self, text: str) -> None:
+        """Send what is held, and what of `text` was never streamed (all of it from a file engine)."""
+        await self.say(text[len(self.text) + sum(map(len, self.held)):])
+
+    def forget(self) -> None:
+        """A fresh attempt: pieces held from a failed one are dropped (none was sent: see `_heard`)."""
+        self.held.clear()
+
+
+class _Cut(GatewayError):
+    """A streamed transcript broken after part of it reached the client: the item fails, without failover (a new
+    route's deltas would repeat what was said). Its reason is no backend outcome: ejection counts it as undecided."""
+
+    status = 502
+    type = "upstream_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message, code=code, reason="cut_mid_transcript")
 
 
 def _failure_type(failure: GatewayError) -> str:

@@ -1,4 +1,5 @@
-"""A double of Deepgram's REST API (`POST /v1/listen`, `POST /v1/speak`, `GET /v1/projects`) on a real port.
+"""A double of Deepgram's API (`POST /v1/listen`, `POST /v1/speak`, `GET /v1/projects`, and the live
+`/v1/listen` WebSocket: see `_listen_live`, `LiveSession`) on a real port.
 
 It speaks the wire format of /work/shared/research/native-engines.md section 4: `Authorization: Token`,
 raw audio bodies for /v1/listen with options in the query, JSON `{"text"}` for /v1/speak with the
@@ -22,6 +23,7 @@ import json
 import math
 import re
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -34,7 +36,15 @@ from tests.fakes.engine import RECORDED, FakeHttpEngine, Recorded
 SECONDS_PER_CHAR = 0.06
 MIN_SECONDS = 0.5
 MAX_CHARS = 2000
-MODES = ("ok", "401", "403", "429", "400", "400_category", "500", "garbage", "hang", "drop_midstream")
+MODES = ("ok", "401", "403", "429", "400", "400_category", "500", "garbage", "hang", "drop_midstream",
+         "live_close_error", "live_error_message", "live_drop", "live_not_json", "live_bad_transcript", "live_huge",
+         "live_silent", "live_chatter")
+"""The live_* modes fail a `/v1/listen` WebSocket after `fail_after` final Results (the HTTP modes refuse its
+upgrade): a close 1011 with a NET-0000 reason / an `Error` message then that close / the connection cut / a
+text frame that is not JSON / a Results whose transcript is a number / a 2 MB Results / silence (no Metadata,
+no close) / empty final Results every 20 ms, forever."""
+LIVE_SECOND = 32_000
+"""Bytes of one second of the 16 kHz mono linear16 the adapter sends."""
 GARBAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 # encoding -> (allowed containers (first: default), allowed sample rates (first: default) or None if fixed,
 #              fixed rate, muxer, codec, content type)
@@ -75,6 +85,23 @@ def _error(status: int, code: str, message: str, request_id: str, headers: dict[
     return web.json_response(body, status=status, headers=headers)
 
 
+@dataclass
+class LiveSession:
+    """One `/v1/listen` WebSocket as the double saw it."""
+
+    query: dict[str, str]
+    headers: CIMultiDict[str]
+    audio: bytearray = field(default_factory=bytearray)
+    texts: list[str] = field(default_factory=list)
+    """The client's text messages (Finalize, CloseStream, KeepAlive...)."""
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    """Every JSON message the double sent."""
+    finished: bool = False
+    """The double ended the stream itself (Metadata and close 1000, or a failure mode)."""
+    ended: bool = False
+    """The handler is over (the client left, or the double ended it)."""
+
+
 class FakeDeepgram(FakeHttpEngine):
     MODES = MODES
 
@@ -83,7 +110,13 @@ class FakeDeepgram(FakeHttpEngine):
         super().__init__(expected_api_key=expected_api_key, chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.sent: list[bytes] = []
         """The audio body of each /v1/speak answer, as sent."""
+        self.live: list[LiveSession] = []
+        self.fail_after = 1
+        """Final Results a live_* mode sends before it fails."""
+        self.interims = False
+        """Send an interim (is_final false) Results before each final, even unasked (interim_results=false)."""
         self.app.router.add_post("/v1/listen", self._listen)
+        self.app.router.add_get("/v1/listen", self._listen_live)
         self.app.router.add_post("/v1/speak", self._speak)
         self.app.router.add_get("/v1/projects", self._projects)
 
@@ -191,6 +224,107 @@ class FakeDeepgram(FakeHttpEngine):
                     "model_info": {"30089e05-99d1-4376-b32e-c263170674af": {
                         "name": "general-nova-3", "version": "2025-01-01.0", "arch": "nova-3"}}}
         return {"metadata": metadata, "results": results}
+
+    # -- live (/v1/listen over WebSocket) -------------------------------------------------------------------
+
+    async def _listen_live(self, request: web.Request) -> web.StreamResponse:
+        """Deepgram's streaming STT: a word of `transcript_text` heard per second of audio received, sent as a
+        final Results (interim_results=false); on Finalize the rest (`from_finalize`); on CloseStream the
+        Metadata and a normal close."""
+        ws = web.WebSocketResponse()
+        if not ws.can_prepare(request).ok:
+            return _error(400, "Bad Request", "WebSocket upgrade expected.", request[REQUEST_ID])
+        await ws.prepare(request)
+        live = LiveSession(dict(request.query), CIMultiDict(request.headers))
+        self.live.append(live)
+        words, heard, finals = self.transcript_text.split(), 0, 0
+        try:
+            async for message in ws:
+                if message.type == web.WSMsgType.BINARY:
+                    live.audio += message.data
+                    while len(live.audio) >= (heard + 1) * LIVE_SECOND and heard < len(words):
+                        heard += 1
+                        if not await self._final(request, ws, live, words[heard - 1:heard], finals, False):
+                            return ws
+                        finals += 1
+                    continue
+                live.texts.append(message.data)
+                kind = json.loads(message.data).get("type")
+                if kind == "Finalize" and heard < len(words):
+                    heard, rest = len(words), words[heard:]
+                    if not await self._final(request, ws, live, rest, finals, True):
+                        return ws
+                    finals += 1
+                elif kind == "CloseStream":
+                    if self.mode == "live_chatter":
+                        while True:
+                            await self._send_live(ws, live, self._results(live, [], True, True))
+                            await asyncio.sleep(0.02)
+                    if self.mode == "live_silent":
+                        await self._hang()
+                    await self._send_live(ws, live, self._metadata(live, request[REQUEST_ID]))
+                    live.finished = True
+                    await ws.close()
+        finally:
+            live.ended = True
+        return ws
+
+    async def _final(self, request: web.Request, ws: web.WebSocketResponse, live: LiveSession, words: list[str],
+                     finals: int, from_finalize: bool) -> bool:
+        """A final Results for `words` (after an interim one when asked); False when a failure mode ended it."""
+        if self.mode.startswith("live_") and self.mode not in ("live_silent", "live_chatter") \
+                and finals == self.fail_after:
+            live.finished = True
+            if self.mode == "live_error_message":
+                await self._send_live(ws, live, {"type": "Error", "variant": "INTERNAL_SERVER_ERROR",
+                                                 "description": "Model nova-9 is not available for this key "
+                                                                f"{self.expected_api_key}", "message": "bad model"})
+            if self.mode in ("live_close_error", "live_error_message"):
+                await ws.close(code=1011, message=b"NET-0000: The service has encountered an internal error.")
+            elif self.mode == "live_drop":
+                assert request.transport is not None
+                request.transport.close()
+            elif self.mode == "live_not_json":
+                await ws.send_str("<html>502 Bad Gateway</html>")
+            elif self.mode == "live_huge":
+                frame = self._results(live, words, True, from_finalize)
+                frame["channel"]["alternatives"][0]["transcript"] = "la " * 700_000
+                await self._send_live(ws, live, frame)
+            elif self.mode == "live_bad_transcript":
+                frame = self._results(live, words, True, from_finalize)
+                frame["channel"]["alternatives"][0]["transcript"] = 42
+                await self._send_live(ws, live, frame)
+            return False
+        if self.chunk_delay:
+            await asyncio.sleep(self.chunk_delay)
+        if self.interims or live.query.get("interim_results") == "true":
+            await self._send_live(ws, live, self._results(live, [w.lower() for w in words], False, False))
+        await self._send_live(ws, live, self._results(live, words, True, from_finalize))
+        return True
+
+    async def _send_live(self, ws: web.WebSocketResponse, live: LiveSession, frame: dict[str, Any]) -> None:
+        live.sent.append(frame)
+        await ws.send_str(json.dumps(frame))
+
+    def _results(self, live: LiveSession, words: list[str], final: bool, from_finalize: bool) -> dict[str, Any]:
+        """Deepgram's `Results` shape (realtime-transcription.md section 5) for `words`."""
+        start = round(max(0.0, len(live.audio) / LIVE_SECOND - 1), 3)
+        timed = [{"word": re.sub(r"[^\w']", "", w).lower(), "start": start, "end": start + 0.8, "confidence": 0.98,
+                  "punctuated_word": w} for w in words]
+        return {"type": "Results", "channel_index": [0, 1], "duration": 1.0, "start": start, "is_final": final,
+                "speech_final": from_finalize, "from_finalize": from_finalize,
+                "channel": {"alternatives": [{"transcript": " ".join(words), "confidence": 0.98, "languages": [],
+                                              "words": timed}]},
+                "metadata": {"request_id": str(uuid.uuid4()), "model_uuid": "30089e05-99d1-4376-b32e-c263170674af",
+                             "model_info": {"name": "general-nova-3", "version": "2025-01-01.0", "arch": "nova-3"}}}
+
+    def _metadata(self, live: LiveSession, rid: str) -> dict[str, Any]:
+        return {"type": "Metadata", "transaction_key": "deprecated", "request_id": rid,
+                "sha256": hashlib.sha256(live.audio).hexdigest(), "created": "2026-01-01T00:00:00.000Z",
+                "duration": round(len(live.audio) / LIVE_SECOND, 3), "channels": 1,
+                "models": ["30089e05-99d1-4376-b32e-c263170674af"],
+                "model_info": {"30089e05-99d1-4376-b32e-c263170674af": {
+                    "name": "general-nova-3", "version": "2025-01-01.0", "arch": "nova-3"}}}
 
     async def _projects(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"projects": [{"project_id": "3d0d2b28-8b83-4b1d-9b6e-2b2f7e0c6f11",

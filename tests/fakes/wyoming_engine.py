@@ -52,7 +52,16 @@ SPEAKERS = ("p123", "p456")
 ASR_MODEL = "base-int8"
 TRANSCRIPT = "Turn on the living room lamp."
 MODES = ("ok", "error", "error_midstream", "eof", "eof_midstream", "slow_first",
-         "asr_error", "asr_error_early", "asr_eof", "asr_slow", "asr_streaming")
+         "asr_error", "asr_error_early", "asr_eof", "asr_slow", "asr_streaming", "asr_streaming_live",
+         "asr_streaming_error", "asr_streaming_eof", "asr_streaming_silent", "asr_streaming_bad",
+         "asr_streaming_chatter")
+"""asr_streaming*: a protocol 1.7 server (`info` says supports_transcript_streaming): transcript-start, a
+transcript-chunk per word ("word "), `transcript`, transcript-stop. _live: a word per second of audio as it
+arrives, the rest after audio-stop. _error / _eof / _silent / _bad: after `fail_after` chunks, an `error`
+event / a hang-up / silence for `delay` s / a chunk whose text is not a string / empty chunks every 20 ms,
+forever."""
+_FAILING = {"asr_streaming_error", "asr_streaming_eof", "asr_streaming_silent", "asr_streaming_bad",
+            "asr_streaming_chatter"}
 _ATTRIBUTION = Attribution(name="rhasspy", url="https://github.com/rhasspy")
 
 
@@ -67,7 +76,7 @@ def speech_seconds(text: str) -> float:
     return max(MIN_SECONDS, SECONDS_PER_CHAR * len(text))
 
 
-def info(programs: tuple[str, ...]) -> Info:
+def info(programs: tuple[str, ...], streaming: bool = False) -> Info:
     tts = TtsProgram(name="piper", attribution=_ATTRIBUTION, installed=True, description="Piper", version="1.6.0",
                      voices=[TtsVoice(name=SINGLE_VOICE, attribution=_ATTRIBUTION, installed=True, description=None,
                                       version=None, languages=["en_US"]),
@@ -76,7 +85,8 @@ def info(programs: tuple[str, ...]) -> Info:
                                       speakers=[TtsVoiceSpeaker(name=s) for s in SPEAKERS])])
     asr = AsrProgram(name="faster-whisper", attribution=_ATTRIBUTION, installed=True, description="Whisper",
                      version="2.5.0", models=[AsrModel(name=ASR_MODEL, attribution=_ATTRIBUTION, installed=True,
-                                                       description=None, version=None, languages=["en", "de"])])
+                                                       description=None, version=None, languages=["en", "de"])],
+                     supports_transcript_streaming=streaming)
     return Info(tts=[tts] if "tts" in programs else [], asr=[asr] if "asr" in programs else [])
 
 
@@ -113,6 +123,8 @@ class _Handler(AsyncEventHandler):
         self.engine = engine
         self.session = Session()
         self.converter = AudioChunkConverter(rate=16_000, width=2, channels=1)
+        self.said = 0
+        """Words of the transcript sent as transcript-chunks so far."""
         engine.sessions.append(self.session)
         engine.active += 1
 
@@ -121,7 +133,7 @@ class _Handler(AsyncEventHandler):
         mode = self.engine.mode
         try:
             if Describe.is_type(event.type):
-                await self.write_event(info(self.engine.programs).event())
+                await self.write_event(info(self.engine.programs, mode.startswith("asr_streaming")).event())
                 return True
             if Synthesize.is_type(event.type) and "tts" in self.engine.programs:
                 return await self._speak(Synthesize.from_event(event), mode)
@@ -132,6 +144,8 @@ class _Handler(AsyncEventHandler):
                 return False
             if AudioChunk.is_type(event.type):
                 self.session.pcm += self.converter.convert(AudioChunk.from_event(event)).audio
+                if mode == "asr_streaming_live" and len(self.session.pcm) >= (self.said + 1) * 32_000:
+                    return await self._stream(self.said + 1)  # a word per second heard, as it is heard
             if AudioStop.is_type(event.type):
                 return await self._transcript(mode)
         except ConnectionError:
@@ -180,14 +194,41 @@ class _Handler(AsyncEventHandler):
             return False
         text = self.engine.transcript_text if self.session.pcm else ""
         language = self.engine.transcript_language
-        if mode == "asr_streaming":  # protocol 1.7+: start, chunks, then `transcript` for old clients, then stop
-            await self.write_event(TranscriptStart(language=language).event())
-            for word in text.split():
-                await self.write_event(TranscriptChunk(text=word + " ").event())
+        streaming = mode.startswith("asr_streaming")
+        if streaming and not await self._stream(len(text.split())):  # protocol 1.7+: start, chunks first
+            return False
         await self.write_event(Transcript(text=text, language=language).event())
-        if mode == "asr_streaming":
+        if streaming:  # `transcript` (for old clients), then stop
             await self.write_event(TranscriptStop().event())
         return False  # wyoming-faster-whisper: one transcript per connection
+
+    async def _stream(self, upto: int) -> bool:
+        """transcript-chunks for the words up to `upto` (transcript-start before the first); False when the
+        stream ends here (a failure mode, or the client left)."""
+        mode, words = self.engine.mode, self.engine.transcript_text.split()
+        if self.said == 0:
+            await self.write_event(TranscriptStart(language=self.engine.transcript_language).event())
+        while self.said < min(upto, len(words)):
+            if mode in _FAILING and self.said == self.engine.fail_after:
+                if mode == "asr_streaming_error":
+                    await self.write_event(Error(text="CUDA out of memory", code="RuntimeError").event())
+                elif mode == "asr_streaming_bad":
+                    await self.write_event(Event(type="transcript-chunk", data={"text": 42}))
+                    return True
+                elif mode == "asr_streaming_silent":
+                    await self._stall()
+                while mode == "asr_streaming_chatter" and not (self.reader.at_eof() or self.writer.is_closing()):
+                    await self.write_event(TranscriptChunk(text=" ").event())
+                    await asyncio.sleep(0.02)
+                return False
+            if self.reader.at_eof() or self.writer.is_closing():
+                self.session.client_left = True
+                return False
+            if self.said and self.engine.chunk_delay:
+                await asyncio.sleep(self.engine.chunk_delay)
+            await self.write_event(TranscriptChunk(text=words[self.said] + " ").event())
+            self.said += 1
+        return True
 
     async def _stall(self) -> bool:
         """Say nothing for `delay` seconds; True (and stop) as soon as the client hangs up instead."""
@@ -209,6 +250,9 @@ class FakeWyomingEngine:
         self.programs = programs
         self.mode = "ok"
         self.chunk_delay = 0.0
+        """Seconds between synthesized audio chunks, and between streamed transcript chunks."""
+        self.fail_after = 1
+        """Transcript chunks the failing asr_streaming_* modes send before they fail."""
         self.delay = 5.0
         self.transcript_text = TRANSCRIPT
         self.transcript_language: str | None = None
