@@ -48,18 +48,18 @@ SILENCE_MS = 500
 would for a person pausing (measured with the gateway's VAD on six of Piper's sentences with commas: five became
 two turns each, among them `Dinner is ready, so ...`); at 500 ms none did."""
 MAX_WER = 0.3
-"""Per item. Measured over eight runs: 0 for most items, else one or two words (0.12-0.29: tiny.en's slips on
+"""Per item. Measured over nine runs: 0 for most items, else one or two words (0.12-0.29: tiny.en's slips on
 Piper's voice, which differs a little from run to run; in the 7-word `Bring the tickets and a warm coat.` it hears
 `and a` as `in a` or `into`, 2 of 8 times heard alone). An item that is a sentence cut in two, or two sentences
 merged, is far above (0.4 and more)."""
 MAX_TOTAL_WER = 0.06
 """Over all six items (75 words): 4 words. Measured: 0 to 2 words."""
 START_MS = (-60, 60)
-"""`speech_started.audio_start_ms` minus (where the sentence's voice starts - PADDING_MS). Measured over eight runs:
--27 to +28 ms (the detector's 30 ms frames, and Piper's first frames quiet enough to not yet be speech to it);
+"""`speech_started.audio_start_ms` minus (where the sentence's voice starts - PADDING_MS). Measured over nine runs:
+-27 to +30 ms (the detector's 30 ms frames, and Piper's first frames quiet enough to not yet be speech to it);
 the bound is two frames either side."""
 END_MS = (0, 200)
-"""`speech_stopped.audio_end_ms` minus (where the voice ends + SILENCE_MS). Measured over eight runs: 50 to 132 ms
+"""`speech_stopped.audio_end_ms` minus (where the voice ends + SILENCE_MS). Measured over nine runs: 50 to 135 ms
 (the detector goes on hearing speech for a few 30 ms frames after the voice ends: its hangover); never below
 0, which would mean a turn ended before its silence did."""
 
