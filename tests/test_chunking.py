@@ -179,7 +179,7 @@ def whisper_asr_config(url: str, spool: Path, long_audio: str = "") -> str:
         keys:
           - {{name: demo, tenant: acme, sha256: "{sha(DEMO_KEY)}"}}
         backends:
-          whisper: {{kind: whisper_asr, url: "{url}", timeout_s: 5, connect_timeout_s: 1}}
+          whisper: {{kind: whisper_asr, url: "{url}", timeout_s: 30, connect_timeout_s: 5}}
         models:
           whisper-1: {{task: transcription, routes: [{{backend: whisper, model: large-v3}}]}}
         """) + textwrap.dedent(long_audio)
