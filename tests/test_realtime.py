@@ -483,3 +483,39 @@ async def test_one_access_log_line_per_session(gw: Gateway, caplog: pytest.LogCa
     await eventually(lambda: any('"/v1/realtime"' in r.getMessage() for r in caplog.records))
     lines = [json.loads(r.getMessage()) for r in caplog.records if '"/v1/realtime"' in r.getMessage()]
     assert len(lines) == 1 and lines[0]["status"] == 101 and lines[0]["tenant"] == "acme"
+
+
+async def test_an_item_past_a_limit_fails_alone_and_the_next_minute_would_take_it(
+        make_gateway: Callable[[str], Gateway], engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    text = engine_config(engine.url, tmp_path / "spool", extra="state: {backend: memory}\n")
+    gw = make_gateway(text.replace('sha256: "', 'limits: [{requests: 1, per: minute}], sha256: "', 1))
+    async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        await conn.recv()
+        await conn.session.update(session={**UPDATE, "audio": {"input": {**UPDATE["audio"]["input"],
+                                                                          "turn_detection": None}}})
+        await until(conn, "session.updated")
+        for _ in range(2):
+            for piece in chunks(tone(0.5, RATE)):
+                await conn.input_audio_buffer.append(audio=piece)
+            await conn.input_audio_buffer.commit()
+        done = await until(conn, "conversation.item.input_audio_transcription.completed")
+        failed = await until(conn, "conversation.item.input_audio_transcription.failed")
+    assert done[-1].transcript == TEXT
+    assert (failed[-1].error.type, failed[-1].error.code) == ("requests", "rate_limit_exceeded")
+    assert sum(1 for r in engine.requests if r.files) == 1  # the refused item never reached the engine
+
+
+async def test_silence_streamed_faster_than_real_time_is_not_kept(make_gateway: Callable[[str], Gateway],
+                                                                  engine: FakeOpenAIEngine, tmp_path: Path) -> None:
+    """Server VAD: while nobody speaks only the prefix padding is kept, so a minute of silence sent at once fits
+    a one-second buffer; the session reads one event at a time (TCP holds a faster client back)."""
+    gw = make_gateway(engine_config(engine.url, tmp_path / "spool", extra="realtime: {max_buffer_s: 1}\n"))
+    http, ws = await connect(gw)
+    async with http, ws:
+        await ws.receive_json(timeout=5)
+        piece = chunks(quiet(0.1))[0]
+        for _ in range(600):
+            await ws.send_json({"type": "input_audio_buffer.append", "audio": piece})
+        await ws.send_json({"type": "input_audio_buffer.clear"})
+        got = await ws.receive_json(timeout=30)
+        assert got["type"] == "input_audio_buffer.cleared", got  # no error came before it

@@ -157,6 +157,7 @@ class Session:
         await self._send(event("session.updated", session=self._shown()))
 
     async def _append(self, pcm: bytes) -> None:
+        self._forget_silence()  # before the bound is checked: only what a turn may still need counts
         added = self.buffer.add(pcm)
         if self.vad is None:
             return
@@ -172,9 +173,14 @@ class Session:
                 await self._send(event("input_audio_buffer.speech_stopped", audio_end_ms=self.buffer.ms(
                     boundary.sample), item_id=item_id))
                 await self._commit(None, item_id, start, boundary.sample)
-        if self.turn is None:  # nobody speaks: keep only what a turn's prefix padding may need
-            padding = (self.settings.turn_detection.prefix_padding_ms if self.settings.turn_detection else 0)
-            self.buffer.drop_before(self.buffer.end - (padding + 200) * self.buffer.rate // 1000)
+        self._forget_silence()
+
+    def _forget_silence(self) -> None:
+        """Server VAD, nobody speaking: keep only what a turn's prefix padding may reach back to (and a margin
+        for the detector's frames), so silence streamed for hours costs nothing."""
+        turn = self.settings.turn_detection
+        if self.vad is not None and self.turn is None and turn is not None:
+            self.buffer.drop_before(self.buffer.end - (turn.prefix_padding_ms + 200) * self.buffer.rate // 1000)
 
     async def _commit(self, event_id: str | None, item_id: str | None = None, since: int | None = None,
                       upto: int | None = None) -> None:
