@@ -1,13 +1,18 @@
-"""SIGTERM on a real gateway process: readiness fails at once, in-flight work finishes, then exit 0."""
+"""SIGTERM on a real gateway process: readiness fails at once, in-flight work finishes (a realtime session's committed
+item too, then its close 1001), then exit 0."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import httpx2 as httpx
 import pytest
 
@@ -86,3 +91,25 @@ def test_sigterm_drains_then_exits_zero(process: GatewayProcess, engine: FakeOpe
     assert time.monotonic() - sent < DRAIN_DELAY + GRACE
     log = process.log()
     assert "draining" in log and "gateway stopped" in log
+
+
+async def test_sigterm_lets_a_realtime_sessions_committed_item_finish_then_closes_it_1001(
+        process: GatewayProcess, engine: FakeOpenAIEngine) -> None:
+    engine.reply_delay = 1.0  # the item is still being transcribed when SIGTERM comes
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"{process.url}/v1/realtime?intent=transcription", headers={"Authorization": f"Bearer {DEMO_KEY}"},
+            ssl=False) as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "session.created"
+        await ws.send_json({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+            "transcription": {"model": "whisper-1"}, "turn_detection": None}}}})
+        await ws.receive_json(timeout=5)
+        await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(bytes(9600)).decode()})
+        await ws.send_json({"type": "input_audio_buffer.commit"})
+        assert (await ws.receive_json(timeout=5))["type"] == "input_audio_buffer.committed"
+        process.signal(signal.SIGTERM)
+        kinds = []
+        while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
+            kinds.append(json.loads(msg.data)["type"])
+        assert kinds[-1] == "conversation.item.input_audio_transcription.completed", kinds
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    assert await asyncio.to_thread(process.proc.wait, GRACE) == 0
