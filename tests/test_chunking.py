@@ -191,7 +191,8 @@ def asr(servers: ServerThread) -> Iterator[FakeWhisperAsr]:
 
 
 def cut_points(asr: FakeWhisperAsr) -> list[float]:
-    """Where each chunk the engine got ends on the file's timeline (seconds)."""
+    """Where each chunk the engine got ends on the file's timeline (seconds), the chunks in the order they arrived
+    (file order only with `long_audio.concurrency: 1`)."""
     ends = itertools.accumulate(seconds_of(data) for rec in asr.asr_requests
                                 for name, _, _, data in rec.files if name == "audio_file")
     return list(ends)[:-1]
@@ -219,7 +220,7 @@ def test_server_vad_padding_and_silence_decide_where_cuts_fall(
         make_gateway: Callable[[str], Gateway], asr: FakeWhisperAsr, tmp_path: Path) -> None:
     """Silences of 0.6 s and 1.5 s alternate; prefix_padding_ms 500 needs 1 s of silence for a cut (0.5 s each
     side), so every cut falls in a long one, with its padding."""
-    gw = make_gateway(whisper_asr_config(asr.url, tmp_path / "spool", "long_audio: {chunk_s: 9}"))
+    gw = make_gateway(whisper_asr_config(asr.url, tmp_path / "spool", "long_audio: {chunk_s: 9, concurrency: 1}"))
     unit = tone(2.0, RATE) + bytes(2 * int(0.6 * RATE)) + tone(2.0, RATE) + bytes(2 * int(1.5 * RATE))  # 6.1 s
     sdk(gw).audio.transcriptions.create(
         model="whisper-1", file=("long.wav", wav_bytes(unit * 8, RATE), "audio/wav"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -161,18 +161,15 @@ class _Chunks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    def _start(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(self._report(work))
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
 
-    async def _report(self, work: Awaitable[None]) -> None:
-        """Run `work`; its failure goes to the consumer (a cancellation is the consumer's own doing)."""
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+    def _done(self, task: asyncio.Task[None]) -> None:
+        """A task's failure goes to the consumer (a cancellation is the consumer's own doing)."""
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
             self.results.put_nowait(exc)
 
     async def _produce(self) -> None:
