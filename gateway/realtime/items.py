@@ -72,14 +72,14 @@ class Item:
                 await before  # items report in commit order
             if failure is not None:
                 await self.send(event("conversation.item.input_audio_transcription.failed", item_id=item_id,
-                                       content_index=0, error={"type": _failure_type(failure),
-                                                               "code": failure.code or failure.reason,
-                                                               "message": failure.message, "param": None}))
+                                      content_index=0, error={"type": _failure_type(failure),
+                                                              "code": failure.code or failure.reason,
+                                                              "message": failure.message, "param": None}))
                 return
             await deltas.finish(text)
             await self.send(event("conversation.item.input_audio_transcription.completed", item_id=item_id,
-                                   content_index=0, transcript=deltas.text,
-                                   usage={"type": "duration", "seconds": math.ceil(round(seconds, 6))}))
+                                  content_index=0, transcript=deltas.text,
+                                  usage={"type": "duration", "seconds": math.ceil(round(seconds, 6))}))
             c = route[-1]
             billed = bill_item(request, item_id, wanted.model, c.route.backend, c.route.model, seconds, deltas.text)
         finally:
