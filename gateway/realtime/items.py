@@ -141,7 +141,7 @@ class _Deltas:
             for piece in self.held:
                 self.text += piece
                 await self.send(event("conversation.item.input_audio_transcription.delta",
-                                               item_id=self.item_id, content_index=0, delta=piece))
+                                      item_id=self.item_id, content_index=0, delta=piece))
             self.held.clear()
 
     async def finish(self, text: str) -> None:
