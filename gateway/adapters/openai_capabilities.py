@@ -84,7 +84,8 @@ def declared(backend: Backend) -> Declared:
     if not transcripts & {"json", "verbose_json"}:
         raise ValueError(f"{path}.transcript_formats: needs json or verbose_json (the gateway renders the "
                          "other formats from it)")
-    granularities = _names(caps, "timestamp_granularities", path, GRANULARITIES, base.granularities)
+    timed = base.granularities if "verbose_json" in transcripts else frozenset()  # timings come in verbose_json
+    granularities = _names(caps, "timestamp_granularities", path, GRANULARITIES, timed)
     if "word" in granularities and "verbose_json" not in transcripts:
         raise ValueError(f"{path}.timestamp_granularities: word timings come in verbose_json, which is not in "
                          "transcript_formats")
