@@ -123,7 +123,8 @@ def test_every_speech_format_through_each_server(client: openai.OpenAI, server: 
     asked = {b["response_format"] for b in bodies}
     assert asked <= set(server.speech_formats), asked  # never a format it lacks: the gateway transcodes
     sse_asked = {b["response_format"] for b in bodies if b.get("stream_format") == "sse"}
-    declared_sse = {"kokoro": set(), "two_formats": set(), "two_formats_sse": {"wav"}, "vllm": {"pcm", "wav"}}  # the others: all (the default)
+    # the others declare nothing: all (the default)
+    declared_sse = {"kokoro": set(), "two_formats": set(), "two_formats_sse": {"wav"}, "vllm": {"pcm", "wav"}}
     expected = declared_sse.get(profile, set(SPEECH_FORMATS)) if stream_format == "sse" else set()
     assert sse_asked == expected & set(server.speech_formats)
 

@@ -189,7 +189,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
         seconds = speech_seconds(text)
         audio = await asyncio.to_thread(synth, fmt, seconds)
         pieces = chunks(audio, self.chunk_size)
-        if body.get("stream_format") != "sse" or fmt not in (CONTENT_TYPES if self.sse_formats is None else self.sse_formats):
+        streams = CONTENT_TYPES if self.sse_formats is None else self.sse_formats
+        if body.get("stream_format") != "sse" or fmt not in streams:
             return await self._stream(request, CONTENT_TYPES[fmt], pieces)
         events = [_sse({"type": "speech.audio.delta", "audio": base64.b64encode(c).decode()}) for c in pieces]
         n_in, n_out = max(1, len(text) // 4), math.ceil(seconds * 50)
