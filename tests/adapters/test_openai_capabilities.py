@@ -166,12 +166,16 @@ def test_every_transcript_format_through_each_server(client: openai.OpenAI, serv
 
 
 @pytest.mark.parametrize("profile", ["fws", "json_only"])
-def test_word_timestamps_a_server_cannot_give_are_refused(client: openai.OpenAI, server: FakeOpenAIEngine,
-                                                          profile: str) -> None:
+def test_word_timestamps_and_diarization_a_server_cannot_give_are_refused(
+        client: openai.OpenAI, server: FakeOpenAIEngine, profile: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.transcriptions.create(model="whisper-1", file=("a.wav", AUDIO, "audio/wav"),
                                            response_format="verbose_json", timestamp_granularities=["word"])
     expect_error(info.value, 400, "invalid_request_error", "unsupported_value", "timestamp_granularities[]")
+    with pytest.raises(openai.BadRequestError) as info:  # a format the gateway cannot render from its JSON
+        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", AUDIO, "audio/wav"),
+                                           response_format="diarized_json")
+    expect_error(info.value, 400, "invalid_request_error", "unsupported_format", "response_format")
     assert not server.requests
 
 
