@@ -30,9 +30,11 @@ class Declared:
     """One server's declaration. Defaults: all of OpenAI's audio API (what the adapter assumed before)."""
 
     speech_formats: frozenset[str] = frozenset(SPEECH_FORMATS)
+    """Speech formats it produces ([]: it does not synthesize; its routes never get speech)."""
     sse_formats: frozenset[str] = frozenset(SPEECH_FORMATS)
     """Speech formats it streams as OpenAI's SSE; for the others the gateway asks for raw audio and frames it."""
     transcript_formats: frozenset[str] = frozenset(TRANSCRIPT_FORMATS)
+    """Transcript formats it answers ([]: it does not transcribe); the others are rendered from its JSON."""
     transcript_stream: bool = True
     """It answers `stream=true` with transcript events; else the gateway streams its finished transcript."""
     granularities: frozenset[str] = frozenset(GRANULARITIES)
@@ -44,7 +46,9 @@ class Declared:
 
     def capabilities(self, base: Capabilities) -> Capabilities:
         """The kind's capabilities (`base`) narrowed to what this server declared."""
-        tasks = {SPEECH, TRANSCRIPTION} | ({TRANSLATION} if self.translation else set())
+        tasks = ({SPEECH} if self.speech_formats else set()) | ({TRANSCRIPTION} if self.transcript_formats else set())
+        if self.transcript_formats and self.translation:
+            tasks.add(TRANSLATION)
         return replace(base, tasks=frozenset(tasks), speech_formats=self.speech_formats,
                        speech_sse=bool(self.sse_formats), transcript_formats=self.transcript_formats,
                        word_timestamps="word" in self.granularities, languages=self.languages)
@@ -81,7 +85,7 @@ def declared(backend: Backend) -> Declared:
         if not sse_formats <= speech:
             raise ValueError(f"{path}.speech_sse: {sorted(sse_formats - speech)[0]} is not in speech_formats")
     transcripts = _names(caps, "transcript_formats", path, TRANSCRIPT_FORMATS, base.transcript_formats)
-    if not transcripts & {"json", "verbose_json"}:
+    if transcripts and not transcripts & {"json", "verbose_json"}:  # []: it does not transcribe
         raise ValueError(f"{path}.transcript_formats: needs json or verbose_json (the gateway renders the "
                          "other formats from it)")
     timed = base.granularities if "verbose_json" in transcripts else frozenset()  # timings come in verbose_json

@@ -206,6 +206,18 @@ def test_languages_translation_and_input_length_as_declared(english: FakeOpenAIE
     assert not any(r.form_value("language") == "fr" for r in english.requests)
 
 
+def test_a_server_that_does_not_transcribe(english: FakeOpenAIEngine, tmp_path: Path,
+                                           make_gateway: Callable[[str], Gateway]) -> None:
+    gw = make_gateway(config(english.url, tmp_path / "spool", "capabilities: {transcript_formats: []}"))
+    with sdk(gw) as c:
+        with pytest.raises(openai.BadRequestError) as info:
+            c.audio.transcriptions.create(model="whisper-1", file=("a.wav", AUDIO, "audio/wav"))
+        expect_error(info.value, 400, "invalid_request_error", "unsupported_task", "model")
+        assert_audio("wav", c.audio.speech.create(model="tts-1", voice="nova", input="Speech only.",
+                                                  response_format="wav").content)
+    assert [r.path for r in english.requests] == ["/v1/audio/speech"]
+
+
 def test_speech_fields_are_renamed(english: FakeOpenAIEngine, tmp_path: Path,
                                    make_gateway: Callable[[str], Gateway]) -> None:
     english.model_field = "model_name"
