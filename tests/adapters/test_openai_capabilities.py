@@ -280,16 +280,22 @@ def test_a_full_declaration_checks_ok(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_mixed_load_has_no_5xx(servers: ServerThread, make_gateway: Callable[[str], Gateway],
                                tmp_path: Path) -> None:
     """Three hundred requests at once in front of Kokoro- and faster-whisper-server-like doubles: SSE and raw
-    speech in every format, every transcript format, streamed and not; every one a 200."""
+    speech in every format (half of them transcoded), every transcript format, streamed and not; every one a
+    200 with a body."""
     kokoro, fws = FakeOpenAIEngine(transcript_text=TEXT), FakeOpenAIEngine(transcript_text=TEXT)
-    kokoro.sse_formats = ()
+    kokoro.sse_formats, kokoro.speech_formats = (), ("mp3", "wav", "pcm")  # opus, aac, flac: transcoded
     fws.transcript_formats, fws.model_field, fws.ignores_stream = ("json", "verbose_json"), "model_name", True
     for engine in (kokoro, fws):
         servers.run(engine.start())
     try:
         gw = make_gateway(textwrap.dedent(server_yaml(tmp_path / "spool") + f"""
         backends:
-          kokoro: {{kind: openai, url: "{kokoro.url}", timeout_s: 20, max_connections: 32}}
+          kokoro:
+            kind: openai
+            url: "{kokoro.url}"
+            timeout_s: 20
+            max_connections: 32
+            capabilities: {{speech_formats: [mp3, wav, pcm], speech_sse: false}}
           fws:
             kind: openai
             url: "{fws.url}"
@@ -333,8 +339,8 @@ async def _load(gw: Gateway, n: int) -> dict[int, int]:
                         model="whisper-1", file=("a.wav", AUDIO, "audio/wav"), **kw)
                 try:
                     response = await call
-                    await response.http_response.aread()
-                    status = response.status_code
+                    body = await response.http_response.aread()
+                    status = response.status_code if body else -1  # an empty 200 counts as a failure
                 except openai.APIStatusError as exc:
                     status = exc.status_code
             statuses[status] = statuses.get(status, 0) + 1
