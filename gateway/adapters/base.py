@@ -62,6 +62,16 @@ class Capabilities:
     """The engine serves OpenAI's realtime transcription WebSocket itself (`/realtime?intent=transcription`): a
     realtime session on a model routed to it is relayed there (gateway/realtime/passthrough.py)."""
 
+    def speech_format(self, wanted: str) -> str:
+        """The format to ask the engine for: `wanted` if it produces it, else one the core transcodes from (raw
+        pcm where it has it or lists nothing, as the embedded engines do; else the least lossy it lists)."""
+        if wanted in self.speech_formats:
+            return wanted
+        if not self.speech_formats or "pcm" in self.speech_formats:
+            return "pcm"
+        return next(f for f in ("wav", "flac", "mp3", "opus", "aac", *sorted(self.speech_formats))
+                    if f in self.speech_formats)
+
     def can(self, task: str) -> bool:
         """An English-only transcriber serves translation too: what it hears is already English."""
         return task in self.tasks or (task == TRANSLATION and TRANSCRIPTION in self.tasks

@@ -3,7 +3,10 @@
 Rewrites `model`, `voice` and the credential, forwards every other field, and streams both ways:
 the upload is sent from the spool in chunks, speech audio is relayed as it arrives. Option `realtime: true`: the
 server also speaks OpenAI's realtime transcription WebSocket, and realtime sessions are relayed to it
-(gateway/realtime/passthrough.py).
+(gateway/realtime/passthrough.py). Options `capabilities` and `fields`: what the server really speaks and the
+names it reads (gateway/adapters/openai_capabilities.py); the server is asked only for what it declared, and the
+core fills the rest (a raw audio answer to an SSE request is framed, a transcript format it lacks rendered from
+its JSON).
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from gateway.adapters.http_engine import (
     request_timeout,
     stream_body,
 )
+from gateway.adapters.openai_capabilities import declared
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
-from gateway.errors import Reason, UpstreamError
+from gateway.errors import InvalidRequestError, Reason, UnsupportedError, UpstreamError
 from gateway.json_body import not_json
 from gateway.settings import Limits
 from gateway.transcript import Transcript
+from gateway.transcript_json import parse_transcript
 
 _JSON_FORMATS = ("json", "verbose_json", "diarized_json")
 OPENAI_HOST = "api.openai.com"
@@ -65,7 +70,9 @@ class OpenAIAdapter:
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         if not backend.url:
             raise ValueError(f"backends.{backend.name}.url: required for kind 'openai'")
-        check_options(backend, ("realtime",))
+        check_options(backend, ("realtime", "capabilities", "fields"))
+        self.server = declared(backend)
+        self.capabilities = self.server.capabilities(self.capabilities)
         self.backend = backend
         self.http = http
         self.timeout = request_timeout(backend)
@@ -84,23 +91,31 @@ class OpenAIAdapter:
         return headers
 
     async def synthesize(self, job: SpeechJob) -> AudioStream:
+        limit = self.server.max_input_chars
+        if limit is not None and len(job.input) > limit:
+            raise InvalidRequestError(
+                f"Invalid 'input': string too long. Expected a string with maximum length {limit}, but got a "
+                f"string with length {len(job.input)} instead.", param="input", code="string_above_max_length")
         body: dict[str, Any] = {**job.extra, "model": job.model, "voice": job.voice.id, "input": job.input,
                                 "response_format": job.response_format, "speed": job.speed}
         if job.instructions is not None:
             body["instructions"] = job.instructions
-        if job.stream_format != "audio":
-            body["stream_format"] = job.stream_format
-        sse = job.stream_format == "sse"
+        # SSE only for the formats it declared: for the others raw audio, which the core frames
+        sse = job.stream_format == "sse" and job.response_format in self.server.sse_formats
+        if sse:
+            body["stream_format"] = "sse"
+        body = {self.server.renamed(k): v for k, v in body.items()}
         with upstream_errors(self.backend):
             response = await self.http.post(
                 f"{self.backend.url}/audio/speech", json=body, timeout=self.timeout,
                 headers=self._headers(job.request_id, "text/event-stream" if sse else "application/octet-stream"))
         await raise_for_status(self.backend, response)
         ctype = response.content_type
-        if ctype.startswith(("text/html", "application/json")) or (sse and ctype != "text/event-stream"):
+        if ctype.startswith(("text/html", "application/json")):
             response.release()
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {ctype} instead of audio.",
                                 reason=Reason.BAD_RESPONSE)
+        sse = sse and ctype == "text/event-stream"  # raw audio to an SSE request (undeclared): the core frames it
         rate = OPENAI_PCM_RATE if job.response_format == "pcm" else None
         chunks = stream_body(self.backend, response)
         if sse:
@@ -108,13 +123,20 @@ class OpenAIAdapter:
         return AudioStream(AudioFormat(job.response_format, rate), chunks, speed_applied=True, sse=sse)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript | Passthrough:
+        languages = self.capabilities.languages
+        if job.language and languages is not None and job.language.lower() not in languages:
+            raise UnsupportedError(f"Language '{job.language}' is not supported by backend '{self.backend.name}'.",
+                                   param="language", code="unsupported_language")
+        fmt = self.server.transcript_format(job.response_format)
         form = aiohttp.FormData(quote_fields=False)
-        form.add_field("model", job.model)
-        for name, value in self._fields(job):
-            form.add_field(name, value)
-        form.add_field("file", job.upload.payload(), filename=job.upload.filename,
+        rename = self.server.renamed
+        form.add_field(rename("model"), job.model)
+        for name, value in self._fields(job, fmt):
+            form.add_field(rename(name), value)
+        form.add_field(rename("file"), job.upload.payload(), filename=job.upload.filename,
                        content_type=job.upload.content_type)
-        path = "translations" if job.task == "translate" else "transcriptions"
+        # an English-only server without translations is asked to transcribe (Capabilities.can)
+        path = "translations" if job.task == "translate" and self.server.translation else "transcriptions"
         with upstream_errors(self.backend):
             response = await self.http.post(f"{self.backend.url}/audio/{path}", data=form, timeout=self.timeout,
                                             headers=self._headers(job.request_id, "application/json"))
@@ -123,16 +145,24 @@ class OpenAIAdapter:
             events = whole_events(self.backend, stream_body(self.backend, response, MAX_TRANSCRIPT_BYTES))
             return Passthrough("text/event-stream", chunks=events)
         body = await read_transcript(self.backend, response)
-        return Passthrough(self._check_transcript(job.response_format, body, response.content_type), body=body)
+        if fmt == job.response_format:
+            return Passthrough(self._check_transcript(fmt, body, response.content_type), body=body)
+        try:  # a format it lacks: the core renders it from the JSON it has
+            return parse_transcript(body)
+        except ValueError:
+            raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
+                                reason=Reason.BAD_RESPONSE) from None
 
-    def _fields(self, job: TranscriptionJob) -> list[tuple[str, str]]:
-        fields: list[tuple[str, str]] = [("response_format", job.response_format)]
+    def _fields(self, job: TranscriptionJob, fmt: str) -> list[tuple[str, str]]:
+        fields: list[tuple[str, str]] = [("response_format", fmt)]
         optional = {"language": job.language, "prompt": job.prompt,
                     "temperature": None if job.temperature is None else str(job.temperature)}
         fields += [(k, v) for k, v in optional.items() if v is not None]
-        fields += [("timestamp_granularities[]", g) for g in job.timestamp_granularities]
+        # only what it declared: a server that ignores the field gets none (a word request never reaches it)
+        fields += [("timestamp_granularities[]", g) for g in job.timestamp_granularities
+                   if g in self.server.granularities]
         fields += [("include[]", i) for i in job.include]
-        if job.stream:
+        if job.stream and self.server.transcript_stream:
             fields.append(("stream", "true"))
         return fields + list(job.extra)
 

@@ -62,14 +62,17 @@ async def read_json(request: web.Request) -> object:
 def speech_job(request: web.Request, req: SpeechRequest, candidate: Candidate) -> SpeechJob:
     caps = candidate.adapter.capabilities
     native_speed = caps.native_speed and caps.native_speed[0] <= req.speed <= caps.native_speed[1]
-    wants_sse = req.stream_format == "sse" and caps.speech_sse
+    response_format = caps.speech_format(req.response_format)
+    # the engine's own SSE only when its audio needs nothing more: else the core transcodes and frames it
+    wants_sse = (req.stream_format == "sse" and caps.speech_sse and response_format == req.response_format
+                 and (native_speed or req.speed == 1.0))
     return SpeechJob(
         request_id=request[REQUEST_ID],
         public_model=req.model,
         model=candidate.route.model,
         voice=request[TABLE].voice(req.voice, candidate.route.backend),
         input=req.input,
-        response_format=req.response_format if req.response_format in caps.speech_formats else "pcm",
+        response_format=response_format,
         speed=req.speed if native_speed else 1.0,
         stream_format="sse" if wants_sse else "audio",
         instructions=req.instructions,

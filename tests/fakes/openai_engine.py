@@ -110,6 +110,16 @@ class FakeOpenAIEngine(FakeHttpEngine):
         """End SSE lines with CRLF, which the SSE spec allows as well as LF."""
         self.reply_delay = 0.0
         """A whole answer (a transcript) waits this long before it is sent."""
+        # -- a server that speaks part of OpenAI's API (gateway/adapters/openai_capabilities.py) --
+        self.speech_formats: tuple[str, ...] = tuple(CONTENT_TYPES)
+        """Speech formats it produces; any other is a 400, as Kokoro-FastAPI refuses a format it lacks."""
+        self.sse_formats: tuple[str, ...] | None = None
+        """Formats it streams as SSE (None: all); for the others `stream_format` is ignored and raw audio
+        answered (Kokoro-FastAPI, openedai-speech: none; vLLM: pcm and wav)."""
+        self.transcript_formats: tuple[str, ...] = TRANSCRIPT_FORMATS
+        """Transcript formats it answers; any other is a 400 (faster-whisper-server: json, verbose_json)."""
+        self.model_field = "model"
+        """The form or JSON field it reads the model from; without it, a 400 (faster-whisper-server: model_name)."""
         self.app.router.add_post("/v1/audio/speech", self._speech)
         self.app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         self.app.router.add_post("/v1/audio/translations", self._translations)
@@ -170,14 +180,17 @@ class FakeOpenAIEngine(FakeHttpEngine):
         text, fmt = body.get("input"), body.get("response_format") or "mp3"
         if not isinstance(text, str) or not text:
             return _invalid("Missing required parameter: 'input'.", "input")
-        if fmt not in CONTENT_TYPES:
+        if fmt not in CONTENT_TYPES or fmt not in self.speech_formats:
             return _invalid(f"Invalid response_format {fmt!r}.", "response_format")
+        if not body.get(self.model_field):
+            return _invalid(f"Missing required parameter: {self.model_field!r}.", self.model_field)
         if self.mode == "garbage":
             return web.Response(body=GARBAGE, content_type="text/html")
         seconds = speech_seconds(text)
         audio = await asyncio.to_thread(synth, fmt, seconds)
         pieces = chunks(audio, self.chunk_size)
-        if body.get("stream_format") != "sse":
+        streams = CONTENT_TYPES if self.sse_formats is None else self.sse_formats
+        if body.get("stream_format") != "sse" or fmt not in streams:
             return await self._stream(request, CONTENT_TYPES[fmt], pieces)
         events = [_sse({"type": "speech.audio.delta", "audio": base64.b64encode(c).decode()}) for c in pieces]
         n_in, n_out = max(1, len(text) // 4), math.ceil(seconds * 50)
@@ -196,8 +209,10 @@ class FakeOpenAIEngine(FakeHttpEngine):
         fmt = rec.form_value("response_format") or "json"
         if not any(name == "file" for name, *_ in rec.files):
             return _invalid("Missing required parameter: 'file'.", "file")
-        if fmt not in TRANSCRIPT_FORMATS:
+        if fmt not in TRANSCRIPT_FORMATS or fmt not in self.transcript_formats:
             return _invalid(f"Invalid response_format {fmt!r}.", "response_format")
+        if not rec.form_value(self.model_field):
+            return _invalid(f"Missing required parameter: {self.model_field!r}.", self.model_field)
         if self.mode == "garbage":  # claims JSON for the json formats, but is not
             ctype = "application/json" if "json" in fmt else "text/html"
             return web.Response(body=GARBAGE, content_type=ctype)
