@@ -30,7 +30,7 @@ import webvtt
 from gateway.adapters import espeak, faster_whisper
 from gateway.adapters.faster_whisper import model_dir
 from tests.conftest import Gateway, ServerThread, sdk, server_yaml, start_gateway
-from tests.support import wer, words
+from tests.support import wait_for, wer, words
 
 SENTENCE = "The weather today is sunny and warm. Please call me back when you get home."
 pytestmark = pytest.mark.skipif(
@@ -126,6 +126,26 @@ def test_the_server_itself_transcribes_a_short_wav(fws: str, wav: bytes, referen
     assert httpx.get(f"{fws}/health").status_code == 200
 
 
+def test_readyz_sees_the_server_only_through_its_health_route(servers: ServerThread, fws: str, tmp_path: Path) -> None:
+    """It has no `GET /v1/models`: down with the default probe (a 404 used to count as up), up with its /health."""
+    (tmp_path / "spool").mkdir()
+    server = server_yaml(tmp_path / "spool").replace("server:\n", "server:\n          probe_interval_s: 0.05\n", 1)
+    text = textwrap.dedent(server + f"""
+        backends:
+          plain: {{kind: openai, url: "{fws}/v1"}}
+          fws: {{kind: openai, url: "{fws}/v1", probe: {{path: /health}}}}
+        models:
+          whisper-1: {{task: transcription, routes: [{{backend: fws, model: tiny.en}}]}}
+          other: {{task: transcription, routes: [{{backend: plain, model: tiny.en}}]}}
+    """)
+    gateway: Gateway = servers.run(start_gateway(text, tmp_path / "spool"))
+    try:
+        wait_for(lambda: httpx.get(f"{gateway.url}/readyz").json()["backends"] == {"plain": "down", "fws": "up"},
+                 timeout=5, what="plain down, fws up")
+    finally:
+        servers.run(gateway.runner.cleanup())
+
+
 def gateway_yaml(spool: Path, fws: str) -> str:
     """The gateway in front of the server, declared as config/examples/servers/faster-whisper-server.yaml does."""
     return textwrap.dedent(server_yaml(spool) + f"""
@@ -150,7 +170,8 @@ def gateway_yaml(spool: Path, fws: str) -> str:
 
 @pytest.fixture
 def client(servers: ServerThread, fws: str, tmp_path: Path) -> Iterator[openai.OpenAI]:
-    gateway: Gateway = servers.run(start_gateway(gateway_yaml(tmp_path / "spool", fws), tmp_path / "spool2"))
+    (tmp_path / "spool").mkdir()
+    gateway: Gateway = servers.run(start_gateway(gateway_yaml(tmp_path / "spool", fws), tmp_path / "spool"))
     try:
         with sdk(gateway, timeout=60) as c:
             yield c
