@@ -115,8 +115,11 @@ def test_check_config_ok_and_failing(tmp_path: Path) -> None:
 
 
 def test_shipped_configs_are_valid() -> None:
+    """config/gateway.yaml, the examples, and config/examples/servers/: one profile per OpenAI-compatible server."""
     root = Path(__file__).parent.parent / "config"
-    paths = [root / "gateway.yaml", *sorted((root / "examples").glob("*.yaml"))]
+    profiles = sorted((root / "examples" / "servers").glob("*.yaml"))
+    assert len(profiles) == 7
+    paths = [root / "gateway.yaml", *sorted((root / "examples").glob("*.yaml")), *profiles]
     env = {"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "x", "DEMO_KEY": "y"}
     result = subprocess.run([sys.executable, "-m", "gateway", "check-config", *map(str, paths)], capture_output=True,
                             text=True, timeout=60, env=env)

@@ -80,10 +80,12 @@ async def stream_body(backend: Backend, response: aiohttp.ClientResponse,
 
 
 async def probe(backend: Backend, http: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                up: Callable[[int], bool] = lambda status: 200 <= status < 300) -> bool:
-    """A readiness GET that never bills: True when it answers in time with a status `up` accepts."""
+                up: Callable[[int], bool] = lambda status: 200 <= status < 300, *, method: str = "GET",
+                allow_redirects: bool = True) -> bool:
+    """A readiness GET (or HEAD) that never bills: True when it answers in time with a status `up` accepts."""
     try:
-        async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=backend.timeouts.connect)) as r:
+        async with http.request(method, url, headers=headers, allow_redirects=allow_redirects,
+                                timeout=aiohttp.ClientTimeout(total=backend.timeouts.connect)) as r:
             return up(r.status)
     except (aiohttp.ClientError, TimeoutError):
         return False

@@ -33,13 +33,13 @@ from gateway.adapters.base import (
 from gateway.adapters.events import whole_events
 from gateway.adapters.http_engine import (
     MAX_TRANSCRIPT_BYTES,
-    probe,
     raise_for_status,
     read_transcript,
     request_timeout,
     stream_body,
 )
 from gateway.adapters.openai_capabilities import declared
+from gateway.adapters.readiness_probe import OPENAI_PROBE, probe_spec
 from gateway.audio.formats import OPENAI_PCM_RATE, SPEECH_FORMATS, AudioFormat
 from gateway.config import Backend
 from gateway.errors import InvalidRequestError, Reason, UnsupportedError, UpstreamError
@@ -70,9 +70,10 @@ class OpenAIAdapter:
     def __init__(self, backend: Backend, http: aiohttp.ClientSession) -> None:
         if not backend.url:
             raise ValueError(f"backends.{backend.name}.url: required for kind 'openai'")
-        check_options(backend, ("realtime", "capabilities", "fields"))
+        check_options(backend, ("realtime", "capabilities", "fields", "probe"))
         self.server = declared(backend)
         self.capabilities = self.server.capabilities(self.capabilities)
+        self.probe = probe_spec(backend, OPENAI_PROBE)
         self.backend = backend
         self.http = http
         self.timeout = request_timeout(backend)
@@ -184,8 +185,7 @@ class OpenAIAdapter:
         return "text/plain; charset=utf-8"
 
     async def ready(self) -> bool:
-        return await probe(self.backend, self.http, f"{self.backend.url}/models", self._headers("readyz", "*/*"),
-                           up=lambda status: status < 500)
+        return await self.probe.ask(self.backend, self.http, self._headers("readyz", "*/*"))
 
     async def aclose(self) -> None:
         return None
