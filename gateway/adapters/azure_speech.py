@@ -8,7 +8,9 @@ relayed as it arrives.
 
 Transcription: `POST {stt}/speechtotext/transcriptions:transcribe?api-version=2024-11-15`, multipart
 `audio` (the upload as the client sent it) and `definition` (JSON: `locales` from the client's
-`language`, plus the backend's `definition` settings). Phrases become segments, their words words.
+`language`, plus the backend's `definition` settings). Phrases become segments, their words words; times
+are read from `offsetMilliseconds`/`durationMilliseconds` or, as the preview API's documentation names
+them, `offset`/`duration` (milliseconds too).
 Azure does not translate here, so this backend serves transcriptions only.
 
 Backend keys: `region` (e.g. westeurope: tts at https://{region}.tts.speech.microsoft.com, stt at
@@ -183,7 +185,7 @@ class AzureSpeechAdapter:
             segments = tuple(Segment(*_span(p), str(p["text"]), _words(p.get("words") or ())) for p in phrases)
             combined = parsed.get("combinedPhrases") or ()
             text = " ".join(str(c["text"]).strip() for c in combined) or " ".join(s.text for s in segments)
-            duration = parsed.get("durationMilliseconds")
+            duration = _milliseconds(parsed, "duration")
             detected = next((p["locale"] for p in phrases if isinstance(p.get("locale"), str)), None)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # JSON nested past the limit
             raise self._malformed() from None
@@ -200,8 +202,15 @@ class AzureSpeechAdapter:
 
 def _span(item: Any) -> tuple[float, float]:
     """(start, end) in seconds of a phrase or word; ValueError unless both are finite."""
-    start = seconds(item["offsetMilliseconds"]) / 1000
-    return start, seconds(start + seconds(item["durationMilliseconds"]) / 1000)  # 1e308 + 1e308 is inf
+    start = seconds(_milliseconds(item, "offset")) / 1000
+    return start, seconds(start + seconds(_milliseconds(item, "duration")) / 1000)  # 1e308 + 1e308 is inf
+
+
+def _milliseconds(item: Any, name: str) -> Any:
+    """`<name>Milliseconds` (API 2024-11-15), else `<name>`: Microsoft's documentation of the 2024-05-15-preview
+    answer names the same milliseconds `offset`/`duration` (tests/fixtures/azure_speech/SOURCES.md)."""
+    value = item.get(f"{name}Milliseconds")
+    return item.get(name) if value is None else value
 
 
 def _words(raw: Any) -> tuple[Word, ...]:

@@ -151,6 +151,8 @@ class FakeAzureSpeech(FakeHttpEngine):
 
     async def _transcribe(self, request: web.Request) -> web.StreamResponse:
         rec = request[RECORDED]
+        if self.canned is not None:
+            return self.canned.response()
         if request.query.get("api-version") != API_VERSION:
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         audio = [data for name, _, _, data in rec.files if name == "audio"]

@@ -185,6 +185,8 @@ class FakeDeepgram(FakeHttpEngine):
 
     async def _listen(self, request: web.Request) -> web.StreamResponse:
         rec, rid, q = request[RECORDED], request[REQUEST_ID], request.query
+        if self.canned is not None:
+            return self.canned.response()
         if request.content_type.startswith(("multipart/", "application/json")) or not rec.body:
             return _error(400, "Bad Request", "failed to process audio: corrupt or unsupported data", rid)
         try:

@@ -148,6 +148,8 @@ class FakeElevenLabs(FakeHttpEngine):
 
     async def _speech_to_text(self, request: web.Request) -> web.StreamResponse:
         rec = request[RECORDED]
+        if self.canned is not None:
+            return self.canned.response()
         if not rec.form_value("model_id"):
             return validation("model_id", "Field required")
         files = [data for name, _, _, data in rec.files if name == "file"]

@@ -13,6 +13,10 @@ modes in its engine's words before calling the route's handler. `mode` is checke
 moment to reach the client (the "drop mid-stream" failure); `_send` does both for a whole body in
 `chunk_size` pieces.
 
+`canned` (a `Canned`) makes the transcription route of the doubles that support it (Deepgram, Azure, ElevenLabs)
+answer exactly that recorded status, body and headers: a vendor's own published answer replayed
+(tests/test_golden_cloud.py), after the double's credential check.
+
 `peak` is the most requests the double had running at once (heads arrived, answers not yet over); with
 `max_active` set, one request beyond it is answered 503 at once and counted in `over_capacity`, so the
 double itself asserts a gateway's concurrency limit (an engine that serializes and sheds the rest).
@@ -58,6 +62,18 @@ class Recorded:
 
 
 RECORDED = web.RequestKey("fake_engine_recorded", Recorded)
+
+
+@dataclass(frozen=True)
+class Canned:
+    """A recorded answer, replayed byte for byte: a vendor's published transcript or error body."""
+
+    body: bytes
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body, headers=self.headers)
 
 
 async def record(request: web.Request, path: str | None = None, *, parse_json: bool = True) -> Recorded:
@@ -125,6 +141,8 @@ class FakeHttpEngine:
         """None: every request is answered in `mode`. N: only the next N are; the one after them finds the
         double back in "ok" (a backend that recovers, for retries)."""
         self.hang_seconds = 3600.0
+        self.canned: Canned | None = None
+        """Set: the transcription route answers this instead of its own transcript (see the module docstring)."""
         self.requests: list[Recorded] = []
         self.finished: list[float] = []
         """time.monotonic() when each streamed answer (`_write`, `_send`) had its last piece written."""
