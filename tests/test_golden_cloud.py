@@ -26,7 +26,6 @@ from typing import Any
 import openai
 import pytest
 
-from tests.adapters.common import serve
 from tests.adapters.test_azure_speech import config as azure_config
 from tests.adapters.test_deepgram import config as deepgram_config
 from tests.adapters.test_elevenlabs import config as elevenlabs_config
