@@ -56,7 +56,7 @@ KINDS = {
     "elevenlabs": Kind("eleven", lambda: FakeElevenLabs(expected_api_key=ENGINE_KEY), elevenlabs_config),
 }
 GOLDEN = [("deepgram", "bueller"), ("deepgram", "preamble"), ("azure_speech", "multichannel"),
-          ("azure_speech", "preview_multichannel"), ("elevenlabs", "hello_world")]
+          ("azure_speech", "preview_multichannel"), ("azure_speech", "diarization"), ("elevenlabs", "hello_world")]
 """(kind, name): tests/fixtures/<kind>/<name>.json is the vendor's answer."""
 
 
@@ -77,6 +77,8 @@ REFUSED = (502, "upstream_error", "bad_gateway")
 REJECTED = (400, "invalid_request_error", None)
 LIMITED = (429, "requests", "rate_limit_exceeded")
 ERRORS = [
+    GoldenError("deepgram", "openapi_example", 200, REFUSED,
+                "Backend 'deepgram' answered with a malformed transcript."),
     GoldenError("deepgram", "error_400_invalid_json", 400, REJECTED,
                 "Backend 'deepgram' rejected the request: Invalid JSON submitted."),
     GoldenError("deepgram", "error_400_bad_audio", 400, REJECTED,
@@ -206,8 +208,9 @@ def test_golden_error_body(replay: Any, case: GoldenError) -> None:
     secrets = (ENGINE_KEY, engine.url, f"127.0.0.1:{engine.port}")
     error = expect_error(info.value, status, type_, code, param=case.param, message=case.message, secrets=secrets)
     assert not any(secret in json.dumps(dict(info.value.response.headers)) for secret in secrets)
-    if case.expected == REFUSED:
+    if case.status in (401, 403):
         assert info.value.response.headers["x-should-retry"] == "false"
+    if case.expected == REFUSED:
         assert error["message"] == case.message
     if case.expected == LIMITED:
         assert info.value.response.headers["Retry-After"] == dict(case.headers)["Retry-After"]
