@@ -29,6 +29,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from tests.fakes.audio import encode
+from tests.fakes.canned import Canned
 from tests.fakes.engine import RECORDED, FakeHttpEngine, chunks, cut
 
 RATE = 24_000
@@ -101,6 +102,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
                  chunk_delay: float = 0.0) -> None:
         super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.transcript_text = transcript_text
+        self.canned: Canned | None = None
+        """A recorded answer (tests/fakes/canned.py) every transcription or translation gets, once the form is checked."""
         self.expected_api_key = expected_api_key
         self.drop_after_chunks = 2
         self.models = ["tts-1", "whisper-1"]
@@ -184,6 +187,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
             return _invalid(f"Invalid response_format {fmt!r}.", "response_format")
         if not body.get(self.model_field):
             return _invalid(f"Missing required parameter: {self.model_field!r}.", self.model_field)
+        if self.canned is not None:
+            return self.canned.response()
         if self.mode == "garbage":
             return web.Response(body=GARBAGE, content_type="text/html")
         seconds = speech_seconds(text)

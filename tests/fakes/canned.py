@@ -1,0 +1,31 @@
+"""A recorded answer a double replays instead of making one up: the golden responses of tests/fixtures/<kind>/.
+
+A double with `canned` set answers its transcription route with exactly these bytes, status and headers (after
+its own checks of the request), so the gateway is tested against what the engine really said, not against what
+the double's author believed it says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@dataclass(frozen=True, slots=True)
+class Canned:
+    body: bytes
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+
+    @classmethod
+    def fixture(cls, name: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Canned:
+        """tests/fixtures/`name` (e.g. "openai/spec_words.json") as the answer."""
+        return cls((FIXTURES / name).read_bytes(), status, headers or {"Content-Type": "application/json"})
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body, headers=dict(self.headers))
