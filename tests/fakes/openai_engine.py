@@ -187,8 +187,6 @@ class FakeOpenAIEngine(FakeHttpEngine):
             return _invalid(f"Invalid response_format {fmt!r}.", "response_format")
         if not body.get(self.model_field):
             return _invalid(f"Missing required parameter: {self.model_field!r}.", self.model_field)
-        if self.canned is not None:
-            return self.canned.response()
         if self.mode == "garbage":
             return web.Response(body=GARBAGE, content_type="text/html")
         seconds = speech_seconds(text)
@@ -218,6 +216,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
             return _invalid(f"Invalid response_format {fmt!r}.", "response_format")
         if not rec.form_value(self.model_field):
             return _invalid(f"Missing required parameter: {self.model_field!r}.", self.model_field)
+        if self.canned is not None:
+            return self.canned.response()
         if self.mode == "garbage":  # claims JSON for the json formats, but is not
             ctype = "application/json" if "json" in fmt else "text/html"
             return web.Response(body=GARBAGE, content_type=ctype)
