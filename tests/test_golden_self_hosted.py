@@ -27,7 +27,7 @@ from gateway.state import TABLES
 from gateway.transcript_formats import FORMATS
 from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, server_yaml, start_gateway
-from tests.fakes.canned import Canned
+from tests.fakes.canned import FIXTURES, Canned
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.fakes.whisper_asr_engine import FakeWhisperAsr
 from tests.fakes.wyoming_engine import FakeWyomingEngine
@@ -179,3 +179,52 @@ def test_every_transcript_is_normalized(gateway: Gateway, engines: Engines, serv
             assert 0 <= item["start"] <= item["end"] <= duration, (item, duration)
     assert all(_bare(w["word"]) for w in body.get("words", [])), [w["word"] for w in body["words"]]
     assert body["text"].strip()
+
+
+# -- the vendors' documented error bodies ------------------------------------------------------------------------
+
+def _errors(kind: str) -> list[Any]:
+    found = json.loads((FIXTURES / kind / "errors.json").read_text())
+    return [pytest.param(kind, e, id=f"{kind}/{e['name']}") for e in found]
+
+
+OPENAI_REJECTED = "Backend 'openai' rejected the request: "
+EXPECTED_ERRORS: dict[str, tuple[int, str, str | None, str | None, str | None]] = {
+    # name: status, type, code, param, message (None: the gateway's own words, checked for no leak only)
+    "openai/400_invalid_language": (400, "invalid_request_error", None, "language", OPENAI_REJECTED
+                                    + "Invalid language 'auto'. Language parameter must be specified in ISO-639-1 "
+                                      "format."),
+    "openai/401_invalid_api_key": (502, "upstream_error", "bad_gateway", None,
+                                   "The gateway's credential for backend 'openai' was refused."),
+    "openai/403_unsupported_region": (502, "upstream_error", "bad_gateway", None,
+                                      "The gateway's credential for backend 'openai' was refused."),
+    "openai/429_rate_limit": (429, "requests", "rate_limit_exceeded", None, None),
+    "openai/429_insufficient_quota": (429, "requests", "rate_limit_exceeded", None, None),
+    "openai/500_server_error": (502, "upstream_error", "bad_gateway", None, None),
+    "openai/503_overloaded": (502, "upstream_error", "bad_gateway", None, None),
+    "whisper_asr/422_language": (400, "invalid_request_error", None, "language",
+                                 "Backend 'whisper_asr' rejected the request: language: Input should be 'af', 'am', "
+                                 "'ar' or 'en'"),
+    "whisper_asr/422_output": (502, "upstream_error", "bad_gateway", None, None),
+    "whisper_asr/500_internal": (502, "upstream_error", "bad_gateway", None, None),
+}
+
+
+@pytest.mark.parametrize(("kind", "error"), _errors("openai") + _errors("whisper_asr"))
+def test_a_documented_error_reaches_the_client_in_openais_shape(gateway: Gateway, engines: Engines, kind: str,
+                                                                 error: dict[str, Any]) -> None:
+    canned = Canned(error["body"].encode(), error["status"], error["headers"])
+    double = engines.openai if kind == "openai" else engines.asr
+    double.canned = canned
+    try:
+        response = transcribe(gateway, Golden(kind, "error", SPEECH), "json")
+    finally:
+        double.canned = None
+    status, type_, code, param, message = EXPECTED_ERRORS[f"{kind}/{error['name']}"]
+    found = check_error(response.status_code, response.headers, response.content, expected_status=status,
+                        type_=type_, code=code, param=param,
+                        secrets=(double.url.split("//")[1], "engine-s***-abc", "api-keys"))
+    if message is not None:
+        assert found["message"] == message
+    if status == 429:  # the SDK waits this long before its retry
+        assert response.headers["Retry-After"] == error["headers"].get("retry-after", "1")

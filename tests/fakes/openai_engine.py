@@ -103,7 +103,7 @@ class FakeOpenAIEngine(FakeHttpEngine):
         super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.transcript_text = transcript_text
         self.canned: Canned | None = None
-        """A recorded answer (tests/fakes/canned.py) every transcription or translation gets, once the form is checked."""
+        """A recorded answer (tests/fakes/canned.py) to every transcription or translation whose form passes."""
         self.expected_api_key = expected_api_key
         self.drop_after_chunks = 2
         self.models = ["tts-1", "whisper-1"]
