@@ -1,13 +1,19 @@
-"""The transcript every adapter produces and every renderer reads: text, language, duration, segments, words."""
+"""The transcript every adapter produces and every renderer reads: text, language, duration, segments, words.
+
+Adapters hand over what their engine said; `normalize` makes it what OpenAI returns, in this one place (the
+transcription handler applies it before rendering, long audio to each chunk): words bare (OpenAI's carry no
+punctuation; Deepgram's `punctuated_word`, Azure's and Scribe's words and Whisper's `" Americans,"` do), every
+time a finite number of seconds, at least 0, an end never before its start, within the audio's duration when it
+is known, words and segments in time order. Texts keep their punctuation; languages are named by the renderer
+(gateway/languages.py).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import dataclass, field, replace
 from typing import Any
-
-WORD_PUNCT = ".,;:!?\"'()[]\u201c\u201d\u2018\u2019\u00ab\u00bb\u00bf\u00a1\u2026"
-"""Punctuation trimmed off a word: OpenAI's words carry none (some engines' words do)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +64,41 @@ def seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"not a time: {value!r}")
     return max(0.0, float(value))
+
+
+def bare(word: str) -> str:
+    """`word` as OpenAI's words are: no whitespace or punctuation around it (Unicode categories Z, P and C);
+    apostrophes and hyphens inside it stay ("don't", "well-known"). Empty when it was punctuation only."""
+    start, end = 0, len(word)
+    while start < end and unicodedata.category(word[start])[0] in "ZPC":
+        start += 1
+    while end > start and unicodedata.category(word[end - 1])[0] in "ZPC":
+        end -= 1
+    return word[start:end]
+
+
+def normalize(transcript: Transcript) -> Transcript:
+    """The transcript with bare words and sane, ordered times (see the module docstring)."""
+    limit = transcript.duration if transcript.duration is not None and math.isfinite(transcript.duration) \
+        else math.inf
+    segments = sorted((replace(s, start=start, end=end, text=s.text.strip(), words=_words(s.words, limit))
+                       for s in transcript.segments for start, end in (_span(s.start, s.end, limit),)),
+                      key=lambda s: s.start)
+    return replace(transcript, segments=tuple(segments), words=_words(transcript.words, limit))
+
+
+def _words(words: tuple[Word, ...], limit: float) -> tuple[Word, ...]:
+    kept = [Word(text, *_span(w.start, w.end, limit)) for w in words if (text := bare(w.word))]
+    return tuple(sorted(kept, key=lambda w: w.start))
+
+
+def _span(start: float, end: float, limit: float) -> tuple[float, float]:
+    """(start, end) finite, 0 <= start <= end <= limit; a time that is no number is taken as its neighbour."""
+    start = start if _finite(start) else (end if _finite(end) else 0.0)
+    end = end if _finite(end) else start
+    start = min(max(0.0, float(start)), limit)
+    return start, min(max(start, float(end)), limit)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -27,6 +27,7 @@ from gateway.adapters import ADAPTERS, adapter_class
 from gateway.adapters.base import TRANSCRIPTION
 from gateway.adapters.whisper_asr import WhisperAsrAdapter
 from gateway.config import Backend
+from gateway.transcript import bare
 from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, Gateway, ServerThread, sdk, sha, start_gateway
 from tests.fakes.openai_engine import synth
@@ -115,7 +116,7 @@ def test_a_route_that_times_words_serves_them_instead(client: openai.OpenAI, wyo
     verbose = TranscriptionVerbose.model_validate(result.model_dump())  # type: ignore[attr-defined]
     expected = asr.result("transcribe", None, verbose.duration, True)
     assert [(w.word, w.start, w.end) for w in verbose.words or []] == [
-        (w["word"].strip(), w["start"], w["end"]) for s in expected["segments"] for w in s["words"]]
+        (bare(w["word"]), w["start"], w["end"]) for s in expected["segments"] for w in s["words"]]
     assert verbose.text == TIMED_TRANSCRIPT.strip()
     # without words the same model keeps its order: the text-only route first
     plain = transcribe(client, "words-second", response_format="verbose_json")

@@ -36,7 +36,7 @@ from gateway.adapters.http_engine import probe, raise_for_status, read_transcrip
 from gateway.audio.formats import AudioFormat, pcm
 from gateway.config import Backend
 from gateway.errors import GatewayError, Reason, UpstreamError
-from gateway.transcript import WORD_PUNCT, Transcript, Word, seconds
+from gateway.transcript import Transcript, Word, seconds
 
 DEFAULT_URL = "https://api.elevenlabs.io"
 SPEED_RANGE = (0.7, 1.2)
@@ -193,9 +193,7 @@ def _transcript(body: bytes) -> Transcript | None:
             start, end = seconds(w.get("start")), seconds(w.get("end"))
         except ValueError:  # a word without usable timings: the renderers time the text around it
             continue
-        word = w["text"].strip().strip(WORD_PUNCT)  # OpenAI's words carry no punctuation; Scribe's do ("jumps.")
-        if word:
-            words.append(Word(word, start, max(start, end)))
+        words.append(Word(w["text"], start, end))  # as Scribe said it ("jumps."): gateway.transcript.normalize
     code = parsed.get("language_code")
     language = _ISO1.get(code.lower(), code) if isinstance(code, str) and code else None
     return Transcript(parsed["text"].strip(), language, _duration(parsed.get("audio_duration_secs")),

@@ -45,7 +45,7 @@ from gateway.audio.silence import out_of_silence, silences
 from gateway.config import Backend
 from gateway.errors import GatewayError, Reason, UnsupportedError, UpstreamError
 from gateway.languages import WHISPER_LANGUAGES, whisper_code
-from gateway.transcript import WORD_PUNCT, Segment, Transcript, Word
+from gateway.transcript import Segment, Transcript, Word
 
 log = logging.getLogger(__name__)
 # faster-whisper's INFO lines (the audio's duration, what VAD removed) come twice per request, plain text among
@@ -235,9 +235,8 @@ def _segment(s: Any, quiet: list[tuple[float, float]], previous_end: float) -> S
     """The engine's segment, its words moved out of the clear silences around them (gateway/audio/silence.py)."""
     words: list[Word] = []
     for w in s.words or ():
-        if w.word.strip():
-            word = Word(w.word.strip().strip(WORD_PUNCT) or w.word.strip(), round(w.start, 3), round(w.end, 3))
-            words.append(out_of_silence(word, quiet, previous_end))
+        if w.word.strip():  # as Whisper says it (" Americans,"): gateway.transcript.normalize makes it bare
+            words.append(out_of_silence(Word(w.word, round(w.start, 3), round(w.end, 3)), quiet, previous_end))
             previous_end = words[-1].end
     return Segment(round(s.start, 3), round(s.end, 3), s.text, tuple(words), avg_logprob=_finite(s.avg_logprob),
                    no_speech_prob=_finite(s.no_speech_prob), temperature=_finite(s.temperature),

@@ -43,7 +43,7 @@ from gateway.spool import Upload
 from gateway.state import AUDIO_WORKERS, IDENTITY, OUTCOME, REQUEST_ID, SPOOL_MEMORY, TABLE
 from gateway.streaming import first_chunk, relay, send, transcript_sse
 from gateway.table import Candidate
-from gateway.transcript import Transcript
+from gateway.transcript import Transcript, normalize
 from gateway.transcript_formats import render, sse_transcript_text, transcript_text
 from gateway.usage import Outcome
 from gateway.validation import TRANSCRIPT_FORMATS, TranscriptionRequest, validate_transcription
@@ -187,6 +187,7 @@ async def respond(request: web.Request, req: TranscriptionRequest,
         result = replace(result, duration=outcome.input_audio_seconds)
     elif result.decoded:  # the gateway's own decode: more audio than the packets said is billed
         outcome.upload_decoded(result.duration)
+    result = normalize(result)  # what the engine said, as OpenAI says it (gateway/transcript.py)
     if req.stream:
         return await _stream(request, result)
     rendered = render(result, req.response_format, task=req.task, granularities=req.timestamp_granularities)

@@ -24,6 +24,7 @@ from openai.types.audio import TranscriptionVerbose
 from gateway.adapters.base import SPEECH, TRANSCRIPTION
 from gateway.adapters.deepgram import SPEAK_FORMATS, DeepgramAdapter, split_text
 from gateway.config import Backend
+from gateway.transcript import bare
 from tests.adapters.common import (
     probe,
     serve,
@@ -197,7 +198,7 @@ def test_verbose_json_has_words_segments_and_duration(client: openai.OpenAI, eng
     assert verbose.text == engine.transcript_text
     assert [s.text.strip() for s in verbose.segments or []] == ["Hello there.",
                                                                  "The quick brown fox jumps over the lazy dog."]
-    assert [w.word for w in verbose.words or []] == engine.transcript_text.split()
+    assert [w.word for w in verbose.words or []] == [bare(w) for w in engine.transcript_text.split()]  # as OpenAI's
     assert all(0 <= w.start < w.end <= 2.0 for w in verbose.words or [])
 
 

@@ -27,6 +27,7 @@ from gateway.adapters.whisper_asr import WhisperAsrAdapter, prompt_tail
 from gateway.config import Backend
 from gateway.errors import UpstreamError
 from gateway.state import HEALTH
+from gateway.transcript import bare
 from tests.adapters.common import serve
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway, ServerThread, sdk, sha, start_gateway
 from tests.fakes.openai_engine import synth
@@ -142,7 +143,7 @@ def test_verbose_json_with_words_and_segments(client: openai.OpenAI, asr: FakeWh
     assert result.text == TRANSCRIPT.strip()
     assert result.language == "french"  # the engine's detected code, in OpenAI's spelling
     assert result.duration == pytest.approx(3.0, abs=0.05)  # the gateway's own measurement of the upload
-    assert result.words is not None and [w.word for w in result.words] == WORDS
+    assert result.words is not None and [w.word for w in result.words] == [bare(w) for w in WORDS]  # as OpenAI's
     expected = asr.result("transcribe", None, 3.0, True)
     assert [(w.start, w.end) for w in result.words] == [(w["start"], w["end"])
                                                         for s in expected["segments"] for w in s["words"]]

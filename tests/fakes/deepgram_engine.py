@@ -282,6 +282,7 @@ class FakeDeepgram(FakeHttpEngine):
             if self.mode in ("live_close_error", "live_error_message"):
                 await ws.close(code=1011, message=b"NET-0000: The service has encountered an internal error.")
             elif self.mode == "live_drop":
+                await asyncio.sleep(0.2)  # the finals sent so far reach the client (which reads them first)
                 assert request.transport is not None
                 request.transport.close()
             elif self.mode == "live_not_json":
