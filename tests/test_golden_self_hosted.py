@@ -14,6 +14,7 @@ import json
 import math
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -105,19 +106,9 @@ def config(spool: Path, engines: Engines) -> str:
 @pytest.fixture(scope="module")
 def engines(servers: ServerThread) -> Iterator[Engines]:
     e = Engines()
-    with _served(servers, e.openai), _served(servers, e.asr), _served(servers, e.wyoming):
+    served = contextmanager(serve)
+    with served(servers, e.openai), served(servers, e.asr), served(servers, e.wyoming):
         yield e
-
-
-class _served:
-    def __init__(self, servers: ServerThread, engine: Any) -> None:
-        self.it = serve(servers, engine)
-
-    def __enter__(self) -> None:
-        next(self.it)
-
-    def __exit__(self, *exc: object) -> None:
-        next(self.it, None)
 
 
 @pytest.fixture(scope="module")

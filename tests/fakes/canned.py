@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+"""tests/fixtures/: the golden answers, one folder per kind."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,11 +22,6 @@ class Canned:
     body: bytes
     status: int = 200
     headers: Mapping[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
-
-    @classmethod
-    def fixture(cls, name: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Canned:
-        """tests/fixtures/`name` (e.g. "openai/spec_words.json") as the answer."""
-        return cls((FIXTURES / name).read_bytes(), status, headers or {"Content-Type": "application/json"})
 
     def response(self) -> web.Response:
         return web.Response(status=self.status, body=self.body, headers=dict(self.headers))
