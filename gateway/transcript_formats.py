@@ -233,8 +233,9 @@ def _join_words(words: Sequence[Word]) -> str:
 
 
 def _clamp(x: float, t: Transcript) -> float:
-    x = max(0.0, float(x))
-    return round(min(x, t.duration) if t.duration else x, 3)
+    """A time to the millisecond, never past the duration (rounding the clamped time up could pass it)."""
+    x = round(max(0.0, float(x)), 3)
+    return min(x, t.duration) if t.duration else x
 
 
 def _usage(duration: float) -> dict[str, object]:

@@ -31,13 +31,14 @@ from tests.adapters.test_deepgram import config as deepgram_config
 from tests.adapters.test_elevenlabs import config as elevenlabs_config
 from tests.conftest import ENGINE_KEY, Gateway, ServerThread, sdk
 from tests.fakes.azure_speech_engine import FakeAzureSpeech
+from tests.fakes.canned import FIXTURES, Canned
 from tests.fakes.deepgram_engine import FakeDeepgram, tone
 from tests.fakes.elevenlabs_engine import FakeElevenLabs
-from tests.fakes.engine import Canned, FakeHttpEngine
+from tests.fakes.engine import FakeHttpEngine
 from tests.support import expect_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
-FIXTURES = Path(__file__).parent / "fixtures"
+
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 UPLOAD = tone(2.0, 16_000, "wav", "pcm_s16le")
 WRITE = os.environ.get("GOLDEN_WRITE") == "1"

@@ -35,6 +35,8 @@ from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
+from tests.fakes.canned import Canned
+
 
 @dataclass
 class Recorded:
@@ -62,18 +64,6 @@ class Recorded:
 
 
 RECORDED = web.RequestKey("fake_engine_recorded", Recorded)
-
-
-@dataclass(frozen=True)
-class Canned:
-    """A recorded answer, replayed byte for byte: a vendor's published transcript or error body."""
-
-    body: bytes
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
-
-    def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.body, headers=self.headers)
 
 
 async def record(request: web.Request, path: str | None = None, *, parse_json: bool = True) -> Recorded:

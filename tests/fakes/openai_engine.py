@@ -29,6 +29,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from tests.fakes.audio import encode
+from tests.fakes.canned import Canned
 from tests.fakes.engine import RECORDED, FakeHttpEngine, chunks, cut
 
 RATE = 24_000
@@ -101,6 +102,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
                  chunk_delay: float = 0.0) -> None:
         super().__init__(chunk_size=chunk_size, chunk_delay=chunk_delay)
         self.transcript_text = transcript_text
+        self.canned: Canned | None = None
+        """A recorded answer (tests/fakes/canned.py) to every transcription or translation whose form passes."""
         self.expected_api_key = expected_api_key
         self.drop_after_chunks = 2
         self.models = ["tts-1", "whisper-1"]
@@ -213,6 +216,8 @@ class FakeOpenAIEngine(FakeHttpEngine):
             return _invalid(f"Invalid response_format {fmt!r}.", "response_format")
         if not rec.form_value(self.model_field):
             return _invalid(f"Missing required parameter: {self.model_field!r}.", self.model_field)
+        if self.canned is not None:
+            return self.canned.response()
         if self.mode == "garbage":  # claims JSON for the json formats, but is not
             ctype = "application/json" if "json" in fmt else "text/html"
             return web.Response(body=GARBAGE, content_type=ctype)

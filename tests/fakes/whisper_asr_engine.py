@@ -27,6 +27,7 @@ import av
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from tests.fakes.canned import Canned
 from tests.fakes.engine import RECORDED, FakeHttpEngine, Recorded, cut, record
 
 WHISPER_LANGUAGES = frozenset((
@@ -83,6 +84,8 @@ class FakeWhisperAsr(FakeHttpEngine):
         self.translation = translation
         self.detected_language = detected_language
         self.segment_style = segment_style
+        self.canned: Canned | None = None
+        """A recorded answer (tests/fakes/canned.py) /asr gives once its query and upload are checked."""
         self.languages = set(WHISPER_LANGUAGES)
         self.asr_engine = "faster_whisper"
         self.delay = 0.0
@@ -146,6 +149,8 @@ class FakeWhisperAsr(FakeHttpEngine):
                 return web.Response()
             if self.mode in ("500", "json_bug"):  # json_bug: server 1.7.0 failing to dump faster-whisper 1.1 segments
                 return web.Response(status=500, text="Internal Server Error")
+            if self.canned is not None:
+                return self.canned.response()
             q = rec.query
             data = next(d for name, _, _, d in rec.files if name == "audio_file")
             try:

@@ -192,6 +192,9 @@ class _Handler(AsyncEventHandler):
             return False
         if mode in ("asr_error", "asr_eof"):
             return False
+        if self.engine.canned is not None:
+            await self.write_event(Event(type=self.engine.canned["type"], data=self.engine.canned["data"]))
+            return False
         text = self.engine.transcript_text if self.session.pcm else ""
         language = self.engine.transcript_language
         streaming = mode.startswith("asr_streaming")
@@ -256,6 +259,8 @@ class FakeWyomingEngine:
         self.delay = 5.0
         self.transcript_text = TRANSCRIPT
         self.transcript_language: str | None = None
+        self.canned: dict[str, Any] | None = None
+        """A recorded `transcript` event ({"type", "data"}: tests/fixtures/wyoming/) sent instead of one made up."""
         self.error_text = "Piper failed: voice model is corrupt"
         """What the `error` mode says (a test may make it echo secrets)."""
         self.sessions: list[Session] = []
