@@ -82,17 +82,17 @@ def normalize(transcript: Transcript) -> Transcript:
     limit = transcript.duration if transcript.duration is not None and math.isfinite(transcript.duration) \
         else math.inf
     segments = sorted((replace(s, start=start, end=end, text=s.text.strip(), words=_words(s.words, limit))
-                       for s in transcript.segments for start, end in (_span(s.start, s.end, limit),)),
+                       for s in transcript.segments for start, end in (span(s.start, s.end, limit),)),
                       key=lambda s: s.start)
     return replace(transcript, segments=tuple(segments), words=_words(transcript.words, limit))
 
 
 def _words(words: tuple[Word, ...], limit: float) -> tuple[Word, ...]:
-    kept = [Word(text, *_span(w.start, w.end, limit)) for w in words if (text := bare(w.word))]
+    kept = [Word(text, *span(w.start, w.end, limit)) for w in words if (text := bare(w.word))]
     return tuple(sorted(kept, key=lambda w: w.start))
 
 
-def _span(start: float, end: float, limit: float) -> tuple[float, float]:
+def span(start: Any, end: Any, limit: float) -> tuple[float, float]:
     """(start, end) finite, 0 <= start <= end <= limit; a time that is no number is taken as its neighbour."""
     start = start if _finite(start) else (end if _finite(end) else 0.0)
     end = end if _finite(end) else start

@@ -3,6 +3,9 @@ servers modelled on it answer (whisper-asr-webservice dumps Whisper's own segmen
 
 Used by the whisper_asr adapter for its answers, and by long audio (gateway/handlers/long_audio.py) for a chunk an
 OpenAI-compatible backend answered as JSON. Malformed input raises ValueError: the caller names the backend.
+`normalized_body` applies gateway.transcript's normalization to a `json`/`verbose_json` body relayed as the server
+wrote it (every field it does not touch kept, `tokens` included): an OpenAI-compatible server's words carry
+punctuation and its `language` is a code where OpenAI's are bare words and an English name.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 import math
 from typing import Any
 
-from gateway.transcript import Segment, Transcript, Word, seconds
+from gateway.languages import language_name
+from gateway.transcript import Segment, Transcript, Word, bare, seconds, span
 
 
 def parse_transcript(body: bytes) -> Transcript:
@@ -31,6 +35,35 @@ def parse_transcript(body: bytes) -> Transcript:
     language = parsed.get("language")
     return Transcript(text=parsed["text"].strip(), segments=segments, words=top_words,
                       language=language if isinstance(language, str) and language else None)
+
+
+def normalized_body(body: bytes) -> bytes:
+    """A `json` or `verbose_json` body (already checked to be an object with a `text`) as OpenAI writes one: text
+    without surrounding spaces, `language` an English name, words bare with sane ordered times within `duration`,
+    segments' times likewise; everything else as the server wrote it."""
+    parsed = json.loads(body)
+    parsed["text"] = parsed["text"].strip()
+    if isinstance(parsed.get("language"), str):
+        parsed["language"] = language_name(parsed["language"])
+    duration = parsed.get("duration")
+    limit = float(duration) if isinstance(duration, int | float) and not isinstance(duration, bool) and \
+        math.isfinite(duration) and duration >= 0 else math.inf
+    for name in ("words", "segments"):
+        items = parsed.get(name)
+        if not isinstance(items, list):
+            continue
+        kept = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            if name == "words":
+                if not isinstance(item.get("word"), str) or not (word := bare(item["word"])):
+                    continue
+                item["word"] = word
+            item["start"], item["end"] = span(item.get("start"), item.get("end"), limit)
+            kept.append(item)
+        parsed[name] = sorted(kept, key=lambda item: item["start"])
+    return json.dumps(parsed, ensure_ascii=False).encode()
 
 
 def _number(value: Any, default: float) -> float:

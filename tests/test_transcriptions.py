@@ -18,6 +18,7 @@ from openai.types.audio import (
     TranslationVerbose,
 )
 
+from gateway.transcript import bare
 from tests.conftest import DEMO_KEY, ENGINE_KEY, Gateway
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.support import WAV
@@ -76,8 +77,9 @@ def test_verbose_json_with_word_and_segment_timestamps(client: openai.OpenAI, en
     assert engine.last.form_value("response_format") == "verbose_json"
     assert result.text == TEXT
     assert result.language == "english"
-    assert result.words is not None and [w.word for w in result.words] == TEXT.split()
+    assert result.words is not None and [w.word for w in result.words] == [bare(w) for w in TEXT.split()]
     assert result.words[1].start > result.words[0].start
+    assert result.segments and result.segments[0].tokens  # relayed as the engine wrote it, words made bare
     assert result.segments and result.segments[0].text.strip() == TEXT
 
 

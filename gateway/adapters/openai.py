@@ -46,7 +46,7 @@ from gateway.errors import InvalidRequestError, Reason, UnsupportedError, Upstre
 from gateway.json_body import not_json
 from gateway.settings import Limits
 from gateway.transcript import Transcript
-from gateway.transcript_json import parse_transcript
+from gateway.transcript_json import normalized_body, parse_transcript
 
 _JSON_FORMATS = ("json", "verbose_json", "diarized_json")
 OPENAI_HOST = "api.openai.com"
@@ -147,7 +147,8 @@ class OpenAIAdapter:
             return Passthrough("text/event-stream", chunks=events)
         body = await read_transcript(self.backend, response)
         if fmt == job.response_format:
-            return Passthrough(self._check_transcript(fmt, body, response.content_type), body=body)
+            ctype = self._check_transcript(fmt, body, response.content_type)
+            return Passthrough(ctype, body=normalized_body(body) if fmt in ("json", "verbose_json") else body)
         try:  # a format it lacks: the core renders it from the JSON it has
             return parse_transcript(body)
         except ValueError:

@@ -184,7 +184,7 @@ def test_every_transcript_format_through_the_gateway(client: openai.OpenAI, wav:
         model="whisper-1", file=("s.wav", wav, "audio/wav"), response_format=fmt)  # type: ignore[call-overload]
     body = raw.http_response.text
     if fmt in ("json", "verbose_json"):
-        assert json.loads(body)["text"] == reference
+        assert json.loads(body)["text"] == reference.strip()  # OpenAI's text has no leading space
         if fmt == "verbose_json":
             assert json.loads(body)["segments"], "segments come from the server's verbose_json"
     elif fmt == "text":
@@ -199,5 +199,5 @@ def test_a_stream_through_the_gateway_ends_with_the_servers_text(client: openai.
     events = list(client.audio.transcriptions.create(model="whisper-1", file=("s.wav", wav, "audio/wav"),
                                                      stream=True))
     assert events and events[-1].type == "transcript.text.done"
-    assert events[-1].text == reference  # type: ignore[union-attr]
+    assert events[-1].text == reference.strip()  # type: ignore[union-attr]
     assert "".join(e.delta for e in events[:-1] if e.type == "transcript.text.delta").strip() == reference.strip()
