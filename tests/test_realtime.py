@@ -26,6 +26,8 @@ from tests.tones import tone
 RATE = 24_000
 TEXT = "The quick brown fox jumps over the lazy dog."
 UPDATE = {"type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1", "language": "en"}}}}
+MANUAL = {"type": "transcription", "audio": {"input": {**UPDATE["audio"]["input"], "turn_detection": None}}}
+"""UPDATE with the client committing (no server VAD)."""
 
 
 def quiet(seconds: float) -> bytes:
@@ -54,6 +56,21 @@ async def eventually(condition: Callable[[], bool], within: float = 5) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("not within the time")
+
+
+async def opened(conn: Any, session: dict[str, Any] = MANUAL) -> None:
+    """Past `session.created`, with `session` in effect."""
+    await conn.recv()
+    await conn.session.update(session=session)
+    await until(conn, "session.updated")
+
+
+async def say(conn: Any, seconds: float, commits: int = 1) -> None:
+    """`commits` items of a tone of `seconds`, each appended in 100 ms pieces and committed."""
+    for _ in range(commits):
+        for piece in chunks(tone(seconds, RATE)):
+            await conn.input_audio_buffer.append(audio=piece)
+        await conn.input_audio_buffer.commit()
 
 
 async def until(conn: Any, kind: str, within: float = 10) -> list[Any]:
@@ -128,10 +145,7 @@ async def test_server_vad_makes_each_turn_an_item_transcribed_and_billed(gw: Gat
 
 async def test_manual_commits_and_their_refusals(gw: Gateway) -> None:
     async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        await conn.recv()
-        await conn.session.update(session={**UPDATE, "audio": {"input": {**UPDATE["audio"]["input"],
-                                                                          "turn_detection": None}}})
-        await until(conn, "session.updated")
+        await opened(conn)
         await conn.input_audio_buffer.commit(event_id="commit_1")
         refused = await until(conn, "error")
         assert refused[-1].error.code == "input_audio_buffer_commit_empty"
@@ -296,14 +310,8 @@ async def test_sessions_past_the_processs_bound_and_a_keys_limit_are_refused_wit
 async def test_an_engine_failure_fails_the_item_and_the_session_goes_on(gw: Gateway, engine: FakeOpenAIEngine) -> None:
     engine.mode, engine.fail_next = "500", 1
     async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        await conn.recv()
-        await conn.session.update(session={**UPDATE, "audio": {"input": {**UPDATE["audio"]["input"],
-                                                                          "turn_detection": None}}})
-        await until(conn, "session.updated")
-        for _ in range(2):
-            for piece in chunks(tone(0.5, RATE)):
-                await conn.input_audio_buffer.append(audio=piece)
-            await conn.input_audio_buffer.commit()
+        await opened(conn)
+        await say(conn, 0.5, commits=2)
         failed = await until(conn, "conversation.item.input_audio_transcription.failed")
         assert failed[-1].error.type == "transcription_error" and engine.url not in failed[-1].error.message
         done = await until(conn, "conversation.item.input_audio_transcription.completed")
@@ -490,14 +498,8 @@ async def test_an_item_past_a_limit_fails_alone_and_the_next_minute_would_take_i
     text = engine_config(engine.url, tmp_path / "spool", extra="state: {backend: memory}\n")
     gw = make_gateway(text.replace('sha256: "', 'limits: [{requests: 1, per: minute}], sha256: "', 1))
     async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        await conn.recv()
-        await conn.session.update(session={**UPDATE, "audio": {"input": {**UPDATE["audio"]["input"],
-                                                                          "turn_detection": None}}})
-        await until(conn, "session.updated")
-        for _ in range(2):
-            for piece in chunks(tone(0.5, RATE)):
-                await conn.input_audio_buffer.append(audio=piece)
-            await conn.input_audio_buffer.commit()
+        await opened(conn)
+        await say(conn, 0.5, commits=2)
         done = await until(conn, "conversation.item.input_audio_transcription.completed")
         failed = await until(conn, "conversation.item.input_audio_transcription.failed")
     assert done[-1].transcript == TEXT

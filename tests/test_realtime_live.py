@@ -18,10 +18,8 @@ from tests.fakes.deepgram_engine import FakeDeepgram
 from tests.fakes.openai_engine import FakeOpenAIEngine
 from tests.fakes.wyoming_engine import TRANSCRIPT, FakeWyomingEngine
 from tests.support import probe_backends
-from tests.test_realtime import RATE, UPDATE, aclient, chunks, until
-from tests.tones import tone
+from tests.test_realtime import aclient, opened, say, until
 
-MANUAL = {"type": "transcription", "audio": {"input": {**UPDATE["audio"]["input"], "turn_detection": None}}}
 DG_TEXT = "Hello there. The quick brown fox jumps over the lazy dog."
 
 
@@ -49,12 +47,8 @@ def config(spool: Path, first: str, fallback_url: str) -> str:
 
 async def one_item(gw: Gateway, seconds: float = 2.0) -> list[Any]:
     async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        await conn.recv()
-        await conn.session.update(session=MANUAL)
-        await until(conn, "session.updated")
-        for piece in chunks(tone(seconds, RATE)):
-            await conn.input_audio_buffer.append(audio=piece)
-        await conn.input_audio_buffer.commit()
+        await opened(conn)
+        await say(conn, seconds)
         events = await until(conn, "conversation.item.input_audio_transcription.completed")
     return events
 
@@ -97,12 +91,8 @@ async def test_a_stream_broken_before_its_first_delta_fails_over_and_after_it_fa
     gw = make_gateway(config(tmp_path, f'{{kind: wyoming, url: "{wyoming.url}", timeout_s: 2}}', engine.url))
     probe_backends(servers, gw)
     async with aclient(gw) as client, client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        await conn.recv()
-        await conn.session.update(session=MANUAL)
-        await until(conn, "session.updated")
-        for piece in chunks(tone(2.0, RATE)):
-            await conn.input_audio_buffer.append(audio=piece)
-        await conn.input_audio_buffer.commit()
+        await opened(conn)
+        await say(conn, 2.0)
         kinds = ("conversation.item.input_audio_transcription.completed",
                  "conversation.item.input_audio_transcription.failed")
         events: list[Any] = []
