@@ -324,8 +324,7 @@ async def test_a_client_gone_mid_item_cancels_its_transcription(gw: Gateway, eng
     http, ws = await connect(gw)
     async with http:
         await ws.receive_json(timeout=5)
-        await ws.send_json({"type": "session.update", "session": {**UPDATE, "audio": {"input": {
-            **UPDATE["audio"]["input"], "turn_detection": None}}}})
+        await ws.send_json({"type": "session.update", "session": MANUAL})
         await ws.receive_json(timeout=5)
         await ws.send_json({"type": "input_audio_buffer.append", "audio": chunks(tone(0.5, RATE), 500)[0]})
         await ws.send_json({"type": "input_audio_buffer.commit"})
@@ -363,8 +362,7 @@ async def test_draining_lets_committed_items_finish_then_closes_1001(gw: Gateway
     http, ws = await connect(gw)
     async with http, ws:
         await ws.receive_json(timeout=5)
-        await ws.send_json({"type": "session.update", "session": {**UPDATE, "audio": {"input": {
-            **UPDATE["audio"]["input"], "turn_detection": None}}}})
+        await ws.send_json({"type": "session.update", "session": MANUAL})
         await ws.receive_json(timeout=5)
         await ws.send_json({"type": "input_audio_buffer.append", "audio": chunks(tone(0.5, RATE), 500)[0]})
         await ws.send_json({"type": "input_audio_buffer.commit"})
