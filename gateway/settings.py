@@ -167,17 +167,12 @@ def capacity_section(p: YamlTree, node: dict[str, Any], path: str) -> Capacity:
     d = Capacity()
     limit = node.get("max_concurrency")
     if limit is not None:
-        number = p.number(node, "max_concurrency", path, 1, 1, 1_000_000)  # the default 1 once refused
-        if number != int(number):
-            p.fail(f"{path}.max_concurrency", f"expected a whole number, got {shown(number)}")
-        limit = int(number)
+        limit = p.whole(node, "max_concurrency", path, 1, 1, 1_000_000)  # the default 1 once refused
     elif any(key in node for key in CAPACITY_FIELDS[1:]):
         p.fail(f"{path}.max_concurrency", "is required for a queue (max_queue, queue_timeout_s queue requests "
                "beyond it)")
-    queue = p.number(node, "max_queue", path, d.max_queue, 0, 1_000_000)
-    if queue != int(queue):
-        p.fail(f"{path}.max_queue", f"expected a whole number, got {shown(queue)}")
-    return Capacity(limit, int(queue), p.number(node, "queue_timeout_s", path, d.queue_timeout_s, 0.001, 86_400))
+    queue = p.whole(node, "max_queue", path, d.max_queue, 0, 1_000_000)
+    return Capacity(limit, queue, p.number(node, "queue_timeout_s", path, d.queue_timeout_s, 0.001, 86_400))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +196,7 @@ def limits_section(p: YamlTree, node: dict[str, Any], path: str) -> Limits:
     seconds = p.seconds(node, "max_audio_s", path, maximum=86_400)
     size = None
     if node.get("max_upload_bytes") is not None:
-        size = p.number(node, "max_upload_bytes", path, 1_048_576, 65_536, 2**40)  # a chunk must hold a cut's padding
-        if size != int(size):
-            p.fail(f"{path}.max_upload_bytes", f"expected a whole number, got {shown(size)}")
-        size = int(size)
+        size = p.whole(node, "max_upload_bytes", path, 1_048_576, 65_536, 2**40)  # a chunk must hold a cut's padding
     if seconds is not None and seconds < 1:
         p.fail(f"{path}.max_audio_s", f"expected at least 1 second (room for a cut's padding), got {shown(seconds)}")
     return Limits(seconds, size)
@@ -228,16 +220,13 @@ def long_audio_section(p: YamlTree, node: dict[str, Any]) -> LongAudio:
     path, d = "long_audio", LongAudio()
     for unknown in sorted(set(node) - {"concurrency", "max_chunks", "chunk_s", "pad_s"}):
         p.fail(f"{path}.{unknown}", "unknown setting (concurrency, max_chunks, chunk_s, pad_s)")
-    concurrency = p.number(node, "concurrency", path, d.concurrency, 1, 256)
-    chunks = p.number(node, "max_chunks", path, d.max_chunks, 1, 100_000)
-    for key, value in (("concurrency", concurrency), ("max_chunks", chunks)):
-        if value != int(value):
-            p.fail(f"{path}.{key}", f"expected a whole number, got {shown(value)}")
+    concurrency = p.whole(node, "concurrency", path, d.concurrency, 1, 256)
+    chunks = p.whole(node, "max_chunks", path, d.max_chunks, 1, 100_000)
     pad = p.number(node, "pad_s", path, d.pad_s, 0, 5)
     chunk = p.number(node, "chunk_s", path, d.chunk_s, 1, 86_400)
     if chunk <= 2 * pad + 0.03:
         p.fail(f"{path}.chunk_s", f"expected more than twice pad_s ({shown(pad)}), got {shown(chunk)}")
-    return LongAudio(int(concurrency), int(chunks), chunk, pad)
+    return LongAudio(concurrency, chunks, chunk, pad)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +248,10 @@ def realtime_section(p: YamlTree, node: dict[str, Any]) -> Realtime:
     path, d = "realtime", Realtime()
     for unknown in sorted(set(node) - {"max_session_s", "max_buffer_s", "max_pending_items", "max_sessions"}):
         p.fail(f"{path}.{unknown}", "unknown setting (max_session_s, max_buffer_s, max_pending_items, max_sessions)")
-    pending = p.number(node, "max_pending_items", path, d.max_pending_items, 1, 64)
-    sessions = p.number(node, "max_sessions", path, d.max_sessions, 1, 100_000)
-    for key, value in (("max_pending_items", pending), ("max_sessions", sessions)):
-        if value != int(value):
-            p.fail(f"{path}.{key}", f"expected a whole number, got {shown(value)}")
     return Realtime(p.number(node, "max_session_s", path, d.max_session_s, 1, 86_400),
-                    p.number(node, "max_buffer_s", path, d.max_buffer_s, 1, 3_600), int(pending), int(sessions))
+                    p.number(node, "max_buffer_s", path, d.max_buffer_s, 1, 3_600),
+                    p.whole(node, "max_pending_items", path, d.max_pending_items, 1, 64),
+                    p.whole(node, "max_sessions", path, d.max_sessions, 1, 100_000))
 
 
 def server_section(p: YamlTree, node: dict[str, Any]) -> Server:

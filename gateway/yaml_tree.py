@@ -102,6 +102,14 @@ class YamlTree:
             return default
         return value
 
+    def whole(self, node: dict[str, Any], key: str, path: str, default: int, minimum: float = 0.0,
+              maximum: float | None = None) -> int:
+        """`number`, which must also be a whole number (a count: slots, chunks, sessions, bytes)."""
+        value = self.number(node, key, path, default, minimum, maximum)
+        if value != int(value):
+            self.fail(f"{path}.{key}", f"expected a whole number, got {shown(value)}")
+        return int(value)
+
     def seconds(self, node: dict[str, Any], key: str, path: str, maximum: float = MAX_SECONDS) -> float | None:
         """An optional duration: absent (or null) is None, "off"; else a finite number of seconds above 0 and at
         most `maximum` (0 would refuse every request, a day already means "never")."""

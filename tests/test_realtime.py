@@ -17,6 +17,8 @@ import openai
 import pytest
 import websockets
 
+from gateway.config import ConfigError, parse_config
+from gateway.settings import Realtime
 from gateway.state import DRAINING
 from tests.conftest import BETA_KEY, DEMO_KEY, Gateway, engine_config
 from tests.fakes.openai_engine import FakeOpenAIEngine
@@ -519,3 +521,20 @@ async def test_silence_streamed_faster_than_real_time_is_not_kept(make_gateway: 
         await ws.send_json({"type": "input_audio_buffer.clear"})
         got = await ws.receive_json(timeout=30)
         assert got["type"] == "input_audio_buffer.cleared", got  # no error came before it
+
+
+@pytest.mark.parametrize("section, problem", [
+    ("realtime: {max_sessions: 2.5}", "realtime.max_sessions: expected a whole number"),
+    ("realtime: {max_pending_items: 0}", "realtime.max_pending_items: expected a number >= 1"),
+    ("realtime: {max_session_s: .nan}", "realtime.max_session_s"),
+    ("realtime: {max_buffer_s: 1e9}", "realtime.max_buffer_s: expected a number from 1 to 3600"),
+    ("realtime: {max_session_s: '\\u00e9t\\u00e9'}", "realtime.max_session_s"),
+    ("realtime: {idle_s: 3}", "realtime.idle_s: unknown setting"),
+    ("realtime: [1]", "realtime: expected a mapping"),
+])
+def test_the_realtime_section_is_refused_by_yaml_path(engine: FakeOpenAIEngine, tmp_path: Path, section: str,
+                                                      problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(engine_config(engine.url, tmp_path, extra=section + "\n"))
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
+    assert parse_config(engine_config(engine.url, tmp_path)).realtime == Realtime()
