@@ -18,7 +18,7 @@ import aiohttp
 
 from gateway.audio.formats import AudioFormat
 from gateway.config import Backend, NativeVoice
-from gateway.errors import Reason, UpstreamError, UpstreamTimeoutError
+from gateway.errors import Reason, UnsupportedError, UpstreamError, UpstreamTimeoutError
 from gateway.settings import DEFAULT_MAX_AUDIO_SECONDS, Limits
 from gateway.spool import Upload
 from gateway.transcript import Transcript
@@ -174,6 +174,13 @@ class LiveTranscriber(Protocol):
     once: no task or socket is left behind."""
 
     def transcribe_live(self, job: TranscriptionJob) -> AsyncIterator[str]: ...
+
+
+def transcribes_only(backend: Backend) -> UnsupportedError:
+    """What a transcription-only engine's `synthesize` raises (routes never send it speech: its capabilities say
+    so; this is the answer should one be configured anyway)."""
+    return UnsupportedError(f"Backend '{backend.name}' cannot synthesize speech; it transcribes.", param="model",
+                            code="unsupported_task")
 
 
 def check_options(backend: Backend, known: Collection[str]) -> None:

@@ -37,6 +37,7 @@ from gateway.adapters.base import (
     SpeechJob,
     TranscriptionJob,
     check_options,
+    transcribes_only,
 )
 from gateway.adapters.engine_thread import EngineThread
 from gateway.adapters.pocketsphinx import is_english
@@ -160,8 +161,7 @@ class FasterWhisperAdapter:
         return code
 
     async def synthesize(self, job: SpeechJob) -> AudioStream:
-        raise UnsupportedError(f"Backend '{self.backend.name}' cannot synthesize speech; it transcribes.",
-                               param="model", code="unsupported_task")
+        raise transcribes_only(self.backend)
 
     async def aclose(self) -> None:
         for cancel in list(self._jobs):

@@ -27,7 +27,15 @@ from typing import Any, ClassVar
 
 import aiohttp
 
-from gateway.adapters.base import TRANSCRIPTION, AudioStream, Capabilities, SpeechJob, TranscriptionJob, check_options
+from gateway.adapters.base import (
+    TRANSCRIPTION,
+    AudioStream,
+    Capabilities,
+    SpeechJob,
+    TranscriptionJob,
+    check_options,
+    transcribes_only,
+)
 from gateway.adapters.engine_thread import EngineThread
 from gateway.audio.decode import decode_chunks
 from gateway.config import Backend
@@ -189,8 +197,7 @@ class PocketsphinxAdapter:
                 for seg in self._decoder.seg() if not _FILLER.fullmatch(seg.word)]
 
     async def synthesize(self, job: SpeechJob) -> AudioStream:
-        raise UnsupportedError(f"Backend '{self.backend.name}' cannot synthesize speech; it transcribes.",
-                               param="model", code="unsupported_task")
+        raise transcribes_only(self.backend)
 
     async def aclose(self) -> None:
         for cancel in list(self._jobs):

@@ -30,6 +30,7 @@ from gateway.adapters.base import (
     SpeechJob,
     TranscriptionJob,
     check_options,
+    transcribes_only,
     upstream_errors,
 )
 from gateway.adapters.engine_errors import Complaint
@@ -82,8 +83,7 @@ class WhisperAsrAdapter:
         return headers
 
     async def synthesize(self, job: SpeechJob) -> AudioStream:
-        raise UnsupportedError(f"Backend '{self.backend.name}' only transcribes; it cannot synthesize speech.",
-                               param="model", code="unsupported_task")
+        raise transcribes_only(self.backend)
 
     async def transcribe(self, job: TranscriptionJob) -> Transcript:
         params = self.params(job)
