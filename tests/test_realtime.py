@@ -152,9 +152,7 @@ async def test_manual_commits_and_their_refusals(gw: Gateway) -> None:
         refused = await until(conn, "error")
         assert refused[-1].error.code == "input_audio_buffer_commit_empty"
         assert refused[-1].error.event_id == "commit_1"
-        for piece in chunks(tone(1.0, RATE)):
-            await conn.input_audio_buffer.append(audio=piece)
-        await conn.input_audio_buffer.commit()
+        await say(conn, 1.0)
         events = await until(conn, "conversation.item.input_audio_transcription.completed")
         assert [e.type for e in events][:3] == ["input_audio_buffer.committed", "conversation.item.added",
                                                 "conversation.item.done"]
@@ -388,9 +386,7 @@ async def test_a_client_secret_opens_a_session_with_its_pinned_settings(gw: Gate
             browser.realtime.connect(extra_query={"intent": "transcription"}) as conn:
         created = json.loads((await conn.recv()).to_json())["session"]["audio"]["input"]
         assert created["transcription"]["model"] == "whisper-1" and created["turn_detection"] is None
-        for piece in chunks(tone(0.5, RATE)):
-            await conn.input_audio_buffer.append(audio=piece)
-        await conn.input_audio_buffer.commit()
+        await say(conn, 0.5)
         assert (await until(conn, "conversation.item.input_audio_transcription.completed"))[-1].transcript == TEXT
     first, closing = await refusal(gw, key="ek_" + "x" * 32)  # unknown (or expired)
     assert first["error"]["code"] == "invalid_api_key" and closing.data == 3000
@@ -427,9 +423,7 @@ async def test_a_model_on_a_realtime_engine_is_relayed_with_the_engines_own_cred
         await conn.session.update(session=update)
         updated = json.loads((await until(conn, "session.updated"))[-1].to_json())["session"]
         assert updated["id"] == created.session.id and updated["audio"]["input"]["transcription"]["model"] == "live-1"
-        for piece in chunks(tone(1.0, RATE)):
-            await conn.input_audio_buffer.append(audio=piece)
-        await conn.input_audio_buffer.commit()
+        await say(conn, 1.0)
         events = await until(conn, "conversation.item.input_audio_transcription.completed")
     assert [e.type for e in events][:3] == ["input_audio_buffer.committed", "conversation.item.added",
                                             "conversation.item.done"]
@@ -457,9 +451,7 @@ async def test_an_unreachable_realtime_engine_leaves_the_session_with_the_gatewa
         await conn.recv()
         await conn.session.update(session=update)
         await until(conn, "session.updated")
-        for piece in chunks(tone(0.5, RATE)):
-            await conn.input_audio_buffer.append(audio=piece)
-        await conn.input_audio_buffer.commit()
+        await say(conn, 0.5)
         done = await until(conn, "conversation.item.input_audio_transcription.completed")
     assert done[-1].transcript == TEXT and engine.requests[-1].form_value("model") == "whisper-large"
 
