@@ -1,11 +1,12 @@
 """The transcript every adapter produces and every renderer reads: text, language, duration, segments, words.
 
 Adapters hand over what their engine said; `normalize` makes it what OpenAI returns, in this one place (the
-transcription handler applies it before rendering, long audio to each chunk): words bare (OpenAI's carry no
-punctuation; Deepgram's `punctuated_word`, Azure's and Scribe's words and Whisper's `" Americans,"` do), every
-time a finite number of seconds, at least 0, an end never before its start, within the audio's duration when it
-is known, words and segments in time order. Texts keep their punctuation; languages are named by the renderer
-(gateway/languages.py).
+transcription handler applies it before rendering, a long upload's stitched transcript included; a JSON
+transcript an OpenAI-compatible server wrote itself gets the same rules, gateway/transcript_json.py): words
+bare (OpenAI's carry no punctuation; Deepgram's `punctuated_word`, Azure's and Scribe's words and Whisper's
+`" Americans,"` do), every time a finite number of seconds, at least 0, an end never before its start, within
+the audio's duration when it is known, words and segments in time order. Texts keep their punctuation;
+languages are named by the renderer (gateway/languages.py).
 """
 
 from __future__ import annotations

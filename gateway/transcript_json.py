@@ -37,11 +37,10 @@ def parse_transcript(body: bytes) -> Transcript:
                       language=language if isinstance(language, str) and language else None)
 
 
-def normalized_body(body: bytes) -> bytes:
-    """A `json` or `verbose_json` body (already checked to be an object with a `text`) as OpenAI writes one: text
-    without surrounding spaces, `language` an English name, words bare with sane ordered times within `duration`,
+def normalized_body(parsed: dict[str, Any]) -> bytes:
+    """A parsed `json` or `verbose_json` body (an object with a `text`) as OpenAI writes one: text without
+    surrounding spaces, `language` an English name, words bare with sane ordered times within `duration`,
     segments' times likewise; everything else as the server wrote it."""
-    parsed = json.loads(body)
     parsed["text"] = parsed["text"].strip()
     if isinstance(parsed.get("language"), str):
         parsed["language"] = language_name(parsed["language"])

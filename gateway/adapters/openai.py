@@ -147,8 +147,7 @@ class OpenAIAdapter:
             return Passthrough("text/event-stream", chunks=events)
         body = await read_transcript(self.backend, response)
         if fmt == job.response_format:
-            ctype = self._check_transcript(fmt, body, response.content_type)
-            return Passthrough(ctype, body=normalized_body(body) if fmt in ("json", "verbose_json") else body)
+            return self._relayed(fmt, body, response.content_type)
         try:  # a format it lacks: the core renders it from the JSON it has
             return parse_transcript(body)
         except ValueError:
@@ -168,9 +167,9 @@ class OpenAIAdapter:
             fields.append(("stream", "true"))
         return fields + list(job.extra)
 
-    def _check_transcript(self, fmt: str, body: bytes, content_type: str) -> str:
-        """The content type to relay, once the body is known to be what `fmt` promises (JSON that the SDK can
-        read: Python's `NaN`/`Infinity` are not JSON)."""
+    def _relayed(self, fmt: str, body: bytes, content_type: str) -> Passthrough:
+        """The server's answer in the client's format, once it is known to be what `fmt` promises (JSON that the
+        SDK can read: Python's `NaN`/`Infinity` are not JSON), `json`/`verbose_json` normalized as OpenAI's."""
         if fmt in _JSON_FORMATS:
             try:
                 parsed = json.loads(body, parse_constant=not_json)
@@ -179,11 +178,11 @@ class OpenAIAdapter:
             if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
                 raise UpstreamError(f"Backend '{self.backend.name}' answered with a malformed transcript.",
                                     reason=Reason.BAD_RESPONSE)
-            return "application/json"
+            return Passthrough("application/json", body=body if fmt == "diarized_json" else normalized_body(parsed))
         if content_type.startswith("text/html") or content_type == "application/json":
             raise UpstreamError(f"Backend '{self.backend.name}' answered with {content_type} instead of {fmt}.",
                                 reason=Reason.BAD_RESPONSE)
-        return "text/plain; charset=utf-8"
+        return Passthrough("text/plain; charset=utf-8", body=body)
 
     async def ready(self) -> bool:
         return await self.probe.ask(self.backend, self.http, self._headers("readyz", "*/*"))

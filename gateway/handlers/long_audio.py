@@ -39,7 +39,7 @@ from gateway.spool import Upload
 from gateway.state import METRICS, OUTCOME, REQUEST_ID, SPOOL_MEMORY, TABLE
 from gateway.streaming import sse_event
 from gateway.table import Candidate
-from gateway.transcript import Transcript, normalize
+from gateway.transcript import Transcript
 from gateway.transcript_formats import full_text
 from gateway.transcript_json import parse_transcript
 from gateway.transcript_stitch import InOrder, stitch, stitch_diarized
@@ -222,7 +222,7 @@ class _Chunks:
 def _part(candidate: Candidate, answer: Transcript | Passthrough, fmt: str) -> Part:
     """A chunk's answer as structure; a malformed one is its backend's failure (so the chunk fails over)."""
     if isinstance(answer, Transcript):
-        return normalize(answer)
+        return answer
     try:
         if answer.body is None:
             raise ValueError("no body")
@@ -231,7 +231,7 @@ def _part(candidate: Candidate, answer: Transcript | Passthrough, fmt: str) -> P
             if not isinstance(parsed, dict):
                 raise ValueError("not an object")
             return parsed
-        return normalize(parse_transcript(answer.body))
+        return parse_transcript(answer.body)
     except (ValueError, RecursionError):
         raise UpstreamError(f"Backend '{candidate.route.backend}' answered a chunk with a malformed transcript.",
                             reason=Reason.BAD_RESPONSE) from None
