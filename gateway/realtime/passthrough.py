@@ -80,7 +80,7 @@ class Relay:
             for task in (down, up):
                 task.cancel()
             await asyncio.gather(down, up, return_exceptions=True)
-            code = self.upstream.close_code if self.client.closed is False else None
+            code = self.upstream.close_code
             await self.upstream.close()
             if not self.client.closed:
                 await self.client.close(code=code or 1000)
